@@ -1,0 +1,1 @@
+//! Model configuration: the release config.json and the vision tower CLIP config.

@@ -1,0 +1,11 @@
+//! Arcana on libtorch: CLIP ViT + Query Ladder vision tower, MLP projector and a LLaMA decoder whose
+//! projections carry MM-LoRA branches, computing what the PyTorch release computes.
+pub mod config;
+pub mod error;
+pub mod llm;
+pub mod mm;
+pub mod tokenizer;
+pub mod vision;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! Language side: LLaMA decoder with MM-LoRA projections and its KV cache.

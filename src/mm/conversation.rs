@@ -1,0 +1,1 @@
+//! Conversation templates of the release (`arcana/conversation.py`).

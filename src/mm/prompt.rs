@@ -1,0 +1,1 @@
+//! Prompt to ids: the release's `tokenizer_image_token`.

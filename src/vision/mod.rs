@@ -1,0 +1,2 @@
+//! Vision side: CLIP vision transformer, Query Ladder adapter and image preprocessing.
+pub mod preprocess;

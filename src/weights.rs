@@ -1,0 +1,1 @@
+//! Strict weight loading from safetensors folders.
