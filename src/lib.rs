@@ -2,8 +2,10 @@
 //! projections carry MM-LoRA branches, computing what the PyTorch release computes.
 pub mod config;
 pub mod error;
+pub mod layers;
 pub mod llm;
 pub mod mm;
+pub mod model;
 pub mod tokenizer;
 pub mod vision;
 pub mod weights;

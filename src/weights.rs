@@ -1,1 +1,427 @@
-//! Strict weight loading from safetensors folders.
+//! Strict weight loading from safetensors files and sharded folders.
+//!
+//! Files are memory-mapped; each tensor is copied into a libtorch tensor of the requested dtype, then its
+//! pages are dropped from the mapping, so loading peaks near the size of the loaded weights. Every tensor
+//! must be asked for by the model with its exact shape, and every tensor in the files must be used:
+//! `WeightLoader::finish` reports the first one left over. Errors name the tensor and the file.
+use crate::error::{Error, Result};
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Display;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+#[derive(Debug, Clone)]
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<i64>,
+    /// Byte range inside the mapped file.
+    start: usize,
+    end: usize,
+}
+
+/// One memory-mapped, validated safetensors file.
+pub struct TensorFile {
+    path: PathBuf,
+    mmap: Mmap,
+    entries: HashMap<String, Entry>,
+}
+
+impl TensorFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the mapping is read-only and private; a file truncated by another process while
+        // mapped is outside what this loader can defend against (as for every mmap-based loader).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| safetensors_error(path, mmap.len(), e))?;
+        let data_start = 8 + header_len;
+        let mut entries = HashMap::new();
+        for (name, info) in metadata.tensors() {
+            let shape = info.shape.iter().map(|&d| d as i64).collect();
+            let (start, end) = info.data_offsets;
+            entries.insert(
+                name,
+                Entry { dtype: info.dtype, shape, start: data_start + start, end: data_start + end },
+            );
+        }
+        Ok(Self { path: path.to_path_buf(), mmap, entries })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[i64]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// The stored dtype's name as safetensors spells it (F32, F16, BF16, ...).
+    pub fn dtype_name(&self, name: &str) -> Option<String> {
+        self.entries.get(name).map(|e| format!("{:?}", e.dtype))
+    }
+
+    /// Copies one tensor out of the mapping, converted to `kind` on `device`.
+    pub fn load(&self, name: &str, kind: Kind, device: Device) -> Result<Tensor> {
+        let entry = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            looked_in: self.path.display().to_string(),
+        })?;
+        let stored = stored_kind(entry.dtype).ok_or_else(|| Error::UnsupportedDtype {
+            path: self.path.clone(),
+            name: name.to_string(),
+            dtype: format!("{:?}", entry.dtype),
+        })?;
+        let bytes = &self.mmap[entry.start..entry.end];
+        let tensor = Tensor::f_from_data_size(bytes, &entry.shape, stored)?;
+        let tensor = if stored == kind { tensor } else { tensor.f_to_kind(kind)? };
+        let tensor = tensor.f_to_device(device)?;
+        // SAFETY: the copy above owns its data; no reference into this byte range outlives this call,
+        // and a later read of the range faults the pages in again from the file.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, entry.start, entry.end - entry.start);
+        }
+        Ok(tensor)
+    }
+}
+
+/// Floating point dtypes a checkpoint may store; anything else is refused by name.
+fn stored_kind(dtype: Dtype) -> Option<Kind> {
+    match dtype {
+        Dtype::F32 => Some(Kind::Float),
+        Dtype::F16 => Some(Kind::Half),
+        Dtype::BF16 => Some(Kind::BFloat16),
+        Dtype::F64 => Some(Kind::Double),
+        _ => None,
+    }
+}
+
+fn safetensors_error(path: &Path, file_len: usize, error: SafeTensorError) -> Error {
+    let message = match error {
+        SafeTensorError::HeaderTooSmall => format!("file is {file_len} bytes, too short for a header (truncated?)"),
+        SafeTensorError::InvalidHeaderLength => {
+            "header length points past the end of the file (truncated?)".to_string()
+        }
+        SafeTensorError::MetadataIncompleteBuffer => format!(
+            "the header's tensor offsets do not end at the file's end ({file_len} bytes): truncated or trailing data"
+        ),
+        SafeTensorError::InvalidOffset(name) => {
+            format!("tensor `{name}` has offsets that overlap, leave a gap or run out of order")
+        }
+        SafeTensorError::TensorInvalidInfo => {
+            "a tensor's byte range does not match its shape and dtype".to_string()
+        }
+        SafeTensorError::InvalidHeaderDeserialization => "header is not valid safetensors JSON".to_string(),
+        other => format!("{other:?}"),
+    };
+    Error::Safetensors { path: path.to_path_buf(), message }
+}
+
+/// The tensors of one checkpoint: a single file or shards listed by an index.
+pub struct Checkpoint {
+    files: Vec<TensorFile>,
+    /// Tensor name to index in `files`.
+    owner: BTreeMap<String, usize>,
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors`, or the shards named by `model.safetensors.index.json`, in `dir`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index_path = dir.join(SHARD_INDEX);
+        if index_path.is_file() {
+            return Self::open_index(&index_path);
+        }
+        let single = dir.join(SINGLE_FILE);
+        if single.is_file() {
+            return Self::from_files(vec![TensorFile::open(&single)?]);
+        }
+        Err(Error::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no {SINGLE_FILE} or {SHARD_INDEX} in this folder"),
+            ),
+        })
+    }
+
+    pub fn open_index(index_path: &Path) -> Result<Self> {
+        let index: ShardIndex = crate::config::read_json(index_path)?;
+        let dir = index_path.parent().unwrap_or(Path::new("."));
+        let shard_names: BTreeSet<&String> = index.weight_map.values().collect();
+        let mut files = Vec::new();
+        let mut file_of_shard = HashMap::new();
+        for shard in shard_names {
+            let path = dir.join(shard);
+            if !path.is_file() {
+                return Err(Error::ShardIndex {
+                    path: index_path.to_path_buf(),
+                    message: format!("names shard `{shard}`, which does not exist ({})", path.display()),
+                });
+            }
+            file_of_shard.insert(shard.clone(), files.len());
+            files.push(TensorFile::open(&path)?);
+        }
+        // The index and the shards must agree tensor for tensor.
+        for (name, shard) in &index.weight_map {
+            let file = &files[file_of_shard[shard]];
+            if file.shape(name).is_none() {
+                return Err(Error::ShardIndex {
+                    path: index_path.to_path_buf(),
+                    message: format!("maps tensor `{name}` to `{shard}`, which does not contain it"),
+                });
+            }
+        }
+        let checkpoint = Self::from_files(files)?;
+        if let Some(name) = checkpoint.owner.keys().find(|n| !index.weight_map.contains_key(*n)) {
+            return Err(Error::ShardIndex {
+                path: index_path.to_path_buf(),
+                message: format!(
+                    "tensor `{name}` in {} is not listed in the index",
+                    checkpoint.file_of(name).path.display()
+                ),
+            });
+        }
+        Ok(checkpoint)
+    }
+
+    pub fn from_files(files: Vec<TensorFile>) -> Result<Self> {
+        let mut owner = BTreeMap::new();
+        for (i, file) in files.iter().enumerate() {
+            for name in file.names() {
+                if let Some(previous) = owner.insert(name.to_string(), i) {
+                    return Err(Error::Safetensors {
+                        path: file.path.clone(),
+                        message: format!(
+                            "tensor `{name}` is also in {}: a tensor must live in one shard",
+                            files[previous].path.display()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(Self { files, owner })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.owner.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.owner.contains_key(name)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[i64]> {
+        self.owner.get(name).and_then(|&i| self.files[i].shape(name))
+    }
+
+    pub fn file_of(&self, name: &str) -> &TensorFile {
+        &self.files[self.owner[name]]
+    }
+
+    pub fn files(&self) -> &[TensorFile] {
+        &self.files
+    }
+
+    /// Where to look, for error messages: the folder of the files.
+    fn describe(&self) -> String {
+        match self.files.as_slice() {
+            [one] => one.path.display().to_string(),
+            many => format!(
+                "{} shards in {}",
+                many.len(),
+                many.first().and_then(|f| f.path.parent()).map(|p| p.display().to_string()).unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// Buffers that PyTorch recomputes at construction and older checkpoints still carry.
+pub fn is_derived_buffer(name: &str) -> bool {
+    name.ends_with("embeddings.position_ids") || name.ends_with("rotary_emb.inv_freq")
+}
+
+/// A checkpoint whose tensor names get a prefix when the model asks for them (the vision tower
+/// folder holds `vision_model.*`, which the model knows as `model.vision_tower.vision_tower.vision_model.*`).
+struct Source {
+    checkpoint: Checkpoint,
+    prefix: String,
+    /// Names under the prefix that the model need not use (e.g. a full CLIP model's text tower).
+    ignorable: fn(&str) -> bool,
+}
+
+/// Hands tensors to a model being built, in the compute dtype and device, and checks that the
+/// model's parameters and the checkpoints match exactly.
+pub struct WeightLoader {
+    sources: Vec<Source>,
+    kind: Kind,
+    device: Device,
+    /// Model-side names already handed out.
+    used: RefCell<BTreeSet<String>>,
+}
+
+impl WeightLoader {
+    pub fn new(checkpoint: Checkpoint, kind: Kind, device: Device) -> Self {
+        Self {
+            sources: vec![Source { checkpoint, prefix: String::new(), ignorable: is_derived_buffer }],
+            kind,
+            device,
+            used: RefCell::new(BTreeSet::new()),
+        }
+    }
+
+    /// Adds a fallback checkpoint consulted after the earlier ones, its names prefixed by `prefix`.
+    /// Earlier sources win, as the release lets the main checkpoint override the vision tower folder.
+    pub fn with_fallback(mut self, checkpoint: Checkpoint, prefix: &str, ignorable: fn(&str) -> bool) -> Self {
+        self.sources.push(Source { checkpoint, prefix: prefix.to_string(), ignorable });
+        self
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn root(&self) -> Weights<'_> {
+        Weights { loader: self, prefix: String::new() }
+    }
+
+    fn find<'n>(&self, name: &'n str) -> Option<(&Source, &'n str)> {
+        self.sources.iter().find_map(|source| {
+            let local = name.strip_prefix(source.prefix.as_str())?;
+            source.checkpoint.contains(local).then_some((source, local))
+        })
+    }
+
+    fn describe_sources(&self) -> String {
+        self.sources.iter().map(|s| s.checkpoint.describe()).collect::<Vec<_>>().join(", then ")
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Error::MissingTensor { name: name.to_string(), looked_in: self.describe_sources() }
+    }
+
+    fn shape_of(&self, name: &str) -> Result<Vec<i64>> {
+        let (source, local) = self.find(name).ok_or_else(|| self.missing(name))?;
+        Ok(source.checkpoint.shape(local).expect("found above").to_vec())
+    }
+
+    fn load(&self, name: &str, expected: Option<&[i64]>) -> Result<Tensor> {
+        let (source, local) = self.find(name).ok_or_else(|| self.missing(name))?;
+        let file = source.checkpoint.file_of(local);
+        let found = file.shape(local).expect("found above");
+        if let Some(expected) = expected {
+            if found != expected {
+                return Err(Error::ShapeMismatch {
+                    path: file.path.clone(),
+                    name: local.to_string(),
+                    expected: expected.to_vec(),
+                    found: found.to_vec(),
+                });
+            }
+        }
+        let tensor = file.load(local, self.kind, self.device)?;
+        self.used.borrow_mut().insert(name.to_string());
+        Ok(tensor)
+    }
+
+    /// Checks that every tensor of every source was used (or overridden by an earlier source).
+    pub fn finish(self) -> Result<()> {
+        self.finish_under(&[""])
+    }
+
+    /// Like `finish`, for a model built in part: only names starting with one of `prefixes` must be used.
+    pub fn finish_under(self, prefixes: &[&str]) -> Result<()> {
+        let used = self.used.into_inner();
+        for (position, source) in self.sources.iter().enumerate() {
+            for local in source.checkpoint.names() {
+                let name = format!("{}{}", source.prefix, local);
+                if used.contains(&name)
+                    || (source.ignorable)(local)
+                    || !prefixes.iter().any(|p| name.starts_with(p))
+                {
+                    continue;
+                }
+                // Present in an earlier source as well: overridden there, as the release does.
+                let shadowed = self.sources[..position].iter().any(|s| {
+                    name.strip_prefix(s.prefix.as_str()).is_some_and(|l| s.checkpoint.contains(l))
+                });
+                if shadowed {
+                    continue;
+                }
+                return Err(Error::UnexpectedTensor {
+                    path: source.checkpoint.file_of(local).path.clone(),
+                    name: local.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A position in the model's parameter tree, named like the PyTorch module path.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    loader: &'a WeightLoader,
+    prefix: String,
+}
+
+impl<'a> Weights<'a> {
+    /// The sub-module `name` (a field name or a layer index).
+    pub fn pp(&self, name: impl Display) -> Weights<'a> {
+        let prefix =
+            if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        Weights { loader: self.loader, prefix }
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// The parameter `name`, which must have exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        self.loader.load(&self.full_name(name), Some(shape))
+    }
+
+    /// The parameter `name` with the shape the checkpoint gives (for sizes the model derives from it).
+    pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
+        self.loader.load(&self.full_name(name), None)
+    }
+
+    pub fn shape(&self, name: &str) -> Result<Vec<i64>> {
+        self.loader.shape_of(&self.full_name(name))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.loader.find(&self.full_name(name)).is_some()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.loader.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.loader.device
+    }
+}

@@ -1,2 +1,7 @@
 //! Vision side: CLIP vision transformer, Query Ladder adapter and image preprocessing.
+pub mod clip;
 pub mod preprocess;
+pub mod qladder;
+pub mod tower;
+
+pub use tower::{VisionOutputs, VisionTower};

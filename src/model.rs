@@ -1,0 +1,109 @@
+//! A release-layout model folder and the parts of the model built from it.
+use crate::config::{resolve_vision_tower, ArcanaConfig, VisionConfig, VisionTowerSource};
+use crate::error::{Error, Result};
+use crate::mm::projector::Projector;
+use crate::vision::{VisionOutputs, VisionTower};
+use crate::weights::{is_derived_buffer, Checkpoint, WeightLoader};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Where the main checkpoint keeps the vision tower's tensors.
+pub const VISION_TOWER_PREFIX: &str = "model.vision_tower.vision_tower.";
+pub const PROJECTOR_PREFIX: &str = "model.mm_projector.";
+
+/// The parts of a full CLIP checkpoint (CLIPModel) that a vision tower does not use.
+fn is_unused_clip_part(name: &str) -> bool {
+    name.starts_with("text_model.")
+        || matches!(name, "logit_scale" | "text_projection.weight" | "visual_projection.weight")
+        || is_derived_buffer(name)
+}
+
+/// The files of a model folder, resolved and validated, before any weight is read.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub config: ArcanaConfig,
+    pub vision_config: VisionConfig,
+    pub vision_source: VisionTowerSource,
+}
+
+impl ModelFiles {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model folder does not exist"),
+            ));
+        }
+        let config_path = dir.join("config.json");
+        let config = ArcanaConfig::from_file(&config_path)?;
+        let tower_name = config.vision_tower_name().ok_or_else(|| Error::Config {
+            path: config_path.clone(),
+            field: "mm_vision_tower".into(),
+            message: "missing: the model names no vision tower".into(),
+        })?;
+        let vision_source = resolve_vision_tower(dir, tower_name)?;
+        let vision_config = match &vision_source {
+            VisionTowerSource::Folder(folder) => VisionConfig::from_file(&folder.join("config.json"))?,
+            VisionTowerSource::Embedded(_) => VisionConfig::clip_vit_large_patch14_336(),
+        };
+        Ok(Self { dir: dir.to_path_buf(), config_path, config, vision_config, vision_source })
+    }
+
+    /// A loader over the main checkpoint, falling back to the vision tower folder's weights
+    /// (which the release loads first and then overrides with the main checkpoint's).
+    pub fn weight_loader(&self, kind: Kind, device: Device) -> Result<WeightLoader> {
+        let loader = WeightLoader::new(Checkpoint::open_dir(&self.dir)?, kind, device);
+        Ok(match &self.vision_source {
+            VisionTowerSource::Folder(folder) => {
+                loader.with_fallback(Checkpoint::open_dir(folder)?, VISION_TOWER_PREFIX, is_unused_clip_part)
+            }
+            VisionTowerSource::Embedded(_) => loader,
+        })
+    }
+}
+
+/// Vision tower and projector: pixels to the language model's embedding space.
+#[derive(Debug)]
+pub struct VisionSide {
+    pub tower: VisionTower,
+    pub projector: Projector,
+}
+
+/// One forward of the vision side, with the intermediate tensors.
+pub struct EncodedImages {
+    pub vision: VisionOutputs,
+    /// `[batch, tokens_per_image, hidden_size]`.
+    pub projected: Tensor,
+}
+
+impl VisionSide {
+    pub fn load(files: &ModelFiles, loader: &WeightLoader) -> Result<Self> {
+        let root = loader.root();
+        let tower = VisionTower::load(
+            &root.pp("model").pp("vision_tower").pp("vision_tower"),
+            &files.vision_config,
+            &files.config,
+            &files.config_path,
+        )?;
+        let projector = Projector::load(&root.pp("model").pp("mm_projector"), &files.config)?;
+        Ok(Self { tower, projector })
+    }
+
+    /// Loads only the vision side, checking strictly every tensor under its prefixes.
+    pub fn load_standalone(dir: &Path, kind: Kind, device: Device) -> Result<(ModelFiles, Self)> {
+        let files = ModelFiles::open(dir)?;
+        let loader = files.weight_loader(kind, device)?;
+        let side = Self::load(&files, &loader)?;
+        loader.finish_under(&[VISION_TOWER_PREFIX, PROJECTOR_PREFIX])?;
+        Ok((files, side))
+    }
+
+    pub fn encode(&self, pixel_values: &Tensor) -> Result<EncodedImages> {
+        let _guard = tch::no_grad_guard();
+        let vision = self.tower.forward(pixel_values)?;
+        let projected = self.projector.forward(&vision.features)?;
+        Ok(EncodedImages { vision, projected })
+    }
+}
