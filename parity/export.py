@@ -1,0 +1,585 @@
+#!/usr/bin/env python3
+"""Python side of the Arcana parity harness.
+
+Subcommands (see parity/README.md, section "Python exporter"):
+  make-checkpoint  write a seeded tiny random checkpoint in the release's layout and tensor names
+  reference        run the PyTorch reference (fp32, CPU) on a checkpoint and save named tensors
+  fixtures         (re)create tests/fixtures/parity/<preset>/, or --check them against a fresh export
+"""
+import argparse
+import filecmp
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+DEFAULT_FIXTURES = os.path.join(REPO, "tests", "fixtures", "parity")
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+IMAGE_TOKEN_INDEX = -200
+BOS, EOS, PAD = 1, 2, 0
+VISION_FOLDER = "clip-qladder-tiny"
+VISION_PREFIX = "model.vision_tower.vision_tower."
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# --------------------------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------------------------
+# Vision presets carry a Llama with 0 layers and a 32-token vocabulary, so that the folder is a complete,
+# loadable checkpoint while staying small; only the vision tower and the projector are exercised.
+VISION_ONLY_LLM = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=0, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=32)
+TINY_LLM = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=256)
+
+PRESETS = {
+    "vision-d4-sel-2": dict(
+        clip=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=4),
+        select_layer=-2, projector="mlp2x_gelu", llm=VISION_ONLY_LLM,
+        dtype="fp32", vision_in_main=True, shards=1, batch=2),
+    "vision-d3-sel-1": dict(
+        clip=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3),
+        select_layer=-1, projector="mlp2x_gelu", llm=VISION_ONLY_LLM,
+        dtype="fp16", vision_in_main=False, shards=1, batch=2),
+    "vision-linear": dict(
+        clip=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2),
+        select_layer=-2, projector="linear", llm=VISION_ONLY_LLM,
+        dtype="bf16", vision_in_main=True, shards=2, batch=1),
+    "lm-mha": dict(
+        clip=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2),
+        select_layer=-2, projector="mlp2x_gelu", llm=TINY_LLM,
+        dtype="fp16", vision_in_main=True, shards=2,
+        cases=["image-long", "text", "image-at-5", "two-images", "batch2"]),
+    "lm-gqa": dict(
+        clip=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2),
+        select_layer=-2, projector="mlp2x_gelu", llm=dict(TINY_LLM, num_key_value_heads=2),
+        dtype="bf16", vision_in_main=False, shards=1,
+        cases=["image-long", "batch2"]),
+}
+FIXTURE_SEED = 0
+FIXTURE_NEW_TOKENS = 16
+IMAGE_SIZE = 56
+PATCH_SIZE = 14
+
+
+# --------------------------------------------------------------------------------------------------------
+# make-checkpoint
+# --------------------------------------------------------------------------------------------------------
+def _generator(seed: int, stream: str, name: str) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + zlib.crc32(f"{stream}/{name}".encode())) % (2 ** 62))
+    return g
+
+
+def _is_norm(name: str) -> bool:
+    return any(k in name for k in ("layer_norm", "layrnorm", "layernorm", "model.norm.", "norm.weight"))
+
+
+def _init_tensor(name: str, shape, seed: int, stream: str, hidden_size: int) -> torch.Tensor:
+    """Seeded values scaled so activations stay O(1); LoRA B matrices are not zero."""
+    g = _generator(seed, stream, name)
+    n = torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+    leaf = name.rsplit(".", 1)[-1]
+    if _is_norm(name):
+        return 1.0 + 0.1 * n if leaf == "weight" else 0.1 * n
+    if name.endswith("embed_tokens.weight") or name.endswith("qladder_embeds"):
+        return n
+    if name.endswith("class_embedding") or name.endswith("position_embedding.weight"):
+        return 0.5 * n
+    if name.endswith("lm_head.weight"):
+        return n / hidden_size ** 0.5
+    if name.endswith("patch_embedding.weight"):
+        fan_in = shape[1] * shape[2] * shape[3]
+        return n / fan_in ** 0.5
+    if leaf == "bias":
+        return 0.1 * n
+    if "_Slora_B" in name:
+        return 0.5 * n / shape[1] ** 0.5
+    if len(shape) == 2:
+        return n / shape[1] ** 0.5
+    raise ValueError(f"no init rule for {name} {tuple(shape)}")
+
+
+def _vision_config(preset: dict):
+    from transformers import CLIPVisionConfig
+    cfg = CLIPVisionConfig(
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_channels=3, hidden_act="quick_gelu",
+        layer_norm_eps=1e-5, projection_dim=preset["clip"]["hidden_size"], **preset["clip"])
+    cfg.architectures = ["CLIPWithLadderAdapter"]
+    return cfg
+
+
+def _main_config(preset: dict, dtype: str) -> dict:
+    llm = preset["llm"]
+    return {
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
+        "pad_token_id": PAD,
+        "freeze_mm_mlp_adapter": False,
+        "hidden_act": "silu",
+        "hidden_size": llm["hidden_size"],
+        "image_aspect_ratio": "pad",
+        "initializer_range": 0.02,
+        "intermediate_size": llm["intermediate_size"],
+        "max_position_embeddings": 4096,
+        "mm_hidden_size": preset["clip"]["hidden_size"],
+        "mm_patch_merge_type": "flat",
+        "mm_projector_lr": None,
+        "mm_projector_type": preset["projector"],
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": preset["select_layer"],
+        "mm_vision_tower": VISION_FOLDER,
+        "model_type": "llava_llama",
+        "num_attention_heads": llm["num_attention_heads"],
+        "num_hidden_layers": llm["num_hidden_layers"],
+        "num_key_value_heads": llm["num_key_value_heads"],
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "tokenizer_model_max_length": 2048,
+        "tokenizer_padding_side": "right",
+        "torch_dtype": DTYPE_NAMES[dtype],
+        "transformers_version": "4.37.2",
+        "tune_mm_mlp_adapter": False,
+        "tune_mm_vision_resampler": False,
+        "unfreeze_mm_vision_tower": False,
+        "use_cache": True,
+        "use_mm_proj": True,
+        "vocab_size": llm["vocab_size"],
+    }
+
+
+GENERATION_CONFIG = {
+    "bos_token_id": BOS,
+    "eos_token_id": EOS,
+    "pad_token_id": PAD,
+    "max_length": 4096,
+    "temperature": 0.9,
+    "top_p": 0.6,
+    "transformers_version": "4.37.2",
+}
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _save_sharded(tensors: dict, out_dir: str, shards: int) -> None:
+    names = list(tensors)
+    if shards <= 1:
+        save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        return
+    sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
+    total = sum(sizes)
+    target = total / shards
+    groups, acc = [[]], 0
+    for n, s in zip(names, sizes):
+        if acc >= target * len(groups) and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(n)
+        acc += s
+    while len(groups) < shards:  # tiny models: keep the requested shard count
+        groups.append([groups[-2].pop()])
+    weight_map = {}
+    for k, group in enumerate(groups, 1):
+        fname = f"model-{k:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in group}, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        for n in group:
+            weight_map[n] = fname
+    _write_json(os.path.join(out_dir, "model.safetensors.index.json"),
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def make_checkpoint(preset_name: str, seed: int, out_dir: str, dtype=None, vision_in_main=None, shards=None):
+    from transformers import CLIPImageProcessor, LlamaConfig
+    sys.path.insert(0, HERE)
+    from arcana_ref.llava import ArcanaForCausalLM
+    from arcana_ref.vision import CLIPWithQueryLadder
+
+    preset = PRESETS[preset_name]
+    dtype = dtype or preset["dtype"]
+    vision_in_main = preset["vision_in_main"] if vision_in_main is None else vision_in_main
+    shards = preset["shards"] if shards is None else shards
+    tdtype = DTYPES[dtype]
+    os.makedirs(out_dir, exist_ok=True)
+
+    # vision-tower folder
+    vcfg = _vision_config(preset)
+    vdir = os.path.join(out_dir, VISION_FOLDER)
+    os.makedirs(vdir, exist_ok=True)
+    vcfg.save_pretrained(vdir)
+    CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_resize=True, do_center_crop=True, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True, resample=3,
+    ).save_pretrained(vdir)
+    hidden = preset["llm"]["hidden_size"]
+    vision_shapes = {k: v.shape for k, v in CLIPWithQueryLadder(vcfg).state_dict().items()}
+    folder = {k: _init_tensor(k, s, seed, "vision-folder", hidden).to(tdtype).contiguous()
+              for k, s in vision_shapes.items()}
+    save_file(folder, os.path.join(vdir, "model.safetensors"), metadata={"format": "pt"})
+
+    # main checkpoint
+    cfg = _main_config(preset, dtype)
+    _write_json(os.path.join(out_dir, "config.json"), cfg)
+    _write_json(os.path.join(out_dir, "generation_config.json"), GENERATION_CONFIG)
+    model = ArcanaForCausalLM(LlamaConfig.from_dict(cfg), vcfg)
+    main = {}
+    for k, v in model.state_dict().items():
+        if k.startswith(VISION_PREFIX):
+            continue
+        main[k] = _init_tensor(k, v.shape, seed, "main", hidden).to(tdtype).contiguous()
+    if vision_in_main:
+        # an independent draw: the copy in the main checkpoint must win over the folder's
+        for k, s in vision_shapes.items():
+            main[VISION_PREFIX + k] = _init_tensor(k, s, seed, "vision-main", hidden).to(tdtype).contiguous()
+    _save_sharded(main, out_dir, shards)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------------------
+# reference
+# --------------------------------------------------------------------------------------------------------
+def case_input_ids(case: str, vocab: int, seed: int):
+    """Named prompt shapes; text ids are seeded random in [3, vocab). Returns (ids [B,T], mask or None)."""
+    g = torch.Generator()
+    g.manual_seed(seed * 7919 + zlib.crc32(case.encode()))
+
+    def text(n):
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+    img = [IMAGE_TOKEN_INDEX]
+    if case == "image-long":      # image right after a 35-token prefix; 35 + 80 + 565 = 680 >= 675 positions
+        rows = [[BOS] + text(34) + img + text(565)]
+    elif case == "image-at-35":   # the llava_v1 layout, short question
+        rows = [[BOS] + text(34) + img + text(8)]
+    elif case == "text":          # no image
+        rows = [[BOS] + text(15)]
+    elif case == "image-at-5":    # an image not at 35
+        rows = [[BOS] + text(4) + img + text(6)]
+    elif case == "two-images":
+        rows = [[BOS] + text(2) + img + text(3) + img + text(3)]
+    elif case == "batch2":        # two prompts, right-padded with pad id 0 and an attention mask
+        rows = [[BOS] + text(34) + img + text(8), [BOS] + text(3) + img + text(5)]
+    else:
+        raise ValueError(f"unknown case {case}")
+    return _pad_rows(rows)
+
+
+def _pad_rows(rows):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    if len(rows) == 1 or all(len(r) == width for r in rows):
+        return ids, None
+    return ids, mask
+
+
+def parse_input_ids(spec: str):
+    rows = [[int(t) for t in row.replace(",", " ").split()] for row in spec.split(";") if row.strip()]
+    return _pad_rows(rows)
+
+
+class ReleaseModel:
+    """Uniform access to the release's own model (imported from a checkout of the release)."""
+
+    def __init__(self, checkpoint: str, src: str):
+        sys.path.insert(0, os.path.abspath(src))
+        from arcana.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+        cfg = LlavaConfig.from_pretrained(checkpoint)
+        tower = cfg.mm_vision_tower
+        if not os.path.isabs(tower):
+            # the release resolves the tower path against the working directory
+            cfg.mm_vision_tower = os.path.join(os.path.abspath(checkpoint), tower)
+        self.model = LlavaLlamaForCausalLM.from_pretrained(checkpoint, config=cfg, torch_dtype=torch.float32)
+        self.model.eval()
+
+    def vision(self, pixel_values):
+        tower = self.model.get_model().get_vision_tower()
+        out = tower.vision_tower(pixel_values.to(dtype=tower.dtype), output_hidden_states=True)
+        return out, tower.feature_select(out).to(pixel_values.dtype)
+
+    def splice(self, ids, mask, images):
+        return self.model.prepare_inputs_labels_for_multimodal(ids, None, mask, None, None, images)
+
+
+class RefModel:
+    def __init__(self, checkpoint: str):
+        sys.path.insert(0, HERE)
+        from arcana_ref.llava import load_arcana
+        self.model = load_arcana(checkpoint)
+
+    def vision(self, pixel_values):
+        tower = self.model.model.vision_tower
+        out = tower.run_tower(pixel_values)
+        return out, tower.select(out).to(pixel_values.dtype)
+
+    def splice(self, ids, mask, images):
+        return self.model.splice(ids, None, mask, None, None, images)
+
+
+def run_reference(checkpoint, out, seed=0, batch=1, input_ids=None, case=None, new_tokens=16,
+                  arcana_src=None, command=None, preset=None):
+    import transformers
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(checkpoint, cfg["mm_vision_tower"], "config.json")) as f:
+        vcfg = json.load(f)
+    image_size = vcfg["image_size"]
+    has_llm = cfg["num_hidden_layers"] > 0
+
+    ref = ReleaseModel(checkpoint, arcana_src) if arcana_src else RefModel(checkpoint)
+    model = ref.model
+    tensors = {}
+    meta = {
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "preset": preset or "",
+        "seed": str(seed),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "implementation": "release:" + os.path.abspath(arcana_src) if arcana_src else "parity/arcana_ref",
+        "visual_tokens_per_image": str((image_size // vcfg["patch_size"]) ** 2 + 64),
+    }
+
+    if has_llm:
+        if input_ids is not None:
+            ids, mask = parse_input_ids(input_ids)
+            meta["case"] = "custom"
+        else:
+            case = case or "image-long"
+            ids, mask = case_input_ids(case, cfg["vocab_size"], seed)
+            meta["case"] = case
+        n_images = int((ids == IMAGE_TOKEN_INDEX).sum())
+    else:
+        ids, mask, n_images = None, None, batch
+
+    torch.manual_seed(seed)
+    pixel_values = torch.randn(n_images, 3, image_size, image_size) if n_images > 0 else None
+
+    with torch.no_grad():
+        if pixel_values is not None:
+            tensors["input.pixel_values"] = pixel_values
+            vout, features = ref.vision(pixel_values)
+            for i, h in enumerate(vout.hidden_states):
+                tensors[f"vision.hidden_states.{i}"] = h
+            for i, q in enumerate(vout.ladder_hidden_states):
+                tensors[f"qladder.{i}"] = q
+            tensors["vision.features"] = features
+            tensors["projector.out"] = model.get_model().mm_projector(features) if arcana_src \
+                else model.model.mm_projector(features)
+
+        if has_llm:
+            tensors["input.input_ids"] = ids
+            if mask is not None:
+                tensors["input.attention_mask"] = mask
+            if pixel_values is not None:
+                _, _, splice_mask, _, embeds, _ = ref.splice(ids, mask, pixel_values)
+                if splice_mask is not None:
+                    tensors["splice.attention_mask"] = splice_mask
+            else:
+                embeds = model.model.embed_tokens(ids)
+            tensors["inputs_embeds"] = embeds
+            prefill_len = embeds.shape[1]
+            meta["prefill_len"] = str(prefill_len)
+            meta["mask_policy"] = ("release" if prefill_len >= 675 or prefill_len == 1 else
+                                   "sliced (the release raises for 1 < length < 675)")
+
+            captured = {}
+            hooks = []
+            for i, layer in enumerate(model.model.layers):
+                hooks.append(layer.register_forward_hook(
+                    lambda m, a, o, i=i: captured.__setitem__(f"llm.layers.{i}", o[0])))
+            hooks.append(model.model.norm.register_forward_hook(
+                lambda m, a, o: captured.__setitem__("llm.norm", o)))
+            try:
+                logits = model(input_ids=ids, attention_mask=mask, images=pixel_values, use_cache=False,
+                               return_dict=True).logits
+            finally:
+                for h in hooks:
+                    h.remove()
+            tensors.update(captured)
+            tensors["logits"] = logits.float()
+
+            greedy = model.generate(ids, images=pixel_values, attention_mask=mask, do_sample=False,
+                                    num_beams=1, max_new_tokens=new_tokens, use_cache=True)
+            tensors["greedy.ids"] = greedy
+            meta["new_tokens"] = str(new_tokens)
+
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_file(tensors, out, metadata=meta)
+    return tensors, meta
+
+
+# --------------------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------------------
+def _reference_name(case, default_case):
+    return "reference.safetensors" if case == default_case else f"reference.{case}.safetensors"
+
+
+def write_fixtures(root: str, presets, repo_root_for_commands: str):
+    for name in presets:
+        preset = PRESETS[name]
+        pdir = os.path.join(root, name)
+        if os.path.exists(pdir):
+            shutil.rmtree(pdir)
+        ckpt = pdir  # the checkpoint files and the reference files share the preset's folder
+        make_checkpoint(name, FIXTURE_SEED, ckpt)
+        rel_ckpt = os.path.join(repo_root_for_commands, name)
+        cases = preset.get("cases", [None])
+        for case in cases:
+            fname = _reference_name(case, cases[0])
+            cmd = (f"python parity/export.py reference --checkpoint {rel_ckpt} "
+                   f"--out {os.path.join(repo_root_for_commands, name, fname)} --seed {FIXTURE_SEED}")
+            if case is None:
+                cmd += f" --batch {preset['batch']}"
+            else:
+                cmd += f" --case {case} --new-tokens {FIXTURE_NEW_TOKENS}"
+            run_reference(ckpt, os.path.join(pdir, fname), seed=FIXTURE_SEED, batch=preset.get("batch", 1),
+                          case=case, new_tokens=FIXTURE_NEW_TOKENS, command=cmd, preset=name)
+        print(f"{name}: {_dir_size(pdir)} bytes")
+
+
+def _dir_size(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.element_size() == 2 else (
+        t.view(torch.int32) if t.element_size() == 4 else t.view(torch.int64) if t.element_size() == 8 else t)
+
+
+def compare_safetensors(a: str, b: str, ignore_meta=("command",)):
+    """Differences between two safetensors files: names, dtypes, shapes, bits, metadata."""
+    problems = []
+    with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
+        ma, mb = fa.metadata() or {}, fb.metadata() or {}
+        for k in sorted(set(ma) | set(mb)):
+            if k not in ignore_meta and ma.get(k) != mb.get(k):
+                problems.append(f"metadata {k}: {ma.get(k)!r} != {mb.get(k)!r}")
+        ka, kb = set(fa.keys()), set(fb.keys())
+        for k in sorted(ka ^ kb):
+            problems.append(f"tensor {k} only in {'first' if k in ka else 'second'}")
+        for k in sorted(ka & kb):
+            ta, tb = fa.get_tensor(k), fb.get_tensor(k)
+            if ta.dtype != tb.dtype or ta.shape != tb.shape:
+                problems.append(f"{k}: {ta.dtype}{list(ta.shape)} != {tb.dtype}{list(tb.shape)}")
+            elif not torch.equal(_bits(ta), _bits(tb)):
+                diff = (ta.double() - tb.double()).abs().max().item()
+                problems.append(f"{k}: values differ (max abs diff {diff:.3e})")
+    return problems
+
+
+def compare_trees(committed: str, fresh: str):
+    problems = []
+    files_a = {os.path.relpath(os.path.join(d, f), committed) for d, _, fs in os.walk(committed) for f in fs}
+    files_b = {os.path.relpath(os.path.join(d, f), fresh) for d, _, fs in os.walk(fresh) for f in fs}
+    for f in sorted(files_a ^ files_b):
+        problems.append(f"{f}: only in {'committed' if f in files_a else 'fresh'} fixtures")
+    for f in sorted(files_a & files_b):
+        pa, pb = os.path.join(committed, f), os.path.join(fresh, f)
+        if f.endswith(".safetensors"):
+            problems += [f"{f}: {p}" for p in compare_safetensors(pa, pb)]
+        elif not filecmp.cmp(pa, pb, shallow=False):
+            problems.append(f"{f}: contents differ")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    mc = sub.add_parser("make-checkpoint", help="write a seeded tiny random checkpoint")
+    mc.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    mc.add_argument("--seed", type=int, default=0)
+    mc.add_argument("--out", required=True)
+    mc.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the preset's")
+    mc.add_argument("--vision-in-main", dest="vision_in_main", action="store_true", default=None)
+    mc.add_argument("--no-vision-in-main", dest="vision_in_main", action="store_false")
+    mc.add_argument("--shards", type=int, default=None, help="default: the preset's")
+
+    rf = sub.add_parser("reference", help="run the fp32 CPU reference and save named tensors")
+    rf.add_argument("--checkpoint", required=True)
+    rf.add_argument("--out", required=True)
+    rf.add_argument("--seed", type=int, default=0)
+    rf.add_argument("--batch", type=int, default=1, help="images for a vision-only checkpoint")
+    rf.add_argument("--input-ids", default=None,
+                    help="rows separated by ';', ids by ',' or spaces; -200 marks an image")
+    rf.add_argument("--case", default=None,
+                    help="image-long (default), image-at-35, text, image-at-5, two-images, batch2")
+    rf.add_argument("--new-tokens", type=int, default=16)
+    rf.add_argument("--arcana-src", default=None, help="import the release's own modules from this checkout")
+    rf.add_argument("--preset", default=None, help="recorded in the metadata")
+
+    fx = sub.add_parser("fixtures", help="(re)create or --check tests/fixtures/parity/<preset>/")
+    fx.add_argument("--root", default=DEFAULT_FIXTURES)
+    fx.add_argument("--preset", action="append", choices=sorted(PRESETS), help="default: all")
+    fx.add_argument("--check", action="store_true", help="regenerate into a temp dir and compare")
+
+    cmp_ = sub.add_parser("compare", help="compare two reference files tensor by tensor, bit for bit")
+    cmp_.add_argument("a")
+    cmp_.add_argument("b")
+    cmp_.add_argument("--ignore-meta", default="command,implementation,preset")
+
+    args = p.parse_args(argv)
+    if args.cmd == "make-checkpoint":
+        make_checkpoint(args.preset, args.seed, args.out, args.dtype, args.vision_in_main, args.shards)
+    elif args.cmd == "reference":
+        run_reference(args.checkpoint, args.out, seed=args.seed, batch=args.batch, input_ids=args.input_ids,
+                      case=args.case, new_tokens=args.new_tokens, arcana_src=args.arcana_src, preset=args.preset)
+    elif args.cmd == "fixtures":
+        presets = args.preset or list(PRESETS)
+        rel_root = os.path.relpath(os.path.abspath(args.root), REPO)
+        if not args.check:
+            write_fixtures(args.root, presets, rel_root)
+            return 0
+        with tempfile.TemporaryDirectory() as tmp:
+            write_fixtures(tmp, presets, rel_root)
+            problems = []
+            for name in presets:
+                problems += [f"{name}/{x}" for x in
+                             compare_trees(os.path.join(args.root, name), os.path.join(tmp, name))]
+        if problems:
+            print("fixtures differ from a fresh export:")
+            for x in problems:
+                print("  " + x)
+            return 1
+        print(f"fixtures match a fresh export: {', '.join(presets)}")
+    elif args.cmd == "compare":
+        problems = compare_safetensors(args.a, args.b, ignore_meta=tuple(args.ignore_meta.split(",")))
+        for x in problems:
+            print(x)
+        print("identical" if not problems else f"{len(problems)} differences")
+        return 1 if problems else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
