@@ -145,7 +145,6 @@ impl ArcanaConfig {
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
             ("num_attention_heads", self.num_attention_heads),
-            ("num_hidden_layers", self.num_hidden_layers),
             ("num_key_value_heads", self.num_kv_heads()),
             ("max_position_embeddings", self.max_position_embeddings),
             ("vocab_size", self.vocab_size),
@@ -154,6 +153,10 @@ impl ArcanaConfig {
             if value <= 0 {
                 return Err(bad(field, format!("must be positive, got {value}")));
             }
+        }
+        // Zero decoder layers is allowed: vision-only test checkpoints have none.
+        if self.num_hidden_layers < 0 {
+            return Err(bad("num_hidden_layers", format!("must not be negative, got {}", self.num_hidden_layers)));
         }
         if self.hidden_size % self.num_attention_heads != 0 {
             return Err(bad(

@@ -6,6 +6,7 @@ pub mod layers;
 pub mod llm;
 pub mod mm;
 pub mod model;
+pub mod parity;
 pub mod tokenizer;
 pub mod vision;
 pub mod weights;

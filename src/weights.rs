@@ -73,15 +73,29 @@ impl TensorFile {
 
     /// Copies one tensor out of the mapping, converted to `kind` on `device`.
     pub fn load(&self, name: &str, kind: Kind, device: Device) -> Result<Tensor> {
+        self.load_with(name, |_| kind, device)
+    }
+
+    /// Copies one tensor out of the mapping in the dtype it is stored in.
+    pub fn load_as_stored(&self, name: &str, device: Device) -> Result<Tensor> {
+        self.load_with(name, |stored| stored, device)
+    }
+
+    fn load_with(&self, name: &str, kind_for: impl Fn(Kind) -> Kind, device: Device) -> Result<Tensor> {
         let entry = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             looked_in: self.path.display().to_string(),
         })?;
-        let stored = stored_kind(entry.dtype).ok_or_else(|| Error::UnsupportedDtype {
+        let unsupported = || Error::UnsupportedDtype {
             path: self.path.clone(),
             name: name.to_string(),
             dtype: format!("{:?}", entry.dtype),
-        })?;
+        };
+        let stored = stored_kind(entry.dtype).ok_or_else(unsupported)?;
+        let kind = kind_for(stored);
+        if is_float(stored) != is_float(kind) {
+            return Err(unsupported());
+        }
         let bytes = &self.mmap[entry.start..entry.end];
         let tensor = Tensor::f_from_data_size(bytes, &entry.shape, stored)?;
         let tensor = if stored == kind { tensor } else { tensor.f_to_kind(kind)? };
@@ -95,13 +109,23 @@ impl TensorFile {
     }
 }
 
-/// Floating point dtypes a checkpoint may store; anything else is refused by name.
+fn is_float(kind: Kind) -> bool {
+    matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double)
+}
+
+/// The libtorch kind of a stored dtype; dtypes without one are refused by name.
 fn stored_kind(dtype: Dtype) -> Option<Kind> {
     match dtype {
         Dtype::F32 => Some(Kind::Float),
         Dtype::F16 => Some(Kind::Half),
         Dtype::BF16 => Some(Kind::BFloat16),
         Dtype::F64 => Some(Kind::Double),
+        Dtype::I64 => Some(Kind::Int64),
+        Dtype::I32 => Some(Kind::Int),
+        Dtype::I16 => Some(Kind::Int16),
+        Dtype::I8 => Some(Kind::Int8),
+        Dtype::U8 => Some(Kind::Uint8),
+        Dtype::BOOL => Some(Kind::Bool),
         _ => None,
     }
 }

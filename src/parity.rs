@@ -1,0 +1,181 @@
+//! Layer-by-layer comparison with tensors that a PyTorch reference run exported (`parity/export.py`).
+//!
+//! A reference file is a safetensors file: `input.*` tensors are what the model is fed, every other
+//! tensor is an intermediate the Rust model must reproduce under the same name.
+use crate::error::{Error, Result};
+use crate::model::VisionSide;
+use crate::weights::TensorFile;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+pub const INPUT_PIXEL_VALUES: &str = "input.pixel_values";
+
+/// How one tensor compares with its reference.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TensorReport {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub dtype: String,
+    /// max |ours - reference|
+    pub max_abs_diff: f64,
+    /// max |ours - reference| / max |reference| (0 when the reference is all zeros and the tensors agree).
+    pub max_rel_diff: f64,
+    /// Cosine similarity of the flattened tensors, computed in float64.
+    pub cosine: f64,
+    pub bit_identical: bool,
+    pub status: Status,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Ok,
+    OverTolerance,
+    /// The reference has the tensor, the Rust model produced none.
+    Missing,
+    ShapeMismatch,
+}
+
+/// Largest accepted max |diff|; the default, 0, demands bit-identical tensors.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tolerance {
+    pub max_abs: f64,
+}
+
+fn missing_report(name: &str, reference: &Tensor) -> TensorReport {
+    TensorReport {
+        name: name.to_string(),
+        shape: reference.size(),
+        dtype: format!("{:?}", reference.kind()),
+        max_abs_diff: f64::NAN,
+        max_rel_diff: f64::NAN,
+        cosine: f64::NAN,
+        bit_identical: false,
+        status: Status::Missing,
+    }
+}
+
+/// Compares `ours` with `reference` (moved to CPU; statistics in float64).
+pub fn compare(name: &str, ours: &Tensor, reference: &Tensor, tolerance: Tolerance) -> Result<TensorReport> {
+    let ours = ours.f_to_device(Device::Cpu)?;
+    let reference = reference.f_to_device(Device::Cpu)?;
+    let mut report = missing_report(name, &reference);
+    report.shape = ours.size();
+    report.dtype = format!("{:?}", ours.kind());
+    if ours.size() != reference.size() {
+        report.status = Status::ShapeMismatch;
+        return Ok(report);
+    }
+    report.bit_identical = ours.kind() == reference.kind() && ours.f_equal(&reference)?;
+    let a = ours.f_to_kind(Kind::Double)?;
+    let b = reference.f_to_kind(Kind::Double)?;
+    report.max_abs_diff = if a.numel() == 0 { 0.0 } else { a.f_sub(&b)?.f_abs()?.f_max()?.f_double_value(&[])? };
+    let ref_max = if b.numel() == 0 { 0.0 } else { b.f_abs()?.f_max()?.f_double_value(&[])? };
+    report.max_rel_diff = if ref_max > 0.0 {
+        report.max_abs_diff / ref_max
+    } else if report.max_abs_diff == 0.0 {
+        0.0
+    } else {
+        f64::INFINITY
+    };
+    let dot = a.f_mul(&b)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+    let norms = a.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?.sqrt()
+        * b.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?.sqrt();
+    report.cosine = if norms > 0.0 { dot / norms } else if report.bit_identical { 1.0 } else { 0.0 };
+    let within = report.bit_identical || report.max_abs_diff <= tolerance.max_abs;
+    report.status = if within { Status::Ok } else { Status::OverTolerance };
+    Ok(report)
+}
+
+/// An exported reference file.
+pub struct Reference {
+    file: TensorFile,
+}
+
+impl Reference {
+    pub fn open(path: &Path) -> Result<Self> {
+        Ok(Self { file: TensorFile::open(path)? })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.file.shape(name).is_some()
+    }
+
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.file.load_as_stored(name, Device::Cpu)
+    }
+
+    /// The tensors the model must reproduce (everything but `input.*`).
+    pub fn expected_names(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.file.names().filter(|n| !n.starts_with("input.")).map(str::to_string).collect();
+        names.sort_by_key(|n| stage_order(n));
+        names
+    }
+}
+
+/// Forward order of the exported names, so reports read top to bottom and the first failure is the earliest.
+fn stage_order(name: &str) -> (usize, i64, String) {
+    const STAGES: [&str; 9] = [
+        "vision.hidden_states.",
+        "qladder.",
+        "vision.features",
+        "projector.out",
+        "inputs_embeds",
+        "llm.layers.",
+        "llm.norm",
+        "logits",
+        "greedy.",
+    ];
+    let stage = STAGES.iter().position(|s| name.starts_with(s)).unwrap_or(STAGES.len());
+    let index = name.rsplit('.').next().and_then(|n| n.parse().ok()).unwrap_or(-1);
+    (stage, index, name.to_string())
+}
+
+/// Runs the vision side on the reference's pixels and names its outputs like the exporter does.
+pub fn vision_tensors(side: &VisionSide, pixel_values: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    let encoded = side.encode(pixel_values)?;
+    let mut out = Vec::new();
+    for (i, t) in encoded.vision.hidden_states.iter().enumerate() {
+        out.push((format!("vision.hidden_states.{i}"), t.shallow_clone()));
+    }
+    for (i, t) in encoded.vision.ladder_hidden_states.iter().enumerate() {
+        out.push((format!("qladder.{i}"), t.shallow_clone()));
+    }
+    out.push(("vision.features".into(), encoded.vision.features));
+    out.push(("projector.out".into(), encoded.projected));
+    Ok(out)
+}
+
+/// Loads the model in `checkpoint` (fp32, CPU), runs it on the reference's inputs and compares every
+/// expected tensor, in forward order.
+pub fn check(checkpoint: &Path, reference: &Path, tolerance: Tolerance) -> Result<Vec<TensorReport>> {
+    let reference = Reference::open(reference)?;
+    if !reference.contains(INPUT_PIXEL_VALUES) {
+        return Err(Error::InvalidInput(format!(
+            "{}: no `{INPUT_PIXEL_VALUES}` tensor to feed the model",
+            reference.path().display()
+        )));
+    }
+    let (_, side) = VisionSide::load_standalone(checkpoint, Kind::Float, Device::Cpu)?;
+    let ours = vision_tensors(&side, &reference.tensor(INPUT_PIXEL_VALUES)?)?;
+    let mut reports = Vec::new();
+    for name in reference.expected_names() {
+        let expected = reference.tensor(&name)?;
+        let report = match ours.iter().find(|(n, _)| *n == name) {
+            Some((_, tensor)) => compare(&name, tensor, &expected, tolerance)?,
+            None => missing_report(&name, &expected),
+        };
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// The first tensor, in forward order, that is not within tolerance.
+pub fn first_failure(reports: &[TensorReport]) -> Option<&TensorReport> {
+    reports.iter().find(|r| r.status != Status::Ok)
+}
