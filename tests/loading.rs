@@ -10,14 +10,23 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 const VISION_FILE: &str = "clip-qladder-tiny/model.safetensors";
+const MAIN_FILE: &str = "model.safetensors";
+const VISION_PREFIX: &str = "model.vision_tower.vision_tower.";
 
 fn load(dir: &Path) -> Result<(), Error> {
     VisionSide::load_standalone(dir, Kind::Float, Device::Cpu).map(|_| ())
 }
 
+/// A copy of the fixture whose main checkpoint also holds every vision tensor, shifted by 1 so that
+/// the release's override of the vision folder's weights is observable.
 fn damaged_copy() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&fixture_dir("vision-d4-sel-2"), tmp.path());
+    let vision = Tensor::read_safetensors(tmp.path().join(VISION_FILE)).unwrap();
+    rewrite(&tmp.path().join(MAIN_FILE), |main| {
+        main.retain(|(n, _)| !n.starts_with(VISION_PREFIX));
+        main.extend(vision.into_iter().map(|(n, t)| (format!("{VISION_PREFIX}{n}"), t + 1.0)));
+    });
     tmp
 }
 
@@ -42,10 +51,13 @@ fn the_undamaged_fixture_loads() {
 #[test]
 fn a_missing_tensor_is_named() {
     let tmp = damaged_copy();
+    // The fixture keeps vision tensors in both places, so remove it from both.
     let victim = "LadderAdapters.1.mlp.fc2.weight";
+    let in_main = format!("{VISION_PREFIX}{victim}");
     rewrite(&tmp.path().join(VISION_FILE), |t| t.retain(|(n, _)| n != victim));
+    rewrite(&tmp.path().join(MAIN_FILE), |t| t.retain(|(n, _)| *n != in_main));
     let text = error_text(tmp.path());
-    assert!(text.contains("missing tensor") && text.contains(victim), "{text}");
+    assert!(text.contains("missing tensor") && text.contains(&in_main), "{text}");
 }
 
 #[test]
@@ -59,16 +71,16 @@ fn an_unknown_tensor_is_named_with_its_file() {
 #[test]
 fn a_wrong_shape_is_named_with_both_shapes() {
     let tmp = damaged_copy();
-    let victim = "vision_model.pre_layrnorm.weight";
-    rewrite(&tmp.path().join(VISION_FILE), |t| {
+    let victim = format!("{VISION_PREFIX}vision_model.pre_layrnorm.weight");
+    rewrite(&tmp.path().join(MAIN_FILE), |t| {
         for (name, tensor) in t.iter_mut() {
-            if name == victim {
+            if *name == victim {
                 *tensor = Tensor::ones([3], (Kind::Float, Device::Cpu));
             }
         }
     });
     let text = error_text(tmp.path());
-    assert!(text.contains(victim) && text.contains("shape [3]"), "{text}");
+    assert!(text.contains(&victim) && text.contains("shape [3]") && text.contains(MAIN_FILE), "{text}");
 }
 
 #[test]
@@ -138,13 +150,13 @@ fn impossible_config_values_are_rejected_by_field() {
 
 #[test]
 fn main_checkpoint_weights_override_the_vision_folder() {
-    // The fixture stores different values for a vision tensor in both places; the main one must win.
+    // `damaged_copy` stores different values for each vision tensor in both places; the main one must win.
     let tmp = damaged_copy();
     let (_, side) = VisionSide::load_standalone(tmp.path(), Kind::Float, Device::Cpu).unwrap();
     let main = Tensor::read_safetensors(tmp.path().join("model.safetensors")).unwrap();
     let (_, expected) = main
         .iter()
         .find(|(n, _)| n == "model.vision_tower.vision_tower.qladder_embeds")
-        .expect("the fixture keeps vision tensors in the main checkpoint too");
+        .expect("damaged_copy puts the vision tensors in the main checkpoint");
     assert!(side.tower.ladder.qladder_embeds.equal(expected));
 }
