@@ -41,13 +41,13 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 VISION_ONLY_LLM = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=0, num_attention_heads=4,
                        num_key_value_heads=4, vocab_size=32)
 TINY_LLM = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4, vocab_size=256)
+                num_key_value_heads=4, vocab_size=128)
 
 PRESETS = {
     "vision-d4-sel-2": dict(
         clip=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=4),
         select_layer=-2, projector="mlp2x_gelu", llm=VISION_ONLY_LLM,
-        dtype="fp32", vision_in_main=True, shards=1, batch=2),
+        dtype="fp32", vision_in_main=False, shards=1, batch=2),
     "vision-d3-sel-1": dict(
         clip=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3),
         select_layer=-1, projector="mlp2x_gelu", llm=VISION_ONLY_LLM,
@@ -65,7 +65,7 @@ PRESETS = {
         clip=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2),
         select_layer=-2, projector="mlp2x_gelu", llm=dict(TINY_LLM, num_key_value_heads=2),
         dtype="bf16", vision_in_main=False, shards=1,
-        cases=["image-long", "batch2"]),
+        cases=["image-long"]),
 }
 FIXTURE_SEED = 0
 FIXTURE_NEW_TOKENS = 16
@@ -269,8 +269,8 @@ def case_input_ids(case: str, vocab: int, seed: int):
         return torch.randint(3, vocab, (n,), generator=g).tolist()
 
     img = [IMAGE_TOKEN_INDEX]
-    if case == "image-long":      # image right after a 35-token prefix; 35 + 80 + 565 = 680 >= 675 positions
-        rows = [[BOS] + text(34) + img + text(565)]
+    if case == "image-long":      # image right after a 35-token prefix; 35 + 80 + 561 = 676 >= 675 positions
+        rows = [[BOS] + text(34) + img + text(561)]
     elif case == "image-at-35":   # the llava_v1 layout, short question
         rows = [[BOS] + text(34) + img + text(8)]
     elif case == "text":          # no image
@@ -280,7 +280,7 @@ def case_input_ids(case: str, vocab: int, seed: int):
     elif case == "two-images":
         rows = [[BOS] + text(2) + img + text(3) + img + text(3)]
     elif case == "batch2":        # two prompts, right-padded with pad id 0 and an attention mask
-        rows = [[BOS] + text(34) + img + text(8), [BOS] + text(3) + img + text(5)]
+        rows = [[BOS] + text(6) + img + text(4), [BOS] + text(2) + img + text(2)]
     else:
         raise ValueError(f"unknown case {case}")
     return _pad_rows(rows)
@@ -306,9 +306,11 @@ def parse_input_ids(spec: str):
 class ReleaseModel:
     """Uniform access to the release's own model (imported from a checkout of the release)."""
 
-    def __init__(self, checkpoint: str, src: str):
+    def __init__(self, checkpoint: str, src: str, sliced_mask: bool = False):
         sys.path.insert(0, os.path.abspath(src))
         from arcana.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+        if sliced_mask:
+            self._slice_release_mask()
         cfg = LlavaConfig.from_pretrained(checkpoint)
         tower = cfg.mm_vision_tower
         if not os.path.isabs(tower):
@@ -316,6 +318,24 @@ class ReleaseModel:
             cfg.mm_vision_tower = os.path.join(os.path.abspath(checkpoint), tower)
         self.model = LlavaLlamaForCausalLM.from_pretrained(checkpoint, config=cfg, torch_dtype=torch.float32)
         self.model.eval()
+
+    @staticmethod
+    def _slice_release_mask():
+        """Let the release run prefills shorter than 675 positions: hand its SLoRA layers the visual mask
+        [35, 675) sliced to the sequence length (everything else stays the release's own code)."""
+        from arcana.model.language_model import modeling_llama_mmlora as mm
+        original = mm.SLoRA.forward
+        if getattr(original, "_sliced", False):
+            return
+
+        def forward(self, x, im_mask=None):
+            if im_mask is None and x.shape[1] != 1:
+                im_mask = torch.zeros([x.shape[0], x.shape[1]], dtype=torch.bool, device=x.device)
+                im_mask[:, 35:35 + 576 + 64] = True
+            return original(self, x, im_mask)
+
+        forward._sliced = True
+        mm.SLoRA.forward = forward
 
     def vision(self, pixel_values):
         tower = self.model.get_model().get_vision_tower()
@@ -342,7 +362,7 @@ class RefModel:
 
 
 def run_reference(checkpoint, out, seed=0, batch=1, input_ids=None, case=None, new_tokens=16,
-                  arcana_src=None, command=None, preset=None):
+                  arcana_src=None, command=None, preset=None, release_sliced_mask=False):
     import transformers
     with open(os.path.join(checkpoint, "config.json")) as f:
         cfg = json.load(f)
@@ -351,7 +371,7 @@ def run_reference(checkpoint, out, seed=0, batch=1, input_ids=None, case=None, n
     image_size = vcfg["image_size"]
     has_llm = cfg["num_hidden_layers"] > 0
 
-    ref = ReleaseModel(checkpoint, arcana_src) if arcana_src else RefModel(checkpoint)
+    ref = ReleaseModel(checkpoint, arcana_src, release_sliced_mask) if arcana_src else RefModel(checkpoint)
     model = ref.model
     tensors = {}
     meta = {
@@ -360,7 +380,9 @@ def run_reference(checkpoint, out, seed=0, batch=1, input_ids=None, case=None, n
         "seed": str(seed),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "implementation": "release:" + os.path.abspath(arcana_src) if arcana_src else "parity/arcana_ref",
+        "implementation": ("release:" + os.path.abspath(arcana_src)
+                           + (" (visual mask sliced)" if release_sliced_mask else "")) if arcana_src
+        else "parity/arcana_ref",
         "visual_tokens_per_image": str((image_size // vcfg["patch_size"]) ** 2 + 64),
     }
 
@@ -536,6 +558,9 @@ def main(argv=None):
                     help="image-long (default), image-at-35, text, image-at-5, two-images, batch2")
     rf.add_argument("--new-tokens", type=int, default=16)
     rf.add_argument("--arcana-src", default=None, help="import the release's own modules from this checkout")
+    rf.add_argument("--release-sliced-mask", action="store_true",
+                    help="with --arcana-src: give the release's SLoRA the visual mask sliced to the sequence "
+                         "length, so prefills shorter than 675 positions run instead of raising")
     rf.add_argument("--preset", default=None, help="recorded in the metadata")
 
     fx = sub.add_parser("fixtures", help="(re)create or --check tests/fixtures/parity/<preset>/")
@@ -553,7 +578,8 @@ def main(argv=None):
         make_checkpoint(args.preset, args.seed, args.out, args.dtype, args.vision_in_main, args.shards)
     elif args.cmd == "reference":
         run_reference(args.checkpoint, args.out, seed=args.seed, batch=args.batch, input_ids=args.input_ids,
-                      case=args.case, new_tokens=args.new_tokens, arcana_src=args.arcana_src, preset=args.preset)
+                      case=args.case, new_tokens=args.new_tokens, arcana_src=args.arcana_src, preset=args.preset,
+                      release_sliced_mask=args.release_sliced_mask)
     elif args.cmd == "fixtures":
         presets = args.preset or list(PRESETS)
         rel_root = os.path.relpath(os.path.abspath(args.root), REPO)
