@@ -296,6 +296,8 @@ pub struct WeightLoader {
     device: Device,
     /// Model-side names already handed out.
     used: RefCell<BTreeSet<String>>,
+    /// Bytes of the tensors handed out, in the compute dtype.
+    loaded_bytes: std::cell::Cell<u64>,
 }
 
 impl WeightLoader {
@@ -305,6 +307,7 @@ impl WeightLoader {
             kind,
             device,
             used: RefCell::new(BTreeSet::new()),
+            loaded_bytes: std::cell::Cell::new(0),
         }
     }
 
@@ -321,6 +324,11 @@ impl WeightLoader {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// Bytes of the tensors loaded so far, in the compute dtype.
+    pub fn loaded_bytes(&self) -> u64 {
+        self.loaded_bytes.get()
     }
 
     pub fn root(&self) -> Weights<'_> {
@@ -363,6 +371,8 @@ impl WeightLoader {
         }
         let tensor = file.load(local, self.kind, self.device)?;
         self.used.borrow_mut().insert(name.to_string());
+        let bytes = tensor.numel() * self.kind.elt_size_in_bytes();
+        self.loaded_bytes.set(self.loaded_bytes.get() + bytes as u64);
         Ok(tensor)
     }
 
