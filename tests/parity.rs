@@ -33,3 +33,43 @@ fn vision_depth3_select_minus1_is_bit_identical() {
 fn vision_linear_projector_is_bit_identical() {
     assert_bit_identical("vision-linear");
 }
+
+#[test]
+fn a_perturbed_weight_fails_at_the_first_tensor_it_reaches() {
+    // One ladder bias scaled by 1.0001: CLIP's tensors stay identical, the comparer must
+    // name `qladder.1` as the first tensor over tolerance.
+    let tmp = tempfile::tempdir().unwrap();
+    common::copy_dir(&fixture_dir("vision-d4-sel-2"), tmp.path());
+    let file = tmp.path().join("clip-qladder-tiny/model.safetensors");
+    let mut tensors = tch::Tensor::read_safetensors(&file).unwrap();
+    for (name, tensor) in tensors.iter_mut() {
+        if name == "LadderAdapters.1.mlp.fc2.bias" {
+            *tensor = &*tensor * 1.0001;
+        }
+    }
+    tch::Tensor::write_safetensors(&tensors, &file).unwrap();
+    let dir = fixture_dir("vision-d4-sel-2");
+    let reports = check(tmp.path(), &dir.join("reference.safetensors"), Tolerance::default()).unwrap();
+    let first = arcana::parity::first_failure(&reports).expect("the perturbation must be detected");
+    assert_eq!(first.name, "qladder.1");
+    assert!(reports.iter().filter(|r| r.name.starts_with("vision.hidden_states.")).all(|r| r.bit_identical));
+}
+
+#[test]
+fn bfloat16_runs_and_stays_close_to_the_fp32_reference() {
+    // Not a parity claim: the reference is fp32. bf16 keeps 8 mantissa bits, so features must still
+    // point the same way (cosine) while differing in the low bits.
+    use arcana::model::VisionSide;
+    use tch::{Device, Kind};
+    let dir = fixture_dir("vision-d4-sel-2");
+    let reference = arcana::parity::Reference::open(&dir.join("reference.safetensors")).unwrap();
+    let pixels = reference.tensor(arcana::parity::INPUT_PIXEL_VALUES).unwrap();
+    let (_, side) = VisionSide::load_standalone(&dir, Kind::BFloat16, Device::Cpu).unwrap();
+    let encoded = side.encode(&pixels.to_kind(Kind::BFloat16)).unwrap();
+    assert_eq!(encoded.projected.kind(), Kind::BFloat16);
+    let expected = reference.tensor("projector.out").unwrap();
+    let report = arcana::parity::compare("projector.out", &encoded.projected, &expected, Tolerance::default()).unwrap();
+    println!("bf16 vs fp32 projector.out: {report:?}");
+    assert!(report.cosine > 0.999, "{report:?}");
+    assert!(!report.bit_identical);
+}
