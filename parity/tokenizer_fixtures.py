@@ -117,6 +117,9 @@ def fixed_strings():
         "USER: <image>\nWhat is this? ASSISTANT:", "1234567890", "3.14159", "😀😀😀", "東京タワー",
         "\u200b", "\x00", "▁▁x", "x▁y", " ▁ ", "<0x41>", "\ufffd", "a\u0300", "🇫🇷🇩🇪",
         SYSTEM + " USER: <image>\nDescribe the image. ASSISTANT:",
+        # Runs of one character: equal-score merges at several places, so the leftmost-first rule shows.
+        "aaaaa", "!!!!!", "hhhhhhh", "______", "=====", "..........", "xxxxxxxxxxxxxxxxxxxx", "zzz zzz",
+        "</s>!!!!!", "<s>hhhhhhh", "   ", "\n\n\n\n", "ééééé", "🙂🙂🙂🙂",
     ]
 
 
