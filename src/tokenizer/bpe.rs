@@ -63,14 +63,23 @@ impl<'a> Merger<'a> {
     }
 
     fn consider(&mut self, left: Option<usize>, right: Option<usize>) {
-        let (Some(left), Some(right)) = (left, right) else { return };
+        let (Some(left), Some(right)) = (left, right) else {
+            return;
+        };
         let (l, r) = (self.symbols[left], self.symbols[right]);
         if l.frozen || r.frozen {
             return;
         }
         let joined = &self.text[l.start..r.start + r.len];
-        let Some(id) = self.sp.mergeable_id(joined) else { return };
-        self.agenda.push(Candidate { score: self.sp.score(id), left, right, len: joined.len() });
+        let Some(id) = self.sp.mergeable_id(joined) else {
+            return;
+        };
+        self.agenda.push(Candidate {
+            score: self.sp.score(id),
+            left,
+            right,
+            len: joined.len(),
+        });
         if self.sp.kind(id) == Some(PieceType::Unused) {
             let (lp, rp) = (self.piece(left), self.piece(right));
             self.unmerge.insert(joined, (lp, rp));
@@ -115,7 +124,13 @@ pub(crate) fn merge<'a>(sp: &'a SentencePiece, normalized: &'a str) -> Vec<(&'a 
         return Vec::new();
     }
 
-    let mut m = Merger { sp, text: normalized, symbols, agenda: BinaryHeap::new(), unmerge: HashMap::new() };
+    let mut m = Merger {
+        sp,
+        text: normalized,
+        symbols,
+        agenda: BinaryHeap::new(),
+        unmerge: HashMap::new(),
+    };
     for i in 1..m.symbols.len() {
         m.consider(Some(i - 1), Some(i));
     }

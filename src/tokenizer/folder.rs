@@ -19,21 +19,32 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Map<String, Value>>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(path, e)),
     };
-    match serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })? {
+    match serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.into(),
+        source,
+    })? {
         Value::Object(map) => Ok(Some(map)),
         _ => Err(config_error(path, "<root>", "expected a JSON object")),
     }
 }
 
 fn config_error(path: &Path, field: &str, message: &str) -> Error {
-    Error::Config { path: path.into(), field: field.into(), message: message.into() }
+    Error::Config {
+        path: path.into(),
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 fn flag(map: &serde_json::Map<String, Value>, key: &str, path: &Path, field: &str) -> Result<bool> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(config_error(path, field, &format!("`{key}` must be a boolean"))),
+        Some(_) => Err(config_error(
+            path,
+            field,
+            &format!("`{key}` must be a boolean"),
+        )),
     }
 }
 
@@ -44,7 +55,11 @@ fn parse_token(value: &Value, path: &Path, field: &str) -> Result<Option<Special
         Value::String(s) => Ok(Some(SpecialToken::new(s.clone()))),
         Value::Object(map) => {
             if flag(map, "single_word", path, field)? {
-                return Err(config_error(path, field, "single_word tokens are not supported"));
+                return Err(config_error(
+                    path,
+                    field,
+                    "single_word tokens are not supported",
+                ));
             }
             let content = map
                 .get("content")
@@ -56,11 +71,19 @@ fn parse_token(value: &Value, path: &Path, field: &str) -> Result<Option<Special
                 rstrip: flag(map, "rstrip", path, field)?,
             }))
         }
-        _ => Err(config_error(path, field, "expected a string, an object or null")),
+        _ => Err(config_error(
+            path,
+            field,
+            "expected a string, an object or null",
+        )),
     }
 }
 
-fn bool_field(map: &serde_json::Map<String, Value>, key: &str, path: &Path) -> Result<Option<bool>> {
+fn bool_field(
+    map: &serde_json::Map<String, Value>,
+    key: &str,
+    path: &Path,
+) -> Result<Option<bool>> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -69,7 +92,11 @@ fn bool_field(map: &serde_json::Map<String, Value>, key: &str, path: &Path) -> R
 }
 
 /// Applies one JSON file's special-token fields to `options`.
-fn apply_tokens(map: &serde_json::Map<String, Value>, path: &Path, options: &mut TokenizerOptions) -> Result<()> {
+fn apply_tokens(
+    map: &serde_json::Map<String, Value>,
+    path: &Path,
+    options: &mut TokenizerOptions,
+) -> Result<()> {
     for key in NAMED_TOKENS {
         let Some(value) = map.get(key) else { continue };
         let token = parse_token(value, path, key)?;
@@ -96,21 +123,45 @@ fn apply_tokens(map: &serde_json::Map<String, Value>, path: &Path, options: &mut
 /// `added_tokens_decoder` may only restate special tokens (with their strip flags); anything else
 /// would be a token beyond the SentencePiece vocabulary or a non-special added token, which this
 /// tokenizer does not implement.
-fn apply_added_tokens(map: &serde_json::Map<String, Value>, path: &Path, options: &mut TokenizerOptions) -> Result<()> {
+fn apply_added_tokens(
+    map: &serde_json::Map<String, Value>,
+    path: &Path,
+    options: &mut TokenizerOptions,
+) -> Result<()> {
     let field = "added_tokens_decoder";
-    let Some(value) = map.get(field) else { return Ok(()) };
-    let entries = value.as_object().ok_or_else(|| config_error(path, field, "expected an object"))?;
+    let Some(value) = map.get(field) else {
+        return Ok(());
+    };
+    let entries = value
+        .as_object()
+        .ok_or_else(|| config_error(path, field, "expected an object"))?;
     let mut declared: HashMap<String, SpecialToken> = HashMap::new();
     for (id, entry) in entries {
         let token = parse_token(entry, path, field)?
             .ok_or_else(|| config_error(path, field, &format!("entry {id} is null")))?;
         if entry.get("special").and_then(Value::as_bool) == Some(false) {
-            return Err(config_error(path, field, &format!("non-special added token {:?} is not supported", token.content)));
+            return Err(config_error(
+                path,
+                field,
+                &format!(
+                    "non-special added token {:?} is not supported",
+                    token.content
+                ),
+            ));
         }
         declared.insert(token.content.clone(), token);
     }
-    let named = [&mut options.bos_token, &mut options.eos_token, &mut options.unk_token, &mut options.pad_token];
-    for slot in named.into_iter().flatten().chain(options.additional_special_tokens.iter_mut()) {
+    let named = [
+        &mut options.bos_token,
+        &mut options.eos_token,
+        &mut options.unk_token,
+        &mut options.pad_token,
+    ];
+    for slot in named
+        .into_iter()
+        .flatten()
+        .chain(options.additional_special_tokens.iter_mut())
+    {
         if let Some(t) = declared.remove(&slot.content) {
             *slot = t;
         }

@@ -23,7 +23,12 @@ pub struct StreamDecoder<'t> {
 
 impl<'t> StreamDecoder<'t> {
     pub(crate) fn new(tokenizer: &'t Tokenizer) -> Self {
-        StreamDecoder { tokenizer, pieces: tokenizer.new_piece_decoder(), seen_first: false, held: String::new() }
+        StreamDecoder {
+            tokenizer,
+            pieces: tokenizer.new_piece_decoder(),
+            seen_first: false,
+            held: String::new(),
+        }
     }
 
     /// Adds one id; returns the text that is now final (often empty). Special tokens add nothing.
@@ -39,7 +44,8 @@ impl<'t> StreamDecoder<'t> {
         } else {
             // transformers strips U+2581 from the first kept token before SentencePiece decodes.
             self.seen_first = true;
-            self.pieces.push_piece(piece.strip_prefix(SPACE_SYMBOL).unwrap_or(piece), &mut out);
+            self.pieces
+                .push_piece(piece.strip_prefix(SPACE_SYMBOL).unwrap_or(piece), &mut out);
         }
         Ok(self.release(out))
     }
