@@ -337,6 +337,21 @@ fn folder_constructor_reads_tokenizer_config() {
         Some(0)
     );
 
+    // Strip flags from `added_tokens_decoder` apply to special tokens the config names, not to
+    // defaults. Values from `LlamaTokenizer.from_pretrained(dir).encode("a </s>  b")` with
+    // transformers 4.37.2 and these two tokenizer_config.json files.
+    std::fs::remove_file(dir.join("special_tokens_map.json")).expect("remove map");
+    let declared = r#""added_tokens_decoder": {"2": {"content": "</s>", "lstrip": true,
+        "normalized": false, "rstrip": true, "single_word": false, "special": true}}"#;
+    let named = format!(r#"{{"legacy": false, "eos_token": "</s>", {declared}}}"#);
+    std::fs::write(dir.join("tokenizer_config.json"), named).expect("write config");
+    let tok = Tokenizer::from_folder(&dir).expect("load");
+    assert_eq!(tok.encode("a </s>  b"), vec![1, 263, 2, 29890]);
+    let unnamed = format!(r#"{{"legacy": false, {declared}}}"#);
+    std::fs::write(dir.join("tokenizer_config.json"), unnamed).expect("write config");
+    let tok = Tokenizer::from_folder(&dir).expect("load");
+    assert_eq!(tok.encode("a </s>  b"), vec![1, 263, 29871, 2, 29871, 289]);
+
     std::fs::write(dir.join("tokenizer_config.json"), r#"{"legacy": "yes"}"#)
         .expect("write config");
     let err = Tokenizer::from_folder(&dir).expect_err("legacy must be a boolean");

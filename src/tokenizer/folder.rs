@@ -91,21 +91,17 @@ fn bool_field(
     }
 }
 
-/// Applies one JSON file's special-token fields to `options`.
+/// Applies one JSON file's special-token fields to `options`; returns the named ones it set.
 fn apply_tokens(
     map: &serde_json::Map<String, Value>,
     path: &Path,
     options: &mut TokenizerOptions,
-) -> Result<()> {
+) -> Result<Vec<&'static str>> {
+    let mut set = Vec::new();
     for key in NAMED_TOKENS {
         let Some(value) = map.get(key) else { continue };
-        let token = parse_token(value, path, key)?;
-        match key {
-            "bos_token" => options.bos_token = token,
-            "eos_token" => options.eos_token = token,
-            "unk_token" => options.unk_token = token,
-            _ => options.pad_token = token,
-        }
+        *named_slot(options, key) = parse_token(value, path, key)?;
+        set.push(key);
     }
     if let Some(value) = map.get("additional_special_tokens") {
         let list = value
@@ -117,15 +113,26 @@ fn apply_tokens(
             .filter_map(Result::transpose)
             .collect::<Result<_>>()?;
     }
-    Ok(())
+    Ok(set)
 }
 
-/// `added_tokens_decoder` may only restate special tokens (with their strip flags); anything else
-/// would be a token beyond the SentencePiece vocabulary or a non-special added token, which this
-/// tokenizer does not implement.
+fn named_slot<'o>(options: &'o mut TokenizerOptions, key: &str) -> &'o mut Option<SpecialToken> {
+    match key {
+        "bos_token" => &mut options.bos_token,
+        "eos_token" => &mut options.eos_token,
+        "unk_token" => &mut options.unk_token,
+        _ => &mut options.pad_token,
+    }
+}
+
+/// `added_tokens_decoder` gives its strip flags to the special tokens that the config names, as
+/// `from_pretrained` does; a named token left at its default keeps plain flags (transformers 4.37.2
+/// re-adds the default over the declared entry). Entries that are not special tokens would be
+/// tokens beyond the SentencePiece vocabulary or non-special added tokens: not implemented here.
 fn apply_added_tokens(
     map: &serde_json::Map<String, Value>,
     path: &Path,
+    named_in_config: &[&str],
     options: &mut TokenizerOptions,
 ) -> Result<()> {
     let field = "added_tokens_decoder";
@@ -140,38 +147,39 @@ fn apply_added_tokens(
         let token = parse_token(entry, path, field)?
             .ok_or_else(|| config_error(path, field, &format!("entry {id} is null")))?;
         if entry.get("special").and_then(Value::as_bool) == Some(false) {
-            return Err(config_error(
-                path,
-                field,
-                &format!(
-                    "non-special added token {:?} is not supported",
-                    token.content
-                ),
-            ));
+            let message = format!(
+                "non-special added token {:?} is not supported",
+                token.content
+            );
+            return Err(config_error(path, field, &message));
         }
         declared.insert(token.content.clone(), token);
     }
-    let named = [
-        &mut options.bos_token,
-        &mut options.eos_token,
-        &mut options.unk_token,
-        &mut options.pad_token,
-    ];
-    for slot in named
-        .into_iter()
-        .flatten()
-        .chain(options.additional_special_tokens.iter_mut())
-    {
-        if let Some(t) = declared.remove(&slot.content) {
-            *slot = t;
+    for key in named_in_config {
+        if let Some(slot) = named_slot(options, key) {
+            if let Some(t) = declared.get(&slot.content) {
+                *slot = t.clone();
+            }
         }
     }
-    if let Some(content) = declared.keys().next() {
-        return Err(config_error(
-            path,
-            field,
-            &format!("added token {content:?} is not a special token (not supported)"),
-        ));
+    for slot in options.additional_special_tokens.iter_mut() {
+        if let Some(t) = declared.get(&slot.content) {
+            *slot = t.clone();
+        }
+    }
+    let named = [
+        &options.bos_token,
+        &options.eos_token,
+        &options.unk_token,
+        &options.pad_token,
+    ];
+    let mut special = named
+        .into_iter()
+        .flatten()
+        .chain(&options.additional_special_tokens);
+    if let Some(content) = declared.keys().find(|c| !special.any(|t| &t.content == *c)) {
+        let message = format!("added token {content:?} is not a special token (not supported)");
+        return Err(config_error(path, field, &message));
     }
     Ok(())
 }
@@ -183,25 +191,22 @@ impl Tokenizer {
         let config_path = dir.join(CONFIG_FILE);
         let map_path = dir.join(SPECIAL_TOKENS_FILE);
         let mut options = TokenizerOptions::default();
-        if let Some(config) = read_json(&config_path)? {
-            if let Some(v) = bool_field(&config, "add_bos_token", &config_path)? {
-                options.add_bos_token = v;
-            }
-            if let Some(v) = bool_field(&config, "add_eos_token", &config_path)? {
-                options.add_eos_token = v;
-            }
-            options.legacy = bool_field(&config, "legacy", &config_path)?;
-            if let Some(v) = bool_field(&config, "clean_up_tokenization_spaces", &config_path)? {
-                options.clean_up_tokenization_spaces = v;
-            }
-            apply_tokens(&config, &config_path, &mut options)?;
-            if let Some(special_map) = read_json(&map_path)? {
-                apply_tokens(&special_map, &map_path, &mut options)?;
-            }
-            apply_added_tokens(&config, &config_path, &mut options)?;
-        } else if let Some(special_map) = read_json(&map_path)? {
-            apply_tokens(&special_map, &map_path, &mut options)?;
+        let config = read_json(&config_path)?.unwrap_or_default();
+        if let Some(v) = bool_field(&config, "add_bos_token", &config_path)? {
+            options.add_bos_token = v;
         }
+        if let Some(v) = bool_field(&config, "add_eos_token", &config_path)? {
+            options.add_eos_token = v;
+        }
+        options.legacy = bool_field(&config, "legacy", &config_path)?;
+        if let Some(v) = bool_field(&config, "clean_up_tokenization_spaces", &config_path)? {
+            options.clean_up_tokenization_spaces = v;
+        }
+        let mut named = apply_tokens(&config, &config_path, &mut options)?;
+        if let Some(special_map) = read_json(&map_path)? {
+            named.extend(apply_tokens(&special_map, &map_path, &mut options)?);
+        }
+        apply_added_tokens(&config, &config_path, &named, &mut options)?;
         Tokenizer::from_model_file(&dir.join(MODEL_FILE), options)
     }
 }
