@@ -54,6 +54,12 @@ pub struct ArcanaConfig {
     pub tie_word_embeddings: bool,
     #[serde(default)]
     pub attention_bias: bool,
+    /// The decoder MLP's activation; the release's Llama uses `silu`.
+    #[serde(default = "defaults::hidden_act")]
+    pub hidden_act: String,
+    /// transformers' tensor-parallel emulation; only 1 (the release's value) is supported.
+    #[serde(default = "defaults::pretraining_tp")]
+    pub pretraining_tp: i64,
     #[serde(default = "defaults::mm_hidden_size")]
     pub mm_hidden_size: i64,
     /// The release's projector builder defaults to `linear`.
@@ -194,6 +200,12 @@ impl ArcanaConfig {
                 return Err(bad("rope_scaling", format!("factor must be > 1, got {}", scaling.factor)));
             }
         }
+        if self.hidden_act != "silu" {
+            return Err(bad("hidden_act", format!("unsupported activation `{}` (the release's Llama uses silu)", self.hidden_act)));
+        }
+        if self.pretraining_tp != 1 {
+            return Err(bad("pretraining_tp", format!("only 1 is supported, got {}", self.pretraining_tp)));
+        }
         if ProjectorKind::parse(&self.mm_projector_type).is_none() {
             return Err(bad(
                 "mm_projector_type",
@@ -218,7 +230,7 @@ impl ArcanaConfig {
 }
 
 /// transformers' CLIPVisionConfig.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct VisionConfig {
     #[serde(default = "defaults::clip_hidden_size")]
     pub hidden_size: i64,
@@ -377,6 +389,8 @@ mod defaults {
     pub fn num_attention_heads() -> i64 { 32 }
     pub fn num_hidden_layers() -> i64 { 32 }
     pub fn rms_norm_eps() -> f64 { 1e-6 }
+    pub fn hidden_act() -> String { "silu".into() }
+    pub fn pretraining_tp() -> i64 { 1 }
     pub fn rope_theta() -> f64 { 10000.0 }
     pub fn max_position_embeddings() -> i64 { 2048 }
     pub fn vocab_size() -> i64 { 32000 }

@@ -1,7 +1,11 @@
 //! A release-layout model folder and the parts of the model built from it.
 use crate::config::{resolve_vision_tower, ArcanaConfig, VisionConfig, VisionTowerSource};
 use crate::error::{Error, Result};
+use crate::generate::{greedy, GenerationConfig};
+use crate::llm::mask::{policies_differ, MaskPolicy};
+use crate::llm::LlamaForCausalLM;
 use crate::mm::projector::Projector;
+use crate::mm::splice::{prepare_inputs, Spliced};
 use crate::vision::{VisionOutputs, VisionTower};
 use crate::weights::{is_derived_buffer, Checkpoint, WeightLoader};
 use std::path::{Path, PathBuf};
@@ -56,10 +60,11 @@ impl ModelFiles {
     pub fn weight_loader(&self, kind: Kind, device: Device) -> Result<WeightLoader> {
         let loader = WeightLoader::new(Checkpoint::open_dir(&self.dir)?, kind, device);
         Ok(match &self.vision_source {
-            VisionTowerSource::Folder(folder) => {
+            // A folder with configs only (as `arcana-convert` writes) leaves every tensor to the main checkpoint.
+            VisionTowerSource::Folder(folder) if Checkpoint::exists_in(folder) => {
                 loader.with_fallback(Checkpoint::open_dir(folder)?, VISION_TOWER_PREFIX, is_unused_clip_part)
             }
-            VisionTowerSource::Embedded(_) => loader,
+            _ => loader,
         })
     }
 }
@@ -105,5 +110,46 @@ impl VisionSide {
         let vision = self.tower.forward(pixel_values)?;
         let projected = self.projector.forward(&vision.features)?;
         Ok(EncodedImages { vision, projected })
+    }
+}
+
+/// The whole model: vision side and the MM-LoRA Llama.
+#[derive(Debug)]
+pub struct ArcanaModel {
+    pub files: ModelFiles,
+    pub vision: VisionSide,
+    pub llm: LlamaForCausalLM,
+}
+
+impl ArcanaModel {
+    /// Loads every part; every tensor of the checkpoint must be used.
+    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        let files = ModelFiles::open(dir)?;
+        let loader = files.weight_loader(kind, device)?;
+        let vision = VisionSide::load(&files, &loader)?;
+        let llm = LlamaForCausalLM::load(&loader.root(), &files.config)?;
+        loader.finish()?;
+        Ok(Self { files, vision, llm })
+    }
+
+    /// The language model's input for `input_ids` (`[B, T]`, -200 = image, right-padded with
+    /// `attention_mask`) and the images `[N, 3, S, S]`, one per placeholder: the release's splice.
+    pub fn prepare_inputs(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, pixel_values: Option<&Tensor>) -> Result<Spliced> {
+        let features = match pixel_values {
+            Some(p) => Some(self.vision.encode(p)?.projected),
+            None => None,
+        };
+        prepare_inputs(&self.llm.model, input_ids, attention_mask, features.as_ref(), self.files.config.tokenizer_model_max_length)
+    }
+
+    /// Whether `policy` and the release's mask give different prefills for these inputs.
+    pub fn mask_policies_differ(inputs: &Spliced) -> bool {
+        policies_differ(&inputs.image_spans, inputs.inputs_embeds.size()[1])
+    }
+
+    /// Greedy ids `[B, 1 + n]` as the release's `generate(do_sample=False)`.
+    pub fn generate_greedy(&self, inputs: &Spliced, policy: MaskPolicy, max_new_tokens: usize) -> Result<Tensor> {
+        let config = GenerationConfig::from_model_dir(&self.files.dir, &self.files.config, max_new_tokens)?;
+        greedy(&self.llm, inputs, policy, &config)
     }
 }

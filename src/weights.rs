@@ -66,6 +66,11 @@ impl TensorFile {
         self.entries.get(name).map(|e| e.shape.as_slice())
     }
 
+    /// The stored dtype and the raw little-endian bytes of a tensor, without copying.
+    pub fn raw(&self, name: &str) -> Option<(Dtype, &[u8])> {
+        self.entries.get(name).map(|e| (e.dtype, &self.mmap[e.start..e.end]))
+    }
+
     /// The stored dtype's name as safetensors spells it (F32, F16, BF16, ...).
     pub fn dtype_name(&self, name: &str) -> Option<String> {
         self.entries.get(name).map(|e| format!("{:?}", e.dtype))
@@ -114,7 +119,7 @@ fn is_float(kind: Kind) -> bool {
 }
 
 /// The libtorch kind of a stored dtype; dtypes without one are refused by name.
-fn stored_kind(dtype: Dtype) -> Option<Kind> {
+pub fn stored_kind(dtype: Dtype) -> Option<Kind> {
     match dtype {
         Dtype::F32 => Some(Kind::Float),
         Dtype::F16 => Some(Kind::Half),
@@ -164,6 +169,11 @@ struct ShardIndex {
 }
 
 impl Checkpoint {
+    /// Whether `dir` holds a safetensors checkpoint.
+    pub fn exists_in(dir: &Path) -> bool {
+        dir.join(SHARD_INDEX).is_file() || dir.join(SINGLE_FILE).is_file()
+    }
+
     /// Opens `model.safetensors`, or the shards named by `model.safetensors.index.json`, in `dir`.
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let index_path = dir.join(SHARD_INDEX);

@@ -1,0 +1,48 @@
+//! Reloads a written folder and checks every tensor against its source, bit for bit, and its sha256.
+use crate::output::{converted, hex, ManifestEntry, MANIFEST};
+use crate::source::SourceTensor;
+use crate::output::OutDtype;
+use anyhow::{anyhow, bail, Context, Result};
+use arcana::weights::Checkpoint;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tch::Device;
+
+pub fn verify(
+    dir: &Path,
+    sources: &BTreeMap<String, SourceTensor>,
+    out: OutDtype,
+    stop: &AtomicBool,
+) -> Result<usize> {
+    let written = Checkpoint::open_dir(dir)?;
+    let manifest_path = dir.join(MANIFEST);
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest_path)?)?;
+    let entries: Vec<ManifestEntry> = serde_json::from_value(manifest["tensors"].clone())
+        .with_context(|| format!("{}: malformed manifest", manifest_path.display()))?;
+    let by_name: BTreeMap<&str, &ManifestEntry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
+    if let Some(extra) = written.names().find(|n| !sources.contains_key(*n)) {
+        bail!("verify: output holds `{extra}`, which the source does not");
+    }
+    for (name, source) in sources {
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        if !written.contains(name) {
+            bail!("verify: `{name}` is missing from the output");
+        }
+        let file = written.file_of(name);
+        let ours = file.load_as_stored(name, Device::Cpu)?;
+        let expected = converted(source, out)?;
+        if ours.size() != expected.size() || ours.kind() != expected.kind() || !ours.f_equal(&expected)? {
+            bail!("verify: `{name}` in {} differs from its source {}", file.path().display(), source.file.display());
+        }
+        let (_, raw) = file.raw(name).expect("present");
+        let entry = by_name.get(name.as_str()).ok_or_else(|| anyhow!("verify: `{name}` is not in the manifest"))?;
+        if hex(&Sha256::digest(raw)) != entry.sha256 {
+            bail!("verify: `{name}` does not match its sha256 in the manifest");
+        }
+    }
+    Ok(sources.len())
+}
