@@ -176,8 +176,8 @@ def animated_gif(width, height, seed):
 
 # ------------------------------------------------------------------------------------- the release's way
 
-def processor():
-    return CLIPImageProcessor(**PROCESSOR_CONFIG)
+def processor(config=None):
+    return CLIPImageProcessor(**(config or PROCESSOR_CONFIG))
 
 
 def expand_to_square(image, fill):
@@ -191,9 +191,9 @@ def expand_to_square(image, fill):
     return square
 
 
-def release_pixel_values(paths, mode):
+def release_pixel_values(paths, mode, config=None):
     """`process_images` on `Image.open(p).convert("RGB")`: a list with one float32 array or error per image."""
-    proc = processor()
+    proc = processor(config)
     images = [Image.open(p).convert("RGB") for p in paths]
     if mode == "pad":
         fill = tuple(int(x * 255) for x in proc.image_mean)
@@ -258,6 +258,30 @@ def batch_expectations(image_dir):
     return out
 
 
+# Settings other than the vision tower's, for the paths it never takes: crops larger than the image (zero
+# padding, one row/column lost on an odd difference), no resize, an exact-size resize, no normalize.
+CONFIG_VARIANTS = [
+    {"do_resize": False, "crop_size": 336},
+    {"size": {"height": 300, "width": 350}, "crop_size": {"height": 320, "width": 331}, "do_normalize": False},
+    {"size": 224, "crop_size": 224, "do_center_crop": False, "do_rescale": False,
+     "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+]
+VARIANT_FILES = ["rgb_100x100.png", "rgb_335x1001.png", "rgb_641x479.png", "rgb_7x4.png"]
+
+
+def variant_expectations(image_dir):
+    out = []
+    for config in CONFIG_VARIANTS:
+        cases = []
+        for name in VARIANT_FILES:
+            case = {"file": name}
+            for mode in ("pad", "plain"):
+                case[mode] = record(f"variant/{json.dumps(config)}/{name}/{mode}", release_pixel_values([image_dir / name], mode, config)[0])
+            cases.append(case)
+        out.append({"processor_config": config, "cases": cases})
+    return out
+
+
 def write_fixtures(out_dir):
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -270,6 +294,7 @@ def write_fixtures(out_dir):
         "processor_config": PROCESSOR_CONFIG,
         "images": expected_for(image_dir, names),
         "batches": batch_expectations(image_dir),
+        "config_variants": variant_expectations(image_dir),
     }
     (out_dir / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
 
@@ -295,6 +320,8 @@ def check(rust_dump):
         for old, new in zip(committed["images"], regenerated["images"]):
             if old != new:
                 failures.append(f"{old['file']}: expected values differ from the committed ones")
+        if committed["config_variants"] != regenerated["config_variants"]:
+            failures.append("config variant expectations differ")
         if committed["batches"] != regenerated["batches"] or len(committed["images"]) != len(regenerated["images"]):
             failures.append("batch expectations or image list differ")
         if rust_dump:

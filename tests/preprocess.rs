@@ -113,6 +113,25 @@ fn every_fixture_image_is_bit_identical_in_pad_and_plain_mode() {
 }
 
 #[test]
+fn other_processor_settings_are_bit_identical() {
+    // Crops larger than the image, no resize, exact-size resize, no rescale or normalize.
+    let mut problems = vec![];
+    for variant in expected()["config_variants"].as_array().unwrap() {
+        let config = PreprocessConfig::from_json(&variant["processor_config"], Path::new("expected.json")).unwrap();
+        for case in variant["cases"].as_array().unwrap() {
+            let image = load(case["file"].as_str().unwrap());
+            for (mode_name, mode) in [("pad", AspectMode::Pad), ("plain", AspectMode::Plain)] {
+                let p = ImagePreprocessor::new(config.clone(), mode);
+                let got = p.pixel_values(std::slice::from_ref(&image)).map(|mut v| v.remove(0));
+                let label = format!("{} {mode_name} {}", case["file"], variant["processor_config"]);
+                problems.extend(compare(&label, &got, &case[mode_name]));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{} problem(s):\n{}", problems.len(), problems.join("\n"));
+}
+
+#[test]
 fn plain_batches_read_axes_like_their_first_image() {
     for batch in expected()["batches"].as_array().unwrap() {
         let names: Vec<&str> = batch["files"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
