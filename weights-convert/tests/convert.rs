@@ -1,0 +1,305 @@
+//! Round trips and bad inputs for `arcana-convert`, on the committed tiny checkpoints
+//! (made by `python parity/export.py fixtures`). Forms that only PyTorch writes (`.bin` archives) are
+//! made here with the project's Python environment; those tests skip with a message without it.
+use arcana::parity::{check, Tolerance};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tch::{Device, Kind, Tensor};
+
+fn fixture(preset: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/parity").join(preset)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn convert(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_arcana-convert")).args(args).output().unwrap()
+}
+
+fn convert_ok(input: &Path, output: &Path, extra: &[&str]) {
+    let mut args = vec!["--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--verify"];
+    args.extend_from_slice(extra);
+    let out = convert(&args);
+    assert!(out.status.success(), "conversion failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn convert_err(input: &Path, output: &Path) -> String {
+    let out = convert(&["--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    assert!(!out.status.success(), "conversion of a bad input succeeded");
+    assert!(!output.exists(), "a failed conversion left {}", output.display());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_no_staging_left(output.parent().unwrap());
+    stderr
+}
+
+fn assert_no_staging_left(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.contains(".partial-"), "staging folder {name} left behind");
+    }
+}
+
+fn assert_vision_parity(converted: &Path, preset: &str) {
+    let reference = fixture(preset).join("reference.safetensors");
+    let reports = check(converted, &reference, Tolerance::default()).unwrap();
+    assert!(reports.iter().all(|r| r.bit_identical), "{preset}: {reports:?}");
+}
+
+/// A Python with torch (the project's environment, as `scripts/env.sh` sets it up), if there is one.
+fn python_with_torch() -> Option<PathBuf> {
+    let venv = std::env::var_os("ARCANA_VENV").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1"))
+    })?;
+    let python = venv.join("bin/python");
+    let ok = Command::new(&python).args(["-c", "import torch"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if ok {
+        Some(python)
+    } else {
+        eprintln!("skipping: no Python environment with torch at {} (run scripts/setup-python.sh)", venv.display());
+        None
+    }
+}
+
+fn run_python(python: &Path, script: &str, args: &[&Path]) {
+    let out = Command::new(python).arg("-c").arg(script).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Rewrites `dir`'s model.safetensors as `pytorch_model.bin` (sharded in two with an index when asked).
+const TO_BIN: &str = r#"
+import json, os, sys, torch
+from safetensors.torch import load_file
+d, shards = sys.argv[1], int(sys.argv[2])
+sd = load_file(os.path.join(d, "model.safetensors"))
+os.remove(os.path.join(d, "model.safetensors"))
+names = sorted(sd)
+if shards == 1:
+    torch.save(sd, os.path.join(d, "pytorch_model.bin"))
+else:
+    half = len(names) // 2
+    parts = [names[:half], names[half:]]
+    wm = {}
+    for i, part in enumerate(parts):
+        f = f"pytorch_model-0000{i+1}-of-00002.bin"
+        torch.save({n: sd[n] for n in part}, os.path.join(d, f))
+        wm.update({n: f for n in part})
+    json.dump({"metadata": {}, "weight_map": wm}, open(os.path.join(d, "pytorch_model.bin.index.json"), "w"))
+"#;
+
+#[test]
+fn safetensors_folders_round_trip_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    for preset in ["vision-d4-sel-2", "vision-d3-sel-1", "vision-linear"] {
+        let out = tmp.path().join(preset);
+        convert_ok(&fixture(preset), &out, &["--dtype", "fp32"]);
+        assert_vision_parity(&out, preset);
+        assert!(out.join("arcana-manifest.json").is_file() && out.join("vision_tower/config.json").is_file());
+    }
+}
+
+#[test]
+fn small_shards_and_half_precision_outputs_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    convert_ok(&fixture("vision-d3-sel-1"), &out, &["--dtype", "fp16", "--max-shard-mb", "0"]);
+    assert!(out.join("model.safetensors.index.json").is_file());
+    // fp16 source, fp16 output: loading as fp32 gives the fixture's exact values.
+    assert_vision_parity(&out, "vision-d3-sel-1");
+}
+
+#[test]
+fn pytorch_bin_checkpoints_round_trip_bit_identically() {
+    let Some(python) = python_with_torch() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    for (preset, shards) in [("vision-d4-sel-2", "1"), ("vision-d3-sel-1", "2")] {
+        let input = tmp.path().join(format!("{preset}-bin"));
+        copy_dir(&fixture(preset), &input);
+        run_python(&python, TO_BIN, &[&input, Path::new(shards)]);
+        run_python(&python, TO_BIN, &[&input.join("clip-qladder-tiny"), Path::new("1")]);
+        let out = tmp.path().join(format!("{preset}-out"));
+        convert_ok(&input, &out, &["--dtype", "fp32"]);
+        assert_vision_parity(&out, preset);
+    }
+}
+
+#[test]
+fn a_projector_checkpoint_with_a_base_round_trips() {
+    let Some(python) = python_with_torch() else { return };
+    // fp16 weights: the release's cast of mm_projector.bin to fp16 changes nothing, so parity holds.
+    let preset = "vision-d3-sel-1";
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    copy_dir(&fixture(preset), &base);
+    let projector_only = tmp.path().join("projector");
+    std::fs::create_dir_all(&projector_only).unwrap();
+    std::fs::copy(base.join("config.json"), projector_only.join("config.json")).unwrap();
+    let script = r#"
+import os, sys, torch
+from safetensors.torch import load_file, save_file
+base, proj = sys.argv[1], sys.argv[2]
+sd = load_file(os.path.join(base, "model.safetensors"))
+p = {k: v for k, v in sd.items() if k.startswith("model.mm_projector.")}
+assert p
+torch.save(p, os.path.join(proj, "mm_projector.bin"))
+# the base's own projector is different, so the override is observable
+save_file({k: (v + 1 if k in p else v) for k, v in sd.items()}, os.path.join(base, "model.safetensors"))
+"#;
+    run_python(&python, script, &[&base, &projector_only]);
+    let out = tmp.path().join("out");
+    let without_base = convert(&["--input", projector_only.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&without_base.stderr).contains("--model-base"));
+    convert_ok(&projector_only, &out, &["--dtype", "fp32", "--model-base", base.to_str().unwrap()]);
+    assert_vision_parity(&out, preset);
+}
+
+#[test]
+fn a_pickle_with_a_foreign_global_is_refused_without_running_it() {
+    let Some(python) = python_with_torch() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("input");
+    copy_dir(&fixture("vision-d4-sel-2"), &input);
+    let marker = tmp.path().join("executed");
+    let script = r#"
+import os, sys, torch
+class Evil:
+    def __reduce__(self):
+        return (os.mkdir, (sys.argv[2],))
+sd = {"model.embed_tokens.weight": torch.zeros(2), "evil": Evil()}
+os.remove(os.path.join(sys.argv[1], "model.safetensors"))
+torch.save(sd, os.path.join(sys.argv[1], "pytorch_model.bin"))
+"#;
+    run_python(&python, script, &[&input, &marker]);
+    let err = convert_err(&input, &tmp.path().join("out"));
+    assert!(err.contains("refused global `posix.mkdir`") && err.contains("pytorch_model.bin"), "{err}");
+    assert!(!marker.exists(), "the pickle's callable ran");
+}
+
+#[test]
+fn a_truncated_shard_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("input");
+    copy_dir(&fixture("vision-linear"), &input);
+    let shard = input.join("model-00002-of-00002.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let err = convert_err(&input, &tmp.path().join("out"));
+    assert!(err.contains("model-00002-of-00002.safetensors") && err.contains("truncated"), "{err}");
+}
+
+#[test]
+fn an_index_naming_a_missing_shard_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("input");
+    copy_dir(&fixture("vision-linear"), &input);
+    std::fs::remove_file(input.join("model-00002-of-00002.safetensors")).unwrap();
+    let err = convert_err(&input, &tmp.path().join("out"));
+    assert!(err.contains("model-00002-of-00002.safetensors") && err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn the_same_tensor_in_two_shards_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("input");
+    copy_dir(&fixture("vision-linear"), &input);
+    let first = input.join("model-00001-of-00002.safetensors");
+    let second = input.join("model-00002-of-00002.safetensors");
+    let mut tensors = Tensor::read_safetensors(&second).unwrap();
+    let (dup_name, dup) = Tensor::read_safetensors(&first).unwrap().into_iter().next().unwrap();
+    tensors.push((dup_name.clone(), dup));
+    Tensor::write_safetensors(&tensors, &second).unwrap();
+    let err = convert_err(&input, &tmp.path().join("out"));
+    assert!(err.contains(&format!("`{dup_name}`")) && err.contains("model-00001") && err.contains("model-00002"), "{err}");
+}
+
+/// A safetensors file with a hand-written header.
+fn write_raw_safetensors(path: &Path, header: &str, data_len: usize) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(std::iter::repeat(0u8).take(data_len));
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn overlapping_or_out_of_range_offsets_are_refused() {
+    for (header, data_len, expect) in [
+        (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, 12, "overlap"),
+        (r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8, "truncated"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let input = tmp.path().join("input");
+        copy_dir(&fixture("vision-d4-sel-2"), &input);
+        write_raw_safetensors(&input.join("model.safetensors"), header, data_len);
+        let err = convert_err(&input, &tmp.path().join("out"));
+        assert!(err.contains("model.safetensors") && err.contains(expect), "{err}");
+    }
+}
+
+#[test]
+fn an_unsupported_dtype_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("input");
+    copy_dir(&fixture("vision-d4-sel-2"), &input);
+    write_raw_safetensors(
+        &input.join("model.safetensors"),
+        r#"{"model.norm.weight":{"dtype":"U16","shape":[4],"data_offsets":[0,8]}}"#,
+        8,
+    );
+    let err = convert_err(&input, &tmp.path().join("out"));
+    assert!(err.contains("model.norm.weight") && err.contains("U16"), "{err}");
+}
+
+#[test]
+fn an_existing_output_is_kept_without_force_and_replaced_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep"), "x").unwrap();
+    let refused = convert(&["--input", fixture("vision-d4-sel-2").to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("--force"));
+    assert!(out.join("keep").is_file());
+    convert_ok(&fixture("vision-d4-sel-2"), &out, &["--force", "--dtype", "fp32"]);
+    assert!(!out.join("keep").exists());
+    assert_vision_parity(&out, "vision-d4-sel-2");
+}
+
+#[test]
+fn an_interrupted_run_leaves_no_partial_folder() {
+    // A checkpoint of ~400 MB so that Ctrl-C lands mid-conversion; either outcome must leave the
+    // target complete or absent, never partial, and no staging folder behind.
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("input");
+    copy_dir(&fixture("vision-d4-sel-2"), &input);
+    let main = input.join("model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&main).unwrap();
+    for i in 0..50 {
+        tensors.push((format!("model.extra.{i}"), Tensor::ones([2048, 1024], (Kind::Float, Device::Cpu))));
+    }
+    Tensor::write_safetensors(&tensors, &main).unwrap();
+    let out = tmp.path().join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arcana-convert"))
+        .args(["--input", input.to_str().unwrap(), "--output", out.to_str().unwrap(), "--verify"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    if status.success() {
+        eprintln!("the conversion finished before the interrupt; checking it is complete");
+        assert!(out.join("arcana-manifest.json").is_file());
+    } else {
+        assert!(!out.exists(), "an interrupted run left {}", out.display());
+    }
+    assert_no_staging_left(tmp.path());
+}
