@@ -2,6 +2,7 @@
 //! projections carry MM-LoRA branches, computing what the PyTorch release computes.
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod layers;
 pub mod llm;
 pub mod mm;

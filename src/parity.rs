@@ -3,12 +3,18 @@
 //! A reference file is a safetensors file: `input.*` tensors are what the model is fed, every other
 //! tensor is an intermediate the Rust model must reproduce under the same name.
 use crate::error::{Error, Result};
-use crate::model::VisionSide;
+use crate::generate::{greedy, GenerationConfig};
+use crate::llm::mask::{prefill_visual_mask, MaskPolicy};
+use crate::llm::StepInputs;
+use crate::model::{ArcanaModel, VisionSide};
 use crate::weights::TensorFile;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 pub const INPUT_PIXEL_VALUES: &str = "input.pixel_values";
+pub const INPUT_INPUT_IDS: &str = "input.input_ids";
+pub const INPUT_ATTENTION_MASK: &str = "input.attention_mask";
+pub const GREEDY_IDS: &str = "greedy.ids";
 
 /// How one tensor compares with its reference.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -120,11 +126,12 @@ impl Reference {
 
 /// Forward order of the exported names, so reports read top to bottom and the first failure is the earliest.
 fn stage_order(name: &str) -> (usize, i64, String) {
-    const STAGES: [&str; 9] = [
+    const STAGES: [&str; 10] = [
         "vision.hidden_states.",
         "qladder.",
         "vision.features",
         "projector.out",
+        "splice.",
         "inputs_embeds",
         "llm.layers.",
         "llm.norm",
@@ -151,18 +158,58 @@ pub fn vision_tensors(side: &VisionSide, pixel_values: &Tensor) -> Result<Vec<(S
     Ok(out)
 }
 
+/// The language side on a reference's inputs, named like the exporter: the splice, the prefill as the
+/// release's `forward` (positions `0..L-1` in every row, the release's visual mask, the spliced padding
+/// mask), and greedy ids as its `generate` with as many new tokens as the reference holds.
+pub fn language_tensors(model: &ArcanaModel, reference: &Reference) -> Result<Vec<(String, Tensor)>> {
+    let input_ids = reference.tensor(INPUT_INPUT_IDS)?;
+    let mask = if reference.contains(INPUT_ATTENTION_MASK) { Some(reference.tensor(INPUT_ATTENTION_MASK)?) } else { None };
+    let pixels = if reference.contains(INPUT_PIXEL_VALUES) { Some(reference.tensor(INPUT_PIXEL_VALUES)?) } else { None };
+    let mut out = match &pixels {
+        Some(p) => vision_tensors(&model.vision, p)?,
+        None => Vec::new(),
+    };
+    let inputs = model.prepare_inputs(&input_ids, mask.as_ref(), pixels.as_ref())?;
+    let s = inputs.inputs_embeds.size();
+    let (b, l) = (s[0], s[1]);
+    let positions = Tensor::f_arange(l, (Kind::Int64, Device::Cpu))?.f_unsqueeze(0)?.f_expand([b, l], false)?;
+    let visual = prefill_visual_mask(MaskPolicy::Release, &inputs.image_spans, l, Device::Cpu)?;
+    let step = StepInputs { position_ids: &positions, attention_mask: Some(&inputs.attention_mask), visual: &visual };
+    let prefill = model.llm.forward(&inputs.inputs_embeds, &step, None, true)?;
+    out.push(("splice.attention_mask".into(), inputs.attention_mask.shallow_clone()));
+    out.push(("inputs_embeds".into(), inputs.inputs_embeds.shallow_clone()));
+    for (i, t) in prefill.decoder.layers.iter().enumerate() {
+        out.push((format!("llm.layers.{i}"), t.shallow_clone()));
+    }
+    out.push(("llm.norm".into(), prefill.decoder.hidden));
+    out.push(("logits".into(), prefill.logits));
+    if reference.contains(GREEDY_IDS) {
+        let width = reference.tensor(GREEDY_IDS)?.size().get(1).copied().unwrap_or(1);
+        let max_new = (width - 1).max(0) as usize;
+        let config = GenerationConfig::from_model_dir(&model.files.dir, &model.files.config, max_new)?;
+        out.push((GREEDY_IDS.into(), greedy(&model.llm, &inputs, MaskPolicy::Release, &config)?));
+    }
+    Ok(out)
+}
+
 /// Loads the model in `checkpoint` (fp32, CPU), runs it on the reference's inputs and compares every
-/// expected tensor, in forward order.
+/// expected tensor, in forward order. A reference with `input.input_ids` runs the whole model (every
+/// checkpoint tensor must be used); one with only pixels runs the vision side.
 pub fn check(checkpoint: &Path, reference: &Path, tolerance: Tolerance) -> Result<Vec<TensorReport>> {
     let reference = Reference::open(reference)?;
-    if !reference.contains(INPUT_PIXEL_VALUES) {
-        return Err(Error::InvalidInput(format!(
-            "{}: no `{INPUT_PIXEL_VALUES}` tensor to feed the model",
-            reference.path().display()
-        )));
-    }
-    let (_, side) = VisionSide::load_standalone(checkpoint, Kind::Float, Device::Cpu)?;
-    let ours = vision_tensors(&side, &reference.tensor(INPUT_PIXEL_VALUES)?)?;
+    let ours = if reference.contains(INPUT_INPUT_IDS) {
+        let model = ArcanaModel::load(checkpoint, Kind::Float, Device::Cpu)?;
+        language_tensors(&model, &reference)?
+    } else {
+        if !reference.contains(INPUT_PIXEL_VALUES) {
+            return Err(Error::InvalidInput(format!(
+                "{}: no `{INPUT_PIXEL_VALUES}` or `{INPUT_INPUT_IDS}` tensor to feed the model",
+                reference.path().display()
+            )));
+        }
+        let (_, side) = VisionSide::load_standalone(checkpoint, Kind::Float, Device::Cpu)?;
+        vision_tensors(&side, &reference.tensor(INPUT_PIXEL_VALUES)?)?
+    };
     let mut reports = Vec::new();
     for name in reference.expected_names() {
         let expected = reference.tensor(&name)?;

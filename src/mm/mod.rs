@@ -2,3 +2,4 @@
 pub mod conversation;
 pub mod projector;
 pub mod prompt;
+pub mod splice;

@@ -1,0 +1,84 @@
+//! `LlamaAttention` (transformers 4.37.2, eager) with MM-LoRA projections.
+use super::cache::KvCache;
+use super::mmlora::MmLoraLinear;
+use super::rope::apply_rotary;
+use crate::config::ArcanaConfig;
+use crate::error::Result;
+use crate::weights::Weights;
+use tch::{Kind, Tensor};
+
+#[derive(Debug)]
+pub struct Attention {
+    pub q_proj: MmLoraLinear,
+    pub k_proj: MmLoraLinear,
+    pub v_proj: MmLoraLinear,
+    pub o_proj: MmLoraLinear,
+    pub num_heads: i64,
+    pub num_key_value_heads: i64,
+    pub head_dim: i64,
+    pub layer_idx: usize,
+}
+
+/// `repeat_kv`: `[B, kv, L, D]` to `[B, kv * n_rep, L, D]` by expand + reshape; unchanged for `n_rep == 1`.
+pub fn repeat_kv(x: &Tensor, n_rep: i64) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.shallow_clone());
+    }
+    let s = x.size();
+    let (b, kv, l, d) = (s[0], s[1], s[2], s[3]);
+    Ok(x.f_unsqueeze(2)?.f_expand([b, kv, n_rep, l, d], false)?.f_reshape([b, kv * n_rep, l, d])?)
+}
+
+impl Attention {
+    pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize) -> Result<Self> {
+        let (h, d) = (config.hidden_size, config.head_dim());
+        let (nh, nkv) = (config.num_attention_heads, config.num_kv_heads());
+        let (bias, s) = (config.attention_bias, config.lora_scaling());
+        Ok(Self {
+            q_proj: MmLoraLinear::load(&w.pp("q_proj"), h, nh * d, bias, s)?,
+            k_proj: MmLoraLinear::load(&w.pp("k_proj"), h, nkv * d, bias, s)?,
+            v_proj: MmLoraLinear::load(&w.pp("v_proj"), h, nkv * d, bias, s)?,
+            o_proj: MmLoraLinear::load(&w.pp("o_proj"), nh * d, h, bias, s)?,
+            num_heads: nh,
+            num_key_value_heads: nkv,
+            head_dim: d,
+            layer_idx,
+        })
+    }
+
+    /// `x`: `[B, L, hidden]`; `cos`/`sin`: gathered by position, `[B, 1, L, head_dim]`; `mask`: additive
+    /// `[B, 1, L, past + L]`. With a cache, attends over the cached positions too and appends this step's.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        visual: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let s = x.size();
+        let (b, l) = (s[0], s[1]);
+        let heads = |t: Tensor, n: i64| -> Result<Tensor> { Ok(t.f_view([b, l, n, self.head_dim])?.f_transpose(1, 2)?) };
+        let q = heads(self.q_proj.forward(x, visual)?, self.num_heads)?;
+        let k = heads(self.k_proj.forward(x, visual)?, self.num_key_value_heads)?;
+        let v = heads(self.v_proj.forward(x, visual)?, self.num_key_value_heads)?;
+        let q = apply_rotary(&q, cos, sin)?;
+        let k = apply_rotary(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.update(self.layer_idx, &k, &v)?,
+            None => (k, v),
+        };
+        let n_rep = self.num_heads / self.num_key_value_heads;
+        let k = repeat_kv(&k, n_rep)?;
+        let v = repeat_kv(&v, n_rep)?;
+        let mut weights = q.f_matmul(&k.f_transpose(2, 3)?)?.f_div_scalar((self.head_dim as f64).sqrt())?;
+        if let Some(mask) = mask {
+            weights = weights.f_add(mask)?;
+        }
+        // Softmax upcast to fp32, then back to the query's dtype.
+        let weights = weights.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
+        let out = weights.f_matmul(&v)?.f_transpose(1, 2)?.f_contiguous()?.f_reshape([b, l, self.num_heads * self.head_dim])?;
+        self.o_proj.forward(&out, visual)
+    }
+}

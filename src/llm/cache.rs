@@ -1,0 +1,154 @@
+//! The decoder's key/value cache, owned by the caller.
+//!
+//! Keys (after rotary) and values of every layer live in buffers `[B, kv_heads, capacity, head_dim]`; a
+//! forward writes its positions in place and attends over a view of the first `len` positions, which holds
+//! the same values as transformers' `DynamicCache` (`cat` of all steps). When full, the buffers grow by
+//! whole chunks, so a copy happens once per chunk, not at every step.
+use crate::error::{Error, Result};
+use tch::{Device, Kind, Tensor};
+
+/// Positions added when a full cache grows, unless the caller sets another chunk.
+pub const DEFAULT_GROW_BY: i64 = 256;
+
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+}
+
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    batch: i64,
+    kv_heads: i64,
+    head_dim: i64,
+    kind: Kind,
+    device: Device,
+    capacity: i64,
+    len: i64,
+    grow_by: i64,
+}
+
+impl KvCache {
+    /// An empty cache for `num_layers` layers holding `capacity` positions before it first grows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        num_layers: usize,
+        batch: i64,
+        kv_heads: i64,
+        head_dim: i64,
+        capacity: i64,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        if batch <= 0 || kv_heads <= 0 || head_dim <= 0 || capacity < 0 {
+            return Err(Error::InvalidInput(format!(
+                "KV cache: batch {batch}, kv heads {kv_heads}, head_dim {head_dim}, capacity {capacity}"
+            )));
+        }
+        let mut cache = Self {
+            layers: Vec::with_capacity(num_layers),
+            batch,
+            kv_heads,
+            head_dim,
+            kind,
+            device,
+            capacity: 0,
+            len: 0,
+            grow_by: DEFAULT_GROW_BY,
+        };
+        for _ in 0..num_layers {
+            cache.layers.push(LayerKv { k: Tensor::new(), v: Tensor::new() });
+        }
+        cache.reallocate(capacity)?;
+        Ok(cache)
+    }
+
+    /// Positions added at once when the cache is full (at least 1).
+    pub fn with_grow_by(mut self, grow_by: i64) -> Self {
+        self.grow_by = grow_by.max(1);
+        self
+    }
+
+    /// Positions already cached (the next forward's first position).
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+
+    pub fn batch(&self) -> i64 {
+        self.batch
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Drops every cached position, keeping the buffers.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    fn reallocate(&mut self, capacity: i64) -> Result<()> {
+        let shape = [self.batch, self.kv_heads, capacity, self.head_dim];
+        for layer in &mut self.layers {
+            let k = Tensor::f_empty(shape, (self.kind, self.device))?;
+            let v = Tensor::f_empty(shape, (self.kind, self.device))?;
+            if self.len > 0 {
+                k.f_narrow(2, 0, self.len)?.f_copy_(&layer.k.f_narrow(2, 0, self.len)?)?;
+                v.f_narrow(2, 0, self.len)?.f_copy_(&layer.v.f_narrow(2, 0, self.len)?)?;
+            }
+            layer.k = k;
+            layer.v = v;
+        }
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Makes room for `new` more positions (growing by whole chunks).
+    pub(crate) fn reserve(&mut self, new: i64) -> Result<()> {
+        let needed = self.len + new;
+        if needed > self.capacity {
+            let chunks = (needed - self.capacity + self.grow_by - 1) / self.grow_by;
+            self.reallocate(self.capacity + chunks * self.grow_by)?;
+        }
+        Ok(())
+    }
+
+    /// Writes layer `layer`'s new keys/values `[B, kv_heads, q_len, head_dim]` after the cached positions and
+    /// returns views of all `len + q_len` positions (upstream `DynamicCache.update`).
+    pub(crate) fn update(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let q_len = k.size().get(2).copied().unwrap_or(0);
+        let expected = [self.batch, self.kv_heads, q_len, self.head_dim];
+        if k.size() != expected || v.size() != expected {
+            return Err(Error::InvalidInput(format!(
+                "KV cache: keys {:?} / values {:?}, expected {expected:?}",
+                k.size(),
+                v.size()
+            )));
+        }
+        if self.len + q_len > self.capacity {
+            return Err(Error::InvalidInput("KV cache: update without reserve".into()));
+        }
+        let kv = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| Error::InvalidInput(format!("KV cache has no layer {layer}")))?;
+        kv.k.f_narrow(2, self.len, q_len)?.f_copy_(k)?;
+        kv.v.f_narrow(2, self.len, q_len)?.f_copy_(v)?;
+        let total = self.len + q_len;
+        Ok((kv.k.f_narrow(2, 0, total)?, kv.v.f_narrow(2, 0, total)?))
+    }
+
+    /// Marks `new` positions, written by every layer, as cached.
+    pub(crate) fn advance(&mut self, new: i64) {
+        self.len += new;
+    }
+}

@@ -1,0 +1,185 @@
+//! `LlamaDecoderLayer`, `LlamaModel` and `LlamaForCausalLM` (transformers 4.37.2, eager), every
+//! projection an MM-LoRA linear.
+use super::attention::Attention;
+use super::cache::KvCache;
+use super::mask::causal_4d_mask;
+use super::mlp::Mlp;
+use super::norm::RmsNorm;
+use super::rope::{gather_positions, RotaryEmbedding};
+use crate::config::ArcanaConfig;
+use crate::error::{Error, Result};
+use crate::layers::Linear;
+use crate::weights::Weights;
+use tch::{Kind, Tensor};
+
+#[derive(Debug)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize) -> Result<Self> {
+        let (h, eps) = (config.hidden_size, config.rms_norm_eps);
+        Ok(Self {
+            self_attn: Attention::load(&w.pp("self_attn"), config, layer_idx)?,
+            mlp: Mlp::load(&w.pp("mlp"), config)?,
+            input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), h, eps)?,
+            post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), h, eps)?,
+        })
+    }
+
+    /// `x + attn(ln1(x))`, then `h + mlp(ln2(h))`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        visual: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, visual, cos, sin, mask, cache)?;
+        let h = x.f_add(&attn)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&h)?, visual)?;
+        Ok(h.f_add(&mlp)?)
+    }
+}
+
+/// What one forward of the decoder computed.
+pub struct LlamaOutput {
+    /// Output of each decoder layer (only when asked for).
+    pub layers: Vec<Tensor>,
+    /// After the final RMSNorm: `[B, L, hidden]`.
+    pub hidden: Tensor,
+}
+
+/// One forward's inputs besides the embeddings.
+pub struct StepInputs<'a> {
+    /// `[B, L]` int64.
+    pub position_ids: &'a Tensor,
+    /// 2D padding mask `[B, past + L]` (1 = attend), or none (every position attends).
+    pub attention_mask: Option<&'a Tensor>,
+    /// bool `[B, L]`: the positions that take the visual LoRA branch.
+    pub visual: &'a Tensor,
+}
+
+#[derive(Debug)]
+pub struct LlamaModel {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    pub rotary_emb: RotaryEmbedding,
+    pub num_key_value_heads: i64,
+    pub head_dim: i64,
+}
+
+impl LlamaModel {
+    /// `w` points at `model`.
+    pub fn load(w: &Weights, config: &ArcanaConfig) -> Result<Self> {
+        let embed_tokens = w.pp("embed_tokens").get("weight", &[config.vocab_size, config.hidden_size])?;
+        let layers = (0..config.num_hidden_layers as usize)
+            .map(|i| DecoderLayer::load(&w.pp("layers").pp(i), config, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&w.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
+        let rotary_emb = RotaryEmbedding::new(config, w.device())?;
+        Ok(Self { embed_tokens, layers, norm, rotary_emb, num_key_value_heads: config.num_kv_heads(), head_dim: config.head_dim() })
+    }
+
+    /// `embed_tokens(ids)`; every id must be in the vocabulary.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let vocab = self.embed_tokens.size()[0];
+        if ids.numel() > 0 {
+            let (lo, hi) = (ids.f_min()?.f_int64_value(&[])?, ids.f_max()?.f_int64_value(&[])?);
+            if lo < 0 || hi >= vocab {
+                return Err(Error::InvalidInput(format!("token id out of the vocabulary [0, {vocab}): {}", if lo < 0 { lo } else { hi })));
+            }
+        }
+        Ok(Tensor::f_embedding(&self.embed_tokens, &ids.f_to_device(self.embed_tokens.device())?, -1, false, false)?)
+    }
+
+    /// An empty cache fitting this decoder.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
+        KvCache::new(self.layers.len(), batch, self.num_key_value_heads, self.head_dim, capacity, self.embed_tokens.kind(), self.embed_tokens.device())
+    }
+
+    /// `LlamaModel.forward(inputs_embeds=...)`; with a cache, positions continue after the cached ones.
+    pub fn forward(&self, inputs_embeds: &Tensor, step: &StepInputs, mut cache: Option<&mut KvCache>, keep_layers: bool) -> Result<LlamaOutput> {
+        let s = inputs_embeds.size();
+        if s.len() != 3 || s[2] != self.embed_tokens.size()[1] {
+            return Err(Error::InvalidInput(format!("inputs_embeds {s:?}, expected [B, L, {}]", self.embed_tokens.size()[1])));
+        }
+        let (b, l) = (s[0], s[1]);
+        if step.position_ids.size() != [b, l] || step.visual.size() != [b, l] {
+            return Err(Error::InvalidInput(format!(
+                "position ids {:?} / visual mask {:?}, expected [{b}, {l}]",
+                step.position_ids.size(),
+                step.visual.size()
+            )));
+        }
+        let past = match cache.as_deref_mut() {
+            Some(c) => {
+                if c.batch() != b || c.num_layers() != self.layers.len() {
+                    return Err(Error::InvalidInput(format!("KV cache for batch {} / {} layers used with batch {b} / {} layers", c.batch(), c.num_layers(), self.layers.len())));
+                }
+                c.reserve(l)?;
+                c.len()
+            }
+            None => 0,
+        };
+        let kind = inputs_embeds.kind();
+        let device = inputs_embeds.device();
+        let mask = causal_4d_mask(step.attention_mask, b, l, past, kind, device)?;
+        // Every layer's rotary module returns the same tables for the same kv length; gathered once.
+        let (cos, sin) = self.rotary_emb.cos_sin(past + l, kind, device)?;
+        let (cos, sin) = (gather_positions(&cos, step.position_ids)?, gather_positions(&sin, step.position_ids)?);
+        let mut h = inputs_embeds.shallow_clone();
+        let mut layers = Vec::new();
+        for layer in &self.layers {
+            h = layer.forward(&h, step.visual, &cos, &sin, mask.as_ref(), cache.as_deref_mut())?;
+            if keep_layers {
+                layers.push(h.shallow_clone());
+            }
+        }
+        if let Some(c) = cache {
+            c.advance(l);
+        }
+        Ok(LlamaOutput { layers, hidden: self.norm.forward(&h)? })
+    }
+}
+
+#[derive(Debug)]
+pub struct LlamaForCausalLM {
+    pub model: LlamaModel,
+    pub lm_head: Linear,
+}
+
+/// Logits and the decoder's outputs of one forward.
+pub struct CausalLmOutput {
+    /// `[B, L, vocab]`, fp32, every position (as upstream).
+    pub logits: Tensor,
+    pub decoder: LlamaOutput,
+}
+
+impl LlamaForCausalLM {
+    /// `w` is the checkpoint's root.
+    pub fn load(w: &Weights, config: &ArcanaConfig) -> Result<Self> {
+        let model = LlamaModel::load(&w.pp("model"), config)?;
+        let head = w.pp("lm_head");
+        let lm_head = if config.tie_word_embeddings && !head.contains("weight") {
+            Linear { weight: model.embed_tokens.shallow_clone(), bias: None }
+        } else {
+            Linear::load(&head, config.hidden_size, config.vocab_size, false)?
+        };
+        Ok(Self { model, lm_head })
+    }
+
+    pub fn forward(&self, inputs_embeds: &Tensor, step: &StepInputs, cache: Option<&mut KvCache>, keep_layers: bool) -> Result<CausalLmOutput> {
+        let _guard = tch::no_grad_guard();
+        let decoder = self.model.forward(inputs_embeds, step, cache, keep_layers)?;
+        let logits = self.lm_head.forward(&decoder.hidden)?.f_to_kind(Kind::Float)?;
+        Ok(CausalLmOutput { logits, decoder })
+    }
+}

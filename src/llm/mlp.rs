@@ -1,0 +1,31 @@
+//! `LlamaMLP` with MM-LoRA projections: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+use super::mmlora::MmLoraLinear;
+use crate::config::ArcanaConfig;
+use crate::error::Result;
+use crate::weights::Weights;
+use tch::Tensor;
+
+#[derive(Debug)]
+pub struct Mlp {
+    pub gate_proj: MmLoraLinear,
+    pub up_proj: MmLoraLinear,
+    pub down_proj: MmLoraLinear,
+}
+
+impl Mlp {
+    pub fn load(w: &Weights, config: &ArcanaConfig) -> Result<Self> {
+        let (h, i, s) = (config.hidden_size, config.intermediate_size, config.lora_scaling());
+        Ok(Self {
+            gate_proj: MmLoraLinear::load(&w.pp("gate_proj"), h, i, false, s)?,
+            up_proj: MmLoraLinear::load(&w.pp("up_proj"), h, i, false, s)?,
+            down_proj: MmLoraLinear::load(&w.pp("down_proj"), i, h, false, s)?,
+        })
+    }
+
+    /// silu is checked by `ArcanaConfig::validate`.
+    pub fn forward(&self, x: &Tensor, visual: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, visual)?.f_silu()?;
+        let up = self.up_proj.forward(x, visual)?;
+        self.down_proj.forward(&gate.f_mul(&up)?, visual)
+    }
+}
