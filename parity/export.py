@@ -66,7 +66,14 @@ PRESETS = {
         select_layer=-2, projector="mlp2x_gelu", llm=dict(TINY_LLM, num_key_value_heads=2),
         dtype="bf16", vision_in_main=False, shards=1, fixture_seed=1,  # seed 0 meets EOS after 4 tokens
         cases=["image-long"]),
+    # For the CLI reference (parity/cli_reference.py, parity/cli_fixtures.py): a 32000-token vocabulary that a
+    # real SentencePiece model fits, and the tokenizer files beside the weights. No committed fixture.
+    "cli-tiny": dict(
+        clip=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2),
+        select_layer=-2, projector="mlp2x_gelu", llm=dict(TINY_LLM, vocab_size=32000),
+        dtype="fp16", vision_in_main=False, shards=1, tokenizer=True, fixture=False),
 }
+FIXTURE_PRESETS = [name for name, p in PRESETS.items() if p.get("fixture", True)]
 FIXTURE_SEED = 0
 FIXTURE_NEW_TOKENS = 16
 IMAGE_SIZE = 56
@@ -210,7 +217,77 @@ def _save_sharded(tensors: dict, out_dir: str, shards: int) -> None:
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def make_checkpoint(preset_name: str, seed: int, out_dir: str, dtype=None, vision_in_main=None, shards=None):
+# --------------------------------------------------------------------------------------------------------
+# tokenizer files (presets with `tokenizer=True`)
+# --------------------------------------------------------------------------------------------------------
+MISTRAL_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
+LLAMA2_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
+
+
+def _shared_tokenizers_dir() -> str:
+    shared = os.environ.get("ARCANA_SHARED") or os.path.join(os.path.dirname(REPO), "shared")
+    return os.path.join(shared, "tokenizers")
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def default_tokenizer_model() -> str:
+    """The Mistral 7B v0.1 SentencePiece model (vocabulary 32000): scripts/setup-python.sh puts it in
+    ~/.cache/arcana/tokenizers/; a copy in the shared tokenizers folder is used when that one is missing."""
+    name = "mistral-7b-v0.1-tokenizer.model"
+    candidates = [os.path.join(os.environ.get("ARCANA_TOKENIZERS",
+                                              os.path.expanduser("~/.cache/arcana/tokenizers")), name),
+                  os.path.join(_shared_tokenizers_dir(), name)]
+    for path in candidates:
+        if os.path.exists(path) and _sha256(path) == MISTRAL_TOKENIZER_SHA256:
+            return path
+    raise FileNotFoundError(f"no {name} with sha256 {MISTRAL_TOKENIZER_SHA256[:16]}... in {candidates}; "
+                            f"run scripts/setup-python.sh")
+
+
+def llama2_tokenizer_model():
+    """The Llama 2 / Vicuna v1.5 SentencePiece model, where a machine has it (optional, never required)."""
+    path = os.path.join(_shared_tokenizers_dir(), "llama2-tokenizer.model")
+    return path if os.path.exists(path) and _sha256(path) == LLAMA2_TOKENIZER_SHA256 else None
+
+
+def _added_token(content: str) -> dict:
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False,
+            "rstrip": False, "single_word": False}
+
+
+def write_tokenizer_files(out_dir: str, tokenizer_model: str) -> None:
+    """tokenizer.model + the tokenizer_config.json / special_tokens_map.json of the LLaVA-1.5 (Vicuna v1.5)
+    uploads: slow LlamaTokenizer, BOS added, no EOS, legacy false, no pad token in the config."""
+    shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": _added_token("<s>"),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": _added_token("</s>"),
+        "legacy": False,
+        "model_max_length": 2048,
+        "pad_token": None,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": _added_token("<unk>"),
+    })
+    _write_json(os.path.join(out_dir, "special_tokens_map.json"), {
+        "bos_token": {k: v for k, v in _added_token("<s>").items() if k != "__type"},
+        "eos_token": {k: v for k, v in _added_token("</s>").items() if k != "__type"},
+        "pad_token": "<unk>",
+        "unk_token": {k: v for k, v in _added_token("<unk>").items() if k != "__type"},
+    })
+
+
+def make_checkpoint(preset_name: str, seed: int, out_dir: str, dtype=None, vision_in_main=None, shards=None,
+                    tokenizer_model=None):
     from transformers import CLIPImageProcessor, LlamaConfig
     sys.path.insert(0, HERE)
     from arcana_ref.llava import ArcanaForCausalLM
@@ -254,6 +331,10 @@ def make_checkpoint(preset_name: str, seed: int, out_dir: str, dtype=None, visio
         for k, s in vision_shapes.items():
             main[VISION_PREFIX + k] = _init_tensor(k, s, seed, "vision-main", hidden).to(tdtype).contiguous()
     _save_sharded(main, out_dir, shards)
+    if preset.get("tokenizer"):
+        write_tokenizer_files(out_dir, tokenizer_model or default_tokenizer_model())
+    elif tokenizer_model:
+        raise ValueError(f"preset {preset_name} has no tokenizer (its vocabulary is {preset['llm']['vocab_size']})")
     return out_dir
 
 
@@ -547,6 +628,9 @@ def main(argv=None):
     mc.add_argument("--vision-in-main", dest="vision_in_main", action="store_true", default=None)
     mc.add_argument("--no-vision-in-main", dest="vision_in_main", action="store_false")
     mc.add_argument("--shards", type=int, default=None, help="default: the preset's")
+    mc.add_argument("--tokenizer-model", default=None,
+                    help="presets with a tokenizer (cli-tiny): the SentencePiece model to copy; default the "
+                         "Mistral 7B v0.1 one that scripts/setup-python.sh fetches")
 
     rf = sub.add_parser("reference", help="run the fp32 CPU reference and save named tensors")
     rf.add_argument("--checkpoint", required=True)
@@ -566,7 +650,7 @@ def main(argv=None):
 
     fx = sub.add_parser("fixtures", help="(re)create or --check tests/fixtures/parity/<preset>/")
     fx.add_argument("--root", default=DEFAULT_FIXTURES)
-    fx.add_argument("--preset", action="append", choices=sorted(PRESETS), help="default: all")
+    fx.add_argument("--preset", action="append", choices=sorted(FIXTURE_PRESETS), help="default: all")
     fx.add_argument("--check", action="store_true", help="regenerate into a temp dir and compare")
 
     cmp_ = sub.add_parser("compare", help="compare two reference files tensor by tensor, bit for bit")
@@ -576,13 +660,14 @@ def main(argv=None):
 
     args = p.parse_args(argv)
     if args.cmd == "make-checkpoint":
-        make_checkpoint(args.preset, args.seed, args.out, args.dtype, args.vision_in_main, args.shards)
+        make_checkpoint(args.preset, args.seed, args.out, args.dtype, args.vision_in_main, args.shards,
+                        args.tokenizer_model)
     elif args.cmd == "reference":
         run_reference(args.checkpoint, args.out, seed=args.seed, batch=args.batch, input_ids=args.input_ids,
                       case=args.case, new_tokens=args.new_tokens, arcana_src=args.arcana_src, preset=args.preset,
                       release_sliced_mask=args.release_sliced_mask)
     elif args.cmd == "fixtures":
-        presets = args.preset or list(PRESETS)
+        presets = args.preset or FIXTURE_PRESETS
         rel_root = os.path.relpath(os.path.abspath(args.root), REPO)
         if not args.check:
             write_fixtures(args.root, presets, rel_root)
