@@ -90,6 +90,7 @@ fn main() -> anyhow::Result<()> {
     let lm = LlamaForCausalLM::load(&loader.root(), &config)?;
     loader.finish()?;
     println!("threads {}", tch::get_num_threads());
+    decode_time(&lm, 100)?; // warm-up: first-use allocations and kernel dispatch
     for prompt in [100, 1000] {
         let t = decode_time(&lm, prompt)?;
         println!("decode step at position ~{prompt}: {:.3} ms (median of {STEPS})", t * 1e3);
