@@ -71,7 +71,7 @@ PRESETS = {
     "cli-tiny": dict(
         clip=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2),
         select_layer=-2, projector="mlp2x_gelu", llm=dict(TINY_LLM, vocab_size=32000),
-        dtype="fp16", vision_in_main=False, shards=1, tokenizer=True, fixture=False),
+        dtype="fp16", vision_in_main=False, shards=1, tokenizer=True, fixture=False, lm_head_scale=4.0),
 }
 FIXTURE_PRESETS = [name for name, p in PRESETS.items() if p.get("fixture", True)]
 FIXTURE_SEED = 0
@@ -325,7 +325,10 @@ def make_checkpoint(preset_name: str, seed: int, out_dir: str, dtype=None, visio
     for k, v in model.state_dict().items():
         if k.startswith(VISION_PREFIX):
             continue
-        main[k] = _init_tensor(k, v.shape, seed, "main", hidden).to(tdtype).contiguous()
+        t = _init_tensor(k, v.shape, seed, "main", hidden)
+        if k == "lm_head.weight" and "lm_head_scale" in preset:
+            t = t * preset["lm_head_scale"]
+        main[k] = t.to(tdtype).contiguous()
     if vision_in_main:
         # an independent draw: the copy in the main checkpoint must win over the folder's
         for k, s in vision_shapes.items():
