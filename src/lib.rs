@@ -1,5 +1,6 @@
 //! Arcana on libtorch: CLIP ViT + Query Ladder vision tower, MLP projector and a LLaMA decoder whose
 //! projections carry MM-LoRA branches, computing what the PyTorch release computes.
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -8,6 +9,7 @@ pub mod llm;
 pub mod mm;
 pub mod model;
 pub mod parity;
+pub mod sampling;
 pub mod tokenizer;
 pub mod vision;
 pub mod weights;

@@ -248,6 +248,6 @@ impl Conversation {
 }
 
 /// Python's `str.strip()`: Rust's whitespace plus the separators U+001C..U+001F.
-fn strip_python_whitespace(text: &str) -> &str {
+pub fn strip_python_whitespace(text: &str) -> &str {
     text.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
 }

@@ -89,6 +89,8 @@ pub fn cli_user_message(text: &str, with_image: bool, mm_use_im_start_end: bool)
 pub struct CliChat {
     conversation: Conversation,
     image_pending: bool,
+    /// Whether the last turn carried the image, so that undoing it gives the image back.
+    last_turn_had_image: bool,
     mm_use_im_start_end: bool,
 }
 
@@ -97,6 +99,7 @@ impl CliChat {
         CliChat {
             conversation,
             image_pending: with_image,
+            last_turn_had_image: false,
             mm_use_im_start_end,
         }
     }
@@ -129,6 +132,7 @@ impl CliChat {
         self.conversation.append_message(&assistant, None);
         match self.conversation.get_prompt() {
             Ok(prompt) => {
+                self.last_turn_had_image = self.image_pending;
                 self.image_pending = false;
                 Ok(prompt)
             }
@@ -150,6 +154,13 @@ impl CliChat {
                 "no open reply slot: call prompt_for first".into(),
             )),
         }
+    }
+
+    /// Removes the last user message and its reply slot (a turn whose generation failed).
+    pub fn undo_last_turn(&mut self) {
+        let keep = self.conversation.messages.len().saturating_sub(2);
+        self.conversation.messages.truncate(keep);
+        self.image_pending |= std::mem::take(&mut self.last_turn_had_image);
     }
 
     pub fn stop_string(&self) -> Option<&str> {
