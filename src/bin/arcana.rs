@@ -33,7 +33,7 @@ struct Args {
     #[arg(long)]
     conv_mode: Option<String>,
     /// 0 decodes greedily; above 0 samples.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, allow_negative_numbers = true)]
     temperature: f64,
     /// Nucleus sampling mass (default: generation_config.json, else off).
     #[arg(long)]

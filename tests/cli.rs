@@ -1,0 +1,142 @@
+//! The `arcana` CLI against the project's Python reference of the release's CLI flow.
+//! The checkpoints, images and expected outputs are made at test time by
+//! `python parity/cli_fixtures.py --out DIR` (cli-tiny preset, torch 2.0.1, transformers 4.37.2); the
+//! tests skip with a message where the project's Python environment is missing.
+mod common;
+
+use common::copy_dir;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn python_with_torch() -> Option<PathBuf> {
+    let venv = std::env::var_os("ARCANA_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1")))?;
+    let python = venv.join("bin/python");
+    let ok = Command::new(&python).args(["-c", "import torch"]).output().map(|o| o.status.success()).unwrap_or(false);
+    ok.then_some(python)
+}
+
+/// The fixture folder, made once per test run.
+fn fixtures() -> Option<&'static Path> {
+    static DIR: OnceLock<Option<tempfile::TempDir>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let Some(python) = python_with_torch() else {
+            eprintln!("skipping: no Python environment with torch (run scripts/setup-python.sh)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("parity/cli_fixtures.py");
+        let out = Command::new(python).arg(script).arg("--out").arg(dir.path()).output().unwrap();
+        assert!(out.status.success(), "cli_fixtures.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        Some(dir)
+    })
+    .as_ref()
+    .map(|d| d.path())
+}
+
+fn arcana(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_arcana")).current_dir(dir).args(args).output().unwrap()
+}
+
+/// Runs a command expected to fail and returns its stderr, checking it did not panic.
+fn failure(dir: &Path, args: &[&str]) -> String {
+    let out = arcana(dir, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    stderr
+}
+
+#[test]
+fn every_case_equals_the_python_reference_id_for_id_and_text_for_text() {
+    let Some(dir) = fixtures() else { return };
+    let cases: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    assert!(cases.len() >= 8, "expected the two-image, two-template, greedy/sampled and 3-turn cases");
+    let mut mismatches = Vec::new();
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let mut args: Vec<&str> = case["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        args.push("--json");
+        let out = arcana(dir, &args);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let ours: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(case["expected"].as_str().unwrap())).unwrap()).unwrap();
+        let (ours, expected) = (ours["turns"].as_array().unwrap(), expected["turns"].as_array().unwrap());
+        assert_eq!(ours.len(), expected.len(), "{name}: number of turns");
+        for (turn, (a, e)) in ours.iter().zip(expected).enumerate() {
+            for field in ["prompt", "input_ids", "output_ids", "text", "reply"] {
+                if a[field] != e[field] {
+                    mismatches.push(format!("{name} turn {turn} {field}: ours {} expected {}", a[field], e[field]));
+                }
+            }
+        }
+        println!("{name}: {} turn(s) identical", ours.len());
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+#[test]
+fn a_missing_model_path_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = failure(dir.path(), &["--model-path", "no-such-model", "--prompt", "hi"]);
+    assert!(err.contains("no-such-model") && err.contains("no such folder"), "{err}");
+}
+
+#[test]
+fn a_missing_or_corrupt_image_is_named() {
+    let Some(dir) = fixtures() else { return };
+    let err = failure(dir, &["--model-path", "arcana-cli-tiny-v1", "--image-file", "images/none.png", "--prompt", "hi"]);
+    assert!(err.contains("images/none.png"), "{err}");
+    let tmp = tempfile::tempdir().unwrap();
+    let corrupt = tmp.path().join("corrupt.png");
+    let mut bytes = std::fs::read(dir.join("images/square.png")).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&corrupt, bytes).unwrap();
+    let err = failure(dir, &["--model-path", "arcana-cli-tiny-v1", "--image-file", corrupt.to_str().unwrap(), "--prompt", "hi"]);
+    assert!(err.contains("corrupt.png"), "{err}");
+}
+
+#[test]
+fn a_prompt_past_the_context_is_refused_with_its_length() {
+    let Some(dir) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("arcana-short-context-v1");
+    copy_dir(&dir.join("arcana-cli-tiny-v1"), &model);
+    let config_path = model.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["max_position_embeddings"] = 64.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let image = dir.join("images/square.png");
+    let err = failure(tmp.path(), &["--model-path", "arcana-short-context-v1", "--image-file", image.to_str().unwrap(), "--prompt", "What is in this image?", "--temperature", "0"]);
+    assert!(err.contains("leaves no room") && err.contains("context of 64"), "{err}");
+}
+
+#[test]
+fn cuda_without_a_cuda_device_is_refused() {
+    if tch::Cuda::device_count() > 0 {
+        eprintln!("skipping: this machine has a CUDA device");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("m")).unwrap();
+    let err = failure(dir.path(), &["--model-path", "m", "--device", "cuda", "--prompt", "hi"]);
+    assert!(err.contains("no CUDA device"), "{err}");
+    let err = failure(dir.path(), &["--model-path", "m", "--device", "gpu", "--prompt", "hi"]);
+    assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
+}
+
+#[test]
+fn contradictory_or_impossible_flags_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("m")).unwrap();
+    let err = failure(dir.path(), &["--model-path", "m", "--load-8bit", "--load-4bit", "--prompt", "hi"]);
+    assert!(err.contains("cannot be used with"), "{err}");
+    let err = failure(dir.path(), &["--model-path", "m", "--temperature", "-1", "--prompt", "hi"]);
+    assert!(err.contains("temperature"), "{err}");
+    let err = failure(dir.path(), &["--model-path", "m", "--temperature", "0.5", "--top-p", "1.5", "--prompt", "hi"]);
+    assert!(err.contains("top-p"), "{err}");
+}
