@@ -2,8 +2,8 @@
 use crate::config::{resolve_vision_tower, ArcanaConfig, VisionConfig, VisionTowerSource};
 use crate::error::{Error, Result};
 use crate::generate::{greedy, GenerationConfig};
-use crate::llm::mask::{policies_differ, MaskPolicy};
-use crate::llm::LlamaForCausalLM;
+use crate::llm::mask::{policies_differ, prefill_visual_mask, MaskPolicy};
+use crate::llm::{CausalLmOutput, LlamaForCausalLM, StepInputs};
 use crate::mm::projector::Projector;
 use crate::mm::splice::{prepare_inputs, Spliced};
 use crate::vision::{VisionOutputs, VisionTower};
@@ -140,6 +140,18 @@ impl ArcanaModel {
             None => None,
         };
         prepare_inputs(&self.llm.model, input_ids, attention_mask, features.as_ref(), self.files.config.tokenizer_model_max_length)
+    }
+
+    /// One forward over every prompt position, as the release's `forward`: positions `0..L-1` in every
+    /// row, the visual mask of `policy`, the spliced padding mask. `keep_layers` keeps each layer's output.
+    pub fn prefill(&self, inputs: &Spliced, policy: MaskPolicy, keep_layers: bool) -> Result<CausalLmOutput> {
+        let s = inputs.inputs_embeds.size();
+        let (b, l) = (s[0], s[1]);
+        let device = inputs.inputs_embeds.device();
+        let positions = Tensor::f_arange(l, (Kind::Int64, device))?.f_unsqueeze(0)?.f_expand([b, l], false)?;
+        let visual = prefill_visual_mask(policy, &inputs.image_spans, l, device)?;
+        let step = StepInputs { position_ids: &positions, attention_mask: Some(&inputs.attention_mask), visual: &visual };
+        self.llm.forward(&inputs.inputs_embeds, &step, None, keep_layers)
     }
 
     /// Whether `policy` and the release's mask give different prefills for these inputs.

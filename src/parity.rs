@@ -4,8 +4,7 @@
 //! tensor is an intermediate the Rust model must reproduce under the same name.
 use crate::error::{Error, Result};
 use crate::generate::{greedy, GenerationConfig};
-use crate::llm::mask::{prefill_visual_mask, MaskPolicy};
-use crate::llm::StepInputs;
+use crate::llm::mask::MaskPolicy;
 use crate::model::{ArcanaModel, VisionSide};
 use crate::weights::TensorFile;
 use std::path::Path;
@@ -170,12 +169,7 @@ pub fn language_tensors(model: &ArcanaModel, reference: &Reference) -> Result<Ve
         None => Vec::new(),
     };
     let inputs = model.prepare_inputs(&input_ids, mask.as_ref(), pixels.as_ref())?;
-    let s = inputs.inputs_embeds.size();
-    let (b, l) = (s[0], s[1]);
-    let positions = Tensor::f_arange(l, (Kind::Int64, Device::Cpu))?.f_unsqueeze(0)?.f_expand([b, l], false)?;
-    let visual = prefill_visual_mask(MaskPolicy::Release, &inputs.image_spans, l, Device::Cpu)?;
-    let step = StepInputs { position_ids: &positions, attention_mask: Some(&inputs.attention_mask), visual: &visual };
-    let prefill = model.llm.forward(&inputs.inputs_embeds, &step, None, true)?;
+    let prefill = model.prefill(&inputs, MaskPolicy::Release, true)?;
     out.push(("splice.attention_mask".into(), inputs.attention_mask.shallow_clone()));
     out.push(("inputs_embeds".into(), inputs.inputs_embeds.shallow_clone()));
     for (i, t) in prefill.decoder.layers.iter().enumerate() {

@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use arcana::chat::{ChatOptions, ChatSession, TurnResult};
 use arcana::config::VisionTowerSource;
 use arcana::llm::mask::MaskPolicy;
+use arcana::llm::quant::Quantization;
 use arcana::model::ArcanaModel;
 use arcana::sampling::Decoding;
 use arcana::tokenizer::Tokenizer;
@@ -152,9 +153,6 @@ fn main() -> Result<()> {
             args.model_path.display()
         );
     }
-    if args.load_8bit || args.load_4bit {
-        bail!("--load-8bit / --load-4bit: weight-only quantization is not available in this version; run without it");
-    }
     let device = parse_device(&args.device)?;
     let kind = match args.dtype {
         Some(DtypeArg::Fp32) => Kind::Float,
@@ -174,8 +172,21 @@ fn main() -> Result<()> {
 
     let load_start = Instant::now();
     eprintln!("Loading {} ({kind:?} on {device:?})...", args.model_path.display());
-    let model = ArcanaModel::load(&args.model_path, kind, device)
+    let mut model = ArcanaModel::load(&args.model_path, kind, device)
         .with_context(|| format!("loading the model from {}", args.model_path.display()))?;
+    let quantization = match (args.load_8bit, args.load_4bit) {
+        (true, _) => Some(Quantization::Int8),
+        (_, true) => Some(Quantization::Int4),
+        _ => None,
+    };
+    if let Some(mode) = quantization {
+        let (before, after) = model.llm.quantize(mode)?;
+        eprintln!(
+            "Quantized the decoder's projections to {mode:?}: {:.1} MiB -> {:.1} MiB (MM-LoRA branches kept in {kind:?})",
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0
+        );
+    }
     let tokenizer = Tokenizer::from_folder(&args.model_path)
         .with_context(|| format!("loading the tokenizer from {}", args.model_path.display()))?;
     let load_seconds = load_start.elapsed().as_secs_f64();
@@ -256,6 +267,7 @@ fn main() -> Result<()> {
             "model_path": args.model_path,
             "image_file": args.image_file,
             "load_seconds": load_seconds,
+            "quantization": quantization.map(|q| format!("{q:?}")),
             "image_encode_seconds": encode_seconds,
             "turns": turns,
         });

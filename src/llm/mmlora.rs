@@ -9,6 +9,7 @@
 //! nothing runs on position 0 and adds its result times 0, as the release does.
 use crate::error::{Error, Result};
 use crate::layers::Linear;
+use crate::llm::quant::BaseWeight;
 use crate::weights::Weights;
 use tch::Tensor;
 
@@ -16,7 +17,7 @@ use tch::Tensor;
 #[allow(non_snake_case)]
 #[derive(Debug)]
 pub struct MmLoraLinear {
-    pub base: Linear,
+    pub base: BaseWeight,
     pub V_Slora_A: Linear,
     pub V_Slora_B: Linear,
     pub L_Slora_A: Linear,
@@ -35,7 +36,7 @@ fn load_pair(w: &Weights, a: &str, b: &str, in_dim: i64, out_dim: i64) -> Result
 impl MmLoraLinear {
     /// `w` points at the projection (`model.layers.N.self_attn.q_proj`).
     pub fn load(w: &Weights, in_dim: i64, out_dim: i64, bias: bool, scaling: f64) -> Result<Self> {
-        let base = Linear::load(w, in_dim, out_dim, bias)?;
+        let base = BaseWeight::Dense(Linear::load(w, in_dim, out_dim, bias)?);
         let (va, vb) = load_pair(w, "V_Slora_A", "V_Slora_B", in_dim, out_dim)?;
         let (la, lb) = load_pair(w, "L_Slora_A", "L_Slora_B", in_dim, out_dim)?;
         Ok(Self { base, V_Slora_A: va, V_Slora_B: vb, L_Slora_A: la, L_Slora_B: lb, scaling })
