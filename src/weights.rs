@@ -66,9 +66,26 @@ impl TensorFile {
         self.entries.get(name).map(|e| e.shape.as_slice())
     }
 
-    /// The stored dtype and the raw little-endian bytes of a tensor, without copying.
-    pub fn raw(&self, name: &str) -> Option<(Dtype, &[u8])> {
-        self.entries.get(name).map(|e| (e.dtype, &self.mmap[e.start..e.end]))
+    /// The stored dtype of a tensor.
+    pub fn dtype(&self, name: &str) -> Option<Dtype> {
+        self.entries.get(name).map(|e| e.dtype)
+    }
+
+    /// Runs `f` on a tensor's raw little-endian bytes, read in place, then drops their pages from the
+    /// mapping so that reading a whole file does not keep it resident.
+    pub fn with_raw<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let entry = self.entries.get(name)?;
+        let result = f(&self.mmap[entry.start..entry.end]);
+        self.release(entry);
+        Some(result)
+    }
+
+    fn release(&self, entry: &Entry) {
+        // SAFETY: no reference into this byte range outlives the caller's use of it, and a later read
+        // of the range faults the pages in again from the file.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, entry.start, entry.end - entry.start);
+        }
     }
 
     /// The stored dtype's name as safetensors spells it (F32, F16, BF16, ...).
@@ -105,11 +122,7 @@ impl TensorFile {
         let tensor = Tensor::f_from_data_size(bytes, &entry.shape, stored)?;
         let tensor = if stored == kind { tensor } else { tensor.f_to_kind(kind)? };
         let tensor = tensor.f_to_device(device)?;
-        // SAFETY: the copy above owns its data; no reference into this byte range outlives this call,
-        // and a later read of the range faults the pages in again from the file.
-        unsafe {
-            let _ = self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, entry.start, entry.end - entry.start);
-        }
+        self.release(entry);
         Ok(tensor)
     }
 }

@@ -72,7 +72,13 @@ impl TorchArchive {
         if t.offset < 0 || (t.shape.iter().all(|&n| n > 0) && last >= storage.size()[0]) {
             bail!("{}: tensor `{name}` reaches outside its storage", self.path.display());
         }
-        Ok(storage.f_as_strided(&t.shape, &t.stride, Some(t.offset))?.f_contiguous()?)
+        let tensor = storage.f_as_strided(&t.shape, &t.stride, Some(t.offset))?.f_contiguous()?;
+        // SAFETY: `tensor` owns a copy; no reference into the range outlives this call, and a later
+        // read faults the pages in again from the file.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start);
+        }
+        Ok(tensor)
     }
 }
 
@@ -195,7 +201,7 @@ fn read_file(path: &Path) -> Result<Vec<(String, SourceTensor)>> {
         return names
             .into_iter()
             .map(|name| {
-                let (dtype, _) = file.raw(&name).expect("listed");
+                let dtype = file.dtype(&name).expect("listed");
                 if stored_kind(dtype).is_none() {
                     bail!("{}: tensor `{name}` has unsupported dtype {dtype:?}", path.display());
                 }

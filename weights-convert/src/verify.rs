@@ -38,9 +38,9 @@ pub fn verify(
         if ours.size() != expected.size() || ours.kind() != expected.kind() || !ours.f_equal(&expected)? {
             bail!("verify: `{name}` in {} differs from its source {}", file.path().display(), source.file.display());
         }
-        let (_, raw) = file.raw(name).expect("present");
+        let digest = file.with_raw(name, |raw| hex(&Sha256::digest(raw))).expect("present");
         let entry = by_name.get(name.as_str()).ok_or_else(|| anyhow!("verify: `{name}` is not in the manifest"))?;
-        if hex(&Sha256::digest(raw)) != entry.sha256 {
+        if digest != entry.sha256 {
             bail!("verify: `{name}` does not match its sha256 in the manifest");
         }
     }
