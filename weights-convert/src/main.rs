@@ -42,7 +42,18 @@ struct Args {
     force: bool,
 }
 
+/// Large tensors come and go one at a time; a fixed mmap threshold returns each one to the system when
+/// it is freed (glibc's dynamic threshold would move them to the heap, where fragmentation can keep
+/// hundreds of MB resident).
+fn return_large_allocations_to_the_system() {
+    // SAFETY: mallopt only changes allocator tuning; called before other threads allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn main() -> Result<()> {
+    return_large_allocations_to_the_system();
     let args = Args::parse();
     if args.output.exists() && !args.force {
         bail!("{} already exists; pass --force to replace it", args.output.display());
