@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # Makes each parity preset's checkpoint with a new seed, exports the PyTorch reference and runs the Rust
-# comparer on it, so parity is never tied to the committed fixtures. ARCANA_PARITY_SEED fixes the seed.
+# comparer on it, so parity is never tied to the committed fixtures. ARCANA_PARITY_SEED fixes the seed;
+# ARCANA_PARITY_CASES lists `preset` or `preset:case` entries.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
 seed="${ARCANA_PARITY_SEED:-$(( $(date +%s) % 100000 ))}"
-presets="${ARCANA_PARITY_PRESETS:-vision-d4-sel-2 vision-d3-sel-1 vision-linear}"
+cases="${ARCANA_PARITY_CASES:-vision-d4-sel-2 vision-d3-sel-1 vision-linear lm-mha lm-mha:two-images lm-mha:batch2 lm-gqa lm-gqa:text}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cargo build --quiet -p arcana-parity
 echo "fresh parity: seed $seed"
-for preset in $presets; do
-  python parity/export.py make-checkpoint --preset "$preset" --seed "$seed" --out "$work/$preset"
-  python parity/export.py reference --checkpoint "$work/$preset" --seed "$seed" --batch 2 --out "$work/$preset.reference.safetensors"
-  echo "-- $preset (seed $seed)"
-  target/debug/arcana-parity --checkpoint "$work/$preset" --reference "$work/$preset.reference.safetensors"
+for entry in $cases; do
+  preset="${entry%%:*}"
+  case_args=()
+  [ "$entry" != "$preset" ] && case_args=(--case "${entry#*:}")
+  if [ ! -d "$work/$preset" ]; then
+    python parity/export.py make-checkpoint --preset "$preset" --seed "$seed" --out "$work/$preset" > /dev/null
+  fi
+  ref="$work/${entry/:/-}.reference.safetensors"
+  PYTHONWARNINGS=ignore python parity/export.py reference --checkpoint "$work/$preset" --seed "$seed" --batch 2 \
+    "${case_args[@]}" --out "$ref" > /dev/null
+  echo "-- $entry (seed $seed)"
+  target/debug/arcana-parity --checkpoint "$work/$preset" --reference "$ref"
 done
