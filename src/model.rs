@@ -124,8 +124,13 @@ pub struct ArcanaModel {
 impl ArcanaModel {
     /// Loads every part; every tensor of the checkpoint must be used.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        Self::load_with_progress(dir, kind, device, |_, _| {})
+    }
+
+    /// `load`, calling `progress(tensors loaded, tensors in the checkpoint files)` after each tensor.
+    pub fn load_with_progress(dir: &Path, kind: Kind, device: Device, progress: impl Fn(usize, usize) + 'static) -> Result<Self> {
         let files = ModelFiles::open(dir)?;
-        let loader = files.weight_loader(kind, device)?;
+        let loader = files.weight_loader(kind, device)?.with_progress(progress);
         let vision = VisionSide::load(&files, &loader)?;
         let llm = LlamaForCausalLM::load(&loader.root(), &files.config)?;
         loader.finish()?;

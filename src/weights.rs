@@ -321,6 +321,8 @@ pub struct WeightLoader {
     used: RefCell<BTreeSet<String>>,
     /// Bytes of the tensors handed out, in the compute dtype.
     loaded_bytes: std::cell::Cell<u64>,
+    /// Told (tensors loaded, distinct usable tensors in the sources) after each tensor.
+    progress: Option<(Box<dyn Fn(usize, usize)>, usize)>,
 }
 
 impl WeightLoader {
@@ -331,6 +333,7 @@ impl WeightLoader {
             device,
             used: RefCell::new(BTreeSet::new()),
             loaded_bytes: std::cell::Cell::new(0),
+            progress: None,
         }
     }
 
@@ -347,6 +350,19 @@ impl WeightLoader {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// Calls `report(loaded, total)` after each tensor; `total` counts the distinct tensors the sources offer.
+    pub fn with_progress(mut self, report: impl Fn(usize, usize) + 'static) -> Self {
+        let names: BTreeSet<String> = self
+            .sources
+            .iter()
+            .flat_map(|s| {
+                s.checkpoint.names().filter(|n| !(s.ignorable)(n)).map(move |n| format!("{}{}", s.prefix, n))
+            })
+            .collect();
+        self.progress = Some((Box::new(report), names.len()));
+        self
     }
 
     /// Bytes of the tensors loaded so far, in the compute dtype.
@@ -396,6 +412,9 @@ impl WeightLoader {
         self.used.borrow_mut().insert(name.to_string());
         let bytes = tensor.numel() * self.kind.elt_size_in_bytes();
         self.loaded_bytes.set(self.loaded_bytes.get() + bytes as u64);
+        if let Some((report, total)) = &self.progress {
+            report(self.used.borrow().len(), *total);
+        }
         Ok(tensor)
     }
 

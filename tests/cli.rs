@@ -140,3 +140,39 @@ fn contradictory_or_impossible_flags_are_refused() {
     let err = failure(dir.path(), &["--model-path", "m", "--temperature", "0.5", "--top-p", "1.5", "--prompt", "hi"]);
     assert!(err.contains("top-p"), "{err}");
 }
+
+#[test]
+fn a_projector_checkpoint_with_model_base_answers_like_the_full_one() {
+    let Some(dir) = fixtures() else { return };
+    if !Path::new(env!("CARGO_BIN_EXE_arcana")).with_file_name("arcana-convert").is_file() {
+        eprintln!("skipping: arcana-convert is not built (cargo test --workspace builds it)");
+        return;
+    }
+    let python = python_with_torch().expect("fixtures need it");
+    let tmp = tempfile::tempdir().unwrap();
+    // The folder name keeps "v1" so the release's rule picks the same template.
+    let projector = tmp.path().join("arcana-cli-tiny-projector-v1");
+    std::fs::create_dir(&projector).unwrap();
+    std::fs::copy(dir.join("arcana-cli-tiny-v1/config.json"), projector.join("config.json")).unwrap();
+    let script = r#"
+import os, sys, torch
+from safetensors.torch import load_file
+sd = load_file(os.path.join(sys.argv[1], "model.safetensors"))
+torch.save({k: v for k, v in sd.items() if k.startswith("model.mm_projector.")}, os.path.join(sys.argv[2], "mm_projector.bin"))
+"#;
+    let out = Command::new(python).arg("-c").arg(script).arg(dir.join("arcana-cli-tiny-v1")).arg(&projector).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let base = dir.join("arcana-cli-tiny-v1");
+    let image = dir.join("images/square.png");
+    let args = [
+        "--model-path", projector.to_str().unwrap(), "--model-base", base.to_str().unwrap(),
+        "--image-file", image.to_str().unwrap(), "--prompt", "What is in this image?",
+        "--temperature", "0", "--max-new-tokens", "24", "--json",
+    ];
+    let run = Command::new(env!("CARGO_BIN_EXE_arcana")).env("ARCANA_CACHE", tmp.path().join("cache")).args(args).output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let ours: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected/v1-square-greedy.json")).unwrap()).unwrap();
+    // The base's projector is the same fp16 tensor, so the release's fp16 cast changes nothing.
+    assert_eq!(ours["turns"][0]["output_ids"], expected["turns"][0]["output_ids"]);
+}

@@ -11,7 +11,7 @@ use arcana::tokenizer::Tokenizer;
 use arcana::vision::preprocess::{ImagePreprocessor, PreprocessConfig, AspectMode};
 use clap::{Parser, ValueEnum};
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind};
 
@@ -145,14 +145,43 @@ impl Questions {
     }
 }
 
+/// A checkpoint that needs its `--model-base` (projector-only or LoRA) is assembled once by
+/// `arcana-convert` into the cache, keyed by both folders and their config's modification times.
+fn assemble_with_base(model_path: &Path, base: &Path, dtype: &str) -> Result<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let convert = std::env::current_exe()?.with_file_name("arcana-convert");
+    if !convert.is_file() {
+        bail!("--model-base needs the arcana-convert binary next to arcana ({}); build it with `cargo build -p arcana-convert`", convert.display());
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for dir in [model_path, base] {
+        let dir = dir.canonicalize().with_context(|| format!("{}: no such folder", dir.display()))?;
+        dir.hash(&mut hasher);
+        std::fs::metadata(dir.join("config.json")).and_then(|m| m.modified()).ok().hash(&mut hasher);
+    }
+    dtype.hash(&mut hasher);
+    let cache = std::env::var_os("ARCANA_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana")))
+        .ok_or_else(|| anyhow::anyhow!("--model-base: set HOME or ARCANA_CACHE for the assembled checkpoint"))?;
+    let name = model_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let out = cache.join("assembled").join(format!("{name}-{:016x}", hasher.finish()));
+    if !out.join("config.json").is_file() {
+        eprintln!("Assembling {} with base {} into {} (once)...", model_path.display(), base.display(), out.display());
+        let status = std::process::Command::new(&convert)
+            .args(["--input".as_ref(), model_path.as_os_str(), "--model-base".as_ref(), base.as_os_str()])
+            .args(["--output".as_ref(), out.as_os_str(), "--dtype".as_ref(), dtype.as_ref()])
+            .status()
+            .with_context(|| format!("running {}", convert.display()))?;
+        if !status.success() {
+            bail!("--model-base: arcana-convert could not assemble {} with {}", model_path.display(), base.display());
+        }
+    }
+    Ok(out)
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.model_base.is_some() {
-        bail!(
-            "--model-base: convert the checkpoint with its base first (`arcana-convert --input {} --model-base BASE --output DIR`), then pass --model-path DIR",
-            args.model_path.display()
-        );
-    }
     let device = parse_device(&args.device)?;
     let kind = match args.dtype {
         Some(DtypeArg::Fp32) => Kind::Float,
@@ -164,16 +193,35 @@ fn main() -> Result<()> {
     if !args.model_path.is_dir() {
         bail!("--model-path {}: no such folder", args.model_path.display());
     }
-    let decoding = Decoding::for_cli(&args.model_path, args.temperature, args.top_k, args.top_p)?;
+    let weights_path = match &args.model_base {
+        Some(base) => {
+            let dtype = match kind {
+                Kind::Half => "fp16",
+                Kind::BFloat16 => "bf16",
+                _ => "fp32",
+            };
+            assemble_with_base(&args.model_path, base, dtype)?
+        }
+        None => args.model_path.clone(),
+    };
+    let decoding = Decoding::for_cli(&weights_path, args.temperature, args.top_k, args.top_p)?;
     let mask_policy = match args.mask_policy {
         PolicyArg::Release => MaskPolicy::Release,
         PolicyArg::Image => MaskPolicy::Image,
     };
 
     let load_start = Instant::now();
-    eprintln!("Loading {} ({kind:?} on {device:?})...", args.model_path.display());
-    let mut model = ArcanaModel::load(&args.model_path, kind, device)
-        .with_context(|| format!("loading the model from {}", args.model_path.display()))?;
+    eprintln!("Loading {} ({kind:?} on {device:?})...", weights_path.display());
+    let show_progress = std::io::stderr().is_terminal();
+    let mut model = ArcanaModel::load_with_progress(&weights_path, kind, device, move |done, total| {
+        if show_progress && (done % 16 == 0 || done == total) {
+            eprint!("\rLoading weights: {done}/{total} tensors");
+        }
+    })
+    .with_context(|| format!("loading the model from {}", weights_path.display()))?;
+    if show_progress {
+        eprintln!();
+    }
     let quantization = match (args.load_8bit, args.load_4bit) {
         (true, _) => Some(Quantization::Int8),
         (_, true) => Some(Quantization::Int4),
@@ -187,8 +235,8 @@ fn main() -> Result<()> {
             after as f64 / 1048576.0
         );
     }
-    let tokenizer = Tokenizer::from_folder(&args.model_path)
-        .with_context(|| format!("loading the tokenizer from {}", args.model_path.display()))?;
+    let tokenizer = Tokenizer::from_folder(&weights_path)
+        .with_context(|| format!("loading the tokenizer from {}", weights_path.display()))?;
     let load_seconds = load_start.elapsed().as_secs_f64();
 
     let encode_start = Instant::now();
@@ -246,8 +294,8 @@ fn main() -> Result<()> {
         }
         if result.mask_policies_differ && mask_policy == MaskPolicy::Release && !warned {
             eprintln!(
-                "warning: the release's visual-LoRA span (positions 35..675) does not match where the image is in this prompt; \
-                 --mask-policy image uses the real image positions"
+                "warning: the release's visual-LoRA span (positions 35..675) and this prompt's image features are not the same \
+                 positions; --mask-policy image applies the visual branch to the image features only"
             );
             warned = true;
         }
