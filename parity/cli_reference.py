@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import arcana_ref_conversation as conv  # noqa: E402
+from preprocess_fixtures import expand_to_square  # noqa: E402
 
 VISUAL_START, VISUAL_END = 35, 35 + 576 + 64
 
@@ -56,21 +57,11 @@ def load_image(path):
     return Image.open(path).convert("RGB")
 
 
-def expand2square(image, fill):
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), fill)
-    square.paste(image, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0))
-    return square
-
-
 def process_images(images, processor, image_aspect_ratio):
     """`mm_utils.process_images` for the `pad` and plain settings."""
     if image_aspect_ratio == "pad":
         fill = tuple(int(x * 255) for x in processor.image_mean)
-        out = [processor.preprocess(expand2square(im, fill), return_tensors="pt")["pixel_values"][0]
+        out = [processor.preprocess(expand_to_square(im, fill), return_tensors="pt")["pixel_values"][0]
                for im in images]
         return torch.stack(out, dim=0)
     if image_aspect_ratio == "anyres":

@@ -85,6 +85,10 @@ pub struct ArcanaConfig {
     /// Scaling of the MM-LoRA branches; the release hard-codes 2 for both.
     #[serde(default)]
     pub mm_lora_scaling: Option<f64>,
+    /// Set by `arcana-convert --merge-lora`: the base weights already hold the language branch
+    /// (`W + s * L_B @ L_A`), which the model then subtracts at visual positions.
+    #[serde(default)]
+    pub mm_lora_language_merged: bool,
 }
 
 /// Which projector maps vision features to the language model's width.
@@ -141,38 +145,30 @@ impl ArcanaConfig {
         self.mm_lora_scaling.unwrap_or(2.0)
     }
 
+    /// How the decoder's MM-LoRA projections apply their branches.
+    pub fn mm_lora(&self) -> crate::llm::MmLoraMode {
+        crate::llm::MmLoraMode { scaling: self.lora_scaling(), language_merged: self.mm_lora_language_merged }
+    }
+
     pub fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |field: &str, message: String| Error::Config {
-            path: path.to_path_buf(),
-            field: field.to_string(),
-            message,
-        };
-        for (field, value) in [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_kv_heads()),
-            ("max_position_embeddings", self.max_position_embeddings),
-            ("vocab_size", self.vocab_size),
-            ("mm_hidden_size", self.mm_hidden_size),
-        ] {
-            if value <= 0 {
-                return Err(bad(field, format!("must be positive, got {value}")));
-            }
-        }
+        let bad = |field: &str, message: String| config_error(path, field, message);
+        require_positive(
+            path,
+            &[
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_attention_heads", self.num_attention_heads),
+                ("num_key_value_heads", self.num_kv_heads()),
+                ("max_position_embeddings", self.max_position_embeddings),
+                ("vocab_size", self.vocab_size),
+                ("mm_hidden_size", self.mm_hidden_size),
+            ],
+        )?;
         // Zero decoder layers is allowed: vision-only test checkpoints have none.
         if self.num_hidden_layers < 0 {
             return Err(bad("num_hidden_layers", format!("must not be negative, got {}", self.num_hidden_layers)));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
-            return Err(bad(
-                "num_attention_heads",
-                format!(
-                    "hidden_size {} is not divisible by num_attention_heads {}",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
+        require_whole_heads(path, self.hidden_size, self.num_attention_heads)?;
         if self.head_dim() % 2 != 0 {
             return Err(bad("num_attention_heads", format!("head size {} must be even for rotary embeddings", self.head_dim())));
         }
@@ -296,33 +292,20 @@ impl VisionConfig {
     }
 
     pub fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |field: &str, message: String| Error::Config {
-            path: path.to_path_buf(),
-            field: field.to_string(),
-            message,
-        };
-        for (field, value) in [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_channels", self.num_channels),
-            ("image_size", self.image_size),
-            ("patch_size", self.patch_size),
-        ] {
-            if value <= 0 {
-                return Err(bad(field, format!("must be positive, got {value}")));
-            }
-        }
-        if self.hidden_size % self.num_attention_heads != 0 {
-            return Err(bad(
-                "num_attention_heads",
-                format!(
-                    "hidden_size {} is not divisible by num_attention_heads {}",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
+        let bad = |field: &str, message: String| config_error(path, field, message);
+        require_positive(
+            path,
+            &[
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("num_channels", self.num_channels),
+                ("image_size", self.image_size),
+                ("patch_size", self.patch_size),
+            ],
+        )?;
+        require_whole_heads(path, self.hidden_size, self.num_attention_heads)?;
         if self.image_size % self.patch_size != 0 {
             return Err(bad(
                 "patch_size",
@@ -365,6 +348,30 @@ pub fn resolve_vision_tower(model_dir: &Path, name: &str) -> Result<VisionTowerS
             candidates[1].display()
         ),
     })
+}
+
+/// An error about `field` of the config file at `path`.
+fn config_error(path: &Path, field: &str, message: String) -> Error {
+    Error::Config { path: path.to_path_buf(), field: field.to_string(), message }
+}
+
+fn require_positive(path: &Path, fields: &[(&str, i64)]) -> Result<()> {
+    match fields.iter().find(|(_, value)| *value <= 0) {
+        Some((field, value)) => Err(config_error(path, field, format!("must be positive, got {value}"))),
+        None => Ok(()),
+    }
+}
+
+/// Attention heads must split the hidden size evenly.
+fn require_whole_heads(path: &Path, hidden_size: i64, num_heads: i64) -> Result<()> {
+    if hidden_size % num_heads != 0 {
+        return Err(config_error(
+            path,
+            "num_attention_heads",
+            format!("hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}"),
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
