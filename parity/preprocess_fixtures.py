@@ -119,7 +119,30 @@ def make_images():
         ("rgb_lossless_260x170.webp", save_pil(rgb(260, 170, 30), None, "WEBP", lossless=True)),
         ("rgba_lossless_170x260.webp", save_pil(pattern(170, 260, 4, 31), "RGBA", "WEBP", lossless=True)),
     ]
-    return images
+    return images + jpeg_images()
+
+
+def jpeg_images():
+    """JPEGs as Pillow writes them: subsamplings, progressive, restart markers, gray, CMYK, odd sizes.
+    4:4:0 and 4:1:1 need another encoder; they are measured, not fixtures (parity/README.md)."""
+    rgb = pattern(161, 121, 3, 32)
+    jpeg = lambda array, mode=None, **kw: save_pil(array, mode, "JPEG", quality=kw.pop("quality", 90), **kw)
+    return [
+        ("jpeg_baseline_420_161x121.jpg", jpeg(rgb, subsampling=2)),
+        ("jpeg_baseline_422_161x121.jpg", jpeg(rgb, subsampling=1)),
+        ("jpeg_baseline_444_161x121.jpg", jpeg(rgb, subsampling=0)),
+        ("jpeg_progressive_420_161x121.jpg", jpeg(rgb, subsampling=2, progressive=True)),
+        ("jpeg_progressive_422_161x121.jpg", jpeg(rgb, subsampling=1, progressive=True)),
+        ("jpeg_restart_420_161x121.jpg", jpeg(rgb, subsampling=2, restart_marker_blocks=3, quality=60)),
+        ("jpeg_restart_progressive_444_161x121.jpg", jpeg(rgb, subsampling=0, progressive=True, restart_marker_rows=1)),
+        ("jpeg_gray_161x121.jpg", jpeg(rgb[..., 1], "L")),
+        ("jpeg_gray_progressive_161x121.jpg", jpeg(rgb[..., 2], "L", progressive=True)),
+        ("jpeg_cmyk_97x61.jpg", jpeg(pattern(97, 61, 4, 33), "CMYK")),
+        ("jpeg_420_1x1.jpg", jpeg(pattern(1, 1, 3, 34), subsampling=2)),
+        ("jpeg_420_17x9.jpg", jpeg(pattern(17, 9, 3, 35), subsampling=2)),
+        ("jpeg_422_1000x3.jpg", jpeg(pattern(1000, 3, 3, 36), subsampling=1)),
+        ("jpeg_progressive_420_3x1000.jpg", jpeg(pattern(3, 1000, 3, 37), subsampling=2, progressive=True)),
+    ]
 
 
 def gray16(width, height):
@@ -368,18 +391,34 @@ def jpeg_report(dump_dir, jpegs):
 
 
 def make_jpegs(out_dir):
-    """Baseline and progressive JPEGs at 4:4:4, 4:2:2 and 4:2:0 from one photo-like pattern (quality 90)."""
+    """Baseline and progressive JPEGs at 4:4:4, 4:2:2 and 4:2:0 from one photo-like pattern (quality 90), plus
+    gray, restart markers, CMYK, qualities 20 and 100, and sizes 1x1, 17x9, 1000x3, 3x1000."""
     out_dir.mkdir(parents=True, exist_ok=True)
     base = Image.fromarray(pattern(333, 250, 3, 40))
-    paths = []
+    saves = []
     for progressive in (False, True):
         for sub, label in ((0, "444"), (1, "422"), (2, "420")):
-            path = out_dir / f"{'progressive' if progressive else 'baseline'}_{label}.jpg"
-            base.save(path, "JPEG", quality=90, subsampling=sub, progressive=progressive)
-            paths.append(path)
-    gray = out_dir / "gray.jpg"
-    base.convert("L").save(gray, "JPEG", quality=90)
-    return paths + [gray]
+            saves.append((f"{'progressive' if progressive else 'baseline'}_{label}", base, dict(subsampling=sub, progressive=progressive)))
+    saves += [
+        ("gray", base.convert("L"), {}),
+        ("gray_progressive", base.convert("L"), dict(progressive=True)),
+        ("restart_blocks3_420", base, dict(subsampling=2, restart_marker_blocks=3)),
+        ("restart_rows1_444_progressive", base, dict(subsampling=0, restart_marker_rows=1, progressive=True)),
+        ("q100_444", base, dict(quality=100, subsampling=0)),
+        ("q20_420", base, dict(quality=20, subsampling=2)),
+        ("cmyk", Image.fromarray(pattern(131, 77, 4, 42), "CMYK"), {}),
+        ("cmyk_progressive", Image.fromarray(pattern(131, 77, 4, 42), "CMYK"), dict(progressive=True)),
+    ]
+    for w, h in ((1, 1), (17, 9), (1000, 3), (3, 1000)):
+        image = Image.fromarray(pattern(w, h, 3, 41))
+        saves += [(f"odd_{w}x{h}_{label}", image, dict(subsampling=sub)) for sub, label in ((0, "444"), (1, "422"), (2, "420"))]
+        saves.append((f"odd_{w}x{h}_progressive_420", image, dict(subsampling=2, progressive=True)))
+    paths = []
+    for name, image, options in saves:
+        path = out_dir / f"{name}.jpg"
+        image.save(path, "JPEG", **{"quality": 90, **options})
+        paths.append(path)
+    return paths
 
 
 def main():

@@ -85,6 +85,9 @@ fn every_fixture_image_is_bit_identical_in_pad_and_plain_mode() {
     let expected = expected();
     let images = expected["images"].as_array().unwrap();
     assert!(images.len() >= 30);
+    // Pillow's JPEG modes (RGB, L, CMYK) decode through libjpeg-turbo on both sides.
+    let jpegs = images.iter().filter(|e| e["file"].as_str().unwrap().ends_with(".jpg"));
+    assert!(jpegs.map(|e| e["pillow_mode"].as_str().unwrap()).collect::<std::collections::BTreeSet<_>>().len() == 3);
     let mut problems = vec![];
     let (mut identical, mut same_failure) = (0, 0);
     for entry in images {
@@ -215,6 +218,16 @@ fn decompression_bombs_are_refused_before_decoding() {
     let p = preprocessor(AspectMode::Pad).with_max_pixels(641 * 479 - 1);
     image_error_message(p.image_tensor(&file), &file);
     assert!(preprocessor(AspectMode::Pad).with_max_pixels(641 * 479).image_tensor(&file).is_ok());
+    // JPEG: the size comes from libjpeg's header read, before decompression starts.
+    let mut jpeg = std::fs::read(fixtures().join("images/jpeg_baseline_420_161x121.jpg")).unwrap();
+    let sof = jpeg.windows(2).position(|w| w == [0xff, 0xc0]).expect("baseline SOF0");
+    jpeg[sof + 5..sof + 9].copy_from_slice(&[0xff, 0xdc, 0xff, 0xdc]); // 65500 x 65500
+    let path = Path::new("bomb.jpg");
+    let message = image_error_message(decode_rgb(&jpeg, path, DEFAULT_MAX_PIXELS), path);
+    assert!(message.contains("65500x65500") && message.contains("exceeds the limit"), "{message}");
+    let file = fixtures().join("images/jpeg_baseline_420_161x121.jpg");
+    image_error_message(preprocessor(AspectMode::Pad).with_max_pixels(161 * 121 - 1).image_tensor(&file), &file);
+    assert!(preprocessor(AspectMode::Pad).with_max_pixels(161 * 121).image_tensor(&file).is_ok());
 }
 
 #[test]
@@ -231,6 +244,7 @@ fn truncated_corrupt_and_empty_files_give_errors_naming_the_file() {
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&rgb).unwrap();
         out
     };
+    let progressive = std::fs::read(fixtures().join("images/jpeg_progressive_420_161x121.jpg")).unwrap();
     let mut flipped = png.clone();
     let middle = flipped.len() / 2;
     flipped[middle..middle + 64].iter_mut().for_each(|b| *b ^= 0x5a);
@@ -239,6 +253,10 @@ fn truncated_corrupt_and_empty_files_give_errors_naming_the_file() {
         ("corrupt.png", flipped),
         ("truncated.gif", gif[..gif.len() / 3].to_vec()),
         ("truncated.jpg", jpeg[..jpeg.len() / 2].to_vec()),
+        // Pillow raises "image file is truncated" for both; libjpeg alone would pad and warn.
+        ("no_eoi.jpg", jpeg[..jpeg.len() - 2].to_vec()),
+        ("truncated_progressive.jpg", progressive[..progressive.len() * 3 / 4].to_vec()),
+        ("header_only.jpg", jpeg[..600.min(jpeg.len())].to_vec()),
         ("truncated.webp", webp[..webp.len() / 2].to_vec()),
         ("truncated.tif", tiff[..tiff.len() / 2].to_vec()),
         ("header_only.png", png_header(64, 64)),

@@ -16,7 +16,7 @@ use crate::{Error, Result};
 /// Pillow's `Image.MAX_IMAGE_PIXELS`: the default limit above which an image is refused as a decompression bomb.
 pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 
-/// Formats accepted, each decoded by the `image` crate.
+/// Formats accepted: JPEG decoded by libjpeg-turbo (`jpeg.rs`), the others by the `image` crate.
 const SUPPORTED: [ImageFormat; 6] =
     [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP, ImageFormat::Bmp, ImageFormat::Gif, ImageFormat::Tiff];
 
@@ -44,18 +44,13 @@ pub fn decode_rgb(bytes: &[u8], path: &Path, max_pixels: u64) -> Result<RgbImage
         }
         None => return Err(image_error(path, "not a recognised image format (supported: PNG, JPEG, WebP, BMP, GIF, TIFF)")),
     };
+    if format == ImageFormat::Jpeg {
+        return super::jpeg::decode(bytes, |w, h| check_size(w, h, max_pixels).map(|_| ()))
+            .map_err(|message| image_error(path, message));
+    }
     // Check the header's size before decoding anything, as Pillow's `_decompression_bomb_check` does.
     let (width, height) = guarded(path, || reader()?.into_dimensions().map_err(|e| decode_error(path, format, e)))?;
-    if width == 0 || height == 0 {
-        return Err(image_error(path, format!("image has zero size ({width}x{height})")));
-    }
-    let pixels = u64::from(width) * u64::from(height);
-    if pixels > max_pixels {
-        return Err(image_error(
-            path,
-            format!("image size ({width}x{height} = {pixels} pixels) exceeds the limit of {max_pixels} pixels (possible decompression bomb)"),
-        ));
-    }
+    let pixels = check_size(width, height, max_pixels).map_err(|message| image_error(path, message))?;
     let mut reader = reader()?;
     let mut limits = image::io::Limits::default();
     // Room for the decoded image at 8 bytes per pixel (RGBA16) plus decoder scratch space.
@@ -63,6 +58,20 @@ pub fn decode_rgb(bytes: &[u8], path: &Path, max_pixels: u64) -> Result<RgbImage
     reader.limits(limits);
     let decoded = guarded(path, || reader.decode().map_err(|e| decode_error(path, format, e)))?;
     to_rgb_like_pillow(decoded, path)
+}
+
+/// Refuse empty images and images over `max_pixels`; returns the pixel count.
+fn check_size(width: u32, height: u32, max_pixels: u64) -> std::result::Result<u64, String> {
+    if width == 0 || height == 0 {
+        return Err(format!("image has zero size ({width}x{height})"));
+    }
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(format!(
+            "image size ({width}x{height} = {pixels} pixels) exceeds the limit of {max_pixels} pixels (possible decompression bomb)"
+        ));
+    }
+    Ok(pixels)
 }
 
 fn decode_error(path: &Path, format: ImageFormat, e: image::ImageError) -> Error {

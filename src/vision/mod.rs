@@ -1,6 +1,7 @@
 //! Vision side: CLIP vision transformer, Query Ladder adapter and image preprocessing.
 pub mod clip;
 pub mod decode;
+mod jpeg;
 pub mod preprocess;
 pub mod qladder;
 pub mod resample;
