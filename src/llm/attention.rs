@@ -33,7 +33,7 @@ impl Attention {
     pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize) -> Result<Self> {
         let (h, d) = (config.hidden_size, config.head_dim());
         let (nh, nkv) = (config.num_attention_heads, config.num_kv_heads());
-        let (bias, s) = (config.attention_bias, config.lora_scaling());
+        let (bias, s) = (config.attention_bias, config.mm_lora());
         Ok(Self {
             q_proj: MmLoraLinear::load(&w.pp("q_proj"), h, nh * d, bias, s)?,
             k_proj: MmLoraLinear::load(&w.pp("k_proj"), h, nkv * d, bias, s)?,

@@ -14,7 +14,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn load(w: &Weights, config: &ArcanaConfig) -> Result<Self> {
-        let (h, i, s) = (config.hidden_size, config.intermediate_size, config.lora_scaling());
+        let (h, i, s) = (config.hidden_size, config.intermediate_size, config.mm_lora());
         Ok(Self {
             gate_proj: MmLoraLinear::load(&w.pp("gate_proj"), h, i, false, s)?,
             up_proj: MmLoraLinear::load(&w.pp("up_proj"), h, i, false, s)?,

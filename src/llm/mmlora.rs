@@ -7,6 +7,10 @@
 //! ```
 //! with the same boolean-mask gathers and scatters, visual branch first. A branch whose mask selects
 //! nothing runs on position 0 and adds its result times 0, as the release does.
+//!
+//! With the language branch merged (`arcana-convert --merge-lora`, `W' = W + s * L_B L_A`), language
+//! positions take `x W'^T` alone and visual ones `x W'^T + s * (V_B V_A x - L_B L_A x)`: the same
+//! function up to rounding, with no LoRA work for language tokens (every decode step).
 use crate::error::{Error, Result};
 use crate::layers::Linear;
 use crate::llm::quant::BaseWeight;
@@ -23,6 +27,15 @@ pub struct MmLoraLinear {
     pub L_Slora_A: Linear,
     pub L_Slora_B: Linear,
     pub scaling: f64,
+    /// `base` already holds the language branch.
+    pub language_merged: bool,
+}
+
+/// How a projection applies its branches (from the config).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MmLoraMode {
+    pub scaling: f64,
+    pub language_merged: bool,
 }
 
 /// A LoRA down/up pair whose rank the checkpoint decides.
@@ -35,11 +48,12 @@ fn load_pair(w: &Weights, a: &str, b: &str, in_dim: i64, out_dim: i64) -> Result
 
 impl MmLoraLinear {
     /// `w` points at the projection (`model.layers.N.self_attn.q_proj`).
-    pub fn load(w: &Weights, in_dim: i64, out_dim: i64, bias: bool, scaling: f64) -> Result<Self> {
+    pub fn load(w: &Weights, in_dim: i64, out_dim: i64, bias: bool, mode: MmLoraMode) -> Result<Self> {
         let base = BaseWeight::Dense(Linear::load(w, in_dim, out_dim, bias)?);
         let (va, vb) = load_pair(w, "V_Slora_A", "V_Slora_B", in_dim, out_dim)?;
         let (la, lb) = load_pair(w, "L_Slora_A", "L_Slora_B", in_dim, out_dim)?;
-        Ok(Self { base, V_Slora_A: va, V_Slora_B: vb, L_Slora_A: la, L_Slora_B: lb, scaling })
+        let (scaling, language_merged) = (mode.scaling, mode.language_merged);
+        Ok(Self { base, V_Slora_A: va, V_Slora_B: vb, L_Slora_A: la, L_Slora_B: lb, scaling, language_merged })
     }
 
     pub fn rank_visual(&self) -> i64 {
@@ -57,10 +71,28 @@ impl MmLoraLinear {
             return Err(Error::InvalidInput(format!("MM-LoRA: input {xs:?} and visual mask {ms:?} do not match")));
         }
         let mut res = self.base.forward(x)?;
+        if self.language_merged {
+            self.add_visual_correction(&mut res, x, visual)?;
+            return Ok(res);
+        }
         self.add_branch(&mut res, x, visual, &self.V_Slora_A, &self.V_Slora_B)?;
         let language = visual.f_logical_not()?;
         self.add_branch(&mut res, x, &language, &self.L_Slora_A, &self.L_Slora_B)?;
         Ok(res)
+    }
+
+    /// `res[visual] += s * (V_B V_A x - L_B L_A x)`; nothing at all when no position is visual.
+    fn add_visual_correction(&self, res: &mut Tensor, x: &Tensor, visual: &Tensor) -> Result<()> {
+        if visual.f_any()?.f_int64_value(&[])? == 0 {
+            return Ok(());
+        }
+        let part = x.f_index(&[Some(visual)])?;
+        let v = self.V_Slora_B.forward(&self.V_Slora_A.forward(&part)?)?;
+        let l = self.L_Slora_B.forward(&self.L_Slora_A.forward(&part)?)?;
+        let delta = v.f_sub(&l)?.f_mul_scalar(self.scaling)?;
+        let updated = res.f_index(&[Some(visual)])?.f_add(&delta)?;
+        let _ = res.f_index_put_(&[Some(visual)], &updated, false)?;
+        Ok(())
     }
 
     fn add_branch(&self, res: &mut Tensor, x: &Tensor, mask: &Tensor, a: &Linear, b: &Linear) -> Result<()> {
@@ -78,5 +110,65 @@ impl MmLoraLinear {
             let _ = head.f_add_(&delta)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn linear(out_dim: i64, in_dim: i64) -> Linear {
+        Linear { weight: Tensor::randn([out_dim, in_dim], (Kind::Double, Device::Cpu)), bias: None }
+    }
+
+    /// An unmerged projection and its `--merge-lora` twin (`W' = W + s * L_B L_A`), in float64.
+    fn pair() -> (MmLoraLinear, MmLoraLinear) {
+        tch::manual_seed(11);
+        let (w, va, vb, la, lb) = (linear(6, 8), linear(3, 8), linear(6, 3), linear(5, 8), linear(6, 5));
+        let s = 2.0;
+        let merged_w = &w.weight + lb.weight.matmul(&la.weight) * s;
+        let copy = |l: &Linear| Linear { weight: l.weight.copy(), bias: None };
+        let merged = MmLoraLinear {
+            base: BaseWeight::Dense(Linear { weight: merged_w, bias: None }),
+            V_Slora_A: copy(&va),
+            V_Slora_B: copy(&vb),
+            L_Slora_A: copy(&la),
+            L_Slora_B: copy(&lb),
+            scaling: s,
+            language_merged: true,
+        };
+        let plain = MmLoraLinear {
+            base: BaseWeight::Dense(w),
+            V_Slora_A: va,
+            V_Slora_B: vb,
+            L_Slora_A: la,
+            L_Slora_B: lb,
+            scaling: s,
+            language_merged: false,
+        };
+        (plain, merged)
+    }
+
+    #[test]
+    fn merged_language_branch_computes_the_same_function() {
+        let (plain, merged) = pair();
+        let x = Tensor::randn([2, 7, 8], (Kind::Double, Device::Cpu));
+        let visual = Tensor::from_slice(&[false, true, true, false, true, false, false, true, false, false, true, true, false, false])
+            .view([2, 7]);
+        for mask in [visual, Tensor::zeros([2, 7], (Kind::Bool, Device::Cpu)), Tensor::ones([2, 7], (Kind::Bool, Device::Cpu))] {
+            let (a, b) = (plain.forward(&x, &mask).unwrap(), merged.forward(&x, &mask).unwrap());
+            let diff = (&a - &b).abs().max().double_value(&[]);
+            assert!(diff < 1e-12, "max |diff| {diff}");
+        }
+    }
+
+    #[test]
+    fn merged_language_positions_take_the_base_weight_alone() {
+        let (_, merged) = pair();
+        let x = Tensor::randn([1, 1, 8], (Kind::Double, Device::Cpu));
+        let language = Tensor::zeros([1, 1], (Kind::Bool, Device::Cpu));
+        let out = merged.forward(&x, &language).unwrap();
+        assert!(out.equal(&merged.base.forward(&x).unwrap()));
     }
 }
