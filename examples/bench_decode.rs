@@ -1,5 +1,6 @@
 //! Per-token decode time with the KV cache at position ~100 and ~1000, on a small random MM-LoRA Llama
-//! (hidden 256, 4 layers, 8 heads, MLP 688, vocab 1000, LoRA ranks 64/192), CPU fp32.
+//! (hidden 256, 4 layers, 8 heads, MLP 688, vocab 1000, LoRA ranks 64/192), CPU fp32, as released and
+//! with the language branch merged into the base weights (`arcana-convert --merge-lora`).
 //! `cargo run --release --example bench_decode [-- threads]`
 use arcana::config::ArcanaConfig;
 use arcana::llm::{LlamaForCausalLM, StepInputs};
@@ -13,11 +14,11 @@ const MLP: i64 = 688;
 const VOCAB: i64 = 1000;
 const STEPS: usize = 32;
 
-fn write_checkpoint(dir: &std::path::Path) -> anyhow::Result<()> {
+fn write_checkpoint(dir: &std::path::Path, merged: bool) -> anyhow::Result<()> {
     let config = serde_json::json!({
         "hidden_size": HIDDEN, "intermediate_size": MLP, "num_attention_heads": 8, "num_key_value_heads": 8,
         "num_hidden_layers": LAYERS, "vocab_size": VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-        "mm_hidden_size": 32, "mm_projector_type": "linear"
+        "mm_hidden_size": 32, "mm_projector_type": "linear", "mm_lora_language_merged": merged
     });
     std::fs::write(dir.join("config.json"), serde_json::to_string(&config)?)?;
     tch::manual_seed(0);
@@ -42,11 +43,16 @@ fn write_checkpoint(dir: &std::path::Path) -> anyhow::Result<()> {
             ("mlp.down_proj", MLP, HIDDEN),
         ];
         for (name, i_dim, o_dim) in projections {
-            tensors.push((format!("{p}.{name}.weight"), randn(&[o_dim, i_dim])));
+            let mut weight = randn(&[o_dim, i_dim]);
             for (branch, rank) in [("V", 64), ("L", 192)] {
-                tensors.push((format!("{p}.{name}.{branch}_Slora_A.weight"), randn(&[rank, i_dim])));
-                tensors.push((format!("{p}.{name}.{branch}_Slora_B.weight"), randn(&[o_dim, rank]) * 0.1));
+                let (a, b) = (randn(&[rank, i_dim]), randn(&[o_dim, rank]) * 0.1);
+                if merged && branch == "L" {
+                    weight = weight + b.matmul(&a) * 2.0;
+                }
+                tensors.push((format!("{p}.{name}.{branch}_Slora_A.weight"), a));
+                tensors.push((format!("{p}.{name}.{branch}_Slora_B.weight"), b));
             }
+            tensors.push((format!("{p}.{name}.weight"), weight));
         }
     }
     Tensor::write_safetensors(&tensors, dir.join("model.safetensors"))?;
@@ -83,19 +89,22 @@ fn main() -> anyhow::Result<()> {
     if let Some(threads) = std::env::args().nth(1) {
         tch::set_num_threads(threads.parse()?);
     }
-    let dir = tempfile_dir()?;
-    write_checkpoint(&dir)?;
-    let config = ArcanaConfig::from_file(&dir.join("config.json"))?;
-    let loader = WeightLoader::new(Checkpoint::open_dir(&dir)?, Kind::Float, Device::Cpu);
-    let lm = LlamaForCausalLM::load(&loader.root(), &config)?;
-    loader.finish()?;
     println!("threads {}", tch::get_num_threads());
-    decode_time(&lm, 100)?; // warm-up: first-use allocations and kernel dispatch
-    for prompt in [100, 1000] {
-        let t = decode_time(&lm, prompt)?;
-        println!("decode step at position ~{prompt}: {:.3} ms (median of {STEPS})", t * 1e3);
+    for merged in [false, true] {
+        let dir = tempfile_dir()?;
+        write_checkpoint(&dir, merged)?;
+        let config = ArcanaConfig::from_file(&dir.join("config.json"))?;
+        let loader = WeightLoader::new(Checkpoint::open_dir(&dir)?, Kind::Float, Device::Cpu);
+        let lm = LlamaForCausalLM::load(&loader.root(), &config)?;
+        loader.finish()?;
+        let label = if merged { "language branch merged" } else { "as released" };
+        decode_time(&lm, 100)?; // warm-up: first-use allocations and kernel dispatch
+        for prompt in [100, 1000] {
+            let t = decode_time(&lm, prompt)?;
+            println!("{label}: decode step at position ~{prompt}: {:.3} ms (median of {STEPS})", t * 1e3);
+        }
+        std::fs::remove_dir_all(&dir)?;
     }
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 

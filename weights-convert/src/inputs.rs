@@ -1,5 +1,6 @@
 //! Recognises the form of the input and gathers its tensors, config and side files, the way the
 //! release's `load_pretrained_model` assembles a model from them.
+use crate::lora;
 use crate::output::OutDtype;
 use crate::source::{read_checkpoint, TensorSet};
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,7 +23,12 @@ pub struct ConvertModel {
     preprocessor_config: serde_json::Value,
     /// Folders searched, in order, for tokenizer and generation files.
     side_file_dirs: Vec<PathBuf>,
+    /// `--merge-lora` folded the language branch into the base weights.
+    language_merged: bool,
 }
+
+/// The config key telling the model that `--merge-lora` was applied.
+pub const LANGUAGE_MERGED: &str = "mm_lora_language_merged";
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -52,28 +58,25 @@ fn has_weights(dir: &Path) -> bool {
         .any(|f| dir.join(f).is_file())
 }
 
-pub fn gather(input: &Path, model_base: Option<&Path>) -> Result<ConvertModel> {
+pub fn gather(input: &Path, model_base: Option<&Path>, merge_lora: bool) -> Result<ConvertModel> {
     if !input.is_dir() {
         bail!("{}: not a folder", input.display());
     }
     let config_path = input.join("config.json");
     let config = read_json(&config_path)?;
     // Validate like the loader will, so a broken config fails before anything is written.
-    arcana::config::ArcanaConfig::from_file(&config_path)?;
-    let projector_only = input.join("mm_projector.bin").is_file() && !has_weights(input);
-    if input.join("non_lora_trainables.bin").is_file() {
-        bail!(
-            "{}: LoRA training output (non_lora_trainables.bin + adapter) is not supported by this version; \
-             merge it with the release's scripts first",
-            input.display()
-        );
+    let parsed = arcana::config::ArcanaConfig::from_file(&config_path)?;
+    if merge_lora && parsed.mm_lora_language_merged {
+        bail!("{}: `{LANGUAGE_MERGED}` is already true; --merge-lora would merge twice", config_path.display());
     }
+    let training_output = lora::is_training_output(input);
+    let projector_only = !training_output && input.join("mm_projector.bin").is_file() && !has_weights(input);
     let mut tensors = TensorSet::default();
     let mut side_file_dirs = vec![input.to_path_buf()];
     let mut vision_search = vec![input.to_path_buf()];
-    let weights_dir = if projector_only {
-        let base = model_base
-            .ok_or_else(|| anyhow!("{}: holds only mm_projector.bin; pass --model-base", input.display()))?;
+    let weights_dir = if projector_only || training_output {
+        let holds = if training_output { "is LoRA training output" } else { "holds only mm_projector.bin" };
+        let base = model_base.ok_or_else(|| anyhow!("{}: {holds}; pass --model-base", input.display()))?;
         side_file_dirs.push(base.to_path_buf());
         vision_search.push(base.to_path_buf());
         base.to_path_buf()
@@ -116,7 +119,15 @@ pub fn gather(input: &Path, model_base: Option<&Path>) -> Result<ConvertModel> {
             tensors.tensors.insert(name, tensor.rounded_through(Kind::Half, Dtype::F16));
         }
     }
-    Ok(ConvertModel { tensors, config, vision_config, preprocessor_config, side_file_dirs })
+    if training_output {
+        lora::apply_training_output(&mut tensors, input)?;
+    }
+    if merge_lora {
+        let n = lora::merge_language_branch(&mut tensors, parsed.lora_scaling())?;
+        eprintln!("--merge-lora: folded the language branch into {n} projections");
+    }
+    let language_merged = merge_lora || parsed.mm_lora_language_merged;
+    Ok(ConvertModel { tensors, config, vision_config, preprocessor_config, side_file_dirs, language_merged })
 }
 
 impl ConvertModel {
@@ -126,6 +137,9 @@ impl ConvertModel {
         let mut config = self.config.clone();
         config["mm_vision_tower"] = VISION_TOWER_DIR.into();
         config["torch_dtype"] = out.torch_name().into();
+        if self.language_merged {
+            config[LANGUAGE_MERGED] = true.into();
+        }
         write_json(&dir.join("config.json"), &config)?;
         let vision_dir = dir.join(VISION_TOWER_DIR);
         std::fs::create_dir_all(&vision_dir)?;

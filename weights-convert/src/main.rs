@@ -3,6 +3,7 @@
 //! tokenizer files, and a manifest with every tensor's sha256. Written into a temporary folder beside the
 //! target and renamed into place at the end, so no partial output is ever left under the target's name.
 mod inputs;
+mod lora;
 mod output;
 mod source;
 mod staging;
@@ -17,12 +18,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(version, about = "Convert a release checkpoint (safetensors, PyTorch .bin, base + projector) to a verified folder")]
+#[command(version, about = "Convert a release checkpoint (safetensors, PyTorch .bin, base + projector, base + LoRA) to a verified folder")]
 struct Args {
     /// The release's model folder (`--model-path` of the release's CLI).
     #[arg(long, alias = "model-path")]
     input: PathBuf,
-    /// Base model folder, for a checkpoint holding only `mm_projector.bin` (the release's `--model-base`).
+    /// Base model folder, for a checkpoint holding only `mm_projector.bin` or LoRA training output
+    /// (`non_lora_trainables.bin` + a PEFT adapter) (the release's `--model-base`).
     #[arg(long)]
     model_base: Option<PathBuf>,
     /// Output folder; must not exist unless --force.
@@ -34,6 +36,10 @@ struct Args {
     /// Largest shard, in MB (a single tensor above it gets a shard of its own).
     #[arg(long, default_value_t = 4000)]
     max_shard_mb: u64,
+    /// Fold MM-LoRA's language branch into the base weights, so language tokens cost no LoRA work
+    /// (the model then subtracts it at visual positions; see README).
+    #[arg(long)]
+    merge_lora: bool,
     /// Reload the written folder and compare every tensor with the source, bit for bit.
     #[arg(long)]
     verify: bool,
@@ -63,7 +69,7 @@ fn main() -> Result<()> {
         let stop = stop.clone();
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))?;
     }
-    let model = inputs::gather(&args.input, args.model_base.as_deref())?;
+    let model = inputs::gather(&args.input, args.model_base.as_deref(), args.merge_lora)?;
     let staging = staging::Staging::beside(&args.output)?;
     model.write_side_files(staging.path(), args.dtype)?;
     let manifest = write_shards(staging.path(), &model.tensors.tensors, args.dtype, args.max_shard_mb * 1_000_000, &stop)?;
@@ -72,6 +78,7 @@ fn main() -> Result<()> {
         "source": args.input,
         "model_base": args.model_base,
         "dtype": args.dtype.torch_name(),
+        "merge_lora": args.merge_lora,
         "tensors": manifest,
     });
     std::fs::write(staging.path().join(MANIFEST), serde_json::to_vec_pretty(&manifest_json)?)?;

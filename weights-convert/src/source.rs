@@ -89,6 +89,22 @@ enum Origin {
     Torch { archive: Arc<TorchArchive>, name: String, tensor: TensorRef },
     /// Another origin's tensor rounded through a dtype first (the release casts `mm_projector.bin` to fp16).
     RoundedThrough { inner: Box<Origin>, kind: Kind },
+    /// `W + sum(scale * B @ A)` in fp32, rounded once when written.
+    Merged { base: Box<Origin>, deltas: Vec<LowRank> },
+}
+
+/// One low-rank update `scale * B @ A` (`A`: `[r, in]`, `B`: `[out, r]`).
+#[derive(Clone)]
+pub struct LowRank {
+    a: Origin,
+    b: Origin,
+    scale: f64,
+}
+
+impl LowRank {
+    pub fn new(a: &SourceTensor, b: &SourceTensor, scale: f64) -> Self {
+        Self { a: a.origin.clone(), b: b.origin.clone(), scale }
+    }
 }
 
 impl Origin {
@@ -97,6 +113,14 @@ impl Origin {
             Origin::Safetensors { file, name } => Ok(file.load_as_stored(name, Device::Cpu)?),
             Origin::Torch { archive, name, tensor } => archive.load(name, tensor),
             Origin::RoundedThrough { inner, kind } => Ok(inner.load()?.f_to_kind(*kind)?),
+            Origin::Merged { base, deltas } => {
+                let mut w = base.load()?.f_to_kind(Kind::Float)?;
+                for d in deltas {
+                    let (a, b) = (d.a.load()?.f_to_kind(Kind::Float)?, d.b.load()?.f_to_kind(Kind::Float)?);
+                    w = w.f_add(&b.f_matmul(&a)?.f_mul_scalar(d.scale)?)?;
+                }
+                Ok(w)
+            }
         }
     }
 }
@@ -119,6 +143,16 @@ impl SourceTensor {
     pub fn rounded_through(mut self, kind: Kind, dtype: Dtype) -> Self {
         self.origin = Origin::RoundedThrough { inner: Box::new(self.origin), kind };
         self.dtype = dtype;
+        self
+    }
+
+    /// This weight with a low-rank update added (in fp32; the caller has checked the shapes).
+    pub fn plus(mut self, delta: LowRank) -> Self {
+        match &mut self.origin {
+            Origin::Merged { deltas, .. } => deltas.push(delta),
+            _ => self.origin = Origin::Merged { base: Box::new(self.origin), deltas: vec![delta] },
+        }
+        self.dtype = Dtype::F32;
         self
     }
 }

@@ -303,3 +303,226 @@ fn an_interrupted_run_leaves_no_partial_folder() {
     }
     assert_no_staging_left(tmp.path());
 }
+
+// ---------------------------------------------------------------------------------------------------
+// LoRA training output over --model-base, and --merge-lora
+// ---------------------------------------------------------------------------------------------------
+
+fn export_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../parity/export.py")
+}
+
+fn run_python_out(python: &Path, script: &str, args: &[&Path]) -> String {
+    let out = Command::new(python).arg("-c").arg(script).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Writes LoRA training output over the lm-mha base (argv: base, lora dir, expected dir, adapter format):
+/// `non_lora_trainables.bin` with a new projector under the trainer's `base_model.model.` names, a PEFT
+/// adapter (r 4, alpha 8) on q/v/down_proj, and MM-LoRA tensors in the adapter that PEFT's loading drops.
+/// `expected` gets the merge as the converter documents it (fp32: W + B @ A * alpha / r; non-LoRA tensors
+/// through fp16), and the script prints how far the release's fp16 merge lands from it, rounded to fp16.
+const MAKE_LORA: &str = r#"
+import json, os, shutil, sys, torch
+from safetensors.torch import load_file, save_file
+base, lora, expected, fmt = sys.argv[1:5]
+idx = json.load(open(os.path.join(base, "model.safetensors.index.json")))
+sd = {}
+for f in sorted(set(idx["weight_map"].values())):
+    sd.update(load_file(os.path.join(base, f)))
+g = torch.Generator().manual_seed(7)
+os.makedirs(lora)
+shutil.copy(os.path.join(base, "config.json"), lora)
+non_lora = {"base_model.model." + k: torch.randn(v.shape, generator=g) * 0.05
+            for k, v in sd.items() if k.startswith("model.mm_projector.")}
+assert non_lora
+torch.save(non_lora, os.path.join(lora, "non_lora_trainables.bin"))
+r, alpha, targets = 4, 8, ["q_proj", "v_proj", "down_proj"]
+adapter, pairs = {}, {}
+for k, v in sd.items():
+    m = k[: -len(".weight")]
+    if k.endswith(".weight") and ".layers." in k and m.split(".")[-1] in targets:
+        a = torch.randn(r, v.shape[1], generator=g) * 0.1
+        b = torch.randn(v.shape[0], r, generator=g) * 0.1
+        adapter[f"base_model.model.{m}.lora_A.weight"], adapter[f"base_model.model.{m}.lora_B.weight"] = a, b
+        pairs[k] = (a, b)
+adapter["base_model.model.model.layers.0.self_attn.q_proj.V_Slora_A.weight"] = torch.zeros(2, 2)
+json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, "bias": "none",
+           "fan_in_fan_out": False, "modules_to_save": None}, open(os.path.join(lora, "adapter_config.json"), "w"))
+if fmt == "bin":
+    torch.save(adapter, os.path.join(lora, "adapter_model.bin"))
+else:
+    save_file(adapter, os.path.join(lora, "adapter_model.safetensors"))
+
+merged = {k: v.float() for k, v in sd.items()}
+for k, v in non_lora.items():
+    merged[k[len("base_model.model."):]] = v.half().float()
+worst, rel, changed, total = 0.0, 0.0, 0, 0
+for k, (a, b) in pairs.items():
+    merged[k] = sd[k].float() + (b @ a) * (alpha / r)
+    # the release: fp16 model, fp16 LoRA weights, fp16 product and sum (emulated on CPU)
+    delta16 = ((b.half().float() @ a.half().float()).half() * (alpha / r))
+    release = (sd[k].half().float() + delta16.float()).half()
+    ours = merged[k].half()
+    diff = (release.float() - ours.float()).abs().max().item()
+    worst, rel = max(worst, diff), max(rel, diff / ours.float().abs().max().item())
+    changed += int((release != ours).sum()); total += ours.numel()
+shutil.copytree(base, expected)
+for f in set(idx["weight_map"].values()):
+    os.remove(os.path.join(expected, f))
+os.remove(os.path.join(expected, "model.safetensors.index.json"))
+save_file({k: v.contiguous() for k, v in merged.items()}, os.path.join(expected, "model.safetensors"))
+print(f"release fp16 merge vs fp32 merge rounded to fp16: {changed}/{total} merged elements differ, max |diff| {worst:.3e}, {rel:.2e} of the tensor's largest weight")
+"#;
+
+/// Builds the LoRA form over a copy of lm-mha; returns (base, lora, expected).
+fn lora_inputs(python: &Path, tmp: &Path, format: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let base = tmp.join("base");
+    copy_dir(&fixture("lm-mha"), &base);
+    let (lora, expected) = (tmp.join(format!("lora-{format}")), tmp.join(format!("expected-{format}")));
+    let report = run_python_out(python, MAKE_LORA, &[&base, &lora, &expected, Path::new(format)]);
+    println!("{report}");
+    (base, lora, expected)
+}
+
+fn tensors_of(file: &Path) -> std::collections::BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(file).unwrap().into_iter().collect()
+}
+
+fn assert_all_bit_identical(reports: &[arcana::parity::TensorReport], what: &str) {
+    assert!(reports.iter().any(|r| r.name == "logits"), "{what}: no logits compared");
+    for r in reports {
+        assert!(r.bit_identical, "{what}: `{}` differs: {r:?}", r.name);
+    }
+}
+
+#[test]
+fn lora_training_output_merges_like_python() {
+    let Some(python) = python_with_torch() else { return };
+    for format in ["safetensors", "bin"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (base, lora, expected) = lora_inputs(&python, tmp.path(), format);
+        let out = tmp.path().join("out");
+        let missing = convert(&["--input", lora.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+        assert!(String::from_utf8_lossy(&missing.stderr).contains("--model-base"));
+        convert_ok(&lora, &out, &["--dtype", "fp32", "--model-base", base.to_str().unwrap()]);
+        // Every tensor equals Python's merge, bit for bit.
+        let (ours, theirs) = (tensors_of(&out.join("model.safetensors")), tensors_of(&expected.join("model.safetensors")));
+        assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+        for (name, t) in &theirs {
+            assert!(ours[name].equal(t), "{format}: `{name}` differs from Python's merge");
+        }
+        // And the converted folder gives the PyTorch reference's logits and greedy ids on the merged weights.
+        let reference = tmp.path().join("reference.safetensors");
+        let status = Command::new(&python)
+            .arg(export_py())
+            .args(["reference", "--checkpoint", expected.to_str().unwrap(), "--out", reference.to_str().unwrap(), "--new-tokens", "4"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_all_bit_identical(&check(&out, &reference, Tolerance::default()).unwrap(), format);
+    }
+}
+
+fn set_json(path: &Path, key: &str, value: serde_json::Value) {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v[key] = value;
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+fn convert_err_with_base(input: &Path, base: &Path, output: &Path) -> String {
+    let out = convert(&["--input", input.to_str().unwrap(), "--model-base", base.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    assert!(!out.status.success(), "conversion of a bad input succeeded");
+    assert!(!output.exists());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_no_staging_left(output.parent().unwrap());
+    stderr
+}
+
+#[test]
+fn bad_lora_adapters_are_named() {
+    let Some(python) = python_with_torch() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, lora, _) = lora_inputs(&python, tmp.path(), "safetensors");
+    let out = tmp.path().join("out");
+    let config = lora.join("adapter_config.json");
+
+    set_json(&config, "r", 8.into());
+    let err = convert_err_with_base(&lora, &base, &out);
+    assert!(err.contains("rank mismatch") && err.contains("adapter_model.safetensors") && err.contains("lora_A.weight"), "{err}");
+    set_json(&config, "r", 4.into());
+
+    let adapter = lora.join("adapter_model.safetensors");
+    let original = std::fs::read(&adapter).unwrap();
+    let mut tensors = Tensor::read_safetensors(&adapter).unwrap();
+    for side in ["A", "B"] {
+        let name = format!("base_model.model.model.layers.9.self_attn.q_proj.lora_{side}.weight");
+        tensors.push((name, Tensor::zeros([4, 4], (Kind::Float, Device::Cpu))));
+    }
+    Tensor::write_safetensors(&tensors, &adapter).unwrap();
+    let err = convert_err_with_base(&lora, &base, &out);
+    assert!(err.contains("`model.layers.9.self_attn.q_proj`") && err.contains("does not have"), "{err}");
+    std::fs::write(&adapter, &original).unwrap();
+
+    set_json(&config, "target_modules", serde_json::json!(["k_proj"]));
+    let err = convert_err_with_base(&lora, &base, &out);
+    assert!(err.contains("not in target_modules"), "{err}");
+    set_json(&config, "target_modules", serde_json::json!(["q_proj", "v_proj", "down_proj"]));
+
+    std::fs::remove_file(lora.join("non_lora_trainables.bin")).unwrap();
+    let err = convert_err_with_base(&lora, &base, &out);
+    assert!(err.contains("non_lora_trainables.bin"), "{err}");
+}
+
+/// `--merge-lora` on lm-mha: W' = W + 2 * L_B @ L_A exactly as libtorch computes it in fp32, the flag in
+/// config.json, and logits close to the unmerged reference (the same function up to fp32 rounding).
+#[test]
+fn merge_lora_folds_the_language_branch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    convert_ok(&fixture("lm-mha"), &out, &["--dtype", "fp32", "--merge-lora"]);
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["mm_lora_language_merged"], true);
+
+    let source: std::collections::BTreeMap<String, Tensor> = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        .iter()
+        .flat_map(|f| tensors_of(&fixture("lm-mha").join(f)))
+        .collect();
+    let merged = tensors_of(&out.join("model.safetensors"));
+    let mut projections = 0;
+    for (name, la) in source.iter().filter(|(n, _)| n.ends_with(".L_Slora_A.weight")) {
+        let module = name.trim_end_matches(".L_Slora_A.weight");
+        let (w, lb) = (&source[&format!("{module}.weight")], &source[&format!("{module}.L_Slora_B.weight")]);
+        let expected = w.to_kind(Kind::Float) + lb.to_kind(Kind::Float).matmul(&la.to_kind(Kind::Float)) * 2.0;
+        assert!(merged[&format!("{module}.weight")].equal(&expected), "`{module}.weight`");
+        assert!(merged[name].equal(&la.to_kind(Kind::Float)), "the language branch `{name}` is kept");
+        projections += 1;
+    }
+    assert_eq!(projections, 14);
+
+    // Measured with this test (lm-mha, CPU fp32; `cargo test -p arcana-convert --test convert -- --nocapture
+    // merge_lora`): see the printed lines and README. The bound, max |diff| <= 1e-5 * max |logit| (about
+    // 80 fp32 ulps of the largest logit), is the fp32 rounding of W' carried through two layers, with room.
+    for file in ["reference.safetensors", "reference.text.safetensors"] {
+        let reports = check(&out, &fixture("lm-mha").join(file), Tolerance::default()).unwrap();
+        for r in &reports {
+            println!("merged vs unmerged reference, {file} {:<14} max|diff| {:.3e} rel {:.3e} cos {:.15}", r.name, r.max_abs_diff, r.max_rel_diff, r.cosine);
+        }
+        let logits = reports.iter().find(|r| r.name == "logits").unwrap();
+        assert!(!logits.bit_identical, "{file}: merging changed nothing; is the merged path used?");
+        assert!(logits.max_rel_diff <= 1e-5, "{file}: {logits:?}");
+        assert!(reports.iter().find(|r| r.name == "greedy.ids").unwrap().bit_identical, "{file}: greedy ids differ");
+    }
+
+    let again = convert(&["--input", out.to_str().unwrap(), "--output", tmp.path().join("twice").to_str().unwrap(), "--merge-lora"]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("merge twice"));
+}
+
+#[test]
+fn merge_lora_without_mm_lora_tensors_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = convert(&["--input", fixture("vision-d4-sel-2").to_str().unwrap(), "--output", tmp.path().join("o").to_str().unwrap(), "--merge-lora"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no MM-LoRA language branch"));
+}
