@@ -201,6 +201,11 @@ impl SentencePiece {
         self.pieces.get(id as usize).map(|p| p.text.as_str())
     }
 
+    /// The score of `id`, if `id` is in the vocabulary (BPE merge priority: higher merges first).
+    pub fn piece_score(&self, id: TokenId) -> Option<f32> {
+        self.pieces.get(id as usize).map(|p| p.score)
+    }
+
     /// `PieceToId`: reserved pieces first, then the others, else the unknown id.
     pub fn piece_to_id(&self, piece: &str) -> TokenId {
         self.reserved

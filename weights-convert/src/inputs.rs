@@ -3,6 +3,7 @@
 use crate::lora;
 use crate::output::OutDtype;
 use crate::source::{read_checkpoint, TensorSet};
+use crate::tokenizer_json;
 use anyhow::{anyhow, bail, Context, Result};
 use arcana::config::{resolve_vision_tower, VisionConfig, VisionTowerSource};
 use arcana::model::VISION_TOWER_PREFIX;
@@ -132,7 +133,8 @@ pub fn gather(input: &Path, model_base: Option<&Path>, merge_lora: bool) -> Resu
 
 impl ConvertModel {
     /// config.json (pointing at the bundled vision tower config), the vision tower folder's configs,
-    /// tokenizer and generation files.
+    /// tokenizer and generation files, and tokenizer.json made from tokenizer.model when the source
+    /// has none. None of these is in the manifest.
     pub fn write_side_files(&self, dir: &Path, out: OutDtype) -> Result<()> {
         let mut config = self.config.clone();
         config["mm_vision_tower"] = VISION_TOWER_DIR.into();
@@ -150,6 +152,19 @@ impl ConvertModel {
             if let Some(src) = self.side_file_dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) {
                 std::fs::copy(&src, dir.join(name)).with_context(|| format!("copying {}", src.display()))?;
                 wrote_generation |= *name == "generation_config.json";
+            }
+        }
+        // The fast tokenizer's file, converted as transformers would, so the folder needs no Python.
+        if dir.join("tokenizer.model").is_file() && !dir.join("tokenizer.json").exists() {
+            if let Err(e) = tokenizer_json::write(dir) {
+                match e.downcast_ref::<tokenizer_json::Unsupported>() {
+                    Some(why) => eprintln!("not writing tokenizer.json: {why}"),
+                    None => {
+                        let from = self.side_file_dirs.iter().map(|d| d.join("tokenizer.model")).find(|p| p.is_file());
+                        let from = from.unwrap_or_else(|| dir.join("tokenizer.model"));
+                        return Err(e.context(format!("making tokenizer.json from {}", from.display())));
+                    }
+                }
             }
         }
         if !wrote_generation {

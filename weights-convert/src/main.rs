@@ -7,6 +7,7 @@ mod lora;
 mod output;
 mod source;
 mod staging;
+mod tokenizer_json;
 mod torch_pickle;
 mod verify;
 

@@ -1,0 +1,187 @@
+//! `arcana-convert` writes tokenizer.json from tokenizer.model as transformers 4.37.2 does
+//! (`LlamaTokenizerFast.from_pretrained(dir, from_slow=True).save_pretrained`). The reference is made
+//! with the project's Python environment; those tests skip with a message without it.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/parity/vision-linear")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The tiny checkpoint fixture plus `tokenizer.model` (when given) and `tokenizer_config.json`.
+fn input_with(tmp: &Path, model: Option<&Path>, config: &serde_json::Value) -> PathBuf {
+    let input = tmp.join("input");
+    copy_dir(&fixture(), &input);
+    if let Some(model) = model {
+        std::fs::copy(model, input.join("tokenizer.model")).unwrap();
+    }
+    std::fs::write(input.join("tokenizer_config.json"), config.to_string()).unwrap();
+    input
+}
+
+/// Runs the converter; returns whether it succeeded and its stderr.
+fn convert(input: &Path, output: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_arcana-convert"))
+        .args(["--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (out.status.success(), stderr)
+}
+
+fn python_with_transformers() -> Option<PathBuf> {
+    let venv = std::env::var_os("ARCANA_VENV").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1"))
+    })?;
+    let python = venv.join("bin/python");
+    let ok = Command::new(&python).args(["-c", "import transformers, sentencepiece"]).output();
+    if ok.map(|o| o.status.success()).unwrap_or(false) {
+        Some(python)
+    } else {
+        eprintln!("skipping: no Python environment with transformers at {} (run scripts/setup-python.sh)", venv.display());
+        None
+    }
+}
+
+fn mistral_model() -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os("HOME")?).join(".cache/arcana/tokenizers/mistral-7b-v0.1-tokenizer.model");
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!("skipping: {} is missing (run scripts/setup-python.sh)", path.display());
+        None
+    }
+}
+
+/// Saves transformers' tokenizer.json for `converted`'s tokenizer.model and tokenizer_config.json
+/// into argv[2], then checks that the converted file encodes like the slow tokenizer (legacy).
+const REFERENCE: &str = r#"
+import os, shutil, sys, warnings
+warnings.filterwarnings("ignore")
+import transformers
+transformers.logging.set_verbosity_error()
+from transformers import LlamaTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast
+converted, work = sys.argv[1], sys.argv[2]
+src = os.path.join(work, "src")
+os.makedirs(src)
+for name in ("tokenizer.model", "tokenizer_config.json"):
+    shutil.copy(os.path.join(converted, name), src)
+LlamaTokenizerFast.from_pretrained(src, from_slow=True).save_pretrained(os.path.join(work, "out"))
+slow = LlamaTokenizer.from_pretrained(src, legacy=True)
+fast = PreTrainedTokenizerFast(tokenizer_file=os.path.join(converted, "tokenizer.json"))
+texts = ["Hello world", "  two leading spaces", "a\nb\tc  d", "日本語のテキスト", "llama 🦙 emoji",
+         "x<s>y </s> z", "USER: <image>\nWhat is shown? ASSISTANT:", "1234567 numbers", "ends with space "]
+# A `normalized` special token is matched in the normalized text, so "x<s>y" keeps it as text in the
+# fast tokenizer (transformers' own file does the same); the slow one always splits it out.
+normalized = any(t.normalized for t in fast.added_tokens_decoder.values())
+for text in texts:
+    if normalized and "<s>" in text:
+        continue
+    a, b = slow.encode(text), fast.encode(text)
+    assert a == b, (text, a, b)
+print("encoded the texts alike")
+"#;
+
+fn assert_matches_transformers(python: &Path, model: &Path, config: serde_json::Value) {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = input_with(tmp.path(), Some(model), &config);
+    let output = tmp.path().join("converted");
+    let (ok, stderr) = convert(&input, &output);
+    assert!(ok, "conversion failed: {stderr}");
+    let work = tmp.path().join("reference");
+    let out = Command::new(python).arg("-c").arg(REFERENCE).arg(&output).arg(&work).output().unwrap();
+    assert!(out.status.success(), "{}\nconverter: {stderr}", String::from_utf8_lossy(&out.stderr));
+    let read = |p: PathBuf| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let ours = read(output.join("tokenizer.json"));
+    let theirs = read(work.join("out/tokenizer.json"));
+    for key in ["added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder", "model"] {
+        assert!(ours[key] == theirs[key], "{}: `{key}` differs from transformers' ({config})", model.display());
+    }
+    assert!(ours == theirs, "{}: tokenizer.json differs from transformers' ({config})", model.display());
+}
+
+/// The release's tokenizer_config.json, and a Llama-2-hf style one that adds EOS too.
+fn configs() -> [serde_json::Value; 2] {
+    let token = |c: &str, normalized: bool| {
+        serde_json::json!({"__type": "AddedToken", "content": c, "lstrip": false, "normalized": normalized,
+                           "rstrip": false, "single_word": false})
+    };
+    [
+        serde_json::json!({"add_bos_token": true, "add_eos_token": false, "bos_token": token("<s>", false),
+            "eos_token": token("</s>", false), "unk_token": token("<unk>", false), "legacy": false,
+            "pad_token": null, "model_max_length": 2048, "tokenizer_class": "LlamaTokenizer"}),
+        serde_json::json!({"add_eos_token": true, "bos_token": token("<s>", true), "eos_token": token("</s>", true),
+            "unk_token": token("<unk>", true), "pad_token": token("<unk>", true)}),
+    ]
+}
+
+#[test]
+fn mistral_tokenizer_json_equals_transformers() {
+    let (Some(python), Some(model)) = (python_with_transformers(), mistral_model()) else { return };
+    for config in configs() {
+        assert_matches_transformers(&python, &model, config);
+    }
+}
+
+#[test]
+fn llama2_tokenizer_json_equals_transformers() {
+    let model = Path::new("/work/shared/tokenizers/llama2-tokenizer.model");
+    if !model.is_file() {
+        eprintln!("skipping: {} is not on this machine", model.display());
+        return;
+    }
+    let Some(python) = python_with_transformers() else { return };
+    for config in configs() {
+        assert_matches_transformers(&python, model, config);
+    }
+}
+
+#[test]
+fn a_corrupt_tokenizer_model_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = input_with(tmp.path(), None, &serde_json::json!({}));
+    std::fs::write(input.join("tokenizer.model"), b"\x0a\xff\xff\xff\xff not a model").unwrap();
+    let output = tmp.path().join("converted");
+    let (ok, stderr) = convert(&input, &output);
+    assert!(!ok && !output.exists(), "a corrupt tokenizer.model was accepted");
+    let named = input.join("tokenizer.model").display().to_string();
+    assert!(stderr.contains(&named), "the error does not name {named}: {stderr}");
+}
+
+#[test]
+fn a_token_outside_the_reproduced_set_writes_no_tokenizer_json() {
+    let Some(model) = mistral_model() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let input = input_with(tmp.path(), Some(&model), &serde_json::json!({"pad_token": "<pad>"}));
+    let output = tmp.path().join("converted");
+    let (ok, stderr) = convert(&input, &output);
+    assert!(ok, "conversion failed: {stderr}");
+    assert!(!output.join("tokenizer.json").exists() && output.join("tokenizer.model").is_file());
+    assert!(stderr.contains("not writing tokenizer.json") && stderr.contains("<pad>"), "{stderr}");
+}
+
+#[test]
+fn a_source_tokenizer_json_is_copied_not_remade() {
+    let Some(model) = mistral_model() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let input = input_with(tmp.path(), Some(&model), &serde_json::json!({}));
+    std::fs::write(input.join("tokenizer.json"), "{\"source\": true}").unwrap();
+    let output = tmp.path().join("converted");
+    let (ok, stderr) = convert(&input, &output);
+    assert!(ok, "conversion failed: {stderr}");
+    assert_eq!(std::fs::read_to_string(output.join("tokenizer.json")).unwrap(), "{\"source\": true}");
+}
