@@ -31,6 +31,7 @@ pub struct TensorFile {
     path: PathBuf,
     mmap: Mmap,
     entries: HashMap<String, Entry>,
+    metadata: HashMap<String, String>,
 }
 
 impl TensorFile {
@@ -42,6 +43,7 @@ impl TensorFile {
         let (header_len, metadata) =
             SafeTensors::read_metadata(&mmap).map_err(|e| safetensors_error(path, mmap.len(), e))?;
         let data_start = 8 + header_len;
+        let file_metadata = metadata.metadata().clone().unwrap_or_default();
         let mut entries = HashMap::new();
         for (name, info) in metadata.tensors() {
             let shape = info.shape.iter().map(|&d| d as i64).collect();
@@ -51,11 +53,16 @@ impl TensorFile {
                 Entry { dtype: info.dtype, shape, start: data_start + start, end: data_start + end },
             );
         }
-        Ok(Self { path: path.to_path_buf(), mmap, entries })
+        Ok(Self { path: path.to_path_buf(), mmap, entries, metadata: file_metadata })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The header's `__metadata__` strings (empty when the file has none).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

@@ -6,27 +6,15 @@ mod common;
 
 use common::copy_dir;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
-
-fn python_with_torch() -> Option<PathBuf> {
-    let venv = std::env::var_os("ARCANA_VENV")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1")))?;
-    let python = venv.join("bin/python");
-    let ok = Command::new(&python).args(["-c", "import torch"]).output().map(|o| o.status.success()).unwrap_or(false);
-    ok.then_some(python)
-}
 
 /// The fixture folder, made once per test run.
 fn fixtures() -> Option<&'static Path> {
     static DIR: OnceLock<Option<tempfile::TempDir>> = OnceLock::new();
     DIR.get_or_init(|| {
-        let Some(python) = python_with_torch() else {
-            eprintln!("skipping: no Python environment with torch (run scripts/setup-python.sh)");
-            return None;
-        };
+        let python = common::python_with_torch()?;
         let dir = tempfile::tempdir().unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("parity/cli_fixtures.py");
         let out = Command::new(python).arg(script).arg("--out").arg(dir.path()).output().unwrap();
@@ -148,7 +136,7 @@ fn a_projector_checkpoint_with_model_base_answers_like_the_full_one() {
         eprintln!("skipping: arcana-convert is not built (cargo test --workspace builds it)");
         return;
     }
-    let python = python_with_torch().expect("fixtures need it");
+    let python = common::python_with_torch().expect("fixtures need it");
     let tmp = tempfile::tempdir().unwrap();
     // The folder name keeps "v1" so the release's rule picks the same template.
     let projector = tmp.path().join("arcana-cli-tiny-projector-v1");

@@ -1,43 +1,37 @@
-//! Bit-identical parity with the PyTorch reference on the committed tiny checkpoints.
-//! Fixtures made by `python parity/export.py fixtures` (torch 2.0.1, transformers 4.37.2, CPU fp32);
-//! `scripts/test.sh` regenerates them with `--check` and also runs the comparer on a new seed.
+//! The vision side against the committed PyTorch fixtures, made on another machine: every tensor within
+//! the per-stage bounds measured across CPU kernel paths (`tests/fixtures/parity/tolerances.json`).
+//! Fixtures made by `python parity/export.py fixtures` (torch 2.0.1, transformers 4.37.2, CPU fp32).
+//! Bit-identity is a same-machine property: `tests/same_machine.rs` and `scripts/fresh-parity.sh`
+//! check it against references exported in the same run.
 mod common;
 
 use arcana::parity::{check, Status, Tolerance};
-use common::fixture_dir;
+use common::{assert_matches_fixture, fixture_dir};
 
-fn assert_bit_identical(preset: &str) {
+fn assert_matches(preset: &str) {
     let dir = fixture_dir(preset);
-    let reports = check(&dir, &dir.join("reference.safetensors"), Tolerance::default()).unwrap();
-    assert!(!reports.is_empty(), "{preset}: the reference holds no tensor to compare");
-    for r in &reports {
-        println!("{preset} {:<26} max|diff| {:.3e} cos {:.9} bitexact {}", r.name, r.max_abs_diff, r.cosine, r.bit_identical);
-    }
-    for r in &reports {
-        assert_eq!(r.status, Status::Ok, "{preset}: `{}` differs: {r:?}", r.name);
-        assert!(r.bit_identical, "{preset}: `{}` is not bit-identical: {r:?}", r.name);
-    }
+    assert_matches_fixture(&dir, &dir.join("reference.safetensors"), preset);
 }
 
 #[test]
-fn vision_depth4_select_minus2_is_bit_identical() {
-    assert_bit_identical("vision-d4-sel-2");
+fn vision_depth4_select_minus2_matches_its_fixture() {
+    assert_matches("vision-d4-sel-2");
 }
 
 #[test]
-fn vision_depth3_select_minus1_is_bit_identical() {
-    assert_bit_identical("vision-d3-sel-1");
+fn vision_depth3_select_minus1_matches_its_fixture() {
+    assert_matches("vision-d3-sel-1");
 }
 
 #[test]
-fn vision_linear_projector_is_bit_identical() {
-    assert_bit_identical("vision-linear");
+fn vision_linear_projector_matches_its_fixture() {
+    assert_matches("vision-linear");
 }
 
 #[test]
 fn a_perturbed_weight_fails_at_the_first_tensor_it_reaches() {
-    // One ladder bias scaled by 1.0001: CLIP's tensors stay identical, the comparer must
-    // name `qladder.1` as the first tensor over tolerance.
+    // One ladder bias scaled by 1.0001: CLIP's tensors stay as they were, the comparer must name
+    // `qladder.1` as the first tensor over tolerance, under the fixture bounds as well.
     let tmp = tempfile::tempdir().unwrap();
     common::copy_dir(&fixture_dir("vision-d4-sel-2"), tmp.path());
     let file = tmp.path().join("clip-qladder-tiny/model.safetensors");
@@ -49,10 +43,10 @@ fn a_perturbed_weight_fails_at_the_first_tensor_it_reaches() {
     }
     tch::Tensor::write_safetensors(&tensors, &file).unwrap();
     let dir = fixture_dir("vision-d4-sel-2");
-    let reports = check(tmp.path(), &dir.join("reference.safetensors"), Tolerance::default()).unwrap();
+    let reports = check(tmp.path(), &dir.join("reference.safetensors"), &common::fixture_tolerance()).unwrap();
     let first = arcana::parity::first_failure(&reports).expect("the perturbation must be detected");
     assert_eq!(first.name, "qladder.1");
-    assert!(reports.iter().filter(|r| r.name.starts_with("vision.hidden_states.")).all(|r| r.bit_identical));
+    assert!(reports.iter().filter(|r| r.name.starts_with("vision.hidden_states.")).all(|r| r.status == Status::Ok));
 }
 
 #[test]
@@ -68,7 +62,7 @@ fn bfloat16_runs_and_stays_close_to_the_fp32_reference() {
     let encoded = side.encode(&pixels.to_kind(Kind::BFloat16)).unwrap();
     assert_eq!(encoded.projected.kind(), Kind::BFloat16);
     let expected = reference.tensor("projector.out").unwrap();
-    let report = arcana::parity::compare("projector.out", &encoded.projected, &expected, Tolerance::default()).unwrap();
+    let report = arcana::parity::compare("projector.out", &encoded.projected, &expected, &Tolerance::BitIdentical).unwrap();
     println!("bf16 vs fp32 projector.out: {report:?}");
     assert!(report.cosine > 0.999, "{report:?}");
     assert!(!report.bit_identical);

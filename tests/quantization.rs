@@ -26,7 +26,7 @@ fn int8_and_int4_logits_stay_close_to_fp32_and_save_memory() {
     for mode in [Quantization::Int8, Quantization::Int4] {
         let mut model = ArcanaModel::load(&dir, Kind::Float, Device::Cpu).unwrap();
         let (before, after) = model.llm.quantize(mode).unwrap();
-        let report = compare("logits", &logits(&model, &reference), &fp32, Tolerance::default()).unwrap();
+        let report = compare("logits", &logits(&model, &reference), &fp32, &Tolerance::BitIdentical).unwrap();
         println!(
             "{mode:?}: projections {before} -> {after} bytes ({:.2}x smaller); logits max|diff| {:.4e}, max rel {:.4e}, cosine {:.6}",
             before as f64 / after as f64,

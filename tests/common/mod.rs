@@ -7,6 +7,29 @@ pub fn fixture_dir(preset: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity").join(preset)
 }
 
+/// The project's Python environment with torch (`scripts/setup-python.sh`), if there is one; says why
+/// not on stderr otherwise, for the tests that skip without it.
+pub fn python_with_torch() -> Option<PathBuf> {
+    let venv = std::env::var_os("ARCANA_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1")))?;
+    let python = venv.join("bin/python");
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import torch"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("skipping: no Python environment with torch at {} (run scripts/setup-python.sh)", venv.display());
+    }
+    ok.then_some(python)
+}
+
+/// `parity/export.py`.
+pub fn export_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("parity/export.py")
+}
+
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
@@ -18,4 +41,31 @@ pub fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+/// The per-stage bounds that committed fixtures (made on another machine) are compared with.
+pub fn fixture_tolerance() -> arcana::parity::Tolerance {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/tolerances.json");
+    arcana::parity::Tolerance::Stages(arcana::parity::StageBounds::load(&path).unwrap())
+}
+
+/// Checks `reference` (a committed fixture file) within the fixture tolerances: every tensor within its
+/// stage's bounds, ids exact. Prints each tensor and where the fixture was made.
+pub fn assert_matches_fixture(checkpoint: &Path, reference: &Path, label: &str) -> Vec<arcana::parity::TensorReport> {
+    use arcana::parity::{check, describe_machine, Reference, Status};
+    let made_on = Reference::open(reference).unwrap().machine();
+    println!("{label}: fixture made on {}", describe_machine(&made_on));
+    println!("{label}: this run on {}", describe_machine(&arcana::parity::this_machine()));
+    let reports = check(checkpoint, reference, &fixture_tolerance()).unwrap();
+    assert!(!reports.is_empty(), "{label}: the reference holds no tensor to compare");
+    for r in &reports {
+        println!(
+            "{label} {:<26} max|diff| {:.3e} rel {:.3e} cos {:.15} bitexact {}",
+            r.name, r.max_abs_diff, r.max_rel_diff, r.cosine, r.bit_identical
+        );
+    }
+    for r in &reports {
+        assert_eq!(r.status, Status::Ok, "{label}: `{}` is outside the fixture tolerance: {r:?}", r.name);
+    }
+    reports
 }

@@ -2,6 +2,12 @@
 //!
 //! A reference file is a safetensors file: `input.*` tensors are what the model is fed, every other
 //! tensor is an intermediate the Rust model must reproduce under the same name.
+mod machine;
+mod tolerance;
+
+pub use machine::{describe as describe_machine, kernel_path_differences, this_machine};
+pub use tolerance::{stage_of, StageBound, StageBounds, Tolerance};
+
 use crate::error::{Error, Result};
 use crate::generate::{greedy, GenerationConfig};
 use crate::llm::mask::MaskPolicy;
@@ -41,12 +47,6 @@ pub enum Status {
     ShapeMismatch,
 }
 
-/// Largest accepted max |diff|; the default, 0, demands bit-identical tensors.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Tolerance {
-    pub max_abs: f64,
-}
-
 fn missing_report(name: &str, reference: &Tensor) -> TensorReport {
     TensorReport {
         name: name.to_string(),
@@ -61,7 +61,7 @@ fn missing_report(name: &str, reference: &Tensor) -> TensorReport {
 }
 
 /// Compares `ours` with `reference` (moved to CPU; statistics in float64).
-pub fn compare(name: &str, ours: &Tensor, reference: &Tensor, tolerance: Tolerance) -> Result<TensorReport> {
+pub fn compare(name: &str, ours: &Tensor, reference: &Tensor, tolerance: &Tolerance) -> Result<TensorReport> {
     let ours = ours.f_to_device(Device::Cpu)?;
     let reference = reference.f_to_device(Device::Cpu)?;
     let mut report = missing_report(name, &reference);
@@ -87,7 +87,16 @@ pub fn compare(name: &str, ours: &Tensor, reference: &Tensor, tolerance: Toleran
     let norms = a.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?.sqrt()
         * b.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?.sqrt();
     report.cosine = if norms > 0.0 { dot / norms } else if report.bit_identical { 1.0 } else { 0.0 };
-    let within = report.bit_identical || report.max_abs_diff <= tolerance.max_abs;
+    let floats = ours.is_floating_point() && reference.is_floating_point();
+    let within = report.bit_identical
+        || match tolerance {
+            Tolerance::BitIdentical => false,
+            Tolerance::MaxAbs(max_abs) => report.max_abs_diff <= *max_abs,
+            Tolerance::Stages(bounds) => match bounds.for_tensor(name) {
+                Some(bound) if floats => report.max_rel_diff <= bound.max_rel && report.cosine >= bound.min_cosine,
+                _ => false,
+            },
+        };
     report.status = if within { Status::Ok } else { Status::OverTolerance };
     Ok(report)
 }
@@ -108,6 +117,11 @@ impl Reference {
 
     pub fn contains(&self, name: &str) -> bool {
         self.file.shape(name).is_some()
+    }
+
+    /// Where the reference was computed (`machine.*` metadata; empty for files that predate it).
+    pub fn machine(&self) -> std::collections::BTreeMap<String, String> {
+        machine::recorded(self.file.metadata())
     }
 
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
@@ -186,24 +200,28 @@ pub fn language_tensors(model: &ArcanaModel, reference: &Reference) -> Result<Ve
     Ok(out)
 }
 
-/// Loads the model in `checkpoint` (fp32, CPU), runs it on the reference's inputs and compares every
-/// expected tensor, in forward order. A reference with `input.input_ids` runs the whole model (every
-/// checkpoint tensor must be used); one with only pixels runs the vision side.
-pub fn check(checkpoint: &Path, reference: &Path, tolerance: Tolerance) -> Result<Vec<TensorReport>> {
-    let reference = Reference::open(reference)?;
-    let ours = if reference.contains(INPUT_INPUT_IDS) {
+/// Loads the model in `checkpoint` (fp32, CPU) and runs it on the reference's inputs: the named tensors
+/// the reference expects. A reference with `input.input_ids` runs the whole model (every checkpoint
+/// tensor must be used); one with only pixels runs the vision side.
+pub fn outputs(checkpoint: &Path, reference: &Reference) -> Result<Vec<(String, Tensor)>> {
+    if reference.contains(INPUT_INPUT_IDS) {
         let model = ArcanaModel::load(checkpoint, Kind::Float, Device::Cpu)?;
-        language_tensors(&model, &reference)?
-    } else {
-        if !reference.contains(INPUT_PIXEL_VALUES) {
-            return Err(Error::InvalidInput(format!(
-                "{}: no `{INPUT_PIXEL_VALUES}` or `{INPUT_INPUT_IDS}` tensor to feed the model",
-                reference.path().display()
-            )));
-        }
-        let (_, side) = VisionSide::load_standalone(checkpoint, Kind::Float, Device::Cpu)?;
-        vision_tensors(&side, &reference.tensor(INPUT_PIXEL_VALUES)?)?
-    };
+        return language_tensors(&model, reference);
+    }
+    if !reference.contains(INPUT_PIXEL_VALUES) {
+        return Err(Error::InvalidInput(format!(
+            "{}: no `{INPUT_PIXEL_VALUES}` or `{INPUT_INPUT_IDS}` tensor to feed the model",
+            reference.path().display()
+        )));
+    }
+    let (_, side) = VisionSide::load_standalone(checkpoint, Kind::Float, Device::Cpu)?;
+    vision_tensors(&side, &reference.tensor(INPUT_PIXEL_VALUES)?)
+}
+
+/// Runs `checkpoint` on the reference's inputs and compares every expected tensor, in forward order.
+pub fn check(checkpoint: &Path, reference: &Path, tolerance: &Tolerance) -> Result<Vec<TensorReport>> {
+    let reference = Reference::open(reference)?;
+    let ours = outputs(checkpoint, &reference)?;
     let mut reports = Vec::new();
     for name in reference.expected_names() {
         let expected = reference.tensor(&name)?;
