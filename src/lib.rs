@@ -10,6 +10,7 @@ pub mod mm;
 pub mod model;
 pub mod parity;
 pub mod sampling;
+pub mod serve;
 pub mod tokenizer;
 pub mod vision;
 pub mod weights;

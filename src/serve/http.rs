@@ -1,0 +1,72 @@
+//! HTTP plumbing shared by the servers: JSON bodies whose errors are JSON too, the body-size limit,
+//! and binding a listener that reports its real address (port 0 picks a free one).
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+
+/// Largest request body accepted (images travel as base64 inside JSON); larger bodies get 413.
+pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// `{"error": message}` with `status`.
+pub fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message, "status": status.as_u16() }))).into_response()
+}
+
+/// A JSON body; a malformed or mistyped one is refused with a JSON error naming the problem.
+pub struct JsonBody<T>(pub T);
+
+#[axum::async_trait]
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => {
+                let status = match &rejection {
+                    JsonRejection::BytesRejection(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                    other => other.status(),
+                };
+                Err(json_error(status, &rejection.body_text()))
+            }
+        }
+    }
+}
+
+/// Binds `host:port` and returns the listener with the address it got.
+pub async fn bind(host: &str, port: u16) -> std::io::Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind((host, port)).await?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}
+
+/// Serves `app` on `listener` until Ctrl-C or SIGTERM, with the body limit applied.
+pub async fn serve(listener: tokio::net::TcpListener, app: axum::Router) -> std::io::Result<()> {
+    let app = app.layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
+}

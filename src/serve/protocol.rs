@@ -1,0 +1,133 @@
+//! The release's serving protocol (arcana/serve/controller.py, model_worker.py, constants.py): request
+//! and reply bodies, the NUL-separated stream format, error codes and timing constants.
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// A worker whose last heart beat is older than this is dropped (`CONTROLLER_HEART_BEAT_EXPIRATION`).
+pub const HEART_BEAT_EXPIRATION: Duration = Duration::from_secs(30);
+/// How often a worker reports to the controller (`WORKER_HEART_BEAT_INTERVAL`).
+pub const WORKER_HEART_BEAT_INTERVAL: Duration = Duration::from_secs(15);
+/// The release's timeout for controller <-> worker status calls.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Stream chunk error codes.
+pub mod error_code {
+    pub const OK: i32 = 0;
+    pub const WORKER_ERROR: i32 = 1;
+    pub const NO_WORKER: i32 = 2;
+    pub const WORKER_UNREACHABLE: i32 = 3;
+}
+
+/// `/worker_get_status` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub model_names: Vec<String>,
+    pub speed: f64,
+    pub queue_length: i64,
+}
+
+/// `/register_worker` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterWorker {
+    pub worker_name: String,
+    pub check_heart_beat: bool,
+    #[serde(default)]
+    pub worker_status: Option<WorkerStatus>,
+}
+
+/// `/receive_heart_beat` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartBeat {
+    pub worker_name: String,
+    pub queue_length: i64,
+}
+
+/// `/receive_heart_beat` reply: `exist: false` asks the worker to register again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartBeatReply {
+    pub exist: bool,
+}
+
+/// `/get_worker_address` body and reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelQuery {
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerAddress {
+    /// The worker's URL, or "" when no worker serves the model.
+    pub address: String,
+}
+
+/// `/list_models` reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelList {
+    pub models: Vec<String>,
+}
+
+/// One chunk of a `/worker_generate_stream` reply; on the wire each is its JSON followed by a NUL byte.
+/// `text` is cumulative (prompt included, as the release's worker sends it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamChunk {
+    pub text: String,
+    pub error_code: i32,
+}
+
+impl StreamChunk {
+    pub fn error(code: i32, text: impl Into<String>) -> Self {
+        Self { text: text.into(), error_code: code }
+    }
+
+    /// The chunk as sent: JSON, then `\0`.
+    pub fn to_wire(&self) -> Vec<u8> {
+        let mut bytes = serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec());
+        bytes.push(0);
+        bytes
+    }
+}
+
+/// Splits a NUL-delimited stream into chunks as bytes arrive; keeps a partial chunk for the next call.
+#[derive(Debug, Default)]
+pub struct ChunkSplitter {
+    pending: Vec<u8>,
+}
+
+impl ChunkSplitter {
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<Vec<u8>> {
+        self.pending.extend_from_slice(bytes);
+        let mut chunks = Vec::new();
+        while let Some(end) = self.pending.iter().position(|&b| b == 0) {
+            let chunk: Vec<u8> = self.pending.drain(..=end).take(end).collect();
+            if !chunk.is_empty() {
+                chunks.push(chunk);
+            }
+        }
+        chunks
+    }
+
+    /// Bytes after the last NUL (a stream cut short).
+    pub fn remainder(&self) -> &[u8] {
+        &self.pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_split_on_nul_across_reads() {
+        let mut s = ChunkSplitter::default();
+        let a = StreamChunk { text: "a\u{0}?".replace('\u{0}', ""), error_code: 0 }.to_wire();
+        let b = StreamChunk::error(1, "boom").to_wire();
+        let all: Vec<u8> = a.iter().chain(&b).copied().collect();
+        let (first, second) = all.split_at(5);
+        assert!(s.push(first).is_empty());
+        let chunks = s.push(second);
+        assert_eq!(chunks.len(), 2);
+        let parsed: StreamChunk = serde_json::from_slice(&chunks[1]).unwrap();
+        assert_eq!(parsed, StreamChunk::error(1, "boom"));
+        assert!(s.remainder().is_empty());
+    }
+}
