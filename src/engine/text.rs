@@ -82,7 +82,7 @@ mod tests {
         let (out, stopped, all) = run(&["</s>"], &["Hello", " wor", "ld<", "/s", "> more"]);
         assert!(stopped);
         assert_eq!(all, "Hello world");
-        assert_eq!(out, vec!["Hello", " wor", "ld", "", ""]);
+        assert_eq!(out, vec!["Hello", " wor", "ld", "", "", ""]);
     }
 
     #[test]

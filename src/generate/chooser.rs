@@ -22,7 +22,7 @@ impl TokenChooser {
 
     /// Top-k and top-p only matter when sampling, so a temperature of 0 accepts any of them.
     pub fn new(temperature: f64, top_k: i64, top_p: f64) -> Result<Self> {
-        if !(temperature >= 0.0) || !temperature.is_finite() {
+        if !temperature.is_finite() || temperature < 0.0 {
             return Err(Error::InvalidInput(format!("temperature must be a finite number >= 0, got {temperature}")));
         }
         if temperature == 0.0 {
