@@ -241,7 +241,7 @@ fn main() -> Result<()> {
     }
     let load_seconds = load_start.elapsed().as_secs_f64();
 
-    let encode_start = Instant::now();
+    let preprocess_start = Instant::now();
     let pixel_values = match &args.image_file {
         Some(path) => Some(engine.preprocess_image(path)?),
         None => None,
@@ -252,9 +252,9 @@ fn main() -> Result<()> {
         }
     }
     let mut session = ChatSession::new(&engine, pixel_values, params);
-    let encode_seconds = encode_start.elapsed().as_secs_f64();
+    let preprocess_seconds = preprocess_start.elapsed().as_secs_f64();
     if args.debug {
-        eprintln!("[debug] load {load_seconds:.2} s, image preprocess {encode_seconds:.2} s");
+        eprintln!("[debug] load {load_seconds:.2} s, image preprocess {preprocess_seconds:.2} s");
     }
 
     let roles = cli_display_roles(engine.model_name(), engine.template());
@@ -305,7 +305,7 @@ fn main() -> Result<()> {
             "image_file": args.image_file,
             "load_seconds": load_seconds,
             "quantization": quantization.map(|q| format!("{q:?}")),
-            "image_encode_seconds": encode_seconds,
+            "image_preprocess_seconds": preprocess_seconds,
             "turns": turns,
         });
         println!("{}", serde_json::to_string_pretty(&output)?);
