@@ -1,37 +1,10 @@
-//! A chat with the model as the release's `serve/cli.py` runs it: the template chosen from the model
-//! folder's name, the image attached to the first user message, each turn's prompt turned into ids by
-//! `tokenizer_image_token`, the answer generated and streamed, and the reply stored the way the release
-//! stores it (`tokenizer.decode(output_ids).strip()`, special tokens included).
-use crate::error::{Error, Result};
-use crate::generate::{generate, GenerationConfig};
-use crate::llm::mask::MaskPolicy;
-use crate::mm::conversation::{strip_python_whitespace, CliChat};
-use crate::mm::prompt::{tokenizer_image_token, TextEncoder};
-use crate::mm::splice::prepare_inputs;
-use crate::model::ArcanaModel;
-use crate::sampling::Decoding;
-use crate::tokenizer::Tokenizer;
-use std::time::Instant;
-use tch::{Kind, Tensor};
-
-impl TextEncoder for Tokenizer {
-    fn encode_with_bos(&self, text: &str) -> Result<Vec<i64>> {
-        Ok(self.encode(text).into_iter().map(i64::from).collect())
-    }
-
-    fn bos_id(&self) -> i64 {
-        Tokenizer::bos_id(self).map(i64::from).unwrap_or(1)
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ChatOptions {
-    /// `--conv-mode`; `None` picks the template from the model folder's name.
-    pub conv_mode: Option<String>,
-    pub decoding: Decoding,
-    pub max_new_tokens: usize,
-    pub mask_policy: MaskPolicy,
-}
+//! A chat with the model as the release's `serve/cli.py` runs it, on an [`Engine`]: the image attached
+//! to the first user message, each turn answered from the whole conversation, and the reply stored the
+//! way the release stores it (`tokenizer.decode(output_ids).strip()`, special tokens included).
+use crate::engine::{ChatMessage, Engine, Event, Flow, GenerationParams, ImageInput, Request, RequestInput};
+use crate::error::Result;
+use crate::mm::conversation::strip_python_whitespace;
+use tch::Tensor;
 
 /// What one turn produced, with its timings.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -54,124 +27,57 @@ pub struct TurnResult {
     pub decode_seconds: f64,
 }
 
-/// A conversation in progress over a loaded model.
-pub struct ChatSession<'m> {
-    model: &'m ArcanaModel,
-    tokenizer: &'m Tokenizer,
-    chat: CliChat,
-    /// Projected features of the image, computed once: `[1, tokens, hidden]`.
-    image_features: Option<Tensor>,
-    options: ChatOptions,
-    generation: GenerationConfig,
+/// A conversation in progress over an engine.
+pub struct ChatSession<'e> {
+    engine: &'e Engine,
+    messages: Vec<ChatMessage>,
+    /// Preprocessed pixels of the image shown with the first message, sent with every turn (the
+    /// release's CLI passes it to every `generate`).
+    image: Option<Tensor>,
+    /// The seed applies to the first answer only, as the release seeds once before the chat.
+    params: GenerationParams,
 }
 
-impl<'m> ChatSession<'m> {
-    /// `model_path` is the path as the user gave it (its last component names the template).
-    pub fn new(
-        model: &'m ArcanaModel,
-        tokenizer: &'m Tokenizer,
-        model_path: &str,
-        pixel_values: Option<&Tensor>,
-        options: ChatOptions,
-    ) -> Result<Self> {
-        let config = &model.files.config;
-        let chat = CliChat::for_model(model_path, options.conv_mode.as_deref(), pixel_values.is_some(), config.mm_use_im_start_end)?;
-        let image_features = match pixel_values {
-            Some(p) => {
-                let p = if p.dim() == 3 { p.f_unsqueeze(0)? } else { p.shallow_clone() };
-                let p = p.f_to_kind(model.llm.model.embed_tokens.kind())?.f_to_device(model.llm.model.embed_tokens.device())?;
-                Some(model.vision.encode(&p)?.projected)
-            }
-            None => None,
-        };
-        let generation = GenerationConfig::from_model_dir(&model.files.dir, config, options.max_new_tokens)?;
-        Ok(Self { model, tokenizer, chat, image_features, options, generation })
+impl<'e> ChatSession<'e> {
+    pub fn new(engine: &'e Engine, image: Option<Tensor>, params: GenerationParams) -> Self {
+        Self { engine, messages: Vec::new(), image, params }
     }
 
-    pub fn chat(&self) -> &CliChat {
-        &self.chat
-    }
-
-    /// Runs one user turn; `on_text` receives the answer's text as it becomes final.
+    /// Runs one user turn; `on_text` receives the answer's text as it becomes final. A failed turn
+    /// leaves the conversation as it was.
     pub fn turn(&mut self, user_input: &str, mut on_text: impl FnMut(&str)) -> Result<TurnResult> {
-        let _guard = tch::no_grad_guard();
-        let prompt = self.chat.prompt_for(user_input)?;
-        match self.generate_reply(&prompt, &mut on_text) {
-            Ok(result) => {
-                self.chat.record_reply(&result.reply)?;
-                Ok(result)
-            }
-            Err(e) => {
-                // Leave the conversation as it was before this turn.
-                self.chat.undo_last_turn();
-                Err(e)
-            }
+        let first = self.messages.is_empty();
+        let images_here = usize::from(first && self.image.is_some());
+        let mut messages = self.messages.clone();
+        messages.push(ChatMessage::user_with_images(user_input, images_here));
+        let mut params = self.params.clone();
+        if !first {
+            params.seed = None;
         }
-    }
-
-    fn generate_reply(&self, prompt: &str, on_text: &mut impl FnMut(&str)) -> Result<TurnResult> {
-        let model = self.model;
-        let input_ids = tokenizer_image_token(prompt, self.tokenizer)?;
-        let ids = Tensor::f_from_slice(&input_ids)?.f_view([1, -1])?;
-        let start = Instant::now();
-        let inputs = prepare_inputs(
-            &model.llm.model,
-            &ids,
-            None,
-            self.image_features.as_ref(),
-            model.files.config.tokenizer_model_max_length,
-        )?;
-        let positions = inputs.inputs_embeds.size()[1];
-        let context = model.files.config.max_position_embeddings;
-        if positions >= context {
-            return Err(Error::Prompt(format!(
-                "the prompt takes {positions} positions (image features included), which leaves no room in the model's context of {context}"
-            )));
-        }
-        let mut generation = self.generation.clone();
-        generation.max_new_tokens = generation.max_new_tokens.min((context - positions) as usize);
-        let differ = ArcanaModel::mask_policies_differ(&inputs);
-        let mut stream = self.tokenizer.stream();
-        let mut text = String::new();
-        let mut first_token_at = None;
-        let mut stream_error = None;
-        let mut on_token = |next: &[i64]| {
-            first_token_at.get_or_insert_with(Instant::now);
-            match u32::try_from(next[0]).map_err(|_| Error::Tokenizer(format!("id {} out of range", next[0]))).and_then(|id| stream.push(id)) {
-                Ok(piece) => {
-                    on_text(&piece);
-                    text.push_str(&piece);
-                    true
-                }
-                Err(e) => {
-                    stream_error = Some(e);
-                    false
-                }
+        let images = self.image.iter().map(|p| ImageInput::Pixels(p.shallow_clone())).collect();
+        let request = Request { input: RequestInput::Conversation(messages.clone()), images, params };
+        let completion = self.engine.generate(&request, |event| {
+            if let Event::Text(piece) = &event {
+                on_text(piece);
             }
-        };
-        let mut cache = model.llm.model.new_cache(1, positions + generation.max_new_tokens as i64)?;
-        let output = generate(&model.llm, &inputs, self.options.mask_policy, &generation, &self.options.decoding, &mut cache, &mut on_token)?;
-        if let Some(e) = stream_error {
-            return Err(e);
-        }
-        let rest = stream.finish();
-        on_text(&rest);
-        text.push_str(&rest);
-        let end = Instant::now();
-        let output_ids: Vec<i64> = Vec::<i64>::try_from(output.f_flatten(0, -1)?.f_to_kind(Kind::Int64)?)?;
-        let as_u32: Vec<u32> = output_ids.iter().map(|&i| i as u32).collect();
-        let reply = strip_python_whitespace(&self.tokenizer.decode_with_special_tokens(&as_u32)?).to_string();
-        let first = first_token_at.unwrap_or(end);
+            Flow::Continue
+        })?;
+        let output_ids: Vec<i64> =
+            std::iter::once(self.engine.generation_config().bos_token_id).chain(completion.output_ids.iter().copied()).collect();
+        let reply = strip_python_whitespace(&self.engine.decode_with_special_tokens(&output_ids)?).to_string();
+        messages.push(ChatMessage::assistant(reply.clone()));
+        self.messages = messages;
+        let finish = completion.finish;
         Ok(TurnResult {
-            prompt: prompt.to_string(),
-            input_ids,
+            prompt: completion.prompt.prompt,
+            input_ids: completion.prompt.input_ids,
             output_ids,
-            text,
+            text: completion.text,
             reply,
-            prefill_positions: positions,
-            mask_policies_differ: differ,
-            prefill_seconds: (first - start).as_secs_f64(),
-            decode_seconds: (end - first).as_secs_f64(),
+            prefill_positions: finish.usage.prompt_tokens as i64,
+            mask_policies_differ: completion.prompt.mask_policies_differ,
+            prefill_seconds: finish.timings.prefill_seconds,
+            decode_seconds: finish.timings.decode_seconds,
         })
     }
 }

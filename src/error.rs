@@ -42,6 +42,10 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// The engine thread stopped, or an answer ended before it finished.
+    #[error("engine: {0}")]
+    Engine(String),
+
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

@@ -2,6 +2,7 @@
 //! projections carry MM-LoRA branches, computing what the PyTorch release computes.
 pub mod chat;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod layers;
@@ -9,7 +10,6 @@ pub mod llm;
 pub mod mm;
 pub mod model;
 pub mod parity;
-pub mod sampling;
 pub mod serve;
 pub mod tokenizer;
 pub mod vision;

@@ -1,11 +1,13 @@
 //! A release-layout model folder and the parts of the model built from it.
 use crate::config::{resolve_vision_tower, ArcanaConfig, VisionConfig, VisionTowerSource};
 use crate::error::{Error, Result};
-use crate::generate::{greedy, GenerationConfig};
+use crate::generate::{decode, DecodeOptions, Decoded, Flow, GenerationConfig, Stepping, TokenChooser};
 use crate::llm::mask::{policies_differ, prefill_visual_mask, MaskPolicy};
-use crate::llm::{CausalLmOutput, LlamaForCausalLM, StepInputs};
+use crate::llm::quant::Quantization;
+use crate::llm::{CausalLmOutput, KvCache, LlamaForCausalLM, StepInputs};
 use crate::mm::projector::Projector;
 use crate::mm::splice::{prepare_inputs, Spliced};
+use crate::vision::preprocess::{AspectMode, ImagePreprocessor, PreprocessConfig};
 use crate::vision::{VisionOutputs, VisionTower};
 use crate::weights::{is_derived_buffer, Checkpoint, WeightLoader};
 use std::path::{Path, PathBuf};
@@ -30,6 +32,8 @@ pub struct ModelFiles {
     pub config: ArcanaConfig,
     pub vision_config: VisionConfig,
     pub vision_source: VisionTowerSource,
+    /// `generation_config.json` (or the config's ids where the folder has none).
+    pub generation: GenerationConfig,
 }
 
 impl ModelFiles {
@@ -52,7 +56,20 @@ impl ModelFiles {
             VisionTowerSource::Folder(folder) => VisionConfig::from_file(&folder.join("config.json"))?,
             VisionTowerSource::Embedded(_) => VisionConfig::clip_vit_large_patch14_336(),
         };
-        Ok(Self { dir: dir.to_path_buf(), config_path, config, vision_config, vision_source })
+        let generation = GenerationConfig::from_model_dir(dir, &config)?;
+        Ok(Self { dir: dir.to_path_buf(), config_path, config, vision_config, vision_source, generation })
+    }
+
+    /// The image processor the release pairs with this vision tower: the tower folder's
+    /// `preprocessor_config.json` when it has one, else CLIP ViT-L/14-336's, and the config's aspect mode.
+    pub fn image_preprocessor(&self) -> Result<ImagePreprocessor> {
+        let aspect = self.config.image_aspect_ratio.as_deref();
+        match &self.vision_source {
+            VisionTowerSource::Folder(folder) if folder.join("preprocessor_config.json").is_file() => {
+                ImagePreprocessor::from_files(&folder.join("preprocessor_config.json"), aspect)
+            }
+            _ => Ok(ImagePreprocessor::new(PreprocessConfig::default(), AspectMode::from_image_aspect_ratio(aspect)?)),
+        }
     }
 
     /// A loader over the main checkpoint, falling back to the vision tower folder's weights
@@ -137,11 +154,36 @@ impl ArcanaModel {
         Ok(Self { files, vision, llm })
     }
 
+    /// The dtype and device the weights were loaded in.
+    pub fn kind_and_device(&self) -> (Kind, Device) {
+        (self.llm.model.embed_tokens.kind(), self.llm.model.embed_tokens.device())
+    }
+
+    /// Positions the decoder can attend over (prompt, image features and new tokens together).
+    pub fn context_length(&self) -> i64 {
+        self.files.config.max_position_embeddings
+    }
+
+    /// Quantizes the decoder's projections; returns their size in bytes before and after.
+    pub fn quantize(&mut self, mode: Quantization) -> Result<(usize, usize)> {
+        self.llm.quantize(mode)
+    }
+
+    /// An empty KV cache for `batch` rows and room for `capacity` positions.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
+        self.llm.model.new_cache(batch, capacity)
+    }
+
     /// The language model's input for `input_ids` (`[B, T]`, -200 = image, right-padded with
-    /// `attention_mask`) and the images `[N, 3, S, S]`, one per placeholder: the release's splice.
+    /// `attention_mask`) and the images `[N, 3, S, S]` (or one `[3, S, S]`), one per placeholder: the
+    /// release's splice. Pixels are cast to the model's dtype and device, as the release's CLI does.
     pub fn prepare_inputs(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, pixel_values: Option<&Tensor>) -> Result<Spliced> {
         let features = match pixel_values {
-            Some(p) => Some(self.vision.encode(p)?.projected),
+            Some(p) => {
+                let p = if p.dim() == 3 { p.f_unsqueeze(0)? } else { p.shallow_clone() };
+                let (kind, device) = self.kind_and_device();
+                Some(self.vision.encode(&p.f_to_kind(kind)?.f_to_device(device)?)?.projected)
+            }
             None => None,
         };
         prepare_inputs(&self.llm.model, input_ids, attention_mask, features.as_ref(), self.files.config.tokenizer_model_max_length)
@@ -164,9 +206,30 @@ impl ArcanaModel {
         policies_differ(&inputs.image_spans, inputs.inputs_embeds.size()[1])
     }
 
-    /// Greedy ids `[B, 1 + n]` as the release's `generate(do_sample=False)`.
+    pub fn generation_config(&self) -> &GenerationConfig {
+        &self.files.generation
+    }
+
+    /// The decoding loop on `inputs` with this model's generation config; see [`crate::generate`].
+    pub fn decode(
+        &self,
+        inputs: &Spliced,
+        chooser: TokenChooser,
+        policy: MaskPolicy,
+        max_new_tokens: usize,
+        stepping: Stepping,
+        on_step: impl FnMut(&[i64]) -> Flow,
+    ) -> Result<Decoded> {
+        let options = DecodeOptions { generation: self.generation_config(), chooser, policy, max_new_tokens };
+        decode(&self.llm, inputs, &options, stepping, on_step)
+    }
+
+    /// Greedy ids `[B, 1 + n]` as the release's `generate(do_sample=False)`, with a fresh cache sized
+    /// for the prompt and every new token.
     pub fn generate_greedy(&self, inputs: &Spliced, policy: MaskPolicy, max_new_tokens: usize) -> Result<Tensor> {
-        let config = GenerationConfig::from_model_dir(&self.files.dir, &self.files.config, max_new_tokens)?;
-        greedy(&self.llm, inputs, policy, &config)
+        let s = inputs.inputs_embeds.size();
+        let mut cache = self.new_cache(s[0], s[1] + max_new_tokens as i64)?;
+        let decoded = self.decode(inputs, TokenChooser::GREEDY, policy, max_new_tokens, Stepping::Cached(&mut cache), |_| Flow::Continue)?;
+        decoded.ids_tensor()
     }
 }

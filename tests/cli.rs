@@ -8,21 +8,9 @@ use common::copy_dir;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
-/// The fixture folder, made once per test run.
 fn fixtures() -> Option<&'static Path> {
-    static DIR: OnceLock<Option<tempfile::TempDir>> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let python = common::python_with_torch()?;
-        let dir = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("parity/cli_fixtures.py");
-        let out = Command::new(python).arg(script).arg("--out").arg(dir.path()).output().unwrap();
-        assert!(out.status.success(), "cli_fixtures.py failed: {}", String::from_utf8_lossy(&out.stderr));
-        Some(dir)
-    })
-    .as_ref()
-    .map(|d| d.path())
+    common::cli_fixtures()
 }
 
 fn arcana(dir: &Path, args: &[&str]) -> Output {

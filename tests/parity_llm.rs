@@ -6,7 +6,7 @@
 //! `parity/README.md`. Bit-identity against a same-run export: `tests/same_machine.rs`.
 mod common;
 
-use arcana::generate::{greedy, greedy_uncached, greedy_with_cache, GenerationConfig};
+use arcana::generate::{Flow, Stepping, TokenChooser};
 use arcana::llm::mask::{policies_differ, MaskPolicy};
 use arcana::mm::splice::{pad_rows, splice};
 use arcana::model::ArcanaModel;
@@ -114,9 +114,12 @@ fn cached_decoding_gives_the_ids_of_rerunning_the_whole_sequence() {
         ("reference.text.safetensors", MaskPolicy::Release),
     ] {
         let inputs = reference_inputs(&model, "lm-mha", file);
-        let config = GenerationConfig::from_model_dir(&model.files.dir, &model.files.config, 24).unwrap();
-        let cached = greedy(&model.llm, &inputs, policy, &config).unwrap();
-        let full = greedy_uncached(&model.llm, &inputs, policy, &config).unwrap();
+        let cached = model.generate_greedy(&inputs, policy, 24).unwrap();
+        let full = model
+            .decode(&inputs, TokenChooser::GREEDY, policy, 24, Stepping::Uncached, |_| Flow::Continue)
+            .unwrap()
+            .ids_tensor()
+            .unwrap();
         println!("{file} {policy:?}: {:?}", Vec::<i64>::try_from(cached.flatten(0, -1)).unwrap());
         assert!(cached.size()[1] > 2, "{file}: too few tokens to test anything");
         assert!(cached.equal(&full), "{file} {policy:?}: cached {cached} vs full {full}");
@@ -127,16 +130,18 @@ fn cached_decoding_gives_the_ids_of_rerunning_the_whole_sequence() {
 fn a_cache_that_grows_in_small_chunks_decodes_the_same() {
     let model = load("lm-gqa");
     let inputs = reference_inputs(&model, "lm-gqa", "reference.safetensors");
-    let config = GenerationConfig::from_model_dir(&model.files.dir, &model.files.config, 16).unwrap();
-    let expected = greedy(&model.llm, &inputs, MaskPolicy::Release, &config).unwrap();
+    let expected = model.generate_greedy(&inputs, MaskPolicy::Release, 16).unwrap();
     // Room for 10 positions, then 3 at a time: the prefill and most steps grow it.
-    let mut cache = model.llm.model.new_cache(1, 10).unwrap().with_grow_by(3);
+    let mut cache = model.new_cache(1, 10).unwrap().with_grow_by(3);
     let mut steps = 0;
-    let ids = greedy_with_cache(&model.llm, &inputs, MaskPolicy::Release, &config, &mut cache, |_| {
-        steps += 1;
-        true
-    })
-    .unwrap();
+    let ids = model
+        .decode(&inputs, TokenChooser::GREEDY, MaskPolicy::Release, 16, Stepping::Cached(&mut cache), |_| {
+            steps += 1;
+            Flow::Continue
+        })
+        .unwrap()
+        .ids_tensor()
+        .unwrap();
     assert!(ids.equal(&expected));
     assert_eq!(steps, 16);
     assert_eq!(cache.len(), 676 + 15);

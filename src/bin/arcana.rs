@@ -1,14 +1,11 @@
 //! `arcana`: the release's `python -m arcana.serve.cli`, without Python. Same flags, same prompts and
 //! the same answers (CPU fp32 is bit-identical to the PyTorch release computed the same way).
 use anyhow::{bail, Context, Result};
-use arcana::chat::{ChatOptions, ChatSession, TurnResult};
-use arcana::config::VisionTowerSource;
+use arcana::chat::{ChatSession, TurnResult};
+use arcana::engine::{Engine, EngineOptions, GenerationParams};
 use arcana::llm::mask::MaskPolicy;
 use arcana::llm::quant::Quantization;
-use arcana::model::ArcanaModel;
-use arcana::sampling::Decoding;
-use arcana::tokenizer::Tokenizer;
-use arcana::vision::preprocess::{ImagePreprocessor, PreprocessConfig, AspectMode};
+use arcana::mm::conversation::cli_display_roles;
 use clap::{Parser, ValueEnum};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -105,16 +102,6 @@ fn parse_device(name: &str) -> Result<Device> {
     Ok(device)
 }
 
-fn image_preprocessor(model: &ArcanaModel) -> Result<ImagePreprocessor> {
-    let aspect = model.files.config.image_aspect_ratio.as_deref();
-    match &model.files.vision_source {
-        VisionTowerSource::Folder(folder) if folder.join("preprocessor_config.json").is_file() => {
-            Ok(ImagePreprocessor::from_files(&folder.join("preprocessor_config.json"), aspect)?)
-        }
-        _ => Ok(ImagePreprocessor::new(PreprocessConfig::default(), AspectMode::from_image_aspect_ratio(aspect)?)),
-    }
-}
-
 /// The questions: `--prompt` values, else lines of a piped stdin, else the interactive prompt.
 enum Questions {
     Given(std::vec::IntoIter<String>),
@@ -204,16 +191,38 @@ fn main() -> Result<()> {
         }
         None => args.model_path.clone(),
     };
-    let decoding = Decoding::for_cli(&weights_path, args.temperature, args.top_k, args.top_p)?;
+    let params = GenerationParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        max_new_tokens: args.max_new_tokens,
+        stop: Vec::new(), // the release's CLI computes a stop string but never passes it to `generate`
+        seed: args.seed,
+    };
+    params.check()?;
     let mask_policy = match args.mask_policy {
         PolicyArg::Release => MaskPolicy::Release,
         PolicyArg::Image => MaskPolicy::Image,
+    };
+    let quantization = match (args.load_8bit, args.load_4bit) {
+        (true, _) => Some(Quantization::Int8),
+        (_, true) => Some(Quantization::Int4),
+        _ => None,
     };
 
     let load_start = Instant::now();
     eprintln!("Loading {} ({kind:?} on {device:?})...", weights_path.display());
     let show_progress = std::io::stderr().is_terminal();
-    let mut model = ArcanaModel::load_with_progress(&weights_path, kind, device, move |done, total| {
+    let model_path = args.model_path.to_string_lossy().into_owned();
+    let options = EngineOptions {
+        kind,
+        device,
+        quantization,
+        model_name_path: Some(model_path.clone()),
+        conv_mode: args.conv_mode.clone(),
+        mask_policy,
+    };
+    let engine = Engine::load_with_progress(&weights_path, options, move |done, total| {
         if show_progress && (done % 16 == 0 || done == total) {
             eprint!("\rLoading weights: {done}/{total} tensors");
         }
@@ -222,53 +231,33 @@ fn main() -> Result<()> {
     if show_progress {
         eprintln!();
     }
-    let quantization = match (args.load_8bit, args.load_4bit) {
-        (true, _) => Some(Quantization::Int8),
-        (_, true) => Some(Quantization::Int4),
-        _ => None,
-    };
-    if let Some(mode) = quantization {
-        let (before, after) = model.llm.quantize(mode)?;
+    if let Some(q) = engine.quantized() {
         eprintln!(
-            "Quantized the decoder's projections to {mode:?}: {:.1} MiB -> {:.1} MiB (MM-LoRA branches kept in {kind:?})",
-            before as f64 / 1048576.0,
-            after as f64 / 1048576.0
+            "Quantized the decoder's projections to {:?}: {:.1} MiB -> {:.1} MiB (MM-LoRA branches kept in {kind:?})",
+            q.mode,
+            q.before_bytes as f64 / 1048576.0,
+            q.after_bytes as f64 / 1048576.0
         );
     }
-    let tokenizer = Tokenizer::from_folder(&weights_path)
-        .with_context(|| format!("loading the tokenizer from {}", weights_path.display()))?;
     let load_seconds = load_start.elapsed().as_secs_f64();
 
-    let encode_start = Instant::now();
+    let preprocess_start = Instant::now();
     let pixel_values = match &args.image_file {
-        Some(path) => Some(image_preprocessor(&model)?.image_tensor(path)?),
+        Some(path) => Some(engine.preprocess_image(path)?),
         None => None,
     };
-    let options = ChatOptions { conv_mode: args.conv_mode.clone(), decoding, max_new_tokens: args.max_new_tokens, mask_policy };
-    let model_path = args.model_path.to_string_lossy().into_owned();
-    if let Some(choice) = args.conv_mode.as_deref().map(|flag| {
-        arcana::mm::conversation::resolve_conv_mode(
-            &arcana::mm::conversation::model_name_from_path(&model_path).unwrap_or_default(),
-            Some(flag),
-        )
-    }) {
-        if let Some(warning) = choice.warning() {
+    if args.conv_mode.is_some() {
+        if let Some(warning) = engine.conv_mode().warning() {
             eprintln!("{warning}");
         }
     }
-    let mut session = ChatSession::new(&model, &tokenizer, &model_path, pixel_values.as_ref(), options)?;
-    let encode_seconds = encode_start.elapsed().as_secs_f64();
+    let mut session = ChatSession::new(&engine, pixel_values, params);
+    let preprocess_seconds = preprocess_start.elapsed().as_secs_f64();
     if args.debug {
-        eprintln!("[debug] load {load_seconds:.2} s, image encode {encode_seconds:.2} s");
-    }
-    if let Some(seed) = args.seed {
-        tch::manual_seed(seed as i64);
+        eprintln!("[debug] load {load_seconds:.2} s, image preprocess {preprocess_seconds:.2} s");
     }
 
-    let roles = arcana::mm::conversation::cli_display_roles(
-        &arcana::mm::conversation::model_name_from_path(&model_path).unwrap_or_default(),
-        session.chat().conversation(),
-    );
+    let roles = cli_display_roles(engine.model_name(), engine.template());
     let interactive = std::io::stdin().is_terminal();
     let mut questions = if args.prompt.is_empty() {
         Questions::Lines { interactive }
@@ -316,7 +305,7 @@ fn main() -> Result<()> {
             "image_file": args.image_file,
             "load_seconds": load_seconds,
             "quantization": quantization.map(|q| format!("{q:?}")),
-            "image_encode_seconds": encode_seconds,
+            "image_preprocess_seconds": preprocess_seconds,
             "turns": turns,
         });
         println!("{}", serde_json::to_string_pretty(&output)?);

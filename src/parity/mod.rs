@@ -9,7 +9,6 @@ pub use machine::{describe as describe_machine, kernel_path_differences, this_ma
 pub use tolerance::{stage_of, StageBound, StageBounds, Tolerance};
 
 use crate::error::{Error, Result};
-use crate::generate::{greedy, GenerationConfig};
 use crate::llm::mask::MaskPolicy;
 use crate::model::{ArcanaModel, VisionSide};
 use crate::weights::TensorFile;
@@ -194,8 +193,7 @@ pub fn language_tensors(model: &ArcanaModel, reference: &Reference) -> Result<Ve
     if reference.contains(GREEDY_IDS) {
         let width = reference.tensor(GREEDY_IDS)?.size().get(1).copied().unwrap_or(1);
         let max_new = (width - 1).max(0) as usize;
-        let config = GenerationConfig::from_model_dir(&model.files.dir, &model.files.config, max_new)?;
-        out.push((GREEDY_IDS.into(), greedy(&model.llm, &inputs, MaskPolicy::Release, &config)?));
+        out.push((GREEDY_IDS.into(), model.generate_greedy(&inputs, MaskPolicy::Release, max_new)?));
     }
     Ok(out)
 }

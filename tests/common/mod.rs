@@ -25,6 +25,22 @@ pub fn python_with_torch() -> Option<PathBuf> {
     ok.then_some(python)
 }
 
+/// The CLI fixtures (`python parity/cli_fixtures.py --out DIR`: the cli-tiny checkpoints, images,
+/// cases and the Python reference's answers), made once per test binary; `None` without Python.
+pub fn cli_fixtures() -> Option<&'static Path> {
+    static DIR: std::sync::OnceLock<Option<tempfile::TempDir>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let python = python_with_torch()?;
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("parity/cli_fixtures.py");
+        let out = std::process::Command::new(python).arg(script).arg("--out").arg(dir.path()).output().unwrap();
+        assert!(out.status.success(), "cli_fixtures.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        Some(dir)
+    })
+    .as_ref()
+    .map(|d| d.path())
+}
+
 /// `parity/export.py`.
 pub fn export_py() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("parity/export.py")

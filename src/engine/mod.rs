@@ -1,0 +1,302 @@
+//! The inference engine: a model folder loaded once (weights, tokenizer, image processor, template,
+//! generation defaults) answering [`Request`]s with a stream of [`Event`]s.
+//!
+//! # Threading
+//!
+//! libtorch tensors may move between threads but not be shared, so one thread owns the [`Engine`] and
+//! answers requests one at a time. Two ways to use it:
+//!
+//! - On the thread that loaded it: [`Engine::generate`] answers one request, calling back with each
+//!   event; the callback returns [`Flow::Stop`] to cancel between tokens. The CLI does this.
+//! - From many threads: [`Engine::spawn`] moves the engine onto its own thread, fed by a queue, and
+//!   returns an [`EngineHandle`] (`Clone + Send`). [`EngineHandle::submit`] queues a request and returns
+//!   a [`ResponseStream`] that yields its events as they come; [`CancelToken::cancel`] (or dropping the
+//!   stream) stops the answer before its next token. Requests are answered in submission order. The
+//!   thread ends when every handle is dropped.
+//!
+//! Sampling draws from libtorch's default generator, which belongs to the process: a request's `seed`
+//! makes its draws reproducible because the engine thread is the only one generating.
+mod events;
+mod handle;
+mod request;
+mod text;
+
+pub use crate::generate::Flow;
+pub use events::{Completion, CompletionBuilder, Event, Finish, FinishReason, PromptInfo, Timings, Usage};
+pub use handle::{CancelToken, EngineHandle, ResponseStream};
+pub use request::{ChatMessage, GenerationParams, ImageInput, Request, RequestInput, Role};
+
+use crate::error::{Error, Result};
+use crate::generate::{DecodeEnd, GenerationConfig, Stepping};
+use crate::llm::mask::MaskPolicy;
+use crate::llm::quant::Quantization;
+use crate::mm::conversation::{cli_user_message, model_name_from_path, resolve_conv_mode, template_by_name, ConvModeChoice, Conversation};
+use crate::mm::prompt::tokenizer_image_token;
+use crate::model::ArcanaModel;
+use crate::tokenizer::Tokenizer;
+use crate::vision::preprocess::ImagePreprocessor;
+use std::path::Path;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+use text::StopText;
+
+/// How to load a model folder.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub kind: Kind,
+    pub device: Device,
+    /// Weight-only quantization of the decoder's projections.
+    pub quantization: Option<Quantization>,
+    /// The name the template is chosen from, as the release does (`get_model_name_from_path`); by
+    /// default the model folder's path. A checkpoint assembled elsewhere keeps the name the user gave.
+    pub model_name_path: Option<String>,
+    /// Template override (`--conv-mode`).
+    pub conv_mode: Option<String>,
+    /// Which positions take the visual LoRA branch.
+    pub mask_policy: MaskPolicy,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            kind: Kind::Float,
+            device: Device::Cpu,
+            quantization: None,
+            model_name_path: None,
+            conv_mode: None,
+            mask_policy: MaskPolicy::Release,
+        }
+    }
+}
+
+/// Bytes of the decoder's projections before and after quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantizedSize {
+    pub mode: Quantization,
+    pub before_bytes: usize,
+    pub after_bytes: usize,
+}
+
+pub struct Engine {
+    model: ArcanaModel,
+    tokenizer: Tokenizer,
+    images: ImagePreprocessor,
+    model_name: String,
+    conv_mode: ConvModeChoice,
+    /// The chosen template, without messages.
+    template: Conversation,
+    mask_policy: MaskPolicy,
+    quantized: Option<QuantizedSize>,
+}
+
+impl Engine {
+    pub fn load(dir: &Path, options: EngineOptions) -> Result<Self> {
+        Self::load_with_progress(dir, options, |_, _| {})
+    }
+
+    /// `load`, calling `progress(tensors loaded, tensors in the checkpoint files)` after each tensor.
+    pub fn load_with_progress(dir: &Path, options: EngineOptions, progress: impl Fn(usize, usize) + 'static) -> Result<Self> {
+        let name_path = options.model_name_path.clone().unwrap_or_else(|| dir.to_string_lossy().into_owned());
+        let model_name = model_name_from_path(&name_path)?;
+        let conv_mode = resolve_conv_mode(&model_name, options.conv_mode.as_deref());
+        let template = template_by_name(&conv_mode.chosen)?;
+        let mut model = ArcanaModel::load_with_progress(dir, options.kind, options.device, progress)?;
+        let quantized = match options.quantization {
+            Some(mode) => {
+                let (before_bytes, after_bytes) = model.quantize(mode)?;
+                Some(QuantizedSize { mode, before_bytes, after_bytes })
+            }
+            None => None,
+        };
+        let tokenizer = Tokenizer::from_folder(dir)?;
+        let images = model.files.image_preprocessor()?;
+        Ok(Self { model, tokenizer, images, model_name, conv_mode, template, mask_policy: options.mask_policy, quantized })
+    }
+
+    pub fn model(&self) -> &ArcanaModel {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The release's model name (from the model path), which chose the template.
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+
+    pub fn conv_mode(&self) -> &ConvModeChoice {
+        &self.conv_mode
+    }
+
+    /// The template conversations are rendered with, without messages.
+    pub fn template(&self) -> &Conversation {
+        &self.template
+    }
+
+    pub fn generation_config(&self) -> &GenerationConfig {
+        self.model.generation_config()
+    }
+
+    pub fn quantized(&self) -> Option<QuantizedSize> {
+        self.quantized
+    }
+
+    /// An image file as this model's `[3, S, S]` float32 pixels.
+    pub fn preprocess_image(&self, path: &Path) -> Result<Tensor> {
+        self.images.image_tensor(path)
+    }
+
+    /// The template prompt of a conversation, with an open reply slot at the end.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
+        if messages.iter().rev().find(|m| m.role != Role::System).map(|m| m.role) != Some(Role::User) {
+            return Err(Error::Prompt("a conversation must end with a user message".into()));
+        }
+        let mut conversation = self.template.clone();
+        let [user, assistant] = conversation.roles.clone();
+        let start_end = self.model.files.config.mm_use_im_start_end;
+        for message in messages {
+            match message.role {
+                Role::System => conversation.system = message.text.clone(),
+                Role::User => {
+                    let text = (0..message.images).fold(message.text.clone(), |text, _| cli_user_message(&text, true, start_end));
+                    conversation.append_message(&user, Some(&text));
+                }
+                Role::Assistant => conversation.append_message(&assistant, Some(&message.text)),
+            }
+        }
+        conversation.append_message(&assistant, None);
+        conversation.get_prompt()
+    }
+
+    /// `decode(ids)` with special tokens kept, as the release's CLI stores a reply.
+    pub fn decode_with_special_tokens(&self, ids: &[i64]) -> Result<String> {
+        let ids = ids.iter().map(|&id| token_id(id)).collect::<Result<Vec<u32>>>()?;
+        self.tokenizer.decode_with_special_tokens(&ids)
+    }
+
+    fn pixel_values(&self, images: &[ImageInput]) -> Result<Option<Tensor>> {
+        if images.is_empty() {
+            return Ok(None);
+        }
+        let pixels = images
+            .iter()
+            .map(|image| match image {
+                ImageInput::File(path) => self.preprocess_image(path),
+                ImageInput::Pixels(pixels) => Ok(pixels.shallow_clone()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(other) = pixels.iter().find(|p| p.size() != pixels[0].size()) {
+            return Err(Error::InvalidInput(format!("images of different sizes: {:?} and {:?}", pixels[0].size(), other.size())));
+        }
+        Ok(Some(Tensor::f_stack(&pixels, 0)?))
+    }
+
+    /// Answers one request, calling `on_event` with each event; `on_event` returning [`Flow::Stop`]
+    /// cancels the answer before its next token (the `Finished` event still comes).
+    pub fn generate(&self, request: &Request, mut on_event: impl FnMut(Event) -> Flow) -> Result<Completion> {
+        let _guard = tch::no_grad_guard();
+        let start = Instant::now();
+        let params = &request.params;
+        let chooser = self.generation_config().chooser(params.temperature, params.top_k, params.top_p)?;
+        let prompt = match &request.input {
+            RequestInput::Conversation(messages) => self.render(messages)?,
+            RequestInput::Prompt(prompt) => prompt.clone(),
+        };
+        let input_ids = tokenizer_image_token(&prompt, &self.tokenizer)?;
+        let ids = Tensor::f_from_slice(&input_ids)?.f_view([1, -1])?;
+        let pixels = self.pixel_values(&request.images)?;
+        let inputs = self.model.prepare_inputs(&ids, None, pixels.as_ref())?;
+        let positions = inputs.inputs_embeds.size()[1];
+        let context = self.model.context_length();
+        if positions >= context {
+            return Err(Error::Prompt(format!(
+                "the prompt takes {positions} positions (image features included), which leaves no room in the model's context of {context}"
+            )));
+        }
+        let max_new_tokens = params.max_new_tokens.min((context - positions) as usize);
+        let mut completion = CompletionBuilder::default();
+        let mut emit = |event: Event| {
+            completion.push(&event);
+            on_event(event)
+        };
+        let prompt_info = PromptInfo { prompt, input_ids, mask_policies_differ: ArcanaModel::mask_policies_differ(&inputs) };
+        let mut cancelled = emit(Event::Started(prompt_info)) == Flow::Stop;
+        if let Some(seed) = params.seed {
+            tch::manual_seed(seed as i64);
+        }
+
+        let mut stream = self.tokenizer.stream();
+        let mut text = StopText::new(&params.stop);
+        let mut stopped_by_text = false;
+        let mut stream_error = None;
+        let mut first_token_at = None;
+        let mut cache = self.model.new_cache(1, positions + max_new_tokens as i64)?;
+        let decoded = if cancelled || max_new_tokens == 0 {
+            None
+        } else {
+            let on_step = |next: &[i64]| {
+                first_token_at.get_or_insert_with(Instant::now);
+                let id = next[0];
+                cancelled |= emit(Event::Token(id)) == Flow::Stop;
+                match token_id(id).and_then(|id| stream.push(id)) {
+                    Ok(piece) => {
+                        let (released, stop) = text.push(&piece);
+                        stopped_by_text |= stop;
+                        if !released.is_empty() {
+                            cancelled |= emit(Event::Text(released)) == Flow::Stop;
+                        }
+                    }
+                    Err(e) => stream_error = Some(e),
+                }
+                if cancelled || stopped_by_text || stream_error.is_some() {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                }
+            };
+            Some(self.model.decode(&inputs, chooser, self.mask_policy, max_new_tokens, Stepping::Cached(&mut cache), on_step)?)
+        };
+        if let Some(e) = stream_error {
+            return Err(e);
+        }
+        if !stopped_by_text {
+            let (released, stop) = text.push(&stream.finish());
+            stopped_by_text = stop;
+            if !released.is_empty() {
+                emit(Event::Text(released));
+            }
+        }
+        let rest = text.finish();
+        if !rest.is_empty() {
+            emit(Event::Text(rest));
+        }
+        let end = Instant::now();
+        let reason = match decoded.as_ref().map(|d| d.end) {
+            _ if stopped_by_text => FinishReason::Stop,
+            _ if cancelled => FinishReason::Cancelled,
+            Some(DecodeEnd::Eos) => FinishReason::Eos,
+            Some(DecodeEnd::Length) | None => FinishReason::Length,
+            Some(DecodeEnd::Stopped) => FinishReason::Cancelled,
+        };
+        let completion_tokens = decoded.as_ref().map_or(0, |d| d.ids[0].len() - 1);
+        let first = first_token_at.unwrap_or(end);
+        let finish = Finish {
+            reason,
+            usage: Usage { prompt_tokens: positions as usize, completion_tokens },
+            timings: Timings { prefill_seconds: (first - start).as_secs_f64(), decode_seconds: (end - first).as_secs_f64() },
+        };
+        emit(Event::Finished(finish));
+        completion.finish()
+    }
+
+    /// Moves the engine onto its own thread, fed by a queue; see the module docs.
+    pub fn spawn(self) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+        handle::spawn(self)
+    }
+}
+
+fn token_id(id: i64) -> Result<u32> {
+    u32::try_from(id).map_err(|_| Error::Tokenizer(format!("id {id} out of range")))
+}

@@ -1,0 +1,152 @@
+//! The one decoding loop, as transformers 4.37.2 `generate(inputs_embeds=...)` runs it for the release:
+//! ids start as `[[bos]]` (the prompt is given as embeddings only), the first step runs every prompt
+//! position (positions from the padding mask: `cumsum - 1`, padded positions 1), then one token per
+//! step; the [`TokenChooser`] picks from the last position's fp32 logits; finished rows are filled with
+//! the pad id; it stops when every row met EOS, after `max_new_tokens`, or when the caller says so.
+//!
+//! With a KV cache each step runs only the new token; without one each step re-runs the whole sequence
+//! (a slow check of the cached path). Both go through the same step code.
+mod chooser;
+mod config;
+
+pub use chooser::TokenChooser;
+pub use config::GenerationConfig;
+
+use crate::error::{Error, Result};
+use crate::llm::mask::{prefill_visual_mask, MaskPolicy};
+use crate::llm::{KvCache, LlamaForCausalLM, StepInputs};
+use crate::mm::splice::Spliced;
+use tch::{Kind, Tensor};
+
+/// Whether decoding goes on after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Where the keys and values of past positions live between steps.
+pub enum Stepping<'c> {
+    /// Each step after the first runs only the new token against the cache, which must start empty.
+    Cached(&'c mut KvCache),
+    /// Each step re-runs the prompt and every token so far.
+    Uncached,
+}
+
+/// What one decoding needs besides the model and its inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeOptions<'a> {
+    pub generation: &'a GenerationConfig,
+    pub chooser: TokenChooser,
+    pub policy: MaskPolicy,
+    pub max_new_tokens: usize,
+}
+
+/// Why decoding ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeEnd {
+    /// Every row met an EOS id.
+    Eos,
+    /// `max_new_tokens` were generated.
+    Length,
+    /// The caller's step callback returned [`Flow::Stop`].
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// One row per prompt, as transformers returns them: the BOS it starts from, then the new tokens.
+    pub ids: Vec<Vec<i64>>,
+    pub end: DecodeEnd,
+}
+
+impl Decoded {
+    /// The ids as a `[batch, 1 + n]` tensor.
+    pub fn ids_tensor(&self) -> Result<Tensor> {
+        let width = self.ids.first().map_or(0, Vec::len) as i64;
+        Ok(Tensor::f_from_slice(&self.ids.concat())?.f_view([self.ids.len() as i64, width])?)
+    }
+}
+
+/// `attention_mask.cumsum(-1) - 1`, 1 where the mask is 0: `[B, T]`.
+fn positions_from_mask(mask: &Tensor) -> Result<Tensor> {
+    let pos = mask.f_cumsum(-1, Kind::Int64)?.f_sub_scalar(1)?;
+    Ok(pos.f_masked_fill(&mask.f_eq(0)?, 1)?)
+}
+
+/// Decodes from `inputs`; `on_step` sees each step's new ids (one per row) and can stop the loop.
+pub fn decode(
+    lm: &LlamaForCausalLM,
+    inputs: &Spliced,
+    options: &DecodeOptions,
+    mut stepping: Stepping,
+    mut on_step: impl FnMut(&[i64]) -> Flow,
+) -> Result<Decoded> {
+    let _guard = tch::no_grad_guard();
+    if matches!(&stepping, Stepping::Cached(cache) if !cache.is_empty()) {
+        return Err(Error::InvalidInput("decoding needs an empty KV cache".into()));
+    }
+    let s = inputs.inputs_embeds.size();
+    let (batch, prompt_len) = (s[0], s[1]);
+    let device = inputs.inputs_embeds.device();
+    let pad = options.generation.pad();
+    let prompt_visual = prefill_visual_mask(options.policy, &inputs.image_spans, prompt_len, device)?;
+    let mut mask = inputs.attention_mask.f_to_kind(Kind::Int64)?.f_to_device(device)?;
+    // Uncached steps re-run this whole sequence; cached steps only ever run the prompt from it.
+    let mut sequence = inputs.inputs_embeds.shallow_clone();
+    let mut ids: Vec<Vec<i64>> = vec![vec![options.generation.bos_token_id]; batch as usize];
+    let mut unfinished = vec![true; batch as usize];
+
+    let cache = match &mut stepping {
+        Stepping::Cached(cache) => Some(&mut **cache),
+        Stepping::Uncached => None,
+    };
+    let prefill = StepInputs { position_ids: &positions_from_mask(&mask)?, attention_mask: Some(&mask), visual: &prompt_visual };
+    let mut logits = lm.forward(&sequence, &prefill, cache, false)?.logits;
+    // Generated tokens are language: the release's one-token forward marks nothing visual.
+    let token_visual = Tensor::f_zeros([batch, 1], (Kind::Bool, device))?;
+    let mut end = DecodeEnd::Length;
+    for step in 0..options.max_new_tokens {
+        let next = options.chooser.choose(&logits.f_select(1, -1)?)?;
+        if next.len() != batch as usize {
+            return Err(Error::InvalidInput(format!("{} tokens chosen for a batch of {batch}", next.len())));
+        }
+        let next: Vec<i64> = next.iter().zip(&unfinished).map(|(&t, &u)| if u { t } else { pad }).collect();
+        for ((row, &t), u) in ids.iter_mut().zip(&next).zip(unfinished.iter_mut()) {
+            row.push(t);
+            *u = *u && !options.generation.eos_token_ids.contains(&t);
+        }
+        let flow = on_step(&next);
+        if !unfinished.iter().any(|&u| u) {
+            end = DecodeEnd::Eos;
+            break;
+        }
+        if flow == Flow::Stop {
+            end = DecodeEnd::Stopped;
+            break;
+        }
+        if step + 1 == options.max_new_tokens {
+            break;
+        }
+        // The new token: its embedding, the mask grown by one column, the next position.
+        mask = Tensor::f_cat(&[&mask, &Tensor::f_ones([batch, 1], (Kind::Int64, device))?], 1)?;
+        let token = Tensor::f_from_slice(&next)?.f_view([batch, 1])?.f_to_device(device)?;
+        let token_embeds = lm.model.embed(&token)?;
+        let positions = positions_from_mask(&mask)?;
+        logits = match &mut stepping {
+            Stepping::Cached(cache) => {
+                let last = positions.f_narrow(1, mask.size()[1] - 1, 1)?;
+                let step = StepInputs { position_ids: &last, attention_mask: Some(&mask), visual: &token_visual };
+                lm.forward(&token_embeds, &step, Some(&mut **cache), false)?.logits
+            }
+            Stepping::Uncached => {
+                sequence = Tensor::f_cat(&[&sequence, &token_embeds], 1)?;
+                let generated = sequence.size()[1] - prompt_len;
+                let visual = Tensor::f_cat(&[&prompt_visual, &Tensor::f_zeros([batch, generated], (Kind::Bool, device))?], 1)?;
+                let step = StepInputs { position_ids: &positions, attention_mask: Some(&mask), visual: &visual };
+                lm.forward(&sequence, &step, None, false)?.logits
+            }
+        };
+    }
+    Ok(Decoded { ids, end })
+}
