@@ -39,6 +39,11 @@ pub enum Error {
     #[error("prompt: {0}")]
     Prompt(String),
 
+    /// The prompt fills the model's context: nothing can be generated (servers answer this with the
+    /// release's "Exceeds max token length" reply).
+    #[error("prompt: the prompt takes {positions} positions (image features included), which leaves no room in the model's context of {context}")]
+    ContextFull { positions: i64, context: i64 },
+
     #[error("invalid input: {0}")]
     InvalidInput(String),
 

@@ -1,6 +1,6 @@
 //! `arcana`: the release's `python -m arcana.serve.cli`, without Python. Same flags, same prompts and
 //! the same answers (CPU fp32 is bit-identical to the PyTorch release computed the same way).
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use arcana::chat::{ChatSession, TurnResult};
 use arcana::engine::{Engine, EngineOptions, GenerationParams};
 use arcana::llm::mask::MaskPolicy;
@@ -8,9 +8,12 @@ use arcana::llm::quant::Quantization;
 use arcana::mm::conversation::cli_display_roles;
 use clap::{Parser, ValueEnum};
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
-use tch::{Device, Kind};
+use tch::Kind;
+
+#[path = "shared/mod.rs"]
+mod shared;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Chat with an Arcana checkpoint (the release's serve/cli.py flags)")]
@@ -80,28 +83,6 @@ enum PolicyArg {
     Image,
 }
 
-fn parse_device(name: &str) -> Result<Device> {
-    let device = match name {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        "mps" => bail!("--device mps: this build runs on libtorch for Linux, which has no MPS backend; use cpu or cuda"),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(index)) => Device::Cuda(index),
-            _ => bail!("--device {other}: expected cpu, cuda or cuda:N"),
-        },
-    };
-    if let Device::Cuda(index) = device {
-        let count = tch::Cuda::device_count() as usize;
-        if count == 0 {
-            bail!("--device {name}: no CUDA device is available to this libtorch (found none)");
-        }
-        if index >= count {
-            bail!("--device {name}: only {count} CUDA device(s) are available");
-        }
-    }
-    Ok(device)
-}
-
 /// The questions: `--prompt` values, else lines of a piped stdin, else the interactive prompt.
 enum Questions {
     Given(std::vec::IntoIter<String>),
@@ -132,65 +113,16 @@ impl Questions {
     }
 }
 
-/// A checkpoint that needs its `--model-base` (projector-only or LoRA) is assembled once by
-/// `arcana-convert` into the cache, keyed by both folders and their config's modification times.
-fn assemble_with_base(model_path: &Path, base: &Path, dtype: &str) -> Result<PathBuf> {
-    use std::hash::{Hash, Hasher};
-    let convert = std::env::current_exe()?.with_file_name("arcana-convert");
-    if !convert.is_file() {
-        bail!("--model-base needs the arcana-convert binary next to arcana ({}); build it with `cargo build -p arcana-convert`", convert.display());
-    }
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    for dir in [model_path, base] {
-        let dir = dir.canonicalize().with_context(|| format!("{}: no such folder", dir.display()))?;
-        dir.hash(&mut hasher);
-        std::fs::metadata(dir.join("config.json")).and_then(|m| m.modified()).ok().hash(&mut hasher);
-    }
-    dtype.hash(&mut hasher);
-    let cache = std::env::var_os("ARCANA_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana")))
-        .ok_or_else(|| anyhow::anyhow!("--model-base: set HOME or ARCANA_CACHE for the assembled checkpoint"))?;
-    let name = model_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let out = cache.join("assembled").join(format!("{name}-{:016x}", hasher.finish()));
-    if !out.join("config.json").is_file() {
-        eprintln!("Assembling {} with base {} into {} (once)...", model_path.display(), base.display(), out.display());
-        let status = std::process::Command::new(&convert)
-            .args(["--input".as_ref(), model_path.as_os_str(), "--model-base".as_ref(), base.as_os_str()])
-            .args(["--output".as_ref(), out.as_os_str(), "--dtype".as_ref(), dtype.as_ref()])
-            .status()
-            .with_context(|| format!("running {}", convert.display()))?;
-        if !status.success() {
-            bail!("--model-base: arcana-convert could not assemble {} with {}", model_path.display(), base.display());
-        }
-    }
-    Ok(out)
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
-    let device = parse_device(&args.device)?;
+    let device = shared::parse_device(&args.device)?;
     let kind = match args.dtype {
         Some(DtypeArg::Fp32) => Kind::Float,
         Some(DtypeArg::Fp16) => Kind::Half,
         Some(DtypeArg::Bf16) => Kind::BFloat16,
-        None if device == Device::Cpu => Kind::Float,
-        None => Kind::Half,
+        None => shared::default_kind(device),
     };
-    if !args.model_path.is_dir() {
-        bail!("--model-path {}: no such folder", args.model_path.display());
-    }
-    let weights_path = match &args.model_base {
-        Some(base) => {
-            let dtype = match kind {
-                Kind::Half => "fp16",
-                Kind::BFloat16 => "bf16",
-                _ => "fp32",
-            };
-            assemble_with_base(&args.model_path, base, dtype)?
-        }
-        None => args.model_path.clone(),
-    };
+    let weights_path = shared::weights_folder(&args.model_path, args.model_base.as_deref(), kind)?;
     let params = GenerationParams {
         temperature: args.temperature,
         top_p: args.top_p,

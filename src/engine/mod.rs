@@ -185,6 +185,7 @@ impl Engine {
             .map(|image| match image {
                 ImageInput::File(path) => self.preprocess_image(path),
                 ImageInput::Pixels(pixels) => Ok(pixels.shallow_clone()),
+                ImageInput::Encoded { name, bytes } => self.images.encoded_image_tensor(bytes, name),
             })
             .collect::<Result<Vec<_>>>()?;
         if let Some(other) = pixels.iter().find(|p| p.size() != pixels[0].size()) {
@@ -211,9 +212,7 @@ impl Engine {
         let positions = inputs.inputs_embeds.size()[1];
         let context = self.model.context_length();
         if positions >= context {
-            return Err(Error::Prompt(format!(
-                "the prompt takes {positions} positions (image features included), which leaves no room in the model's context of {context}"
-            )));
+            return Err(Error::ContextFull { positions, context });
         }
         let max_new_tokens = params.max_new_tokens.min((context - positions) as usize);
         let mut completion = CompletionBuilder::default();

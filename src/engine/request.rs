@@ -61,6 +61,8 @@ impl ChatMessage {
 pub enum ImageInput {
     /// An image file (PNG, JPEG, WebP, BMP, GIF, TIFF), preprocessed by the engine.
     File(PathBuf),
+    /// An encoded image file held in memory (e.g. from a base64 request body); `name` labels errors.
+    Encoded { name: String, bytes: Vec<u8> },
     /// Pixels already preprocessed for this model: `[3, S, S]` float32 (see `Engine::preprocess_image`).
     Pixels(Tensor),
 }

@@ -254,6 +254,15 @@ impl ImagePreprocessor {
         Ok(NamedImage { path: path.to_path_buf(), rgb: load_rgb(path, self.max_pixels)? })
     }
 
+    /// An encoded image held in memory as a `[3, crop_h, crop_w]` float32 tensor; `name` labels errors.
+    pub fn encoded_image_tensor(&self, bytes: &[u8], name: &str) -> Result<Tensor> {
+        let path = PathBuf::from(name);
+        let rgb = super::decode::decode_rgb(bytes, &path, self.max_pixels)?;
+        let values = self.pixel_values(&[NamedImage { path, rgb }])?;
+        let first = values.first().ok_or_else(|| Error::InvalidInput(format!("{name}: no pixels")))?;
+        first.to_tensor()
+    }
+
     /// One image file as a `[3, crop_h, crop_w]` float32 tensor.
     pub fn image_tensor(&self, path: &Path) -> Result<Tensor> {
         self.batch_tensor(&[path])?.f_squeeze_dim(0).map_err(Error::from)

@@ -1,0 +1,444 @@
+//! A model worker (arcana/serve/model_worker.py): loads one model on the engine's own thread, registers
+//! with the controller, sends heart beats, and answers `/worker_generate_stream` with the release's
+//! cumulative NUL-delimited chunks. Deviations from the release, each deliberate:
+//! - images are used whenever the model has a vision tower (the release checks `"llava" in model_name`,
+//!   so a worker named "Arcana" ignored them);
+//! - a request without `stop` works (the release raised a TypeError), and generation stops at the stop
+//!   string instead of only trimming it from the end;
+//! - the context budget counts every image position, the 64 ladder tokens included;
+//! - error chunks carry the cause ("image 1: not a recognised image format ...") rather than the one
+//!   "NETWORK ERROR" text; codes are the release's.
+use super::http::{json_error, JsonBody};
+use super::protocol::{error_code, HeartBeat, HeartBeatReply, RegisterWorker, StreamChunk, WorkerStatus};
+use super::protocol::{STATUS_TIMEOUT, WORKER_HEART_BEAT_INTERVAL};
+use crate::engine::{EngineHandle, Event, GenerationParams, ImageInput, Request, RequestInput};
+use crate::error::Error;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use tokio::sync::Semaphore;
+
+/// The release's reply when the prompt leaves no room to generate (sent with error code 0).
+pub const EXCEEDS_CONTEXT: &str = "Exceeds max token length. Please start a new conversation, thanks.";
+/// `max_new_tokens` is capped at this, as in the release.
+pub const MAX_NEW_TOKENS_CAP: usize = 1024;
+
+/// Where the worker is and whom it reports to.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub model_name: String,
+    /// This worker's URL as the controller should call it.
+    pub worker_address: String,
+    /// `None`: do not register (`--no-register`).
+    pub controller_address: Option<String>,
+    /// Requests generating at once; more wait in a queue (`--limit-model-concurrency`).
+    pub limit_model_concurrency: usize,
+}
+
+/// Loading state of the model.
+enum Model {
+    Ready(EngineHandle),
+    Failed(String),
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+struct Metrics {
+    requests: AtomicU64,
+    failed_requests: AtomicU64,
+    generated_tokens: AtomicU64,
+    /// Time to first token, bucketed (seconds upper bounds in `TTFT_BUCKETS`).
+    ttft_buckets: [AtomicU64; TTFT_BUCKETS.len()],
+    ttft_count: AtomicU64,
+    ttft_sum_micros: AtomicU64,
+}
+
+const TTFT_BUCKETS: [f64; 8] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Shared worker state (cheap to clone).
+#[derive(Clone)]
+pub struct Worker {
+    config: Arc<WorkerConfig>,
+    model: Arc<OnceLock<Model>>,
+    slots: Arc<Semaphore>,
+    /// Requests admitted or waiting for a slot: the release's queue_length.
+    queue_length: Arc<AtomicI64>,
+    metrics: Arc<Metrics>,
+    client: reqwest::Client,
+}
+
+impl Worker {
+    pub fn new(config: WorkerConfig) -> Self {
+        let slots = Arc::new(Semaphore::new(config.limit_model_concurrency.max(1)));
+        Self {
+            config: Arc::new(config),
+            model: Arc::default(),
+            slots,
+            queue_length: Arc::default(),
+            metrics: Arc::default(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// The model is loaded: requests are served from now on.
+    pub fn set_engine(&self, engine: EngineHandle) {
+        let _ = self.model.set(Model::Ready(engine));
+    }
+
+    /// Loading failed: `/health` and requests say why.
+    pub fn set_load_error(&self, message: String) {
+        let _ = self.model.set(Model::Failed(message));
+    }
+
+    pub fn status(&self) -> WorkerStatus {
+        WorkerStatus {
+            model_names: vec![self.config.model_name.clone()],
+            speed: 1.0,
+            queue_length: self.queue_length.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Registers with the controller (with this worker's status), if there is one.
+    pub async fn register(&self) -> Result<(), String> {
+        let Some(controller) = &self.config.controller_address else { return Ok(()) };
+        let body = RegisterWorker {
+            worker_name: self.config.worker_address.clone(),
+            check_heart_beat: true,
+            worker_status: Some(self.status()),
+        };
+        let reply = self
+            .client
+            .post(format!("{controller}/register_worker"))
+            .json(&body)
+            .timeout(STATUS_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| format!("controller at {controller} unreachable: {e}"))?;
+        if !reply.status().is_success() {
+            return Err(format!("controller at {controller} refused the registration: HTTP {}", reply.status()));
+        }
+        tracing::info!(controller, worker = self.config.worker_address, "registered");
+        Ok(())
+    }
+
+    /// One heart beat; re-registers when the controller no longer knows this worker (it restarted or
+    /// dropped it).
+    pub async fn heart_beat(&self) {
+        let Some(controller) = &self.config.controller_address else { return };
+        let body = HeartBeat { worker_name: self.config.worker_address.clone(), queue_length: self.status().queue_length };
+        let reply = self
+            .client
+            .post(format!("{controller}/receive_heart_beat"))
+            .json(&body)
+            .timeout(STATUS_TIMEOUT)
+            .send()
+            .await;
+        let exist = match reply {
+            Ok(r) => r.json::<HeartBeatReply>().await.map(|r| r.exist).unwrap_or(false),
+            Err(e) => {
+                tracing::warn!(controller, error = %e, "heart beat failed");
+                return;
+            }
+        };
+        if !exist {
+            if let Err(e) = self.register().await {
+                tracing::warn!("re-registering failed: {e}");
+            }
+        }
+    }
+
+    /// Heart beats every `WORKER_HEART_BEAT_INTERVAL`, registering first once the model is ready.
+    pub fn spawn_heart_beats(&self) -> tokio::task::JoinHandle<()> {
+        let worker = self.clone();
+        tokio::spawn(async move {
+            if worker.config.controller_address.is_none() {
+                return;
+            }
+            let mut tick = tokio::time::interval(WORKER_HEART_BEAT_INTERVAL);
+            loop {
+                tick.tick().await;
+                worker.heart_beat().await;
+            }
+        })
+    }
+
+    fn engine(&self) -> Result<&EngineHandle, String> {
+        match self.model.get() {
+            Some(Model::Ready(engine)) => Ok(engine),
+            Some(Model::Failed(message)) => Err(format!("the model failed to load: {message}")),
+            None => Err("the model is still loading".into()),
+        }
+    }
+}
+
+/// The release's `/worker_generate_stream` parameters, read leniently as the release does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamParams {
+    pub prompt: String,
+    /// Base64-encoded image files, one per `<image>` in the prompt.
+    pub images: Vec<String>,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_new_tokens: usize,
+    pub stop: Option<String>,
+}
+
+impl StreamParams {
+    pub fn from_json(params: &serde_json::Value) -> Result<Self, String> {
+        let number = |key: &str, default: f64| -> Result<f64, String> {
+            match params.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(v) => v
+                    .as_f64()
+                    .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+                    .ok_or_else(|| format!("`{key}` must be a number, got {v}")),
+            }
+        };
+        let prompt = params
+            .get("prompt")
+            .and_then(|p| p.as_str())
+            .ok_or("`prompt` (a string) is required")?
+            .to_string();
+        let images = match params.get("images") {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.as_str().map(str::to_string).ok_or(format!("image {}: expected a base64 string", i + 1)))
+                .collect::<Result<_, _>>()?,
+            Some(other) => return Err(format!("`images` must be a list of base64 strings, got {other}")),
+        };
+        let max_new_tokens = number("max_new_tokens", 256.0)?;
+        if max_new_tokens < 0.0 {
+            return Err(format!("`max_new_tokens` must not be negative, got {max_new_tokens}"));
+        }
+        let stop = match params.get("stop") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) if s.is_empty() => None,
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(other) => return Err(format!("`stop` must be a string, got {other}")),
+        };
+        Ok(Self {
+            prompt,
+            images,
+            temperature: number("temperature", 1.0)?,
+            top_p: number("top_p", 1.0)?,
+            max_new_tokens: (max_new_tokens as usize).min(MAX_NEW_TOKENS_CAP),
+            stop,
+        })
+    }
+
+    /// The engine request: sampling when temperature > 0.001, as the release decides.
+    pub fn to_request(&self) -> Result<Request, String> {
+        let placeholders = self.prompt.matches("<image>").count();
+        if placeholders != self.images.len() {
+            return Err(format!(
+                "Number of images does not match number of <image> tokens in prompt: {} image(s), {placeholders} <image> token(s)",
+                self.images.len()
+            ));
+        }
+        let images = self
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, b64)| {
+                let bytes = decode_base64_image(b64).map_err(|e| format!("image {}: {e}", i + 1))?;
+                Ok(ImageInput::Encoded { name: format!("image {}", i + 1), bytes })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let sampling = self.temperature > 0.001;
+        let params = GenerationParams {
+            temperature: if sampling { self.temperature } else { 0.0 },
+            top_p: Some(self.top_p),
+            top_k: None,
+            max_new_tokens: self.max_new_tokens,
+            stop: self.stop.iter().cloned().collect(),
+            seed: None,
+        };
+        params.check().map_err(|e| e.to_string())?;
+        Ok(Request { input: RequestInput::Prompt(self.prompt.clone()), images, params })
+    }
+}
+
+/// Base64 (standard alphabet; a `data:...;base64,` prefix is accepted) to bytes.
+pub fn decode_base64_image(text: &str) -> Result<Vec<u8>, String> {
+    let payload = match text.split_once(";base64,") {
+        Some((head, rest)) if head.starts_with("data:") => rest,
+        _ => text,
+    };
+    let compact: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(compact).map_err(|e| format!("not valid base64: {e}"))
+}
+
+/// Worker routes: the release's two endpoints, plus `/health` and `/metrics`.
+pub fn router(worker: Worker) -> Router {
+    Router::new()
+        .route("/worker_generate_stream", post(generate_stream))
+        .route("/worker_get_status", post(get_status))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { json_error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(worker)
+}
+
+async fn get_status(State(w): State<Worker>) -> Json<WorkerStatus> {
+    Json(w.status())
+}
+
+async fn health(State(w): State<Worker>) -> Response {
+    match w.engine() {
+        Ok(_) => Json(serde_json::json!({"status": "ok", "model": w.config.model_name})).into_response(),
+        Err(message) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": message, "model": w.config.model_name})))
+                .into_response()
+        }
+    }
+}
+
+async fn metrics(State(w): State<Worker>) -> Response {
+    let m = &w.metrics;
+    let mut text = String::new();
+    let mut counter = |name: &str, help: &str, kind: &str, value: String| {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    };
+    counter("arcana_requests_total", "Generation requests received.", "counter", m.requests.load(Ordering::Relaxed).to_string());
+    counter("arcana_requests_failed_total", "Requests answered with an error.", "counter", m.failed_requests.load(Ordering::Relaxed).to_string());
+    counter("arcana_generated_tokens_total", "Tokens generated.", "counter", m.generated_tokens.load(Ordering::Relaxed).to_string());
+    counter("arcana_queue_length", "Requests generating or waiting.", "gauge", w.queue_length.load(Ordering::SeqCst).to_string());
+    text.push_str("# HELP arcana_time_to_first_token_seconds Time from admission to the first token.\n");
+    text.push_str("# TYPE arcana_time_to_first_token_seconds histogram\n");
+    let mut cumulative = 0;
+    for (bound, bucket) in TTFT_BUCKETS.iter().zip(&m.ttft_buckets) {
+        cumulative += bucket.load(Ordering::Relaxed);
+        text.push_str(&format!("arcana_time_to_first_token_seconds_bucket{{le=\"{bound}\"}} {cumulative}\n"));
+    }
+    let count = m.ttft_count.load(Ordering::Relaxed);
+    text.push_str(&format!("arcana_time_to_first_token_seconds_bucket{{le=\"+Inf\"}} {count}\n"));
+    let sum = m.ttft_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+    text.push_str(&format!("arcana_time_to_first_token_seconds_sum {sum}\narcana_time_to_first_token_seconds_count {count}\n"));
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+fn record_ttft(m: &Metrics, seconds: f64) {
+    if let Some(i) = TTFT_BUCKETS.iter().position(|&b| seconds <= b) {
+        m.ttft_buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+    m.ttft_count.fetch_add(1, Ordering::Relaxed);
+    m.ttft_sum_micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+}
+
+/// Counts a request in the queue from arrival until its stream ends or is dropped.
+struct QueueGuard(Arc<AtomicI64>);
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn generate_stream(State(w): State<Worker>, JsonBody(params): JsonBody<serde_json::Value>) -> Response {
+    w.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let fail = |w: &Worker, message: String| {
+        w.metrics.failed_requests.fetch_add(1, Ordering::Relaxed);
+        Response::new(Body::from(StreamChunk::error(error_code::WORKER_ERROR, message).to_wire()))
+    };
+    let params = match StreamParams::from_json(&params) {
+        Ok(p) => p,
+        Err(message) => return fail(&w, message),
+    };
+    let engine = match w.engine() {
+        Ok(engine) => engine.clone(),
+        Err(message) => return fail(&w, message),
+    };
+    // Decoding images takes time: off the async threads.
+    let request = match tokio::task::spawn_blocking({
+        let params = params.clone();
+        move || params.to_request()
+    })
+    .await
+    {
+        Ok(Ok(request)) => request,
+        Ok(Err(message)) => return fail(&w, message),
+        Err(e) => return fail(&w, format!("preparing the request failed: {e}")),
+    };
+    w.queue_length.fetch_add(1, Ordering::SeqCst);
+    let queued = QueueGuard(w.queue_length.clone());
+    w.heart_beat().await;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    let worker = w.clone();
+    tokio::spawn(async move {
+        let _queued = queued;
+        let Ok(_slot) = worker.slots.clone().acquire_owned().await else { return };
+        let admitted = std::time::Instant::now();
+        let prompt = params.prompt.clone();
+        let metrics = worker.metrics.clone();
+        let result = tokio::task::spawn_blocking(move || stream_answer(&engine, request, prompt, sender, &metrics, admitted)).await;
+        if let Ok(Err(())) | Err(_) = result {
+            worker.metrics.failed_requests.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(_slot);
+        drop(_queued);
+        worker.heart_beat().await;
+    });
+    let chunks = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), receiver))
+    });
+    Response::new(Body::from_stream(chunks))
+}
+
+/// Runs one request on the engine thread's queue and forwards cumulative chunks; stops the answer as
+/// soon as the client is gone (the channel closed). `Err` when the answer ended in an error.
+fn stream_answer(
+    engine: &EngineHandle,
+    request: Request,
+    prompt: String,
+    sender: tokio::sync::mpsc::Sender<Vec<u8>>,
+    metrics: &Metrics,
+    admitted: std::time::Instant,
+) -> Result<(), ()> {
+    let send = |chunk: StreamChunk| sender.blocking_send(chunk.to_wire()).is_ok();
+    let stream = match engine.submit(request) {
+        Ok(stream) => stream,
+        Err(e) => {
+            send(StreamChunk::error(error_code::WORKER_ERROR, e.to_string()));
+            return Err(());
+        }
+    };
+    let cancel = stream.cancel_token();
+    let mut text = prompt.clone();
+    let mut first_token = true;
+    for event in stream {
+        match event {
+            Ok(Event::Token(_)) => {
+                metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                if first_token {
+                    record_ttft(metrics, admitted.elapsed().as_secs_f64());
+                    first_token = false;
+                }
+            }
+            Ok(Event::Text(delta)) => {
+                text.push_str(&delta);
+                if !send(StreamChunk { text: text.clone(), error_code: error_code::OK }) {
+                    cancel.cancel();
+                    return Ok(());
+                }
+            }
+            Ok(_) => {}
+            Err(Error::ContextFull { .. }) => {
+                send(StreamChunk { text: format!("{prompt}{EXCEEDS_CONTEXT}"), error_code: error_code::OK });
+                return Ok(());
+            }
+            Err(e) => {
+                send(StreamChunk::error(error_code::WORKER_ERROR, e.to_string()));
+                return Err(());
+            }
+        }
+    }
+    Ok(())
+}
