@@ -1,0 +1,245 @@
+//! `arcana-serve worker` and `controller` as separate processes on loopback, on the cli-tiny checkpoint
+//! made by `python parity/cli_fixtures.py` (skips with a message where the Python environment is
+//! missing): a greedy request through the controller answers the CLI reference's text, bad requests get
+//! error chunks naming the problem, a full context gets the release's reply, requests past the
+//! concurrency limit wait in the queue, a client that leaves frees its slot, and a killed worker ends
+//! the client's stream with an error chunk.
+mod common;
+
+use arcana::serve::protocol::{ChunkSplitter, StreamChunk};
+use serde_json::{json, Value};
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `arcana-serve ARGS --port 0` and waits for the address it prints.
+fn start(dir: &Path, args: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arcana-serve"))
+        .current_dir(dir)
+        .args(args)
+        .args(["--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
+    assert!(url.starts_with("http://"), "no address printed: {line:?}");
+    Server { child, url }
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+fn wait_ready(worker: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(r) = client().get(format!("{}/health", worker.url)).send() {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("worker at {} never became ready", worker.url);
+}
+
+fn chunks(bytes: &[u8]) -> Vec<StreamChunk> {
+    let mut splitter = ChunkSplitter::default();
+    let parts = splitter.push(bytes);
+    assert!(splitter.remainder().is_empty(), "stream ended mid-chunk: {:?}", String::from_utf8_lossy(splitter.remainder()));
+    parts.iter().map(|c| serde_json::from_slice(c).unwrap()).collect()
+}
+
+fn generate(url: &str, body: &Value) -> Vec<StreamChunk> {
+    let r = client().post(format!("{url}/worker_generate_stream")).json(body).send().unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    chunks(&r.bytes().unwrap())
+}
+
+fn expected_first_turn(dir: &Path, case: &str) -> Value {
+    let text = std::fs::read_to_string(dir.join("expected").join(format!("{case}.json"))).unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["turns"][0].clone()
+}
+
+fn base64_file(path: &Path) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap())
+}
+
+fn square_request(dir: &Path, max_new_tokens: u64) -> Value {
+    let turn = expected_first_turn(dir, "v1-square-greedy");
+    json!({
+        "model": "arcana-cli-tiny-v1",
+        "prompt": turn["prompt"],
+        "images": [base64_file(&dir.join("images/square.png"))],
+        "temperature": 0,
+        "max_new_tokens": max_new_tokens,
+    })
+}
+
+fn status(url: &str) -> Value {
+    client().post(format!("{url}/worker_get_status")).send().unwrap().json().unwrap()
+}
+
+#[test]
+fn a_greedy_request_through_the_controller_answers_like_the_cli() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let controller = start(dir, &["controller"]);
+    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
+    wait_ready(&worker);
+    // Registered on load.
+    let models: Value = client().post(format!("{}/list_models", controller.url)).send().unwrap().json().unwrap();
+    assert_eq!(models, json!({"models": ["arcana-cli-tiny-v1"]}));
+
+    let turn = expected_first_turn(dir, "v1-square-greedy");
+    let prompt = turn["prompt"].as_str().unwrap();
+    let got = generate(&controller.url, &square_request(dir, 24));
+    assert!(got.len() > 1, "streamed in pieces: {got:?}");
+    assert!(got.iter().all(|c| c.error_code == 0 && c.text.starts_with(prompt)), "{got:?}");
+    let answer = &got.last().unwrap().text[prompt.len()..];
+    assert_eq!(answer, turn["text"].as_str().unwrap());
+
+    // The same straight to the worker; the queue is empty afterwards.
+    let direct = generate(&worker.url, &square_request(dir, 24));
+    assert_eq!(direct.last(), got.last());
+    assert_eq!(status(&worker.url)["queue_length"], 0);
+    let metrics = client().get(format!("{}/metrics", worker.url)).send().unwrap().text().unwrap();
+    assert!(metrics.contains("arcana_requests_total 2"), "{metrics}");
+    assert!(metrics.contains("arcana_generated_tokens_total 48"), "{metrics}");
+}
+
+#[test]
+fn bad_requests_get_error_chunks_that_name_the_problem() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register"]);
+    wait_ready(&worker);
+    let mut request = square_request(dir, 4);
+    let cases: Vec<(Value, &str)> = vec![
+        (json!(["%%% not base64"]), "image 1: not valid base64"),
+        (json!([base64_file(&dir.join("expected/v1-square-greedy.json"))]), "image 1"),
+        (json!([]), "Number of images does not match number of <image> tokens"),
+        (json!("one"), "`images` must be a list"),
+    ];
+    for (images, message) in cases {
+        request["images"] = images;
+        let got = generate(&worker.url, &request);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].error_code, 1, "{got:?}");
+        assert!(got[0].text.contains(message), "expected `{message}` in {:?}", got[0].text);
+    }
+    let no_prompt = generate(&worker.url, &json!({"images": []}));
+    assert!(no_prompt[0].text.contains("`prompt`"), "{no_prompt:?}");
+    // Malformed JSON is an HTTP error with a JSON body.
+    let r = client().post(format!("{}/worker_generate_stream", worker.url)).header("content-type", "application/json").body("{").send().unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<Value>().unwrap()["error"].is_string());
+    // A request without `stop` and with the release's defaults works (the release raised a TypeError).
+    let ok = generate(&worker.url, &json!({"prompt": "USER: hi ASSISTANT:", "max_new_tokens": 3}));
+    assert_eq!(ok.last().unwrap().error_code, 0, "{ok:?}");
+}
+
+#[test]
+fn a_prompt_that_fills_the_context_gets_the_release_reply() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    common::copy_dir(&dir.join("arcana-cli-tiny-v1"), &tmp.path().join("arcana-cli-tiny-v1"));
+    let config = tmp.path().join("arcana-cli-tiny-v1/config.json");
+    let mut value: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    value["max_position_embeddings"] = 64.into();
+    std::fs::write(&config, value.to_string()).unwrap();
+    let worker = start(tmp.path(), &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register"]);
+    wait_ready(&worker);
+    let request = square_request(dir, 24);
+    let got = generate(&worker.url, &request);
+    let prompt = request["prompt"].as_str().unwrap();
+    assert_eq!(got, vec![StreamChunk {
+        text: format!("{prompt}Exceeds max token length. Please start a new conversation, thanks."),
+        error_code: 0
+    }]);
+}
+
+#[test]
+fn requests_past_the_limit_queue_and_a_leaving_client_frees_its_slot() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register", "--limit-model-concurrency", "1"]);
+    wait_ready(&worker);
+    let url = worker.url.clone();
+    // Three at once with one slot: all complete, and the status counted them while they waited.
+    let requests: Vec<_> = (0..3)
+        .map(|_| {
+            let (url, body) = (url.clone(), square_request(dir, 200));
+            std::thread::spawn(move || generate(&url, &body))
+        })
+        .collect();
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && most < 3 {
+        most = most.max(status(&url)["queue_length"].as_i64().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let answers: Vec<_> = requests.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(most >= 2, "queue_length never showed the waiting requests (max {most})");
+    for a in &answers {
+        assert_eq!(a.last().unwrap().error_code, 0);
+        assert_eq!(a.last(), answers[0].last(), "greedy answers differ");
+    }
+    assert_eq!(status(&url)["queue_length"], 0);
+
+    // A client that reads one chunk and leaves: the slot is free again soon (the answer is cancelled
+    // before its next token), so the next request is served right away.
+    let mut response = client().post(format!("{url}/worker_generate_stream")).json(&square_request(dir, 1000)).send().unwrap();
+    let mut first = [0u8; 64];
+    let _ = std::io::Read::read(&mut response, &mut first).unwrap();
+    drop(response);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&url)["queue_length"] != 0 {
+        assert!(Instant::now() < deadline, "the slot was not freed after the client left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let metrics = client().get(format!("{url}/metrics")).send().unwrap().text().unwrap();
+    let generated: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("arcana_generated_tokens_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(generated < 3 * 200 + 1000, "the abandoned answer ran on: {generated} tokens");
+}
+
+#[test]
+fn a_worker_killed_mid_stream_ends_the_stream_with_an_error() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let controller = start(dir, &["controller", "--stream-timeout", "30"]);
+    let mut worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
+    wait_ready(&worker);
+    let url = controller.url.clone();
+    let body = square_request(dir, 1000);
+    let reader = std::thread::spawn(move || {
+        let r = client().post(format!("{url}/worker_generate_stream")).json(&body).send().unwrap();
+        chunks(&r.bytes().unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = worker.child.kill();
+    let got = reader.join().unwrap();
+    assert_eq!(got.last().unwrap().error_code, 3, "{:?}", got.last());
+    assert!(got.last().unwrap().text.contains(&worker.url), "{:?}", got.last());
+    // A new request for the model, while the dead worker is still registered, fails fast with error 3.
+    let again = generate(&controller.url, &square_request(dir, 4));
+    assert_eq!(again.last().unwrap().error_code, 3);
+}
