@@ -235,7 +235,7 @@ fn main() -> Result<()> {
             after as f64 / 1048576.0
         );
     }
-    let tokenizer = Tokenizer::from_folder(&weights_path)
+    let tokenizer = Tokenizer::for_release(&weights_path, &args.model_path, args.model_base.is_some())
         .with_context(|| format!("loading the tokenizer from {}", weights_path.display()))?;
     let load_seconds = load_start.elapsed().as_secs_f64();
 
