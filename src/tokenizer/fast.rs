@@ -162,6 +162,13 @@ impl FastTokenizer {
         self.special_ids.contains(&id)
     }
 
+    /// Whether `id` is a byte token (`<0xE4>`), as the `ByteFallback` decoder recognises them.
+    pub(crate) fn is_byte_token(&self, id: TokenId) -> bool {
+        self.core.id_to_token(id).is_some_and(|t| {
+            t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') && u8::from_str_radix(&t[3..5], 16).is_ok()
+        })
+    }
+
     /// `tokenizer.encode(text, add_special_tokens=...)`.
     pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<TokenId>> {
         let encoding = self

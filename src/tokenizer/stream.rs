@@ -114,14 +114,17 @@ impl<'t> SlowStream<'t> {
     }
 }
 
-/// The fast tokenizer's stream. Its decoder pipeline (byte fallback, fuse, strip) is not
-/// incremental, so each push decodes all ids so far and releases what extends the text already
-/// released, up to a trailing run of U+FFFD: byte tokens that may still complete a character.
-/// Generation lengths keep the repeated decoding cheap.
+/// The fast tokenizer's stream. Its byte-fallback decoder turns a whole run of byte tokens into
+/// U+FFFD when any byte of the run is invalid, so a run can change until it ends: text is released
+/// up to the last token that is neither a byte token nor skipped (a skipped special token joins the
+/// runs on its sides). Each push decodes the ids before that point again; generation lengths keep
+/// that cheap.
 #[derive(Debug, Clone)]
 pub(crate) struct FastStream<'t> {
     tokenizer: &'t FastTokenizer,
     ids: Vec<TokenId>,
+    /// How many ids end in a token that a later id cannot change.
+    settled: usize,
     released: String,
 }
 
@@ -130,6 +133,7 @@ impl<'t> FastStream<'t> {
         FastStream {
             tokenizer,
             ids: Vec::new(),
+            settled: 0,
             released: String::new(),
         }
     }
@@ -137,13 +141,16 @@ impl<'t> FastStream<'t> {
     fn push(&mut self, id: TokenId) -> Result<String> {
         self.tokenizer.check_id(id)?;
         self.ids.push(id);
+        if self.tokenizer.is_special(id) || self.tokenizer.is_byte_token(id) {
+            return Ok(String::new());
+        }
+        self.settled = self.ids.len();
         if self.tokenizer.clean_up_enabled() {
             return Ok(String::new());
         }
-        let text = self.tokenizer.decode_raw(&self.ids)?;
-        let stable = text.trim_end_matches('\u{FFFD}');
-        // Text that no longer extends what was released waits for `finish`.
-        match stable.strip_prefix(self.released.as_str()) {
+        let text = self.tokenizer.decode_raw(&self.ids[..self.settled])?;
+        // Text that does not extend what was released waits for `finish`.
+        match text.strip_prefix(self.released.as_str()) {
             Some(new) if !new.is_empty() => {
                 let new = new.to_string();
                 self.released.push_str(&new);
