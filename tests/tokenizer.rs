@@ -409,9 +409,12 @@ fn corrupt_model_file_is_an_error_naming_it() {
 
 /// The project's Python environment with transformers (`scripts/setup-python.sh`), if there is one.
 fn python_with_transformers() -> Option<PathBuf> {
-    let venv = std::env::var_os("ARCANA_VENV").map(PathBuf::from).or_else(|| {
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1"))
-    })?;
+    let venv = std::env::var_os("ARCANA_VENV")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1"))
+        })?;
     let python = venv.join("bin/python");
     let ok = std::process::Command::new(&python)
         .args(["-c", "import transformers, sentencepiece, tokenizers"])
@@ -507,7 +510,11 @@ fn assert_fast_matches_transformers(python: &Path, name: &str, model: &Path, con
         .arg(repo().join(format!("tests/fixtures/tokenizer/{name}-decode.jsonl")))
         .output()
         .expect("run python");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!folder.join("tokenizer.model").exists() && folder.join("tokenizer.json").is_file());
     let tok = Tokenizer::from_folder(&folder).expect("load tokenizer.json");
     assert_eq!(tok.kind(), TokenizerKind::Fast);
@@ -517,29 +524,60 @@ fn assert_fast_matches_transformers(python: &Path, name: &str, model: &Path, con
         .map(|l| serde_json::from_str(l).expect("record"))
         .collect();
     let strings = fixture_lines("strings.jsonl");
-    let (mut enc, mut dec, mut dec_special, mut streamed) =
-        (Tally::default(), Tally::default(), Tally::default(), Tally::default());
+    let (mut enc, mut dec, mut dec_special, mut streamed) = (
+        Tally::default(),
+        Tally::default(),
+        Tally::default(),
+        Tally::default(),
+    );
     let mut texts = strings.iter().map(|s| s.as_str().expect("string"));
     for rec in &records {
         let want = ids(&rec["ids"]);
         if rec.get("decode_only").is_none() {
             let text = texts.next().expect("one record per string");
-            enc.check(|| format!("encode {text:?}"), tok.encode(text), want.clone());
+            enc.check(
+                || format!("encode {text:?}"),
+                tok.encode(text),
+                want.clone(),
+            );
         }
         let want_text = rec["d"].as_str().expect("text");
-        dec.check(|| format!("decode {want:?}"), tok.decode(&want).ok().as_deref(), Some(want_text));
+        dec.check(
+            || format!("decode {want:?}"),
+            tok.decode(&want).ok().as_deref(),
+            Some(want_text),
+        );
         let got = tok.decode_with_special_tokens(&want).ok();
-        dec_special.check(|| format!("decode with specials {want:?}"), got.as_deref(), rec["s"].as_str());
+        dec_special.check(
+            || format!("decode with specials {want:?}"),
+            got.as_deref(),
+            rec["s"].as_str(),
+        );
         let mut stream = tok.stream();
-        let mut chunks: Vec<String> = want.iter().map(|&id| stream.push(id).expect("push")).collect();
+        let mut chunks: Vec<String> = want
+            .iter()
+            .map(|&id| stream.push(id).expect("push"))
+            .collect();
         chunks.push(stream.finish());
         // A chunk holding U+FFFD that the full text lacks would be a split character.
-        let split = !want_text.contains('\u{FFFD}') && chunks.iter().any(|c| c.contains('\u{FFFD}'));
+        let split =
+            !want_text.contains('\u{FFFD}') && chunks.iter().any(|c| c.contains('\u{FFFD}'));
         let got = (chunks.concat(), split);
-        streamed.check(|| format!("stream {want:?}: {chunks:?}"), got, (want_text.to_string(), false));
+        streamed.check(
+            || format!("stream {want:?}: {chunks:?}"),
+            got,
+            (want_text.to_string(), false),
+        );
     }
     assert_eq!(texts.next(), None, "a record per string");
-    let label = format!("{name} fast {}", if config["add_eos_token"] == true { "add_eos+clean_up" } else { "release config" });
+    let label = format!(
+        "{name} fast {}",
+        if config["add_eos_token"] == true {
+            "add_eos+clean_up"
+        } else {
+            "release config"
+        }
+    );
     enc.assert_all(&format!("{label} encode"));
     dec.assert_all(&format!("{label} decode"));
     dec_special.assert_all(&format!("{label} decode with special tokens"));

@@ -63,11 +63,17 @@ impl FastTokenizer {
         // The encode errors of a BPE model are an unknown token outside its vocabulary; ruling that
         // out here is what lets `encode` be infallible, as the slow tokenizer's is.
         let ModelWrapper::BPE(bpe) = core.get_model() else {
-            return Err(core_error(path, "only BPE models (Llama, Mistral) are supported"));
+            return Err(core_error(
+                path,
+                "only BPE models (Llama, Mistral) are supported",
+            ));
         };
         if let Some(unk) = bpe.get_unk_token() {
             if core.token_to_id(unk).is_none() {
-                return Err(core_error(path, format!("unk_token {unk:?} is not in the vocabulary")));
+                return Err(core_error(
+                    path,
+                    format!("unk_token {unk:?} is not in the vocabulary"),
+                ));
             }
         }
         let named: Vec<&SpecialToken> = [
@@ -106,7 +112,10 @@ impl FastTokenizer {
         for run in to_add.chunk_by(|a, b| a.1 == b.1) {
             // The Python binding's `add_special_tokens` marks each token special.
             let special = run[0].1;
-            let tokens: Vec<AddedToken> = run.iter().map(|(t, _)| t.clone().special(special || t.special)).collect();
+            let tokens: Vec<AddedToken> = run
+                .iter()
+                .map(|(t, _)| t.clone().special(special || t.special))
+                .collect();
             if special {
                 core.add_special_tokens(&tokens);
             } else {
@@ -117,13 +126,17 @@ impl FastTokenizer {
         let id_of = |token: &Option<SpecialToken>| -> Result<Option<TokenId>> {
             let Some(token) = token else { return Ok(None) };
             core.token_to_id(&token.content).map(Some).ok_or_else(|| {
-                core_error(path, format!("special token {:?} is not in the vocabulary", token.content))
+                core_error(
+                    path,
+                    format!("special token {:?} is not in the vocabulary", token.content),
+                )
             })
         };
         let bos_id = id_of(&options.bos_token)?;
         let eos_id = id_of(&options.eos_token)?;
         let pad_id = id_of(&options.pad_token)?;
-        let template = bos_eos_template(options, bos_id, eos_id).map_err(|e| core_error(path, e))?;
+        let template =
+            bos_eos_template(options, bos_id, eos_id).map_err(|e| core_error(path, e))?;
         core.with_post_processor(template);
         let special_ids = core
             .get_added_tokens_decoder()
@@ -165,7 +178,10 @@ impl FastTokenizer {
     /// Whether `id` is a byte token (`<0xE4>`), as the `ByteFallback` decoder recognises them.
     pub(crate) fn is_byte_token(&self, id: TokenId) -> bool {
         self.core.id_to_token(id).is_some_and(|t| {
-            t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') && u8::from_str_radix(&t[3..5], 16).is_ok()
+            t.len() == 6
+                && t.starts_with("<0x")
+                && t.ends_with('>')
+                && u8::from_str_radix(&t[3..5], 16).is_ok()
         })
     }
 
@@ -255,7 +271,10 @@ fn bos_eos_template(
     let single = with("A", 0);
     let pair = format!("{single} {}", with("B", 1));
     let mut builder = TemplateProcessing::builder();
-    builder.try_single(single)?.try_pair(pair)?.special_tokens(ends);
+    builder
+        .try_single(single)?
+        .try_pair(pair)?
+        .special_tokens(ends);
     builder.build().map_err(|e| e.to_string())
 }
 

@@ -221,7 +221,11 @@ impl TokenizerKind {
 /// latter wins, as in transformers), with the config itself for what only one class reads.
 fn read_options(
     dir: &Path,
-) -> Result<(TokenizerOptions, serde_json::Map<String, Value>, Vec<&'static str>)> {
+) -> Result<(
+    TokenizerOptions,
+    serde_json::Map<String, Value>,
+    Vec<&'static str>,
+)> {
     let config_path = dir.join(CONFIG_FILE);
     let map_path = dir.join(SPECIAL_TOKENS_FILE);
     let mut options = TokenizerOptions::default();
@@ -289,7 +293,8 @@ impl Tokenizer {
             }
             TokenizerKind::Fast => {
                 let added = config_added_tokens(&config, &config_path)?;
-                FastTokenizer::from_file(&dir.join(FAST_FILE), &options, &added).map(Tokenizer::from)
+                FastTokenizer::from_file(&dir.join(FAST_FILE), &options, &added)
+                    .map(Tokenizer::from)
             }
         }
     }
@@ -299,6 +304,9 @@ impl Tokenizer {
     pub fn for_release(dir: &Path, model_path: &Path, has_model_base: bool) -> Result<Self> {
         // A lone `checkpoint-N` path has no name; the release's name rules then pick the slow one.
         let model_name = model_name_from_path(&model_path.to_string_lossy()).unwrap_or_default();
-        Self::from_folder_as(dir, TokenizerKind::release_choice(&model_name, has_model_base))
+        Self::from_folder_as(
+            dir,
+            TokenizerKind::release_choice(&model_name, has_model_base),
+        )
     }
 }

@@ -33,14 +33,15 @@ pub struct Tokenizer {
 
 #[derive(Debug, Clone)]
 enum Implementation {
-    Slow(LlamaTokenizer),
-    Fast(FastTokenizer),
+    // Boxed: both are hundreds of bytes, of very different sizes.
+    Slow(Box<LlamaTokenizer>),
+    Fast(Box<FastTokenizer>),
 }
 
 impl From<LlamaTokenizer> for Tokenizer {
     fn from(slow: LlamaTokenizer) -> Self {
         Tokenizer {
-            inner: Implementation::Slow(slow),
+            inner: Implementation::Slow(Box::new(slow)),
         }
     }
 }
@@ -48,7 +49,7 @@ impl From<LlamaTokenizer> for Tokenizer {
 impl From<FastTokenizer> for Tokenizer {
     fn from(fast: FastTokenizer) -> Self {
         Tokenizer {
-            inner: Implementation::Fast(fast),
+            inner: Implementation::Fast(Box::new(fast)),
         }
     }
 }
