@@ -599,3 +599,47 @@ fn fast_tokenizer_matches_transformers_fast() {
         }
     }
 }
+
+/// arcana/model/builder.py: the fast tokenizer for a "mistral" model loaded without a base only.
+#[test]
+fn the_release_picks_the_fast_tokenizer_for_mistral_models_without_a_base() {
+    use TokenizerKind::{Fast, Slow};
+    assert_eq!(
+        TokenizerKind::release_choice("llava-v1.6-Mistral-7b", false),
+        Fast
+    );
+    assert_eq!(
+        TokenizerKind::release_choice("llava-v1.6-mistral-7b", true),
+        Slow
+    );
+    assert_eq!(TokenizerKind::release_choice("arcana-v1-7b", false), Slow);
+    assert_eq!(
+        TokenizerKind::release_choice("arcana-v1-7b-lora", true),
+        Slow
+    );
+}
+
+/// Each kind loads from its own file, and falls back to the other kind's file when it is missing.
+#[test]
+fn folder_kind_follows_the_files_present() {
+    let dir = tempdir("kinds");
+    let err = Tokenizer::from_folder_as(&dir, TokenizerKind::Fast).expect_err("no tokenizer files");
+    let message = err.to_string();
+    assert!(
+        message.contains("tokenizer.model") && message.contains("tokenizer.json"),
+        "{message}"
+    );
+    if let Some(model) = shared_model("llama2-tokenizer.model") {
+        std::fs::copy(&model, dir.join("tokenizer.model")).expect("copy model");
+        let tok = Tokenizer::from_folder_as(&dir, TokenizerKind::Fast).expect("load");
+        assert_eq!(tok.kind(), TokenizerKind::Slow);
+        let mistral_named = dir.join("llava-mistral-7b");
+        let tok = Tokenizer::for_release(&dir, &mistral_named, false).expect("load");
+        assert_eq!(
+            tok.kind(),
+            TokenizerKind::Slow,
+            "no tokenizer.json to load fast"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
