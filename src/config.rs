@@ -329,23 +329,40 @@ pub enum VisionTowerSource {
 }
 
 /// Resolves `mm_vision_tower` like the release (a path, or a hub id), also trying the name relative to
-/// the model folder so that a self-contained checkpoint folder can be moved as a whole.
+/// the model folder so that a self-contained checkpoint folder can be moved as a whole, and then a
+/// folder of the path's final name inside the model folder: configs saved on a training machine
+/// carry its absolute paths (`/home/x/clip-vit-large-patch14-336-qladder`).
 pub fn resolve_vision_tower(model_dir: &Path, name: &str) -> Result<VisionTowerSource> {
     let as_given = PathBuf::from(name);
-    let candidates = [model_dir.join(name), as_given.clone()];
-    if let Some(folder) = candidates.iter().find(|p| p.join("config.json").is_file()) {
-        return Ok(VisionTowerSource::Folder(folder.clone()));
+    let mut candidates = vec![model_dir.join(name)];
+    if !candidates.contains(&as_given) {
+        candidates.push(as_given.clone());
+    }
+    let as_written = candidates.len();
+    let same_name_inside = as_given.file_name().map(|last| model_dir.join(last));
+    if let Some(inside) = same_name_inside.filter(|p| !candidates.contains(p)) {
+        candidates.push(inside);
+    }
+    if let Some(position) = candidates.iter().position(|p| p.join("config.json").is_file()) {
+        let folder = candidates[position].clone();
+        if position >= as_written {
+            eprintln!(
+                "mm_vision_tower `{name}` does not exist; using {} from the model folder",
+                folder.display()
+            );
+        }
+        return Ok(VisionTowerSource::Folder(folder));
     }
     if name == CLIP_VIT_L_336 {
         return Ok(VisionTowerSource::Embedded(name.to_string()));
     }
+    let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
     Err(Error::Config {
         path: model_dir.join("config.json"),
         field: "mm_vision_tower".into(),
         message: format!(
-            "vision tower `{name}` is neither a folder with a config.json (tried {} and {}) nor the known hub id {CLIP_VIT_L_336}",
-            candidates[0].display(),
-            candidates[1].display()
+            "vision tower `{name}` is neither a folder with a config.json (tried {}) nor the known hub id {CLIP_VIT_L_336}",
+            tried.join(", ")
         ),
     })
 }

@@ -160,3 +160,40 @@ fn main_checkpoint_weights_override_the_vision_folder() {
         .expect("damaged_copy puts the vision tensors in the main checkpoint");
     assert!(side.tower.ladder.qladder_embeds.equal(expected));
 }
+
+/// Points the copy's `mm_vision_tower` at `tower`.
+fn set_vision_tower(dir: &Path, tower: &str) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["mm_vision_tower"] = serde_json::Value::from(tower);
+    std::fs::write(&path, config.to_string()).unwrap();
+}
+
+#[test]
+fn a_training_machine_vision_tower_path_falls_back_to_the_folder_of_that_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixture_dir("vision-d4-sel-2"), tmp.path());
+    let elsewhere = "/home/trainer/no-such-checkpoints/clip-qladder-tiny";
+    assert!(!Path::new(elsewhere).exists());
+    set_vision_tower(tmp.path(), elsewhere);
+    load(tmp.path()).expect("the model folder's clip-qladder-tiny is used");
+}
+
+#[test]
+fn a_missing_vision_tower_names_every_place_tried() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixture_dir("vision-d4-sel-2"), tmp.path());
+    let elsewhere = "/home/trainer/no-such-checkpoints/clip-missing-tower";
+    set_vision_tower(tmp.path(), elsewhere);
+    let err = error_text(tmp.path());
+    let inside = tmp.path().join("clip-missing-tower").display().to_string();
+    assert!(err.contains("mm_vision_tower") && err.contains(elsewhere) && err.contains(&inside), "{err}");
+
+    let relative = "towers/clip-missing-tower";
+    set_vision_tower(tmp.path(), relative);
+    let err = error_text(tmp.path());
+    let places = [tmp.path().join(relative), Path::new(relative).to_path_buf(), tmp.path().join("clip-missing-tower")];
+    for place in places {
+        assert!(err.contains(&format!("{}", place.display())), "{err} lacks {}", place.display());
+    }
+}

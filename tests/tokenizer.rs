@@ -5,7 +5,7 @@
 //! Tests that need the real models skip with a message when ../shared (or $ARCANA_SHARED) is absent.
 use std::path::{Path, PathBuf};
 
-use arcana::tokenizer::{SentencePiece, TokenId, Tokenizer, TokenizerOptions};
+use arcana::tokenizer::{SentencePiece, TokenId, Tokenizer, TokenizerKind, TokenizerOptions};
 use arcana::Error;
 use serde_json::Value;
 
@@ -264,7 +264,7 @@ fn stream_decoder_holds_partial_characters() {
         return;
     };
     let tok = tokenizer(&path, false);
-    let sp = tok.sentencepiece();
+    let sp = tok.sentencepiece().expect("the slow tokenizer");
     let byte_ids: Vec<TokenId> = "🙂"
         .bytes()
         .map(|b| sp.piece_to_id(&format!("<0x{b:02X}>")))
@@ -401,6 +401,245 @@ fn corrupt_model_file_is_an_error_naming_it() {
         let bytes = std::fs::read(model).expect("read model");
         std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("write");
         assert!(Tokenizer::from_model_file(&path, TokenizerOptions::default()).is_err());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+// ---- The fast tokenizer (tokenizer.json) against transformers 4.37.2's `LlamaTokenizerFast` ----
+
+/// The project's Python environment with transformers (`scripts/setup-python.sh`), if there is one.
+fn python_with_transformers() -> Option<PathBuf> {
+    let venv = std::env::var_os("ARCANA_VENV")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1"))
+        })?;
+    let python = venv.join("bin/python");
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import transformers, sentencepiece, tokenizers"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        println!(
+            "skipping: no Python environment with transformers at {} (run scripts/setup-python.sh)",
+            venv.display()
+        );
+    }
+    ok.then_some(python)
+}
+
+/// A model from ../shared, else (Mistral) the copy that scripts/setup-python.sh downloads.
+fn model_for_fast(file: &str) -> Option<PathBuf> {
+    let cached = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/arcana/tokenizers").join(file))
+        .filter(|p| p.is_file());
+    cached.or_else(|| shared_model(file))
+}
+
+/// Writes `LlamaTokenizerFast.from_pretrained(src, from_slow=True)` to argv[3] without
+/// tokenizer.model (so that only tokenizer.json can load), reloads it there as `AutoTokenizer` does,
+/// and prints one JSON line per fuzzed string (ids, decode, decode with specials) and per random id
+/// sequence of argv[4] (decodes).
+const FAST_REFERENCE: &str = r#"
+import json, os, shutil, sys, warnings
+warnings.filterwarnings("ignore")
+import transformers
+transformers.logging.set_verbosity_error()
+from transformers import AutoTokenizer, LlamaTokenizerFast
+model, config, out, strings_path, id_seqs_path = sys.argv[1:6]
+src = out + "-src"
+os.makedirs(src)
+shutil.copy(model, os.path.join(src, "tokenizer.model"))
+with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
+    f.write(config)
+LlamaTokenizerFast.from_pretrained(src, from_slow=True).save_pretrained(out)
+if os.path.exists(os.path.join(out, "tokenizer.model")):
+    os.remove(os.path.join(out, "tokenizer.model"))
+fast = AutoTokenizer.from_pretrained(out)
+assert type(fast).__name__ == "LlamaTokenizerFast", type(fast)
+lines = []
+for line in open(strings_path, encoding="utf-8").read().split("\n"):
+    if line:
+        ids = fast.encode(json.loads(line))
+        lines.append({"ids": ids, "d": fast.decode(ids, skip_special_tokens=True),
+                      "s": fast.decode(ids, skip_special_tokens=False)})
+for line in open(id_seqs_path, encoding="utf-8").read().split("\n"):
+    if line:
+        ids = json.loads(line)["ids"]
+        lines.append({"ids": ids, "d": fast.decode(ids, skip_special_tokens=True),
+                      "s": fast.decode(ids, skip_special_tokens=False), "decode_only": True})
+sys.stdout.write("\n".join(json.dumps(l, ensure_ascii=True) for l in lines))
+"#;
+
+/// Mistral-7B-v0.1's published tokenizer_config.json (special tokens declared, not normalized), and
+/// a Llama-2 style one that adds EOS and cleans up spaces, with normalized special tokens.
+fn fast_configs() -> [Value; 2] {
+    let token = |c: &str, normalized: bool| {
+        serde_json::json!({"content": c, "lstrip": false, "normalized": normalized,
+                           "rstrip": false, "single_word": false, "special": true})
+    };
+    [
+        serde_json::json!({"add_bos_token": true, "add_eos_token": false,
+            "added_tokens_decoder": {"0": token("<unk>", false), "1": token("<s>", false), "2": token("</s>", false)},
+            "additional_special_tokens": [], "bos_token": "<s>", "clean_up_tokenization_spaces": false,
+            "eos_token": "</s>", "legacy": true, "pad_token": null, "sp_model_kwargs": {},
+            "spaces_between_special_tokens": false, "tokenizer_class": "LlamaTokenizer",
+            "unk_token": "<unk>", "use_default_system_prompt": false}),
+        serde_json::json!({"add_eos_token": true, "clean_up_tokenization_spaces": true,
+            "bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": false, "normalized": true, "rstrip": false, "single_word": false},
+            "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": false, "normalized": true, "rstrip": false, "single_word": false},
+            "unk_token": {"__type": "AddedToken", "content": "<unk>", "lstrip": false, "normalized": true, "rstrip": false, "single_word": false},
+            "pad_token": null, "tokenizer_class": "LlamaTokenizer"}),
+    ]
+}
+
+/// Ids, decode and decode-with-specials of every fuzzed string and every random id sequence, and the
+/// stream decoder's chunks, against `LlamaTokenizerFast` loaded from the same tokenizer.json.
+fn assert_fast_matches_transformers(python: &Path, name: &str, model: &Path, config: &Value) {
+    let work = tempdir(&format!("fast-{name}"));
+    let folder = work.join("model");
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(FAST_REFERENCE)
+        .arg(model)
+        .arg(config.to_string())
+        .arg(&folder)
+        .arg(repo().join("tests/fixtures/tokenizer/strings.jsonl"))
+        .arg(repo().join(format!("tests/fixtures/tokenizer/{name}-decode.jsonl")))
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!folder.join("tokenizer.model").exists() && folder.join("tokenizer.json").is_file());
+    let tok = Tokenizer::from_folder(&folder).expect("load tokenizer.json");
+    assert_eq!(tok.kind(), TokenizerKind::Fast);
+    let records: Vec<Value> = String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .split('\n')
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect();
+    let strings = fixture_lines("strings.jsonl");
+    let (mut enc, mut dec, mut dec_special, mut streamed) = (
+        Tally::default(),
+        Tally::default(),
+        Tally::default(),
+        Tally::default(),
+    );
+    let mut texts = strings.iter().map(|s| s.as_str().expect("string"));
+    for rec in &records {
+        let want = ids(&rec["ids"]);
+        if rec.get("decode_only").is_none() {
+            let text = texts.next().expect("one record per string");
+            enc.check(
+                || format!("encode {text:?}"),
+                tok.encode(text),
+                want.clone(),
+            );
+        }
+        let want_text = rec["d"].as_str().expect("text");
+        dec.check(
+            || format!("decode {want:?}"),
+            tok.decode(&want).ok().as_deref(),
+            Some(want_text),
+        );
+        let got = tok.decode_with_special_tokens(&want).ok();
+        dec_special.check(
+            || format!("decode with specials {want:?}"),
+            got.as_deref(),
+            rec["s"].as_str(),
+        );
+        let mut stream = tok.stream();
+        let mut chunks: Vec<String> = want
+            .iter()
+            .map(|&id| stream.push(id).expect("push"))
+            .collect();
+        chunks.push(stream.finish());
+        // A chunk holding U+FFFD that the full text lacks would be a split character.
+        let split =
+            !want_text.contains('\u{FFFD}') && chunks.iter().any(|c| c.contains('\u{FFFD}'));
+        let got = (chunks.concat(), split);
+        streamed.check(
+            || format!("stream {want:?}: {chunks:?}"),
+            got,
+            (want_text.to_string(), false),
+        );
+    }
+    assert_eq!(texts.next(), None, "a record per string");
+    let label = format!(
+        "{name} fast {}",
+        if config["add_eos_token"] == true {
+            "add_eos+clean_up"
+        } else {
+            "release config"
+        }
+    );
+    enc.assert_all(&format!("{label} encode"));
+    dec.assert_all(&format!("{label} decode"));
+    dec_special.assert_all(&format!("{label} decode with special tokens"));
+    streamed.assert_all(&format!("{label} stream"));
+    std::fs::remove_dir_all(&work).ok();
+}
+
+#[test]
+fn fast_tokenizer_matches_transformers_fast() {
+    let Some(python) = python_with_transformers() else {
+        return;
+    };
+    for (name, file) in MODELS {
+        let Some(model) = model_for_fast(file) else {
+            continue;
+        };
+        for config in fast_configs() {
+            assert_fast_matches_transformers(&python, name, &model, &config);
+        }
+    }
+}
+
+/// arcana/model/builder.py: the fast tokenizer for a "mistral" model loaded without a base only.
+#[test]
+fn the_release_picks_the_fast_tokenizer_for_mistral_models_without_a_base() {
+    use TokenizerKind::{Fast, Slow};
+    assert_eq!(
+        TokenizerKind::release_choice("llava-v1.6-Mistral-7b", false),
+        Fast
+    );
+    assert_eq!(
+        TokenizerKind::release_choice("llava-v1.6-mistral-7b", true),
+        Slow
+    );
+    assert_eq!(TokenizerKind::release_choice("arcana-v1-7b", false), Slow);
+    assert_eq!(
+        TokenizerKind::release_choice("arcana-v1-7b-lora", true),
+        Slow
+    );
+}
+
+/// Each kind loads from its own file, and falls back to the other kind's file when it is missing.
+#[test]
+fn folder_kind_follows_the_files_present() {
+    let dir = tempdir("kinds");
+    let err = Tokenizer::from_folder_as(&dir, TokenizerKind::Fast).expect_err("no tokenizer files");
+    let message = err.to_string();
+    assert!(
+        message.contains("tokenizer.model") && message.contains("tokenizer.json"),
+        "{message}"
+    );
+    if let Some(model) = shared_model("llama2-tokenizer.model") {
+        std::fs::copy(&model, dir.join("tokenizer.model")).expect("copy model");
+        let tok = Tokenizer::from_folder_as(&dir, TokenizerKind::Fast).expect("load");
+        assert_eq!(tok.kind(), TokenizerKind::Slow);
+        let mistral_named = dir.join("llava-mistral-7b");
+        let tok = Tokenizer::for_release(&dir, &mistral_named, false).expect("load");
+        assert_eq!(
+            tok.kind(),
+            TokenizerKind::Slow,
+            "no tokenizer.json to load fast"
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -146,6 +146,7 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             _ => None,
         },
         model_name_path: Some(model_path),
+        with_model_base: args.model_base.is_some(),
         ..EngineOptions::default()
     };
     let loading = worker.clone();

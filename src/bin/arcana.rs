@@ -151,6 +151,7 @@ fn main() -> Result<()> {
         device,
         quantization,
         model_name_path: Some(model_path.clone()),
+        with_model_base: args.model_base.is_some(),
         conv_mode: args.conv_mode.clone(),
         mask_policy,
     };

@@ -50,6 +50,8 @@ pub struct EngineOptions {
     /// The name the template is chosen from, as the release does (`get_model_name_from_path`); by
     /// default the model folder's path. A checkpoint assembled elsewhere keeps the name the user gave.
     pub model_name_path: Option<String>,
+    /// The checkpoint was assembled with a `--model-base` (the release then loads the slow tokenizer).
+    pub with_model_base: bool,
     /// Template override (`--conv-mode`).
     pub conv_mode: Option<String>,
     /// Which positions take the visual LoRA branch.
@@ -63,6 +65,7 @@ impl Default for EngineOptions {
             device: Device::Cpu,
             quantization: None,
             model_name_path: None,
+            with_model_base: false,
             conv_mode: None,
             mask_policy: MaskPolicy::Release,
         }
@@ -108,7 +111,9 @@ impl Engine {
             }
             None => None,
         };
-        let tokenizer = Tokenizer::from_folder(dir)?;
+        // Fast or slow as the release's builder chooses, by the model's name.
+        let name_path = options.model_name_path.as_deref().map(Path::new).unwrap_or(dir);
+        let tokenizer = Tokenizer::for_release(dir, name_path, options.with_model_base)?;
         let images = model.files.image_preprocessor()?;
         Ok(Self { model, tokenizer, images, model_name, conv_mode, template, mask_policy: options.mask_policy, quantized })
     }

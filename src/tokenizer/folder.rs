@@ -1,14 +1,18 @@
-//! Loading a tokenizer from a Hugging Face model folder: `tokenizer.model` plus the options that
-//! `tokenizer_config.json` and `special_tokens_map.json` give `LlamaTokenizer.from_pretrained`.
+//! Loading a tokenizer from a Hugging Face model folder: `tokenizer.model` or `tokenizer.json`, plus
+//! the options that `tokenizer_config.json` and `special_tokens_map.json` give `from_pretrained`.
 use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::Value;
 
-use super::llama::{SpecialToken, Tokenizer, TokenizerOptions};
+use super::fast::{config_added_tokens, FastTokenizer};
+use super::llama::{SpecialToken, TokenizerOptions};
+use super::Tokenizer;
+use crate::mm::conversation::model_name_from_path;
 use crate::{Error, Result};
 
 const MODEL_FILE: &str = "tokenizer.model";
+const FAST_FILE: &str = "tokenizer.json";
 const CONFIG_FILE: &str = "tokenizer_config.json";
 const SPECIAL_TOKENS_FILE: &str = "special_tokens_map.json";
 const NAMED_TOKENS: [&str; 4] = ["bos_token", "eos_token", "unk_token", "pad_token"];
@@ -184,29 +188,125 @@ fn apply_added_tokens(
     Ok(())
 }
 
+/// Which class transformers builds: `LlamaTokenizer` (slow, tokenizer.model) or
+/// `LlamaTokenizerFast` (fast, tokenizer.json).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenizerKind {
+    Slow,
+    Fast,
+}
+
+impl TokenizerKind {
+    /// The choice of `load_pretrained_model` (arcana/model/builder.py): `AutoTokenizer`'s default,
+    /// the fast tokenizer, for a model loaded without a base whose name contains "mistral" (or
+    /// "mpt"); `use_fast=False` everywhere else.
+    pub fn release_choice(model_name: &str, has_model_base: bool) -> Self {
+        let name = model_name.to_lowercase();
+        if !has_model_base && (name.contains("mistral") || name.contains("mpt")) {
+            TokenizerKind::Fast
+        } else {
+            TokenizerKind::Slow
+        }
+    }
+
+    fn file(self) -> &'static str {
+        match self {
+            TokenizerKind::Slow => MODEL_FILE,
+            TokenizerKind::Fast => FAST_FILE,
+        }
+    }
+}
+
+/// The options both classes read from `tokenizer_config.json` and `special_tokens_map.json` (the
+/// latter wins, as in transformers), with the config itself for what only one class reads.
+fn read_options(
+    dir: &Path,
+) -> Result<(
+    TokenizerOptions,
+    serde_json::Map<String, Value>,
+    Vec<&'static str>,
+)> {
+    let config_path = dir.join(CONFIG_FILE);
+    let map_path = dir.join(SPECIAL_TOKENS_FILE);
+    let mut options = TokenizerOptions::default();
+    let config = read_json(&config_path)?.unwrap_or_default();
+    if let Some(v) = bool_field(&config, "add_bos_token", &config_path)? {
+        options.add_bos_token = v;
+    }
+    if let Some(v) = bool_field(&config, "add_eos_token", &config_path)? {
+        options.add_eos_token = v;
+    }
+    options.legacy = bool_field(&config, "legacy", &config_path)?;
+    if let Some(v) = bool_field(&config, "clean_up_tokenization_spaces", &config_path)? {
+        options.clean_up_tokenization_spaces = v;
+    }
+    let mut named = apply_tokens(&config, &config_path, &mut options)?;
+    if let Some(special_map) = read_json(&map_path)? {
+        named.extend(apply_tokens(&special_map, &map_path, &mut options)?);
+    }
+    Ok((options, config, named))
+}
+
 impl Tokenizer {
-    /// Loads `<dir>/tokenizer.model` with the options of `<dir>/tokenizer_config.json` and
-    /// `<dir>/special_tokens_map.json` (both optional; the latter wins, as in transformers).
+    /// Loads the slow tokenizer from `<dir>/tokenizer.model`, or the fast one from
+    /// `<dir>/tokenizer.json` when the folder has no tokenizer.model, with the options of
+    /// `<dir>/tokenizer_config.json` and `<dir>/special_tokens_map.json` (both optional).
     pub fn from_folder(dir: &Path) -> Result<Self> {
+        Self::from_folder_as(dir, TokenizerKind::Slow)
+    }
+
+    /// Loads `preferred` when the folder has its file, else the other kind (saying so on stderr
+    /// when the release would have loaded something else); an error when it has neither.
+    pub fn from_folder_as(dir: &Path, preferred: TokenizerKind) -> Result<Self> {
+        let other = match preferred {
+            TokenizerKind::Slow => TokenizerKind::Fast,
+            TokenizerKind::Fast => TokenizerKind::Slow,
+        };
+        let kind = if dir.join(preferred.file()).is_file() {
+            preferred
+        } else if dir.join(other.file()).is_file() {
+            other
+        } else {
+            let missing = std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("not found, nor {FAST_FILE} beside it"),
+            );
+            return Err(Error::io(dir.join(MODEL_FILE), missing));
+        };
+        match (preferred, kind) {
+            (TokenizerKind::Fast, TokenizerKind::Slow) => eprintln!(
+                "{}: no {FAST_FILE}; using the slow tokenizer of {MODEL_FILE} (arcana-convert writes a {FAST_FILE} from it)",
+                dir.display()
+            ),
+            (TokenizerKind::Slow, TokenizerKind::Fast) => eprintln!(
+                "{}: no {MODEL_FILE}; using the fast tokenizer of {FAST_FILE}",
+                dir.display()
+            ),
+            _ => {}
+        }
+        let (mut options, config, named) = read_options(dir)?;
         let config_path = dir.join(CONFIG_FILE);
-        let map_path = dir.join(SPECIAL_TOKENS_FILE);
-        let mut options = TokenizerOptions::default();
-        let config = read_json(&config_path)?.unwrap_or_default();
-        if let Some(v) = bool_field(&config, "add_bos_token", &config_path)? {
-            options.add_bos_token = v;
+        match kind {
+            TokenizerKind::Slow => {
+                apply_added_tokens(&config, &config_path, &named, &mut options)?;
+                Tokenizer::from_model_file(&dir.join(MODEL_FILE), options)
+            }
+            TokenizerKind::Fast => {
+                let added = config_added_tokens(&config, &config_path)?;
+                FastTokenizer::from_file(&dir.join(FAST_FILE), &options, &added)
+                    .map(Tokenizer::from)
+            }
         }
-        if let Some(v) = bool_field(&config, "add_eos_token", &config_path)? {
-            options.add_eos_token = v;
-        }
-        options.legacy = bool_field(&config, "legacy", &config_path)?;
-        if let Some(v) = bool_field(&config, "clean_up_tokenization_spaces", &config_path)? {
-            options.clean_up_tokenization_spaces = v;
-        }
-        let mut named = apply_tokens(&config, &config_path, &mut options)?;
-        if let Some(special_map) = read_json(&map_path)? {
-            named.extend(apply_tokens(&special_map, &map_path, &mut options)?);
-        }
-        apply_added_tokens(&config, &config_path, &named, &mut options)?;
-        Tokenizer::from_model_file(&dir.join(MODEL_FILE), options)
+    }
+
+    /// The tokenizer that the release's CLI loads for `--model-path model_path` (with or without
+    /// `--model-base`), read from `dir` (the model folder, or the one assembled from a base).
+    pub fn for_release(dir: &Path, model_path: &Path, has_model_base: bool) -> Result<Self> {
+        // A lone `checkpoint-N` path has no name; the release's name rules then pick the slow one.
+        let model_name = model_name_from_path(&model_path.to_string_lossy()).unwrap_or_default();
+        Self::from_folder_as(
+            dir,
+            TokenizerKind::release_choice(&model_name, has_model_base),
+        )
     }
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::sentencepiece::{PieceDecoder, SentencePiece, TokenId, SPACE_SYMBOL};
-use super::stream::StreamDecoder;
+use super::stream::SlowStream;
 use crate::{Error, Result};
 
 /// A token that is split out of the text before SentencePiece sees it (transformers' `AddedToken`
@@ -61,7 +61,7 @@ impl Default for TokenizerOptions {
 
 /// A tokenizer that gives the ids of `LlamaTokenizer.from_pretrained(..., use_fast=False)`.
 #[derive(Debug, Clone)]
-pub struct Tokenizer {
+pub struct LlamaTokenizer {
     sp: SentencePiece,
     legacy: bool,
     add_bos_token: bool,
@@ -82,7 +82,7 @@ pub struct Tokenizer {
 /// One token of `tokenize`: its string (a piece or a special token) and its id.
 type Token = (String, TokenId);
 
-impl Tokenizer {
+impl LlamaTokenizer {
     /// Loads `tokenizer.model` from `path` with the given options.
     pub fn from_model_file(path: &Path, options: TokenizerOptions) -> Result<Self> {
         let sp = SentencePiece::from_file(path)?;
@@ -145,7 +145,7 @@ impl Tokenizer {
             .map(|(t, id)| (t.content.clone(), *id))
             .collect();
         let unk_token_length = sp.encode(&unk_token).len();
-        Ok(Tokenizer {
+        Ok(LlamaTokenizer {
             sp,
             legacy,
             add_bos_token: options.add_bos_token,
@@ -303,7 +303,7 @@ impl Tokenizer {
 
     /// `tokenizer.decode(ids, skip_special_tokens=True)`.
     pub fn decode(&self, ids: &[TokenId]) -> Result<String> {
-        let mut stream = StreamDecoder::new(self);
+        let mut stream = SlowStream::new(self);
         let mut text = String::new();
         for &id in ids {
             text.push_str(&stream.push(id)?);
@@ -357,29 +357,34 @@ impl Tokenizer {
         if !self.clean_up_tokenization_spaces {
             return text;
         }
-        const RULES: [(&str, &str); 10] = [
-            (" .", "."),
-            (" ?", "?"),
-            (" !", "!"),
-            (" ,", ","),
-            (" ' ", "'"),
-            (" n't", "n't"),
-            (" 'm", "'m"),
-            (" 's", "'s"),
-            (" 've", "'ve"),
-            (" 're", "'re"),
-        ];
-        RULES.iter().fold(text, |t, (from, to)| t.replace(from, to))
+        clean_up_tokenization(text)
     }
 
     /// A decoder for ids that arrive one at a time (generation).
-    pub fn stream(&self) -> StreamDecoder<'_> {
-        StreamDecoder::new(self)
+    pub(crate) fn stream(&self) -> SlowStream<'_> {
+        SlowStream::new(self)
     }
 
     pub(crate) fn new_piece_decoder(&self) -> PieceDecoder<'_> {
         PieceDecoder::new(&self.sp)
     }
+}
+
+/// `PreTrainedTokenizerBase.clean_up_tokenization` (4.37.2).
+pub(super) fn clean_up_tokenization(text: String) -> String {
+    const RULES: [(&str, &str); 10] = [
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ];
+    RULES.iter().fold(text, |t, (from, to)| t.replace(from, to))
 }
 
 /// Python's `str.isspace` set, which also holds U+001C..U+001F unlike `char::is_whitespace`.

@@ -1,10 +1,13 @@
-//! SentencePiece tokenizer equal to the slow `LlamaTokenizer` of transformers 4.37.2.
+//! Tokenizers equal to those of transformers 4.37.2: the slow `LlamaTokenizer` and the fast
+//! `LlamaTokenizerFast`, behind one [`Tokenizer`].
 //!
 //! [`SentencePiece`] reads `tokenizer.model` (a hand-read protobuf) and encodes/decodes as
-//! sentencepiece 0.1.99 does; [`Tokenizer`] adds what `LlamaTokenizer` does around it (special
-//! tokens in text, `legacy`, BOS/EOS, `decode(skip_special_tokens=True)`); [`StreamDecoder`]
-//! decodes generated ids one at a time.
+//! sentencepiece 0.1.99 does; [`LlamaTokenizer`] adds what the slow class does around it (special
+//! tokens in text, `legacy`, BOS/EOS, `decode(skip_special_tokens=True)`). [`FastTokenizer`] runs
+//! `tokenizer.json` through the `tokenizers` crate. [`StreamDecoder`] decodes generated ids one at
+//! a time with either.
 mod bpe;
+mod fast;
 mod folder;
 mod llama;
 mod proto;
@@ -12,6 +15,152 @@ mod sentencepiece;
 mod stream;
 mod utf8_bytes;
 
-pub use llama::{SpecialToken, Tokenizer, TokenizerOptions};
+use std::path::Path;
+
+pub use fast::{ConfigAddedToken, FastTokenizer};
+pub use folder::TokenizerKind;
+pub use llama::{LlamaTokenizer, SpecialToken, TokenizerOptions};
 pub use sentencepiece::{SentencePiece, TokenId};
 pub use stream::StreamDecoder;
+
+use crate::Result;
+
+/// The slow or the fast tokenizer, used alike: encode, decode, stream-decode.
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    inner: Implementation,
+}
+
+#[derive(Debug, Clone)]
+enum Implementation {
+    // Boxed: both are hundreds of bytes, of very different sizes.
+    Slow(Box<LlamaTokenizer>),
+    Fast(Box<FastTokenizer>),
+}
+
+impl From<LlamaTokenizer> for Tokenizer {
+    fn from(slow: LlamaTokenizer) -> Self {
+        Tokenizer {
+            inner: Implementation::Slow(Box::new(slow)),
+        }
+    }
+}
+
+impl From<FastTokenizer> for Tokenizer {
+    fn from(fast: FastTokenizer) -> Self {
+        Tokenizer {
+            inner: Implementation::Fast(Box::new(fast)),
+        }
+    }
+}
+
+impl Tokenizer {
+    /// The slow tokenizer from `tokenizer.model` with the given options.
+    pub fn from_model_file(path: &Path, options: TokenizerOptions) -> Result<Self> {
+        LlamaTokenizer::from_model_file(path, options).map(Tokenizer::from)
+    }
+
+    /// The slow tokenizer over a loaded SentencePiece model.
+    pub fn new(sp: SentencePiece, options: TokenizerOptions) -> Result<Self> {
+        LlamaTokenizer::new(sp, options).map(Tokenizer::from)
+    }
+
+    pub fn kind(&self) -> TokenizerKind {
+        match &self.inner {
+            Implementation::Slow(_) => TokenizerKind::Slow,
+            Implementation::Fast(_) => TokenizerKind::Fast,
+        }
+    }
+
+    /// The SentencePiece model of the slow tokenizer; `None` for the fast one.
+    pub fn sentencepiece(&self) -> Option<&SentencePiece> {
+        match &self.inner {
+            Implementation::Slow(slow) => Some(slow.sentencepiece()),
+            Implementation::Fast(_) => None,
+        }
+    }
+
+    /// The configured `legacy` flag (absent is true). The fast tokenizer's behaviour comes from
+    /// its tokenizer.json, which was written with that flag.
+    pub fn legacy(&self) -> bool {
+        match &self.inner {
+            Implementation::Slow(slow) => slow.legacy(),
+            Implementation::Fast(fast) => fast.legacy(),
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match &self.inner {
+            Implementation::Slow(slow) => slow.vocab_size(),
+            Implementation::Fast(fast) => fast.vocab_size(),
+        }
+    }
+
+    pub fn bos_id(&self) -> Option<TokenId> {
+        match &self.inner {
+            Implementation::Slow(slow) => slow.bos_id(),
+            Implementation::Fast(fast) => fast.bos_id(),
+        }
+    }
+
+    pub fn eos_id(&self) -> Option<TokenId> {
+        match &self.inner {
+            Implementation::Slow(slow) => slow.eos_id(),
+            Implementation::Fast(fast) => fast.eos_id(),
+        }
+    }
+
+    pub fn pad_id(&self) -> Option<TokenId> {
+        match &self.inner {
+            Implementation::Slow(slow) => slow.pad_id(),
+            Implementation::Fast(fast) => fast.pad_id(),
+        }
+    }
+
+    pub fn is_special(&self, id: TokenId) -> bool {
+        match &self.inner {
+            Implementation::Slow(slow) => slow.is_special(id),
+            Implementation::Fast(fast) => fast.is_special(id),
+        }
+    }
+
+    /// `tokenizer.encode(text)`: BOS/EOS as configured around the text's ids.
+    pub fn encode(&self, text: &str) -> Vec<TokenId> {
+        self.encode_with(text, true)
+    }
+
+    /// `tokenizer.encode(text, add_special_tokens=...)`.
+    pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Vec<TokenId> {
+        match &self.inner {
+            Implementation::Slow(slow) => slow.encode_with(text, add_special_tokens),
+            // The loader rules out the fast model's encode errors (see `FastTokenizer::from_file`).
+            Implementation::Fast(fast) => fast
+                .encode_with(text, add_special_tokens)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// `tokenizer.decode(ids, skip_special_tokens=True)`; an id outside the vocabulary is an error.
+    pub fn decode(&self, ids: &[TokenId]) -> Result<String> {
+        match &self.inner {
+            Implementation::Slow(slow) => slow.decode(ids),
+            Implementation::Fast(fast) => fast.decode(ids),
+        }
+    }
+
+    /// `tokenizer.decode(ids, skip_special_tokens=False)`.
+    pub fn decode_with_special_tokens(&self, ids: &[TokenId]) -> Result<String> {
+        match &self.inner {
+            Implementation::Slow(slow) => slow.decode_with_special_tokens(ids),
+            Implementation::Fast(fast) => fast.decode_with_special_tokens(ids),
+        }
+    }
+
+    /// A decoder for ids that arrive one at a time (generation).
+    pub fn stream(&self) -> StreamDecoder<'_> {
+        match &self.inner {
+            Implementation::Slow(slow) => StreamDecoder::slow(slow.stream()),
+            Implementation::Fast(fast) => StreamDecoder::fast(fast),
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! transformers' `LlamaTokenizerFast` (4.37.2): `tokenizer.json` run by the `tokenizers` crate
+//! (the Rust core of the Python `tokenizers` 0.15.1 it wraps), with what the Python class sets
+//! around it from the tokenizer configs: re-added tokens, the BOS/EOS template and the clean-up.
+use std::collections::HashSet;
+use std::path::Path;
+
+use serde_json::Value;
+use tokenizers::models::ModelWrapper;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, Tokenizer as CoreTokenizer};
+
+use super::llama::{SpecialToken, TokenizerOptions};
+use super::sentencepiece::TokenId;
+use crate::{Error, Result};
+
+/// A token of `added_tokens_decoder` in tokenizer_config.json, with every flag `AddedToken` has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigAddedToken {
+    pub content: String,
+    pub lstrip: bool,
+    pub rstrip: bool,
+    pub single_word: bool,
+    pub normalized: bool,
+    pub special: bool,
+}
+
+impl ConfigAddedToken {
+    fn to_added_token(&self) -> AddedToken {
+        AddedToken::from(self.content.clone(), self.special)
+            .lstrip(self.lstrip)
+            .rstrip(self.rstrip)
+            .single_word(self.single_word)
+            .normalized(self.normalized)
+    }
+}
+
+/// A tokenizer that gives the ids and text of `LlamaTokenizerFast.from_pretrained(dir)`.
+#[derive(Debug, Clone)]
+pub struct FastTokenizer {
+    core: CoreTokenizer,
+    /// Added tokens marked special: `decode(skip_special_tokens=True)` drops them.
+    special_ids: HashSet<TokenId>,
+    legacy: bool,
+    clean_up_tokenization_spaces: bool,
+    bos_id: Option<TokenId>,
+    eos_id: Option<TokenId>,
+    pad_id: Option<TokenId>,
+}
+
+fn core_error(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(format!("{}: {e}", path.display()))
+}
+
+impl FastTokenizer {
+    /// Loads `path` (a tokenizer.json) and applies the options and `added_tokens_decoder` entries
+    /// (in id order) of the folder's configs as `PreTrainedTokenizerFast.__init__` does.
+    pub fn from_file(
+        path: &Path,
+        options: &TokenizerOptions,
+        config_added_tokens: &[ConfigAddedToken],
+    ) -> Result<Self> {
+        let mut core = CoreTokenizer::from_file(path).map_err(|e| core_error(path, e))?;
+        // The encode errors of a BPE model are an unknown token outside its vocabulary; ruling that
+        // out here is what lets `encode` be infallible, as the slow tokenizer's is.
+        let ModelWrapper::BPE(bpe) = core.get_model() else {
+            return Err(core_error(
+                path,
+                "only BPE models (Llama, Mistral) are supported",
+            ));
+        };
+        if let Some(unk) = bpe.get_unk_token() {
+            if core.token_to_id(unk).is_none() {
+                return Err(core_error(
+                    path,
+                    format!("unk_token {unk:?} is not in the vocabulary"),
+                ));
+            }
+        }
+        let named: Vec<&SpecialToken> = [
+            &options.bos_token,
+            &options.eos_token,
+            &options.unk_token,
+            &options.pad_token,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(&options.additional_special_tokens)
+        .collect();
+
+        // transformers re-adds every configured added token (its membership test compares a token
+        // with ids, so it never matches), then the named special tokens the vocabulary lacks, in
+        // runs of equal `special` (a named token counts as special).
+        let is_named = |content: &str| named.iter().any(|t| t.content == content);
+        let mut to_add: Vec<(AddedToken, bool)> = config_added_tokens
+            .iter()
+            .map(|t| (t.to_added_token(), t.special || is_named(&t.content)))
+            .collect();
+        let in_file: Vec<String> = core
+            .get_added_tokens_decoder()
+            .into_values()
+            .map(|t| t.content)
+            .collect();
+        for token in &named {
+            let queued = to_add.iter().any(|(t, _)| t.content == token.content);
+            if !queued && !in_file.contains(&token.content) {
+                let added = AddedToken::from(token.content.clone(), true)
+                    .lstrip(token.lstrip)
+                    .rstrip(token.rstrip);
+                to_add.push((added, true));
+            }
+        }
+        for run in to_add.chunk_by(|a, b| a.1 == b.1) {
+            // The Python binding's `add_special_tokens` marks each token special.
+            let special = run[0].1;
+            let tokens: Vec<AddedToken> = run
+                .iter()
+                .map(|(t, _)| t.clone().special(special || t.special))
+                .collect();
+            if special {
+                core.add_special_tokens(&tokens);
+            } else {
+                core.add_tokens(&tokens);
+            }
+        }
+
+        let id_of = |token: &Option<SpecialToken>| -> Result<Option<TokenId>> {
+            let Some(token) = token else { return Ok(None) };
+            core.token_to_id(&token.content).map(Some).ok_or_else(|| {
+                core_error(
+                    path,
+                    format!("special token {:?} is not in the vocabulary", token.content),
+                )
+            })
+        };
+        let bos_id = id_of(&options.bos_token)?;
+        let eos_id = id_of(&options.eos_token)?;
+        let pad_id = id_of(&options.pad_token)?;
+        let template =
+            bos_eos_template(options, bos_id, eos_id).map_err(|e| core_error(path, e))?;
+        core.with_post_processor(template);
+        let special_ids = core
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        Ok(FastTokenizer {
+            core,
+            special_ids,
+            legacy: options.legacy.unwrap_or(true),
+            clean_up_tokenization_spaces: options.clean_up_tokenization_spaces,
+            bos_id,
+            eos_id,
+            pad_id,
+        })
+    }
+
+    pub fn legacy(&self) -> bool {
+        self.legacy
+    }
+    /// The size with added tokens: every id below it decodes.
+    pub fn vocab_size(&self) -> usize {
+        self.core.get_vocab_size(true)
+    }
+    pub fn bos_id(&self) -> Option<TokenId> {
+        self.bos_id
+    }
+    pub fn eos_id(&self) -> Option<TokenId> {
+        self.eos_id
+    }
+    pub fn pad_id(&self) -> Option<TokenId> {
+        self.pad_id
+    }
+    pub fn is_special(&self, id: TokenId) -> bool {
+        self.special_ids.contains(&id)
+    }
+
+    /// Whether `id` is a byte token (`<0xE4>`), as the `ByteFallback` decoder recognises them.
+    pub(crate) fn is_byte_token(&self, id: TokenId) -> bool {
+        self.core.id_to_token(id).is_some_and(|t| {
+            t.len() == 6
+                && t.starts_with("<0x")
+                && t.ends_with('>')
+                && u8::from_str_radix(&t[3..5], 16).is_ok()
+        })
+    }
+
+    /// `tokenizer.encode(text, add_special_tokens=...)`.
+    pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<TokenId>> {
+        let encoding = self
+            .core
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// An error naming `id` when it is outside the vocabulary (the core would skip it silently).
+    pub(crate) fn check_id(&self, id: TokenId) -> Result<()> {
+        if self.core.id_to_token(id).is_some() {
+            return Ok(());
+        }
+        Err(Error::Tokenizer(format!(
+            "token id {id} is outside the vocabulary (size {})",
+            self.vocab_size()
+        )))
+    }
+
+    /// The core's `decode(ids, skip_special_tokens=True)`, before any clean-up.
+    pub(crate) fn decode_raw(&self, ids: &[TokenId]) -> Result<String> {
+        self.decode_core(ids, true)
+    }
+
+    fn decode_core(&self, ids: &[TokenId], skip_special_tokens: bool) -> Result<String> {
+        ids.iter().try_for_each(|&id| self.check_id(id))?;
+        self.core
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// `tokenizer.decode(ids, skip_special_tokens=True)`.
+    pub fn decode(&self, ids: &[TokenId]) -> Result<String> {
+        Ok(self.clean_up(self.decode_core(ids, true)?))
+    }
+
+    /// `tokenizer.decode(ids, skip_special_tokens=False)`.
+    pub fn decode_with_special_tokens(&self, ids: &[TokenId]) -> Result<String> {
+        Ok(self.clean_up(self.decode_core(ids, false)?))
+    }
+
+    pub(crate) fn clean_up_enabled(&self) -> bool {
+        self.clean_up_tokenization_spaces
+    }
+
+    fn clean_up(&self, text: String) -> String {
+        if self.clean_up_tokenization_spaces {
+            super::llama::clean_up_tokenization(text)
+        } else {
+            text
+        }
+    }
+}
+
+/// `LlamaTokenizerFast.update_post_processor`: `<s> $A` / `<s> $A </s>` as the configs ask.
+fn bos_eos_template(
+    options: &TokenizerOptions,
+    bos_id: Option<TokenId>,
+    eos_id: Option<TokenId>,
+) -> std::result::Result<TemplateProcessing, String> {
+    let mut ends: Vec<(String, TokenId)> = Vec::new();
+    let mut wanted = |flag: bool, token: &Option<SpecialToken>, id: Option<TokenId>, name: &str| {
+        if !flag {
+            return Ok(None);
+        }
+        match (token, id) {
+            (Some(token), Some(id)) => {
+                ends.push((token.content.clone(), id));
+                Ok(Some(token.content.clone()))
+            }
+            _ => Err(format!("add_{name}_token = True but {name}_token = None")),
+        }
+    };
+    let bos = wanted(options.add_bos_token, &options.bos_token, bos_id, "bos")?;
+    let eos = wanted(options.add_eos_token, &options.eos_token, eos_id, "eos")?;
+    let with = |sequence: &str, type_id: u8| {
+        let mut parts = Vec::new();
+        parts.extend(bos.as_ref().map(|b| format!("{b}:{type_id}")));
+        parts.push(format!("${sequence}:{type_id}"));
+        parts.extend(eos.as_ref().map(|e| format!("{e}:{type_id}")));
+        parts.join(" ")
+    };
+    let single = with("A", 0);
+    let pair = format!("{single} {}", with("B", 1));
+    let mut builder = TemplateProcessing::builder();
+    builder
+        .try_single(single)?
+        .try_pair(pair)?
+        .special_tokens(ends);
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// The `added_tokens_decoder` entries of tokenizer_config.json in id order (`AddedToken(**entry)`).
+pub(crate) fn config_added_tokens(
+    config: &serde_json::Map<String, Value>,
+    path: &Path,
+) -> Result<Vec<ConfigAddedToken>> {
+    let field = "added_tokens_decoder";
+    let Some(value) = config.get(field) else {
+        return Ok(Vec::new());
+    };
+    let bad = |message: String| Error::Config {
+        path: path.into(),
+        field: field.into(),
+        message,
+    };
+    let entries = value
+        .as_object()
+        .ok_or_else(|| bad("expected an object".into()))?;
+    let mut tokens = Vec::new();
+    for (id, entry) in entries {
+        let index: u64 = id
+            .parse()
+            .map_err(|_| bad(format!("key {id:?} is not a token id")))?;
+        let flag = |key: &str, default: bool| match entry.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(bad(format!("entry {id}: `{key}` must be a boolean"))),
+        };
+        let content = entry
+            .get("content")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad(format!("entry {id}: expected a `content` string")))?;
+        let special = flag("special", false)?;
+        tokens.push((
+            index,
+            ConfigAddedToken {
+                content: content.to_string(),
+                lstrip: flag("lstrip", false)?,
+                rstrip: flag("rstrip", false)?,
+                single_word: flag("single_word", false)?,
+                // `AddedToken`'s default: special tokens are matched in the raw text.
+                normalized: flag("normalized", !special)?,
+                special,
+            },
+        ));
+    }
+    tokens.sort_by_key(|(index, _)| *index);
+    Ok(tokens.into_iter().map(|(_, token)| token).collect())
+}
