@@ -8,6 +8,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${ARCANA_VENV:-$HOME/.cache/arcana/venv-torch-2.0.1}"
 req="$here/../parity/requirements.txt"
+serve_req="$here/../parity/serve-requirements.txt"
 stamp="$venv/.arcana-requirements"
 python="${PYTHON:-python3}"
 tokenizers="${ARCANA_TOKENIZERS:-$HOME/.cache/arcana/tokenizers}"
@@ -41,7 +42,8 @@ PY
   rm -rf "$tmp"
 }
 
-if [ -f "$stamp" ] && cmp -s "$stamp" "$req" && "$venv/bin/python" -c "import torch" 2>/dev/null; then
+wanted="$(cat "$req" "$serve_req")"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && "$venv/bin/python" -c "import torch" 2>/dev/null; then
   echo "setup: reusing Python environment $venv" >&2
   fetch_mistral_tokenizer "$venv/bin/python"
   exit 0
@@ -53,7 +55,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 echo "setup: installing the reference stack from $req into $venv (torch 2.0.1 is a large download the first time)" >&2
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -r "$req"
-cp "$req" "$stamp"
+"$venv/bin/python" -m pip install --quiet -r "$req" -r "$serve_req"
+printf '%s\n' "$wanted" > "$stamp"
 fetch_mistral_tokenizer "$venv/bin/python"
 echo "setup: done" >&2

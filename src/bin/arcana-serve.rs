@@ -67,6 +67,9 @@ struct WorkerArgs {
     /// Do not register with a controller (serve directly, e.g. behind a load balancer).
     #[arg(long)]
     no_register: bool,
+    /// Let the OpenAI API fetch http(s) image URLs (off: only data: URLs are accepted).
+    #[arg(long)]
+    allow_image_urls: bool,
 }
 
 #[derive(clap::Args)]
@@ -135,6 +138,7 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         worker_address,
         controller_address: (!args.no_register).then(|| args.controller_address.trim_end_matches('/').to_string()),
         limit_model_concurrency: args.limit_model_concurrency,
+        allow_image_urls: args.allow_image_urls,
     });
     // The model loads on the engine's own thread while the server already answers /health.
     let options = EngineOptions {

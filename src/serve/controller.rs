@@ -71,6 +71,11 @@ impl Controller {
         }
     }
 
+    /// The HTTP client the controller calls workers with.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     /// Shorter heart-beat expiry, for tests.
     pub fn with_expiration(mut self, expiration: Duration) -> Self {
         self.expiration = expiration;
@@ -303,7 +308,8 @@ fn async_stream(
     .flatten()
 }
 
-/// The controller's HTTP routes (the release's, plus `/health`).
+/// The controller's HTTP routes (the release's, plus `/health` and the OpenAI-compatible API routed by
+/// `model`).
 pub fn router(controller: Controller) -> Router {
     Router::new()
         .route("/register_worker", post(register_worker))
@@ -314,6 +320,11 @@ pub fn router(controller: Controller) -> Router {
         .route("/worker_generate_stream", post(worker_generate_stream))
         .route("/worker_get_status", post(worker_get_status))
         .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/v1/models", get(|State(c): State<Controller>| async move { super::openai::models_reply(&c.list_models()) }))
+        .route(
+            "/v1/chat/completions",
+            post(|State(c): State<Controller>, body| super::openai::route_chat_completions(c, body)),
+        )
         .fallback(|| async { json_error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(controller)
 }

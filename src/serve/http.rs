@@ -29,14 +29,16 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(Self(value)),
-            Err(rejection) => {
-                let status = match &rejection {
-                    JsonRejection::BytesRejection(_) => StatusCode::PAYLOAD_TOO_LARGE,
-                    other => other.status(),
-                };
-                Err(json_error(status, &rejection.body_text()))
-            }
+            Err(rejection) => Err(json_error(rejection_status(&rejection), &rejection.body_text())),
         }
+    }
+}
+
+/// The status for a refused JSON body: 413 when it could not be read whole (over the body limit).
+pub fn rejection_status(rejection: &JsonRejection) -> StatusCode {
+    match rejection {
+        JsonRejection::BytesRejection(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        other => other.status(),
     }
 }
 

@@ -39,6 +39,8 @@ pub struct WorkerConfig {
     pub controller_address: Option<String>,
     /// Requests generating at once; more wait in a queue (`--limit-model-concurrency`).
     pub limit_model_concurrency: usize,
+    /// The OpenAI API may fetch `http(s)` image URLs (`--allow-image-urls`); otherwise they are refused.
+    pub allow_image_urls: bool,
 }
 
 /// Loading state of the model.
@@ -276,13 +278,21 @@ pub fn decode_base64_image(text: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD.decode(compact).map_err(|e| format!("not valid base64: {e}"))
 }
 
-/// Worker routes: the release's two endpoints, plus `/health` and `/metrics`.
+/// Worker routes: the release's two endpoints, `/health`, `/metrics` and the OpenAI-compatible API.
 pub fn router(worker: Worker) -> Router {
     Router::new()
         .route("/worker_generate_stream", post(generate_stream))
         .route("/worker_get_status", post(get_status))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/v1/models", get(|State(w): State<Worker>| async move { super::openai::models_reply(&[w.config.model_name.clone()]) }))
+        .route(
+            "/v1/chat/completions",
+            post(|State(w): State<Worker>, body| async move {
+                let (allow, client) = (w.config.allow_image_urls, w.client.clone());
+                super::openai::chat_completions(w, allow, client, body).await
+            }),
+        )
         .fallback(|| async { json_error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(worker)
 }
@@ -367,78 +377,101 @@ async fn generate_stream(State(w): State<Worker>, JsonBody(params): JsonBody<ser
         Ok(Err(message)) => return fail(&w, message),
         Err(e) => return fail(&w, format!("preparing the request failed: {e}")),
     };
-    w.queue_length.fetch_add(1, Ordering::SeqCst);
-    let queued = QueueGuard(w.queue_length.clone());
-    w.heart_beat().await;
     let (sender, receiver) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
-    let worker = w.clone();
-    tokio::spawn(async move {
-        let _queued = queued;
-        let Ok(_slot) = worker.slots.clone().acquire_owned().await else { return };
-        let admitted = std::time::Instant::now();
-        let prompt = params.prompt.clone();
-        let metrics = worker.metrics.clone();
-        let result = tokio::task::spawn_blocking(move || stream_answer(&engine, request, prompt, sender, &metrics, admitted)).await;
-        if let Ok(Err(())) | Err(_) = result {
-            worker.metrics.failed_requests.fetch_add(1, Ordering::Relaxed);
-        }
-        drop(_slot);
-        drop(_queued);
-        worker.heart_beat().await;
-    });
-    let chunks = futures_util::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), receiver))
-    });
-    Response::new(Body::from_stream(chunks))
-}
-
-/// Runs one request on the engine thread's queue and forwards cumulative chunks; stops the answer as
-/// soon as the client is gone (the channel closed). `Err` when the answer ended in an error.
-fn stream_answer(
-    engine: &EngineHandle,
-    request: Request,
-    prompt: String,
-    sender: tokio::sync::mpsc::Sender<Vec<u8>>,
-    metrics: &Metrics,
-    admitted: std::time::Instant,
-) -> Result<(), ()> {
-    let send = |chunk: StreamChunk| sender.blocking_send(chunk.to_wire()).is_ok();
-    let stream = match engine.submit(request) {
-        Ok(stream) => stream,
-        Err(e) => {
-            send(StreamChunk::error(error_code::WORKER_ERROR, e.to_string()));
-            return Err(());
-        }
-    };
-    let cancel = stream.cancel_token();
+    let prompt = params.prompt;
     let mut text = prompt.clone();
-    let mut first_token = true;
-    for event in stream {
-        match event {
-            Ok(Event::Token(_)) => {
-                metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                if first_token {
-                    record_ttft(metrics, admitted.elapsed().as_secs_f64());
-                    first_token = false;
-                }
-            }
+    w.spawn_answer(engine, request, move |event| {
+        let chunk = match event {
             Ok(Event::Text(delta)) => {
                 text.push_str(&delta);
-                if !send(StreamChunk { text: text.clone(), error_code: error_code::OK }) {
-                    cancel.cancel();
-                    return Ok(());
+                StreamChunk { text: text.clone(), error_code: error_code::OK }
+            }
+            Ok(_) => return true,
+            // The release answers a full context with this text and code 0.
+            Err(Error::ContextFull { .. }) => StreamChunk { text: format!("{prompt}{EXCEEDS_CONTEXT}"), error_code: error_code::OK },
+            Err(e) => StreamChunk::error(error_code::WORKER_ERROR, e.to_string()),
+        };
+        sender.blocking_send(chunk.to_wire()).is_ok()
+    })
+    .await;
+    Response::new(Body::from_stream(receiver_stream(receiver)))
+}
+
+/// A channel's items as a response body stream.
+pub(super) fn receiver_stream<T: Send + 'static>(
+    receiver: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = Result<T, std::convert::Infallible>> {
+    futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (Ok(item), receiver))
+    })
+}
+
+impl Worker {
+    /// Queues `request` (counted in queue_length from now), waits for a slot, runs it on the engine and
+    /// hands every event, or the error that ended it, to `forward` on a blocking thread. `forward`
+    /// returns false when the client is gone: the answer is then cancelled before its next token.
+    /// Returns once the request is queued.
+    pub(super) async fn spawn_answer(
+        &self,
+        engine: EngineHandle,
+        request: Request,
+        mut forward: impl FnMut(crate::Result<Event>) -> bool + Send + 'static,
+    ) {
+        self.queue_length.fetch_add(1, Ordering::SeqCst);
+        let queued = QueueGuard(self.queue_length.clone());
+        self.heart_beat().await;
+        let worker = self.clone();
+        tokio::spawn(async move {
+            let Ok(slot) = worker.slots.clone().acquire_owned().await else { return };
+            let admitted = std::time::Instant::now();
+            let metrics = worker.metrics.clone();
+            let answered = tokio::task::spawn_blocking(move || {
+                let stream = match engine.submit(request) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        forward(Err(e));
+                        return false;
+                    }
+                };
+                let cancel = stream.cancel_token();
+                let mut first_token = true;
+                for event in stream {
+                    let failed = event.is_err();
+                    if let Ok(Event::Token(_)) = &event {
+                        metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                        if std::mem::take(&mut first_token) {
+                            record_ttft(&metrics, admitted.elapsed().as_secs_f64());
+                        }
+                    }
+                    if !forward(event) {
+                        cancel.cancel();
+                        return true;
+                    }
+                    if failed {
+                        return false;
+                    }
                 }
+                true
+            })
+            .await;
+            if !matches!(answered, Ok(true)) {
+                worker.metrics.failed_requests.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(_) => {}
-            Err(Error::ContextFull { .. }) => {
-                send(StreamChunk { text: format!("{prompt}{EXCEEDS_CONTEXT}"), error_code: error_code::OK });
-                return Ok(());
-            }
-            Err(e) => {
-                send(StreamChunk::error(error_code::WORKER_ERROR, e.to_string()));
-                return Err(());
-            }
-        }
+            drop(slot);
+            drop(queued);
+            worker.heart_beat().await;
+        });
     }
-    Ok(())
+
+    pub(super) fn model_name(&self) -> &str {
+        &self.config.model_name
+    }
+
+    pub(super) fn count_request(&self) {
+        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn ready_engine(&self) -> Result<EngineHandle, String> {
+        self.engine().cloned()
+    }
 }

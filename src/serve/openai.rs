@@ -1,0 +1,432 @@
+//! An OpenAI-compatible API on the worker (`GET /v1/models`, `POST /v1/chat/completions`, streamed as
+//! server-sent events or not) and, routed by `model`, through the controller. Messages are rendered
+//! with the model's template as the CLI does; images come as `data:` URLs (remote URLs only with
+//! `--allow-image-urls`). Errors use OpenAI's `{"error": {"message", "type", "param", "code"}}` shape.
+use super::worker::{decode_base64_image, receiver_stream, Worker};
+use crate::engine::{ChatMessage, Event, FinishReason, GenerationParams, ImageInput, Request, RequestInput, Role};
+use crate::error::Error;
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Largest image fetched from a remote URL.
+const MAX_REMOTE_IMAGE_BYTES: usize = 20 * 1024 * 1024;
+
+/// An OpenAI-style error reply.
+pub fn openai_error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response {
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+    (status, Json(body)).into_response()
+}
+
+fn rejected(rejection: &JsonRejection) -> Response {
+    openai_error(super::http::rejection_status(rejection), &rejection.body_text(), "invalid_request_error", None)
+}
+
+fn invalid(message: impl AsRef<str>) -> Response {
+    openai_error(StatusCode::BAD_REQUEST, message.as_ref(), "invalid_request_error", None)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: Option<String>,
+    pub messages: Vec<ChatCompletionMessage>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub max_tokens: Option<usize>,
+    /// Newer clients send this instead of `max_tokens`.
+    pub max_completion_tokens: Option<usize>,
+    pub stop: Option<StopField>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionMessage {
+    pub role: String,
+    pub content: Option<MessageContent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ImageUrl {
+    pub url: String,
+}
+
+/// Where an image of a message comes from.
+enum ImageSource {
+    Data(Vec<u8>),
+    Remote(String),
+}
+
+/// The engine request of a chat completion; images that need fetching are returned as URLs.
+fn to_request(body: &ChatCompletionRequest, allow_image_urls: bool) -> Result<(Request, Vec<ImageSource>), String> {
+    if body.n.is_some_and(|n| n != 1) {
+        return Err("only n = 1 is supported".into());
+    }
+    if body.messages.is_empty() {
+        return Err("`messages` is empty".into());
+    }
+    let mut messages = Vec::new();
+    let mut images = Vec::new();
+    for (i, m) in body.messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => return Err(format!("messages[{i}]: unsupported role `{other}` (system, user or assistant)")),
+        };
+        let (mut text, mut count) = (String::new(), 0);
+        match &m.content {
+            None => {}
+            Some(MessageContent::Text(t)) => text.push_str(t),
+            Some(MessageContent::Parts(parts)) => {
+                for part in parts {
+                    match part {
+                        ContentPart::Text { text: t } => {
+                            if !text.is_empty() {
+                                text.push('\n');
+                            }
+                            text.push_str(t);
+                        }
+                        ContentPart::ImageUrl { image_url } => {
+                            if role != Role::User {
+                                return Err(format!("messages[{i}]: only user messages can carry images"));
+                            }
+                            images.push(image_source(&image_url.url, allow_image_urls).map_err(|e| format!("messages[{i}]: {e}"))?);
+                            count += 1;
+                        }
+                    }
+                }
+            }
+        }
+        messages.push(ChatMessage { role, text, images: count });
+    }
+    if messages.last().map(|m| m.role) != Some(Role::User) {
+        return Err("the last message must come from the user".into());
+    }
+    let temperature = body.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(format!("`temperature` must be within [0, 2], got {temperature}"));
+    }
+    let stop = match &body.stop {
+        None => Vec::new(),
+        Some(StopField::One(s)) => vec![s.clone()],
+        Some(StopField::Many(v)) => v.clone(),
+    };
+    let params = GenerationParams {
+        temperature,
+        top_p: Some(body.top_p.unwrap_or(1.0)),
+        top_k: Some(0),
+        max_new_tokens: body.max_completion_tokens.or(body.max_tokens).unwrap_or(GenerationParams::default().max_new_tokens),
+        stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+        seed: body.seed,
+    };
+    params.check().map_err(|e| e.to_string())?;
+    let request = Request { input: RequestInput::Conversation(messages), images: Vec::new(), params };
+    Ok((request, images))
+}
+
+fn image_source(url: &str, allow_image_urls: bool) -> Result<ImageSource, String> {
+    if url.starts_with("data:") {
+        return decode_base64_image(url).map(ImageSource::Data);
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        if !allow_image_urls {
+            return Err(format!(
+                "remote image URL {url} refused: this worker does not fetch URLs (send the image as a data: URL, \
+                 or start the worker with --allow-image-urls)"
+            ));
+        }
+        return Ok(ImageSource::Remote(url.to_string()));
+    }
+    Err("an image_url must be a data: URL (data:image/png;base64,...) or, if allowed, an http(s) URL".into())
+}
+
+async fn fetch_image(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
+    let reply = client
+        .get(url)
+        .timeout(std::time::Duration::from_secs(20))
+        .send()
+        .await
+        .map_err(|e| format!("fetching {url}: {e}"))?;
+    if !reply.status().is_success() {
+        return Err(format!("fetching {url}: HTTP {}", reply.status()));
+    }
+    let bytes = reply.bytes().await.map_err(|e| format!("fetching {url}: {e}"))?;
+    if bytes.len() > MAX_REMOTE_IMAGE_BYTES {
+        return Err(format!("{url}: {} bytes, more than {MAX_REMOTE_IMAGE_BYTES}", bytes.len()));
+    }
+    Ok(bytes.to_vec())
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn completion_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("chatcmpl-{:x}{:06x}", now(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::Eos | FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+/// `GET /v1/models` of one worker.
+pub fn models_reply(names: &[String]) -> Json<Value> {
+    let created = now();
+    let data: Vec<Value> =
+        names.iter().map(|n| json!({"id": n, "object": "model", "created": created, "owned_by": "arcana"})).collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// The body of an error that ended an answer: a full context is the client's to fix (400).
+fn answer_error(e: &Error) -> (StatusCode, &'static str, Option<&'static str>) {
+    match e {
+        Error::ContextFull { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("context_length_exceeded")),
+        Error::Image { .. } | Error::InvalidInput(_) | Error::Prompt(_) => {
+            (StatusCode::BAD_REQUEST, "invalid_request_error", None)
+        }
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+    }
+}
+
+/// `POST /v1/chat/completions` on a worker.
+pub async fn chat_completions(
+    worker: Worker,
+    allow_image_urls: bool,
+    client: reqwest::Client,
+    body: Result<Json<ChatCompletionRequest>, JsonRejection>,
+) -> Response {
+    worker.count_request();
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return rejected(&rejection),
+    };
+    let model = worker.model_name().to_string();
+    if let Some(asked) = body.model.as_deref().filter(|m| !m.is_empty() && *m != model) {
+        return openai_error(
+            StatusCode::NOT_FOUND,
+            &format!("model `{asked}` is not served here (this worker serves `{model}`)"),
+            "invalid_request_error",
+            Some("model_not_found"),
+        );
+    }
+    let engine = match worker.ready_engine() {
+        Ok(engine) => engine,
+        Err(message) => return openai_error(StatusCode::SERVICE_UNAVAILABLE, &message, "server_error", None),
+    };
+    let (mut request, sources) = match to_request(&body, allow_image_urls) {
+        Ok(r) => r,
+        Err(message) => return invalid(message),
+    };
+    for (i, source) in sources.into_iter().enumerate() {
+        let bytes = match source {
+            ImageSource::Data(bytes) => bytes,
+            ImageSource::Remote(url) => match fetch_image(&client, &url).await {
+                Ok(bytes) => bytes,
+                Err(message) => return invalid(message),
+            },
+        };
+        request.images.push(ImageInput::Encoded { name: format!("image {}", i + 1), bytes });
+    }
+    let id = completion_id();
+    let created = now();
+    if body.stream {
+        let include_usage = body.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        stream_completion(worker, engine, request, id, created, model, include_usage).await
+    } else {
+        whole_completion(worker, engine, request, id, created, model).await
+    }
+}
+
+async fn whole_completion(
+    worker: Worker,
+    engine: crate::engine::EngineHandle,
+    request: Request,
+    id: String,
+    created: u64,
+    model: String,
+) -> Response {
+    let (sender, receiver) = tokio::sync::oneshot::channel::<Result<(String, crate::engine::Finish), Error>>();
+    let mut sender = Some(sender);
+    let mut text = String::new();
+    worker
+        .spawn_answer(engine, request, move |event| {
+            match event {
+                Ok(Event::Text(delta)) => text.push_str(&delta),
+                Ok(Event::Finished(finish)) => {
+                    if let Some(s) = sender.take() {
+                        let _ = s.send(Ok((std::mem::take(&mut text), finish)));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if let Some(s) = sender.take() {
+                        let _ = s.send(Err(e));
+                    }
+                }
+            }
+            true
+        })
+        .await;
+    match receiver.await {
+        Ok(Ok((text, finish))) => Json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null,
+                         "finish_reason": finish_reason(finish.reason)}],
+            "usage": {"prompt_tokens": finish.usage.prompt_tokens, "completion_tokens": finish.usage.completion_tokens,
+                      "total_tokens": finish.usage.prompt_tokens + finish.usage.completion_tokens},
+        }))
+        .into_response(),
+        Ok(Err(e)) => {
+            let (status, kind, code) = answer_error(&e);
+            openai_error(status, &e.to_string(), kind, code)
+        }
+        Err(_) => openai_error(StatusCode::INTERNAL_SERVER_ERROR, "the answer ended without a result", "server_error", None),
+    }
+}
+
+async fn stream_completion(
+    worker: Worker,
+    engine: crate::engine::EngineHandle,
+    request: Request,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+) -> Response {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<String>(64);
+    let frame = move |choices: Value, usage: Option<Value>| {
+        let mut chunk = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                               "choices": choices});
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        format!("data: {chunk}\n\n")
+    };
+    let mut started = false;
+    worker
+        .spawn_answer(engine, request, move |event| {
+            let mut frames = Vec::new();
+            if !started {
+                started = true;
+                frames.push(frame(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]), None));
+            }
+            match event {
+                Ok(Event::Text(delta)) => {
+                    frames.push(frame(json!([{"index": 0, "delta": {"content": delta}, "finish_reason": null}]), None))
+                }
+                Ok(Event::Finished(finish)) => {
+                    frames.push(frame(
+                        json!([{"index": 0, "delta": {}, "finish_reason": finish_reason(finish.reason)}]),
+                        None,
+                    ));
+                    if include_usage {
+                        let u = finish.usage;
+                        let usage = json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                                           "total_tokens": u.prompt_tokens + u.completion_tokens});
+                        frames.push(frame(json!([]), Some(usage)));
+                    }
+                    frames.push("data: [DONE]\n\n".to_string());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Headers are gone already: the error travels as an event, then the stream ends.
+                    let (_, kind, code) = answer_error(&e);
+                    let body = json!({"error": {"message": e.to_string(), "type": kind, "param": null, "code": code}});
+                    frames.push(format!("data: {body}\n\n"));
+                    frames.push("data: [DONE]\n\n".to_string());
+                }
+            }
+            frames.into_iter().all(|f| sender.blocking_send(f).is_ok())
+        })
+        .await;
+    let mut response = Response::new(Body::from_stream(receiver_stream(receiver)));
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
+    response.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// `POST /v1/chat/completions` on the controller: routed to a worker serving `model`, its reply
+/// (JSON or event stream) passed through as it comes.
+pub async fn route_chat_completions(
+    controller: super::controller::Controller,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return rejected(&rejection),
+    };
+    let Some(model) = body.get("model").and_then(Value::as_str).map(str::to_string) else {
+        return invalid("`model` is required to route the request to a worker");
+    };
+    let Some(worker) = controller.worker_for(&model) else {
+        return openai_error(
+            StatusCode::NOT_FOUND,
+            &format!("no worker serves model `{model}`"),
+            "invalid_request_error",
+            Some("model_not_found"),
+        );
+    };
+    let reply = controller.client().post(format!("{worker}/v1/chat/completions")).json(&body).send().await;
+    match reply {
+        Ok(reply) => {
+            let status = StatusCode::from_u16(reply.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let content_type = reply.headers().get(reqwest::header::CONTENT_TYPE).cloned();
+            let mut response = Response::new(Body::from_stream(reply.bytes_stream()));
+            *response.status_mut() = status;
+            if let Some(value) = content_type.and_then(|v| header::HeaderValue::from_bytes(v.as_bytes()).ok()) {
+                response.headers_mut().insert(header::CONTENT_TYPE, value);
+            }
+            response
+        }
+        Err(e) => openai_error(
+            StatusCode::BAD_GATEWAY,
+            &format!("worker at {worker} unreachable: {e}"),
+            "server_error",
+            None,
+        ),
+    }
+}

@@ -1,0 +1,170 @@
+//! The OpenAI-compatible API against the `openai` Python client (pip, in the project's environment) on
+//! the cli-tiny checkpoint: streamed and whole answers with an image, straight to a worker and routed
+//! through the controller, equal the CLI reference's text; and its errors in OpenAI's shape. Skips with
+//! a message where the Python environment (with `openai`) is missing.
+mod common;
+
+use serde_json::{json, Value};
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path, args: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arcana-serve"))
+        .current_dir(dir)
+        .args(args)
+        .args(["--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
+    assert!(url.starts_with("http://"), "no address printed: {line:?}");
+    Server { child, url }
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+fn wait_ready(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if client().get(format!("{url}/health")).send().is_ok_and(|r| r.status().is_success()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{url} never became ready");
+}
+
+/// Python with the `openai` package, or a skip message.
+fn python_with_openai() -> Option<std::path::PathBuf> {
+    let python = common::python_with_torch()?;
+    let ok = Command::new(&python).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipping: the `openai` package is missing (run scripts/setup-python.sh)");
+    }
+    ok.then_some(python)
+}
+
+const CLIENT_SCRIPT: &str = r#"
+import base64, json, sys
+from openai import OpenAI
+base_url, image_path, model = sys.argv[1], sys.argv[2], sys.argv[3]
+client = OpenAI(base_url=base_url + "/v1", api_key="unused")
+url = "data:image/png;base64," + base64.b64encode(open(image_path, "rb").read()).decode()
+messages = [{"role": "user", "content": [
+    {"type": "text", "text": "What is in this image?"},
+    {"type": "image_url", "image_url": {"url": url}}]}]
+whole = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24)
+pieces = []
+for chunk in client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24,
+                                            stream=True):
+    if chunk.choices and chunk.choices[0].delta.content:
+        pieces.append(chunk.choices[0].delta.content)
+print(json.dumps({
+    "models": [m.id for m in client.models.list()],
+    "text": whole.choices[0].message.content,
+    "finish_reason": whole.choices[0].finish_reason,
+    "usage": [whole.usage.prompt_tokens, whole.usage.completion_tokens],
+    "streamed": pieces,
+}))
+"#;
+
+fn run_client(python: &Path, base_url: &str, image: &Path) -> Value {
+    let out = Command::new(python)
+        .args(["-c", CLIENT_SCRIPT, base_url, image.to_str().unwrap(), "arcana-cli-tiny-v1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openai client failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn the_openai_client_gets_the_cli_answer_from_a_worker_and_through_the_controller() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let Some(python) = python_with_openai() else { return };
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected/v1-square-greedy.json")).unwrap()).unwrap();
+    let expected_text = expected["turns"][0]["text"].as_str().unwrap();
+    let controller = start(dir, &["controller"]);
+    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
+    wait_ready(&worker.url);
+    for base in [&worker.url, &controller.url] {
+        let got = run_client(&python, base, &dir.join("images/square.png"));
+        println!("{base}: {got}");
+        assert_eq!(got["models"], json!(["arcana-cli-tiny-v1"]));
+        assert_eq!(got["text"], expected_text, "{base}");
+        assert_eq!(got["finish_reason"], "length");
+        let streamed: String = got["streamed"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+        assert_eq!(streamed, expected_text, "{base}: streamed text");
+        assert!(got["streamed"].as_array().unwrap().len() > 1, "streamed in pieces");
+        assert_eq!(got["usage"][1], 24);
+        assert!(got["usage"][0].as_i64().unwrap() > 64, "image positions counted: {}", got["usage"]);
+    }
+}
+
+#[test]
+fn errors_come_back_in_openai_shape() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let controller = start(dir, &["controller"]);
+    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
+    wait_ready(&worker.url);
+    let post = |url: &str, body: Value| {
+        let r = client().post(format!("{url}/v1/chat/completions")).json(&body).send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().unwrap())
+    };
+    let user = |content: Value| json!({"model": "arcana-cli-tiny-v1", "messages": [{"role": "user", "content": content}]});
+    let cases = [
+        (
+            user(json!([{"type": "image_url", "image_url": {"url": "http://example.invalid/cat.png"}}])),
+            400,
+            "--allow-image-urls",
+        ),
+        (user(json!([{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}])), 400, "base64"),
+        (json!({"model": "arcana-cli-tiny-v1", "messages": []}), 400, "`messages` is empty"),
+        (json!({"model": "arcana-cli-tiny-v1", "messages": [{"role": "assistant", "content": "hi"}]}), 400, "last message"),
+        (json!({"model": "arcana-cli-tiny-v1", "messages": [{"role": "robot", "content": "hi"}]}), 400, "unsupported role"),
+        (json!({"model": "arcana-cli-tiny-v1", "n": 2, "messages": [{"role": "user", "content": "hi"}]}), 400, "n = 1"),
+        (json!({"model": "other", "messages": [{"role": "user", "content": "hi"}]}), 404, "other"),
+    ];
+    for (body, status, message) in cases {
+        for url in [&worker.url, &controller.url] {
+            let (got_status, reply) = post(url, body.clone());
+            assert_eq!(got_status, status, "{url} {body}: {reply}");
+            let text = reply["error"]["message"].as_str().unwrap_or_default();
+            assert!(text.contains(message), "{url} {body}: expected `{message}` in {reply}");
+        }
+    }
+    let r = client()
+        .post(format!("{}/v1/chat/completions", worker.url))
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<Value>().unwrap()["error"]["message"].is_string());
+    // A plain-text question without an image works and reports its usage.
+    let (status, reply) = post(&controller.url, json!({"model": "arcana-cli-tiny-v1", "max_tokens": 3,
+                                                       "messages": [{"role": "user", "content": "hi"}]}));
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["usage"]["completion_tokens"], 3);
+    assert_eq!(reply["object"], "chat.completion");
+}
