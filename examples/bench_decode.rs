@@ -47,7 +47,7 @@ fn write_checkpoint(dir: &std::path::Path, merged: bool) -> anyhow::Result<()> {
             for (branch, rank) in [("V", 64), ("L", 192)] {
                 let (a, b) = (randn(&[rank, i_dim]), randn(&[o_dim, rank]) * 0.1);
                 if merged && branch == "L" {
-                    weight = weight + b.matmul(&a) * 2.0;
+                    weight += b.matmul(&a) * 2.0;
                 }
                 tensors.push((format!("{p}.{name}.{branch}_Slora_A.weight"), a));
                 tensors.push((format!("{p}.{name}.{branch}_Slora_B.weight"), b));

@@ -182,17 +182,17 @@ impl ArcanaConfig {
                 ),
             ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(bad("rms_norm_eps", format!("must be positive, got {}", self.rms_norm_eps)));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return Err(bad("rope_theta", format!("must be positive, got {}", self.rope_theta)));
         }
         if let Some(scaling) = &self.rope_scaling {
             if scaling.kind != "linear" && scaling.kind != "dynamic" {
                 return Err(bad("rope_scaling", format!("unknown type `{}` (expected linear or dynamic)", scaling.kind)));
             }
-            if !(scaling.factor > 1.0) {
+            if scaling.factor.is_nan() || scaling.factor <= 1.0 {
                 return Err(bad("rope_scaling", format!("factor must be > 1, got {}", scaling.factor)));
             }
         }

@@ -51,6 +51,6 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dim = self.weight.size()[0];
         // cudnn_enable mirrors torch.backends.cudnn.enabled (true by default), as F.layer_norm passes it.
-        Ok(x.f_layer_norm(&[dim], Some(&self.weight), Some(&self.bias), self.eps, true)?)
+        Ok(x.f_layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)?)
     }
 }

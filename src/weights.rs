@@ -26,6 +26,9 @@ struct Entry {
     end: usize,
 }
 
+/// Called with (tensors loaded, tensors to load).
+type ProgressReport = Box<dyn Fn(usize, usize)>;
+
 /// One memory-mapped, validated safetensors file.
 pub struct TensorFile {
     path: PathBuf,
@@ -329,7 +332,7 @@ pub struct WeightLoader {
     /// Bytes of the tensors handed out, in the compute dtype.
     loaded_bytes: std::cell::Cell<u64>,
     /// Told (tensors loaded, distinct usable tensors in the sources) after each tensor.
-    progress: Option<(Box<dyn Fn(usize, usize)>, usize)>,
+    progress: Option<(ProgressReport, usize)>,
 }
 
 impl WeightLoader {

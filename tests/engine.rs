@@ -167,7 +167,7 @@ fn a_prompt_past_the_context_is_refused_with_its_length() {
     config["max_position_embeddings"] = 64.into();
     std::fs::write(&config_path, config.to_string()).unwrap();
     let engine = load(&model);
-    let err = engine.generate(&square_request(dir, greedy(24)), |_| Flow::Continue).err().expect("too long");
+    let err = engine.generate(&square_request(dir, greedy(24)), |_| Flow::Continue).expect_err("too long");
     assert!(matches!(err, Error::ContextFull { positions: 126, context: 64 }), "{err:?}");
     let message = err.to_string();
     assert!(message.contains("126 positions") && message.contains("context of 64"), "{message}");

@@ -281,7 +281,7 @@ fn truncated_corrupt_and_empty_files_give_errors_naming_the_file() {
 fn images_the_release_cannot_process_give_clear_errors() {
     // 1 pixel high: transformers reads the array channels-first with one channel and `normalize` fails.
     let image = load("rgb_3000x1.png");
-    let err = preprocessor(AspectMode::Plain).pixel_values(&[image.clone()]).unwrap_err().to_string();
+    let err = preprocessor(AspectMode::Plain).pixel_values(std::slice::from_ref(&image)).unwrap_err().to_string();
     assert!(err.contains("rgb_3000x1.png") && err.contains("channels-first"), "{err}");
     // Padded to 3000 x 3000 it is fine.
     assert!(preprocessor(AspectMode::Pad).pixel_values(&[image]).is_ok());

@@ -37,7 +37,7 @@ async fn spawn_worker(model: &str, chunks: Vec<&'static str>, die: bool) -> Stri
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     let item = match step {
                         Some(text) => Ok(StreamChunk { text: text.to_string(), error_code: 0 }.to_wire()),
-                        None => Err(std::io::Error::new(std::io::ErrorKind::Other, "worker died")),
+                        None => Err(std::io::Error::other("worker died")),
                     };
                     Some((item, steps))
                 });

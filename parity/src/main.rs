@@ -34,8 +34,8 @@ struct Args {
 
 fn print_table(reports: &[TensorReport]) {
     println!(
-        "{:<28} {:<18} {:<6} {:>12} {:>12} {:>12} {:>9}  {}",
-        "tensor", "shape", "dtype", "max|diff|", "max rel", "cosine", "bitexact", "status"
+        "{:<28} {:<18} {:<6} {:>12} {:>12} {:>12} {:>9}  status",
+        "tensor", "shape", "dtype", "max|diff|", "max rel", "cosine", "bitexact"
     );
     for r in reports {
         let shape = format!("{:?}", r.shape);

@@ -60,7 +60,7 @@ pub fn prefill_visual_mask(policy: MaskPolicy, image_spans: &[Vec<Range<i64>>], 
 /// Whether the release's mask and the real image positions disagree for this prompt's prefill (the
 /// release then applies the visual LoRA to text, or the language LoRA to image features).
 pub fn policies_differ(image_spans: &[Vec<Range<i64>>], seq_len: i64) -> bool {
-    let release = |p: i64| seq_len > 1 && p >= RELEASE_VISUAL_START && p < RELEASE_VISUAL_START + RELEASE_VISUAL_LEN;
+    let release = |p: i64| seq_len > 1 && (RELEASE_VISUAL_START..RELEASE_VISUAL_START + RELEASE_VISUAL_LEN).contains(&p);
     image_spans.iter().any(|row| (0..seq_len).any(|p| release(p) != row.iter().any(|r| r.contains(&p))))
 }
 

@@ -5,6 +5,7 @@
 //! - int8: symmetric, one scale per output channel (`max |w_row| / 127`).
 //! - int4: asymmetric, one scale and zero point per group of `INT4_GROUP` input columns (fewer where the
 //!   width is not a multiple of it): `scale = (max - min) / 15`, values 0..=15 stored two per byte.
+//!
 //! This is not bitsandbytes' LLM.int8() / NF4: results are close to, not equal to, the release's.
 use crate::error::{Error, Result};
 use crate::layers::Linear;

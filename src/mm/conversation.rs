@@ -107,7 +107,7 @@ impl Conversation {
     }
 
     fn sep_after(&self, index: usize) -> Option<&str> {
-        if index % 2 == 0 {
+        if index.is_multiple_of(2) {
             Some(&self.sep)
         } else {
             self.sep2.as_deref()

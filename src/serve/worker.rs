@@ -285,7 +285,7 @@ pub fn router(worker: Worker) -> Router {
         .route("/worker_get_status", post(get_status))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/v1/models", get(|State(w): State<Worker>| async move { super::openai::models_reply(&[w.config.model_name.clone()]) }))
+        .route("/v1/models", get(|State(w): State<Worker>| async move { super::openai::models_reply(std::slice::from_ref(&w.config.model_name)) }))
         .route(
             "/v1/chat/completions",
             post(|State(w): State<Worker>, body| async move {

@@ -409,7 +409,7 @@ pub fn shortest_edge_size(height: u32, width: u32, edge: u32) -> Option<(u32, u3
     let (short, long) = if width <= height { (width, height) } else { (height, width) };
     // Python: int(edge * long / short), true division in double precision, truncated.
     let new_long = f64::from(edge) * f64::from(long) / f64::from(short);
-    if !(new_long <= f64::from(i32::MAX)) {
+    if new_long.is_nan() || new_long > f64::from(i32::MAX) {
         return None;
     }
     let new_long = new_long as u32;

@@ -68,7 +68,7 @@ impl AdapterConfig {
     }
 
     fn targets(&self, module: &str) -> bool {
-        self.targets.as_ref().map_or(true, |t| t.iter().any(|k| module == k || module.ends_with(&format!(".{k}"))))
+        self.targets.as_ref().is_none_or(|t| t.iter().any(|k| module == k || module.ends_with(&format!(".{k}"))))
     }
 }
 

@@ -85,11 +85,11 @@ fn tensor_bytes(t: &tch::Tensor) -> Result<Vec<u8>> {
 }
 
 /// Assigns tensors to shards of at most `max_shard_bytes` (a tensor larger than that gets its own).
-fn plan_shards<'a>(
-    tensors: &'a BTreeMap<String, SourceTensor>,
+fn plan_shards(
+    tensors: &BTreeMap<String, SourceTensor>,
     out: OutDtype,
     max_shard_bytes: u64,
-) -> Vec<Vec<(&'a String, &'a SourceTensor)>> {
+) -> Vec<Vec<(&String, &SourceTensor)>> {
     let mut shards: Vec<Vec<_>> = vec![Vec::new()];
     let mut size = 0u64;
     for (name, tensor) in tensors {

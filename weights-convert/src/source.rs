@@ -20,8 +20,11 @@ pub struct TorchArchive {
     prefix: String,
 }
 
+/// The tensors of an archive by name, in file order.
+pub type NamedTensorRefs = Vec<(String, TensorRef)>;
+
 impl TorchArchive {
-    pub fn open(path: &Path) -> Result<(Arc<Self>, Vec<(String, TensorRef)>)> {
+    pub fn open(path: &Path) -> Result<(Arc<Self>, NamedTensorRefs)> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: read-only private mapping of a file this process does not modify.
         let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
@@ -63,7 +66,7 @@ impl TorchArchive {
         let kind = stored_kind(t.dtype).ok_or_else(|| anyhow!("{}: tensor `{name}`: unsupported dtype {:?}", self.path.display(), t.dtype))?;
         let element = kind.elt_size_in_bytes();
         let bytes = &self.mmap[start..end];
-        if bytes.len() % element != 0 {
+        if !bytes.len().is_multiple_of(element) {
             bail!("{}: storage `{record}` is not a whole number of {:?} elements", self.path.display(), t.dtype);
         }
         let storage = Tensor::f_from_data_size(bytes, &[(bytes.len() / element) as i64], kind)?;

@@ -157,7 +157,7 @@ fn pop_mark(stack: &mut Vec<Value>) -> PickleResult<Vec<Value>> {
 }
 
 fn pairs(items: Vec<Value>) -> PickleResult<Vec<(Value, Value)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err("odd number of items for a dict".into());
     }
     let mut it = items.into_iter();
