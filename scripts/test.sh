@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup-python.sh
+bash scripts/setup-nginx.sh
 source scripts/env.sh
 export PYTHONWARNINGS=ignore
 
