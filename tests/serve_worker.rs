@@ -243,3 +243,37 @@ fn a_worker_killed_mid_stream_ends_the_stream_with_an_error() {
     let again = generate(&controller.url, &square_request(dir, 4));
     assert_eq!(again.last().unwrap().error_code, 3);
 }
+
+#[test]
+fn sigterm_lets_an_answer_in_flight_finish_then_exits() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let mut worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register"]);
+    wait_ready(&worker);
+    let (url, body) = (worker.url.clone(), square_request(dir, 64));
+    let reader = std::thread::spawn(move || {
+        let r = client().post(format!("{url}/worker_generate_stream")).json(&body).send().unwrap();
+        chunks(&r.bytes().unwrap())
+    });
+    // Once the answer has started, ask the worker to stop.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&worker.url)["queue_length"] == 0 {
+        assert!(Instant::now() < deadline, "the request never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: plain kill(2) on our own child process.
+    assert_eq!(unsafe { libc::kill(worker.child.id() as i32, libc::SIGTERM) }, 0);
+    let got = reader.join().unwrap();
+    assert!(got.iter().all(|c| c.error_code == 0), "{got:?}");
+    let expected_tokens = 64;
+    assert!(got.len() >= expected_tokens / 2, "the answer was cut short: {} chunks", got.len());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = worker.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(client().get(format!("{}/health", worker.url)).send().is_err(), "still accepting connections");
+}

@@ -49,10 +49,34 @@ pub async fn bind(host: &str, port: u16) -> std::io::Result<(tokio::net::TcpList
     Ok((listener, addr))
 }
 
-/// Serves `app` on `listener` until Ctrl-C or SIGTERM, with the body limit applied.
+/// How long in-flight requests may run on after Ctrl-C or SIGTERM before the server stops anyway.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves `app` on `listener` with the body limit applied. On Ctrl-C or SIGTERM it stops accepting
+/// connections, lets in-flight requests (streams included) finish for up to `SHUTDOWN_GRACE`, then
+/// returns.
 pub async fn serve(listener: tokio::net::TcpListener, app: axum::Router) -> std::io::Result<()> {
     let app = app.layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await
+    let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+    let signal = {
+        let stopping = stopping.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            stopping.notify_one();
+        }
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+    tokio::select! {
+        result = server => result,
+        _ = async {
+            stopping.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("requests still open {SHUTDOWN_GRACE:?} after the shutdown signal; stopping");
+            Ok(())
+        }
+    }
 }
 
 async fn shutdown_signal() {
