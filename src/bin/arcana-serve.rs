@@ -306,7 +306,13 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
         no_register: false,
     })
     .await?;
+    // Controller and worker serve before the page starts: it asks the controller for models at start-up.
+    let controller = tokio::spawn(controller);
+    let worker = tokio::spawn(worker);
     let web = start_web(&host, args.port, &controller_url, &args.page).await?;
-    tokio::try_join!(controller, worker, web)?;
-    Ok(())
+    let (controller, worker, web) = tokio::join!(controller, worker, web);
+    controller.context("the controller task")??;
+    worker.context("the worker task")??;
+    web
+
 }
