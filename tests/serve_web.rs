@@ -84,7 +84,17 @@ fn the_api_explains_missing_models_workers_and_controllers() {
     let controller = start(logs.path(), &["controller", "--port", "0"], 1);
     let web = start(
         logs.path(),
-        &["web", "--port", "0", "--controller-url", controller.url("controller"), "--log-dir", log_dir],
+        &[
+            "web",
+            "--port",
+            "0",
+            "--controller-url",
+            controller.url("controller"),
+            "--log-dir",
+            log_dir,
+            "--stream-timeout",
+            "1",
+        ],
         1,
     );
     let web_url = web.url("web");
@@ -127,6 +137,21 @@ fn the_api_explains_missing_models_workers_and_controllers() {
         .unwrap();
     assert_eq!(vote.status(), 400);
 
+    // A worker that never answers: the page is told how long it waited.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let registered = client()
+        .post(format!("{}/register_worker", controller.url("controller")))
+        .json(&json!({"worker_name": silent_url, "check_heart_beat": false,
+                      "worker_status": {"model_names": ["silent"], "speed": 1, "queue_length": 0}}))
+        .send()
+        .unwrap();
+    assert!(registered.status().is_success());
+    let (_, events) = chat(web_url, &question("silent"));
+    let timeout = events.last().unwrap()["message"].as_str().unwrap().to_string();
+    assert_eq!(timeout, format!("the worker at {silent_url} sent nothing for 1 s"));
+    drop(silent);
+
     // A controller that is gone is named.
     drop(controller);
     let models = get_json(&format!("{web_url}/api/models"));
@@ -143,6 +168,34 @@ fn flags_that_need_remote_services_are_refused() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(flag) && stderr.contains(cause), "{stderr}");
     }
+}
+
+#[test]
+fn worker_errors_reach_the_page_with_their_text() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let servers = start(
+        dir,
+        &["all", "--model-path", "arcana-cli-tiny-v1", "--port", "0", "--controller-port", "0", "--worker-port", "0"],
+        3,
+    );
+    let web_url = servers.url("web");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get_json(&format!("{web_url}/api/models"))["models"] == json!([]) {
+        assert!(Instant::now() < deadline, "the worker never registered");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A marker without an image: the worker's own message, with the worker named.
+    let mut body = question("arcana-cli-tiny-v1");
+    body["messages"] = json!([["<image> what is this?", null]]);
+    let (_, events) = chat(web_url, &body);
+    let message = events.last().unwrap()["message"].as_str().unwrap();
+    assert!(message.starts_with(&format!("the worker at {} failed: ", servers.url("worker"))), "{message}");
+    assert!(message.contains("Number of images does not match number of <image> tokens"), "{message}");
+    assert!(message.ends_with("(error_code 1)"), "{message}");
+    // Without the marker the same request answers.
+    body["messages"] = json!([["what is this?", null]]);
+    let (_, events) = chat(web_url, &body);
+    assert_eq!(events.last().unwrap()["type"], "done", "{events:?}");
 }
 
 /// node, playwright-core's folder and chromium, or why the browser test cannot run.
