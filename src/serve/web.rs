@@ -286,7 +286,7 @@ async fn models(State(server): State<WebServer>) -> Json<Value> {
 /// The release's `add_text` cut-offs: 1536 characters, 1200 with an image, which then gets its marker.
 pub fn cut_user_text(text: &str, with_image: bool) -> String {
     let limit = if with_image { MAX_TEXT_CHARS_WITH_IMAGE } else { MAX_TEXT_CHARS };
-    let mut cut: String = text.chars().take(MAX_TEXT_CHARS).collect::<String>().chars().take(limit).collect();
+    let mut cut: String = text.chars().take(limit).collect();
     if with_image && !cut.contains("<image>") {
         cut.push_str("\n<image>");
     }
