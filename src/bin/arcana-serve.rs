@@ -2,15 +2,20 @@
 //!
 //!     arcana-serve controller [--host 127.0.0.1] [--port 21001] [--dispatch-method shortest_queue|lottery]
 //!     arcana-serve worker --model-path DIR [--port 21002] [--controller-address http://localhost:21001]
+//!     arcana-serve web [--port 7860] [--controller-url http://localhost:21001] [--log-dir .]
+//!     arcana-serve all --model-path DIR [--port 7860]    (controller + worker + web in one process)
 use anyhow::{bail, Context};
 use arcana::engine::{Engine, EngineOptions};
 use arcana::llm::quant::Quantization;
 use arcana::mm::conversation::model_name_from_path;
 use arcana::serve::controller::{self, Controller, DispatchMethod};
 use arcana::serve::http;
+use arcana::serve::web::{self, ModelListMode, WebConfig, WebServer};
 use arcana::serve::worker::{self, Worker, WorkerConfig};
 use clap::{Parser, Subcommand};
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::time::Duration;
 
 #[path = "shared/mod.rs"]
@@ -29,6 +34,64 @@ enum Command {
     Controller(ControllerArgs),
     /// Serves one model and registers with a controller (arcana.serve.model_worker).
     Worker(WorkerArgs),
+    /// The chat page (arcana.serve.gradio_web_server), talking to a controller.
+    Web(WebArgs),
+    /// Controller, one worker and the chat page in one process, all on 127.0.0.1.
+    All(AllArgs),
+}
+
+#[derive(clap::Args)]
+struct WebArgs {
+    /// Address to listen on (the release's default is 0.0.0.0; 0.0.0.0 exposes it to the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 7860)]
+    port: u16,
+    #[arg(long, default_value = "http://localhost:21001")]
+    controller_url: String,
+    #[command(flatten)]
+    page: PageArgs,
+}
+
+/// The chat page's flags shared by `web` and `all`.
+#[derive(clap::Args)]
+struct PageArgs {
+    /// Answers streaming at once; more wait their turn.
+    #[arg(long, default_value_t = 16)]
+    concurrency_count: usize,
+    /// once: the model list is fetched at start-up (and again while empty); reload: on each page load.
+    #[arg(long, default_value = "once", value_parser = ["once", "reload"])]
+    model_list_mode: String,
+    /// Refused: the release makes a public Gradio link through Gradio's servers.
+    #[arg(long)]
+    share: bool,
+    /// Refused: the release's moderation calls a remote service.
+    #[arg(long)]
+    moderate: bool,
+    /// Hide the title and the terms, for embedding the page.
+    #[arg(long)]
+    embed: bool,
+    /// Folder for the conversation logs (YYYY-MM-DD-conv.json) and serve_images/.
+    #[arg(long, default_value = ".")]
+    log_dir: PathBuf,
+    /// Longest wait, in seconds, for the worker's next chunk before the page is told it timed out.
+    #[arg(long, default_value_t = 120)]
+    stream_timeout: u64,
+}
+
+#[derive(clap::Args)]
+struct AllArgs {
+    /// The chat page's port.
+    #[arg(long, default_value_t = 7860)]
+    port: u16,
+    #[arg(long, default_value_t = 21001)]
+    controller_port: u16,
+    #[arg(long, default_value_t = 21002)]
+    worker_port: u16,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    page: PageArgs,
 }
 
 #[derive(clap::Args)]
@@ -43,6 +106,16 @@ struct WorkerArgs {
     worker_address: Option<String>,
     #[arg(long, default_value = "http://localhost:21001")]
     controller_address: String,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Do not register with a controller (serve directly, e.g. behind a load balancer).
+    #[arg(long)]
+    no_register: bool,
+}
+
+/// The model a worker serves, shared by `worker` and `all`.
+#[derive(clap::Args)]
+struct ModelArgs {
     /// Model folder in the release's layout.
     #[arg(long)]
     model_path: PathBuf,
@@ -64,9 +137,6 @@ struct WorkerArgs {
     /// Weight-only int4 decoder projections.
     #[arg(long, conflicts_with = "load_8bit")]
     load_4bit: bool,
-    /// Do not register with a controller (serve directly, e.g. behind a load balancer).
-    #[arg(long)]
-    no_register: bool,
     /// Let the OpenAI API fetch http(s) image URLs (off: only data: URLs are accepted).
     #[arg(long)]
     allow_image_urls: bool,
@@ -93,40 +163,48 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
+/// A bound server that serves until Ctrl-C or SIGTERM.
+type Serving = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
         match cli.command {
-            Command::Controller(args) => run_controller(args).await,
-            Command::Worker(args) => run_worker(args).await,
+            Command::Controller(args) => start_controller(&args).await?.1.await,
+            Command::Worker(args) => start_worker(args).await?.await,
+            Command::Web(args) => start_web(&args.host, args.port, &args.controller_url, &args.page).await?.await,
+            Command::All(args) => run_all(args).await,
         }
     })
 }
 
-async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+/// Binds the controller; returns its URL and the serving future. The first stdout line says where to
+/// reach it (port 0 picks a free port).
+async fn start_controller(args: &ControllerArgs) -> anyhow::Result<(String, Serving)> {
     let dispatch: DispatchMethod = args.dispatch_method.parse().map_err(anyhow::Error::msg)?;
     let controller = Controller::new(dispatch, Duration::from_secs(args.stream_timeout));
     let (listener, addr) =
         http::bind(&args.host, args.port).await.with_context(|| format!("binding {}:{}", args.host, args.port))?;
     controller::spawn_expiry(controller.clone());
-    // The first stdout line says where to reach the controller (port 0 picks a free port).
     println!("controller listening on http://{addr}");
     tracing::info!(%addr, ?dispatch, "controller started");
-    http::serve(listener, controller::router(controller)).await.context("serving")?;
-    Ok(())
+    let serving = async move { http::serve(listener, controller::router(controller)).await.context("serving the controller") };
+    Ok((format!("http://{addr}"), Box::pin(serving)))
 }
 
-async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
-    if args.limit_model_concurrency == 0 {
+/// Binds the worker and starts loading its model on the engine's own thread; returns the serving future.
+async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
+    let model = &args.model;
+    if model.limit_model_concurrency == 0 {
         bail!("--limit-model-concurrency must be at least 1");
     }
-    let device = shared::parse_device(&args.device)?;
+    let device = shared::parse_device(&model.device)?;
     let kind = shared::default_kind(device);
-    let weights = shared::weights_folder(&args.model_path, args.model_base.as_deref(), kind)?;
-    let model_path = args.model_path.to_string_lossy().into_owned();
-    let model_name = match &args.model_name {
+    let weights = shared::weights_folder(&model.model_path, model.model_base.as_deref(), kind)?;
+    let model_path = model.model_path.to_string_lossy().into_owned();
+    let model_name = match &model.model_name {
         Some(name) => name.clone(),
         None => model_name_from_path(&model_path)?,
     };
@@ -137,20 +215,20 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         model_name: model_name.clone(),
         worker_address,
         controller_address: (!args.no_register).then(|| args.controller_address.trim_end_matches('/').to_string()),
-        limit_model_concurrency: args.limit_model_concurrency,
-        allow_image_urls: args.allow_image_urls,
+        limit_model_concurrency: model.limit_model_concurrency,
+        allow_image_urls: model.allow_image_urls,
     });
     // The model loads on the engine's own thread while the server already answers /health.
     let options = EngineOptions {
         kind,
         device,
-        quantization: match (args.load_8bit, args.load_4bit) {
+        quantization: match (model.load_8bit, model.load_4bit) {
             (true, _) => Some(Quantization::Int8),
             (_, true) => Some(Quantization::Int4),
             _ => None,
         },
         model_name_path: Some(model_path),
-        with_model_base: args.model_base.is_some(),
+        with_model_base: model.model_base.is_some(),
         ..EngineOptions::default()
     };
     let loading = worker.clone();
@@ -176,6 +254,69 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     });
     println!("worker listening on http://{addr}");
     tracing::info!(%addr, model_name, "worker started");
-    http::serve(listener, worker::router(worker)).await.context("serving")?;
-    Ok(())
+    Ok(Box::pin(async move { http::serve(listener, worker::router(worker)).await.context("serving the worker") }))
+}
+
+/// Binds the chat page; refuses the release's flags that need remote services.
+async fn start_web(host: &str, port: u16, controller_url: &str, page: &PageArgs) -> anyhow::Result<Serving> {
+    if page.share {
+        bail!("--share is not supported: the release makes a public link through Gradio's servers; \
+               serve on --host 0.0.0.0 behind your own proxy instead");
+    }
+    if page.moderate {
+        bail!("--moderate is not supported: the release's moderation needs a remote service (OpenAI's \
+               moderation API), which this server does not call");
+    }
+    if page.concurrency_count == 0 {
+        bail!("--concurrency-count must be at least 1");
+    }
+    let server = WebServer::new(WebConfig {
+        controller_url: controller_url.to_string(),
+        concurrency_count: page.concurrency_count,
+        model_list_mode: page.model_list_mode.parse::<ModelListMode>().map_err(anyhow::Error::msg)?,
+        embed: page.embed,
+        log_dir: page.log_dir.clone(),
+        stream_timeout: Duration::from_secs(page.stream_timeout.max(1)),
+    });
+    // As the release, the list is fetched at start-up; an unreachable controller is reported, not fatal.
+    match server.fetch_models().await {
+        Ok(models) => tracing::info!(?models, "models"),
+        Err(e) => tracing::warn!("{e}"),
+    }
+    let (listener, addr) = http::bind(host, port).await.with_context(|| format!("binding {host}:{port}"))?;
+    println!("web listening on http://{addr}");
+    tracing::info!(%addr, controller_url, log_dir = %page.log_dir.display(), "web server started");
+    Ok(Box::pin(async move {
+        http::serve_with_client_addresses(listener, web::router(server)).await.context("serving the web page")
+    }))
+}
+
+/// Controller, one worker and the chat page in one process, all on 127.0.0.1.
+async fn run_all(args: AllArgs) -> anyhow::Result<()> {
+    let host = "127.0.0.1".to_string();
+    let (controller_url, controller) = start_controller(&ControllerArgs {
+        host: host.clone(),
+        port: args.controller_port,
+        dispatch_method: "shortest_queue".into(),
+        stream_timeout: 300,
+    })
+    .await?;
+    let worker = start_worker(WorkerArgs {
+        host: host.clone(),
+        port: args.worker_port,
+        worker_address: None,
+        controller_address: controller_url.clone(),
+        model: args.model,
+        no_register: false,
+    })
+    .await?;
+    // Controller and worker serve before the page starts: it asks the controller for models at start-up.
+    let controller = tokio::spawn(controller);
+    let worker = tokio::spawn(worker);
+    let web = start_web(&host, args.port, &controller_url, &args.page).await?;
+    let (controller, worker, web) = tokio::join!(controller, worker, web);
+    controller.context("the controller task")??;
+    worker.context("the worker task")??;
+    web
+
 }

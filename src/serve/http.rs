@@ -79,6 +79,14 @@ pub async fn serve(listener: tokio::net::TcpListener, app: axum::Router) -> std:
     }
 }
 
+/// As [`serve`], with each request's client address available (`ConnectInfo`), for logs that record it.
+pub async fn serve_with_client_addresses(listener: tokio::net::TcpListener, app: axum::Router) -> std::io::Result<()> {
+    let app = app.layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
