@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup-python.sh
 bash scripts/setup-nginx.sh
+bash scripts/setup-browser.sh
 source scripts/env.sh
 export PYTHONWARNINGS=ignore
 
@@ -20,6 +21,10 @@ for check in parity/fixture_checks.d/*.sh; do
   echo "-- $check"
   bash "$check"
 done
+
+echo "== formatting and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "== cargo test"
 cargo test --workspace

@@ -62,8 +62,9 @@ impl<'e> ChatSession<'e> {
             }
             Flow::Continue
         })?;
-        let output_ids: Vec<i64> =
-            std::iter::once(self.engine.generation_config().bos_token_id).chain(completion.output_ids.iter().copied()).collect();
+        let output_ids: Vec<i64> = std::iter::once(self.engine.generation_config().bos_token_id)
+            .chain(completion.output_ids.iter().copied())
+            .collect();
         let reply = strip_python_whitespace(&self.engine.decode_with_special_tokens(&output_ids)?).to_string();
         messages.push(ChatMessage::assistant(reply.clone()));
         self.messages = messages;

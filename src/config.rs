@@ -170,7 +170,10 @@ impl ArcanaConfig {
         }
         require_whole_heads(path, self.hidden_size, self.num_attention_heads)?;
         if self.head_dim() % 2 != 0 {
-            return Err(bad("num_attention_heads", format!("head size {} must be even for rotary embeddings", self.head_dim())));
+            return Err(bad(
+                "num_attention_heads",
+                format!("head size {} must be even for rotary embeddings", self.head_dim()),
+            ));
         }
         if self.num_attention_heads % self.num_kv_heads() != 0 {
             return Err(bad(
@@ -190,14 +193,20 @@ impl ArcanaConfig {
         }
         if let Some(scaling) = &self.rope_scaling {
             if scaling.kind != "linear" && scaling.kind != "dynamic" {
-                return Err(bad("rope_scaling", format!("unknown type `{}` (expected linear or dynamic)", scaling.kind)));
+                return Err(bad(
+                    "rope_scaling",
+                    format!("unknown type `{}` (expected linear or dynamic)", scaling.kind),
+                ));
             }
             if scaling.factor.is_nan() || scaling.factor <= 1.0 {
                 return Err(bad("rope_scaling", format!("factor must be > 1, got {}", scaling.factor)));
             }
         }
         if self.hidden_act != "silu" {
-            return Err(bad("hidden_act", format!("unsupported activation `{}` (the release's Llama uses silu)", self.hidden_act)));
+            return Err(bad(
+                "hidden_act",
+                format!("unsupported activation `{}` (the release's Llama uses silu)", self.hidden_act),
+            ));
         }
         if self.pretraining_tp != 1 {
             return Err(bad("pretraining_tp", format!("only 1 is supported, got {}", self.pretraining_tp)));
@@ -205,7 +214,10 @@ impl ArcanaConfig {
         if ProjectorKind::parse(&self.mm_projector_type).is_none() {
             return Err(bad(
                 "mm_projector_type",
-                format!("unknown projector type `{}` (expected linear, mlpNx_gelu or identity)", self.mm_projector_type),
+                format!(
+                    "unknown projector type `{}` (expected linear, mlpNx_gelu or identity)",
+                    self.mm_projector_type
+                ),
             ));
         }
         if self.mm_vision_select_feature != "patch" {
@@ -218,7 +230,10 @@ impl ArcanaConfig {
         if self.projector_kind() == ProjectorKind::Identity && self.mm_hidden_size != self.hidden_size {
             return Err(bad(
                 "mm_projector_type",
-                format!("identity projector needs mm_hidden_size ({}) == hidden_size ({})", self.mm_hidden_size, self.hidden_size),
+                format!(
+                    "identity projector needs mm_hidden_size ({}) == hidden_size ({})",
+                    self.mm_hidden_size, self.hidden_size
+                ),
             ));
         }
         Ok(())
@@ -313,7 +328,10 @@ impl VisionConfig {
             ));
         }
         if crate::vision::clip::Activation::parse(&self.hidden_act).is_none() {
-            return Err(bad("hidden_act", format!("unsupported activation `{}` (expected quick_gelu or gelu)", self.hidden_act)));
+            return Err(bad(
+                "hidden_act",
+                format!("unsupported activation `{}` (expected quick_gelu or gelu)", self.hidden_act),
+            ));
         }
         Ok(())
     }
@@ -346,10 +364,7 @@ pub fn resolve_vision_tower(model_dir: &Path, name: &str) -> Result<VisionTowerS
     if let Some(position) = candidates.iter().position(|p| p.join("config.json").is_file()) {
         let folder = candidates[position].clone();
         if position >= as_written {
-            eprintln!(
-                "mm_vision_tower `{name}` does not exist; using {} from the model folder",
-                folder.display()
-            );
+            eprintln!("mm_vision_tower `{name}` does not exist; using {} from the model folder", folder.display());
         }
         return Ok(VisionTowerSource::Folder(folder));
     }
@@ -408,31 +423,81 @@ fn parse_json_value<T: DeserializeOwned>(path: &Path, value: serde_json::Value) 
 }
 
 mod defaults {
-    pub fn hidden_size() -> i64 { 4096 }
-    pub fn intermediate_size() -> i64 { 11008 }
-    pub fn num_attention_heads() -> i64 { 32 }
-    pub fn num_hidden_layers() -> i64 { 32 }
-    pub fn rms_norm_eps() -> f64 { 1e-6 }
-    pub fn hidden_act() -> String { "silu".into() }
-    pub fn pretraining_tp() -> i64 { 1 }
-    pub fn rope_theta() -> f64 { 10000.0 }
-    pub fn max_position_embeddings() -> i64 { 2048 }
-    pub fn vocab_size() -> i64 { 32000 }
-    pub fn bos_token_id() -> i64 { 1 }
-    pub fn eos_token_id() -> i64 { 2 }
-    pub fn mm_hidden_size() -> i64 { 1024 }
-    pub fn mm_projector_type() -> String { "linear".into() }
-    pub fn mm_vision_select_layer() -> i64 { -2 }
-    pub fn mm_vision_select_feature() -> String { "patch".into() }
-    pub fn clip_hidden_size() -> i64 { 768 }
-    pub fn clip_intermediate_size() -> i64 { 3072 }
-    pub fn clip_num_hidden_layers() -> i64 { 12 }
-    pub fn clip_num_attention_heads() -> i64 { 12 }
-    pub fn clip_num_channels() -> i64 { 3 }
-    pub fn clip_image_size() -> i64 { 224 }
-    pub fn clip_patch_size() -> i64 { 32 }
-    pub fn clip_layer_norm_eps() -> f64 { 1e-5 }
-    pub fn clip_hidden_act() -> String { "quick_gelu".into() }
+    pub fn hidden_size() -> i64 {
+        4096
+    }
+    pub fn intermediate_size() -> i64 {
+        11008
+    }
+    pub fn num_attention_heads() -> i64 {
+        32
+    }
+    pub fn num_hidden_layers() -> i64 {
+        32
+    }
+    pub fn rms_norm_eps() -> f64 {
+        1e-6
+    }
+    pub fn hidden_act() -> String {
+        "silu".into()
+    }
+    pub fn pretraining_tp() -> i64 {
+        1
+    }
+    pub fn rope_theta() -> f64 {
+        10000.0
+    }
+    pub fn max_position_embeddings() -> i64 {
+        2048
+    }
+    pub fn vocab_size() -> i64 {
+        32000
+    }
+    pub fn bos_token_id() -> i64 {
+        1
+    }
+    pub fn eos_token_id() -> i64 {
+        2
+    }
+    pub fn mm_hidden_size() -> i64 {
+        1024
+    }
+    pub fn mm_projector_type() -> String {
+        "linear".into()
+    }
+    pub fn mm_vision_select_layer() -> i64 {
+        -2
+    }
+    pub fn mm_vision_select_feature() -> String {
+        "patch".into()
+    }
+    pub fn clip_hidden_size() -> i64 {
+        768
+    }
+    pub fn clip_intermediate_size() -> i64 {
+        3072
+    }
+    pub fn clip_num_hidden_layers() -> i64 {
+        12
+    }
+    pub fn clip_num_attention_heads() -> i64 {
+        12
+    }
+    pub fn clip_num_channels() -> i64 {
+        3
+    }
+    pub fn clip_image_size() -> i64 {
+        224
+    }
+    pub fn clip_patch_size() -> i64 {
+        32
+    }
+    pub fn clip_layer_norm_eps() -> f64 {
+        1e-5
+    }
+    pub fn clip_hidden_act() -> String {
+        "quick_gelu".into()
+    }
 }
 
 #[cfg(test)]

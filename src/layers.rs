@@ -21,7 +21,10 @@ impl Linear {
     /// where given.
     pub fn load_any_rank(w: &Weights, in_dim: Option<i64>, out_dim: Option<i64>) -> Result<Self> {
         let shape = w.shape("weight")?;
-        let expected = [out_dim.unwrap_or(shape.first().copied().unwrap_or(-1)), in_dim.unwrap_or(shape.get(1).copied().unwrap_or(-1))];
+        let expected = [
+            out_dim.unwrap_or(shape.first().copied().unwrap_or(-1)),
+            in_dim.unwrap_or(shape.get(1).copied().unwrap_or(-1)),
+        ];
         let weight = w.get("weight", &expected)?;
         Ok(Self { weight, bias: None })
     }

@@ -145,7 +145,12 @@ impl ArcanaModel {
     }
 
     /// `load`, calling `progress(tensors loaded, tensors in the checkpoint files)` after each tensor.
-    pub fn load_with_progress(dir: &Path, kind: Kind, device: Device, progress: impl Fn(usize, usize) + 'static) -> Result<Self> {
+    pub fn load_with_progress(
+        dir: &Path,
+        kind: Kind,
+        device: Device,
+        progress: impl Fn(usize, usize) + 'static,
+    ) -> Result<Self> {
         let files = ModelFiles::open(dir)?;
         let loader = files.weight_loader(kind, device)?.with_progress(progress);
         let vision = VisionSide::load(&files, &loader)?;
@@ -177,7 +182,12 @@ impl ArcanaModel {
     /// The language model's input for `input_ids` (`[B, T]`, -200 = image, right-padded with
     /// `attention_mask`) and the images `[N, 3, S, S]` (or one `[3, S, S]`), one per placeholder: the
     /// release's splice. Pixels are cast to the model's dtype and device, as the release's CLI does.
-    pub fn prepare_inputs(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, pixel_values: Option<&Tensor>) -> Result<Spliced> {
+    pub fn prepare_inputs(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        pixel_values: Option<&Tensor>,
+    ) -> Result<Spliced> {
         let features = match pixel_values {
             Some(p) => {
                 let p = if p.dim() == 3 { p.f_unsqueeze(0)? } else { p.shallow_clone() };
@@ -186,7 +196,13 @@ impl ArcanaModel {
             }
             None => None,
         };
-        prepare_inputs(&self.llm.model, input_ids, attention_mask, features.as_ref(), self.files.config.tokenizer_model_max_length)
+        prepare_inputs(
+            &self.llm.model,
+            input_ids,
+            attention_mask,
+            features.as_ref(),
+            self.files.config.tokenizer_model_max_length,
+        )
     }
 
     /// One forward over every prompt position, as the release's `forward`: positions `0..L-1` in every
@@ -197,7 +213,8 @@ impl ArcanaModel {
         let device = inputs.inputs_embeds.device();
         let positions = Tensor::f_arange(l, (Kind::Int64, device))?.f_unsqueeze(0)?.f_expand([b, l], false)?;
         let visual = prefill_visual_mask(policy, &inputs.image_spans, l, device)?;
-        let step = StepInputs { position_ids: &positions, attention_mask: Some(&inputs.attention_mask), visual: &visual };
+        let step =
+            StepInputs { position_ids: &positions, attention_mask: Some(&inputs.attention_mask), visual: &visual };
         self.llm.forward(&inputs.inputs_embeds, &step, None, keep_layers)
     }
 
@@ -229,7 +246,10 @@ impl ArcanaModel {
     pub fn generate_greedy(&self, inputs: &Spliced, policy: MaskPolicy, max_new_tokens: usize) -> Result<Tensor> {
         let s = inputs.inputs_embeds.size();
         let mut cache = self.new_cache(s[0], s[1] + max_new_tokens as i64)?;
-        let decoded = self.decode(inputs, TokenChooser::GREEDY, policy, max_new_tokens, Stepping::Cached(&mut cache), |_| Flow::Continue)?;
+        let decoded =
+            self.decode(inputs, TokenChooser::GREEDY, policy, max_new_tokens, Stepping::Cached(&mut cache), |_| {
+                Flow::Continue
+            })?;
         decoded.ids_tensor()
     }
 }

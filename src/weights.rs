@@ -51,10 +51,7 @@ impl TensorFile {
         for (name, info) in metadata.tensors() {
             let shape = info.shape.iter().map(|&d| d as i64).collect();
             let (start, end) = info.data_offsets;
-            entries.insert(
-                name,
-                Entry { dtype: info.dtype, shape, start: data_start + start, end: data_start + end },
-            );
+            entries.insert(name, Entry { dtype: info.dtype, shape, start: data_start + start, end: data_start + end });
         }
         Ok(Self { path: path.to_path_buf(), mmap, entries, metadata: file_metadata })
     }
@@ -170,9 +167,7 @@ fn safetensors_error(path: &Path, file_len: usize, error: SafeTensorError) -> Er
         SafeTensorError::InvalidOffset(name) => {
             format!("tensor `{name}` has offsets that overlap, leave a gap or run out of order")
         }
-        SafeTensorError::TensorInvalidInfo => {
-            "a tensor's byte range does not match its shape and dtype".to_string()
-        }
+        SafeTensorError::TensorInvalidInfo => "a tensor's byte range does not match its shape and dtype".to_string(),
         SafeTensorError::InvalidHeaderDeserialization => "header is not valid safetensors JSON".to_string(),
         other => format!("{other:?}"),
     };
@@ -367,9 +362,7 @@ impl WeightLoader {
         let names: BTreeSet<String> = self
             .sources
             .iter()
-            .flat_map(|s| {
-                s.checkpoint.names().filter(|n| !(s.ignorable)(n)).map(move |n| format!("{}{}", s.prefix, n))
-            })
+            .flat_map(|s| s.checkpoint.names().filter(|n| !(s.ignorable)(n)).map(move |n| format!("{}{}", s.prefix, n)))
             .collect();
         self.progress = Some((Box::new(report), names.len()));
         self
@@ -439,16 +432,13 @@ impl WeightLoader {
         for (position, source) in self.sources.iter().enumerate() {
             for local in source.checkpoint.names() {
                 let name = format!("{}{}", source.prefix, local);
-                if used.contains(&name)
-                    || (source.ignorable)(local)
-                    || !prefixes.iter().any(|p| name.starts_with(p))
-                {
+                if used.contains(&name) || (source.ignorable)(local) || !prefixes.iter().any(|p| name.starts_with(p)) {
                     continue;
                 }
                 // Present in an earlier source as well: overridden there, as the release does.
-                let shadowed = self.sources[..position].iter().any(|s| {
-                    name.strip_prefix(s.prefix.as_str()).is_some_and(|l| s.checkpoint.contains(l))
-                });
+                let shadowed = self.sources[..position]
+                    .iter()
+                    .any(|s| name.strip_prefix(s.prefix.as_str()).is_some_and(|l| s.checkpoint.contains(l)));
                 if shadowed {
                     continue;
                 }
@@ -472,8 +462,7 @@ pub struct Weights<'a> {
 impl<'a> Weights<'a> {
     /// The sub-module `name` (a field name or a layer index).
     pub fn pp(&self, name: impl Display) -> Weights<'a> {
-        let prefix =
-            if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
         Weights { loader: self.loader, prefix }
     }
 

@@ -40,7 +40,8 @@ fn every_case_equals_the_python_reference_id_for_id_and_text_for_text() {
         assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
         let ours: Value = serde_json::from_slice(&out.stdout).unwrap();
         let expected: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join(case["expected"].as_str().unwrap())).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join(case["expected"].as_str().unwrap())).unwrap())
+                .unwrap();
         let (ours, expected) = (ours["turns"].as_array().unwrap(), expected["turns"].as_array().unwrap());
         assert_eq!(ours.len(), expected.len(), "{name}: number of turns");
         for (turn, (a, e)) in ours.iter().zip(expected).enumerate() {
@@ -65,14 +66,18 @@ fn a_missing_model_path_is_named() {
 #[test]
 fn a_missing_or_corrupt_image_is_named() {
     let Some(dir) = fixtures() else { return };
-    let err = failure(dir, &["--model-path", "arcana-cli-tiny-v1", "--image-file", "images/none.png", "--prompt", "hi"]);
+    let err =
+        failure(dir, &["--model-path", "arcana-cli-tiny-v1", "--image-file", "images/none.png", "--prompt", "hi"]);
     assert!(err.contains("images/none.png"), "{err}");
     let tmp = tempfile::tempdir().unwrap();
     let corrupt = tmp.path().join("corrupt.png");
     let mut bytes = std::fs::read(dir.join("images/square.png")).unwrap();
     bytes.truncate(bytes.len() / 2);
     std::fs::write(&corrupt, bytes).unwrap();
-    let err = failure(dir, &["--model-path", "arcana-cli-tiny-v1", "--image-file", corrupt.to_str().unwrap(), "--prompt", "hi"]);
+    let err = failure(
+        dir,
+        &["--model-path", "arcana-cli-tiny-v1", "--image-file", corrupt.to_str().unwrap(), "--prompt", "hi"],
+    );
     assert!(err.contains("corrupt.png"), "{err}");
 }
 
@@ -87,7 +92,19 @@ fn a_prompt_past_the_context_is_refused_with_its_length() {
     config["max_position_embeddings"] = 64.into();
     std::fs::write(&config_path, config.to_string()).unwrap();
     let image = dir.join("images/square.png");
-    let err = failure(tmp.path(), &["--model-path", "arcana-short-context-v1", "--image-file", image.to_str().unwrap(), "--prompt", "What is in this image?", "--temperature", "0"]);
+    let err = failure(
+        tmp.path(),
+        &[
+            "--model-path",
+            "arcana-short-context-v1",
+            "--image-file",
+            image.to_str().unwrap(),
+            "--prompt",
+            "What is in this image?",
+            "--temperature",
+            "0",
+        ],
+    );
     assert!(err.contains("leaves no room") && err.contains("context of 64"), "{err}");
 }
 
@@ -136,19 +153,40 @@ from safetensors.torch import load_file
 sd = load_file(os.path.join(sys.argv[1], "model.safetensors"))
 torch.save({k: v for k, v in sd.items() if k.startswith("model.mm_projector.")}, os.path.join(sys.argv[2], "mm_projector.bin"))
 "#;
-    let out = Command::new(python).arg("-c").arg(script).arg(dir.join("arcana-cli-tiny-v1")).arg(&projector).output().unwrap();
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(dir.join("arcana-cli-tiny-v1"))
+        .arg(&projector)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let base = dir.join("arcana-cli-tiny-v1");
     let image = dir.join("images/square.png");
     let args = [
-        "--model-path", projector.to_str().unwrap(), "--model-base", base.to_str().unwrap(),
-        "--image-file", image.to_str().unwrap(), "--prompt", "What is in this image?",
-        "--temperature", "0", "--max-new-tokens", "24", "--json",
+        "--model-path",
+        projector.to_str().unwrap(),
+        "--model-base",
+        base.to_str().unwrap(),
+        "--image-file",
+        image.to_str().unwrap(),
+        "--prompt",
+        "What is in this image?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+        "--json",
     ];
-    let run = Command::new(env!("CARGO_BIN_EXE_arcana")).env("ARCANA_CACHE", tmp.path().join("cache")).args(args).output().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_arcana"))
+        .env("ARCANA_CACHE", tmp.path().join("cache"))
+        .args(args)
+        .output()
+        .unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let ours: Value = serde_json::from_slice(&run.stdout).unwrap();
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected/v1-square-greedy.json")).unwrap()).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected/v1-square-greedy.json")).unwrap()).unwrap();
     // The base's projector is the same fp16 tensor, so the release's fp16 cast changes nothing.
     assert_eq!(ours["turns"][0]["output_ids"], expected["turns"][0]["output_ids"]);
 }

@@ -58,8 +58,10 @@ fn answer(engine: &Engine, request: &Request) -> (Completion, Vec<Event>) {
 fn check_events(events: &[Event], completion: &Completion) {
     assert!(matches!(events.first(), Some(Event::Started(_))), "{events:?}");
     assert!(matches!(events.last(), Some(Event::Finished(_))), "{events:?}");
-    let tokens: Vec<i64> = events.iter().filter_map(|e| if let Event::Token(id) = e { Some(*id) } else { None }).collect();
-    let text: String = events.iter().filter_map(|e| if let Event::Text(t) = e { Some(t.as_str()) } else { None }).collect();
+    let tokens: Vec<i64> =
+        events.iter().filter_map(|e| if let Event::Token(id) = e { Some(*id) } else { None }).collect();
+    let text: String =
+        events.iter().filter_map(|e| if let Event::Text(t) = e { Some(t.as_str()) } else { None }).collect();
     assert_eq!(tokens, completion.output_ids);
     assert_eq!(text, completion.text);
     assert_eq!(completion.finish.usage.completion_tokens, tokens.len());
@@ -96,7 +98,13 @@ fn a_seeded_sampled_request_draws_what_the_reference_draws() {
     let Some(dir) = cli_fixtures() else { return };
     let engine = load(&dir.join("arcana-cli-tiny-v1"));
     let expected = expected_turn(dir, "v1-square-sampled");
-    let params = GenerationParams { temperature: 0.7, top_p: Some(0.9), max_new_tokens: 24, seed: Some(1234), ..GenerationParams::default() };
+    let params = GenerationParams {
+        temperature: 0.7,
+        top_p: Some(0.9),
+        max_new_tokens: 24,
+        seed: Some(1234),
+        ..GenerationParams::default()
+    };
     let (completion, _) = answer(&engine, &square_request(dir, params));
     assert_eq!(completion.output_ids, ids(&expected["output_ids"])[1..]);
     assert_eq!(completion.text, expected["text"].as_str().unwrap());
@@ -183,7 +191,11 @@ fn bad_requests_are_errors() {
         params: greedy(4),
     };
     assert!(matches!(engine.generate(&ends_with_reply, |_| Flow::Continue), Err(Error::Prompt(_))));
-    let image_without_pixels = Request { input: RequestInput::Prompt("USER: <image>\nhi ASSISTANT:".into()), images: Vec::new(), params: greedy(4) };
+    let image_without_pixels = Request {
+        input: RequestInput::Prompt("USER: <image>\nhi ASSISTANT:".into()),
+        images: Vec::new(),
+        params: greedy(4),
+    };
     assert!(matches!(engine.generate(&image_without_pixels, |_| Flow::Continue), Err(Error::InvalidInput(_))));
     let hot = GenerationParams { temperature: -1.0, ..greedy(4) };
     assert!(hot.check().is_err());
@@ -229,7 +241,11 @@ fn a_handle_serves_two_threads_and_cancels() {
     assert!(tokens < 24, "{tokens} tokens after cancelling at the first");
 
     // An error travels back on the stream.
-    let bad_temperature = Request { input: RequestInput::Prompt("hi".into()), images: Vec::new(), params: GenerationParams { temperature: f64::NAN, ..greedy(4) } };
+    let bad_temperature = Request {
+        input: RequestInput::Prompt("hi".into()),
+        images: Vec::new(),
+        params: GenerationParams { temperature: f64::NAN, ..greedy(4) },
+    };
     assert!(handle.submit(bad_temperature).unwrap().completion().is_err());
 
     drop(handle);

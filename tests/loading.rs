@@ -63,7 +63,9 @@ fn a_missing_tensor_is_named() {
 #[test]
 fn an_unknown_tensor_is_named_with_its_file() {
     let tmp = damaged_copy();
-    rewrite(&tmp.path().join(VISION_FILE), |t| t.push(("vision_model.extra.weight".into(), Tensor::zeros([2], (Kind::Float, Device::Cpu)))));
+    rewrite(&tmp.path().join(VISION_FILE), |t| {
+        t.push(("vision_model.extra.weight".into(), Tensor::zeros([2], (Kind::Float, Device::Cpu))))
+    });
     let text = error_text(tmp.path());
     assert!(text.contains("unexpected tensor `vision_model.extra.weight`") && text.contains(VISION_FILE), "{text}");
 }

@@ -62,7 +62,8 @@ fn bfloat16_runs_and_stays_close_to_the_fp32_reference() {
     let encoded = side.encode(&pixels.to_kind(Kind::BFloat16)).unwrap();
     assert_eq!(encoded.projected.kind(), Kind::BFloat16);
     let expected = reference.tensor("projector.out").unwrap();
-    let report = arcana::parity::compare("projector.out", &encoded.projected, &expected, &Tolerance::BitIdentical).unwrap();
+    let report =
+        arcana::parity::compare("projector.out", &encoded.projected, &expected, &Tolerance::BitIdentical).unwrap();
     println!("bf16 vs fp32 projector.out: {report:?}");
     assert!(report.cosine > 0.999, "{report:?}");
     assert!(!report.bit_identical);

@@ -10,7 +10,7 @@ use arcana::generate::{Flow, Stepping, TokenChooser};
 use arcana::llm::mask::{policies_differ, MaskPolicy};
 use arcana::mm::splice::{pad_rows, splice};
 use arcana::model::ArcanaModel;
-use arcana::parity::{check, first_failure, Reference, Status, StageBounds};
+use arcana::parity::{check, first_failure, Reference, StageBounds, Status};
 use common::{assert_matches_fixture, fixture_dir};
 use tch::{Device, Kind, Tensor};
 

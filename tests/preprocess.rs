@@ -315,7 +315,8 @@ fn config_fields_follow_clip_image_processor() {
 #[test]
 #[ignore]
 fn jpeg_decode_dump() {
-    let (Some(files), Some(dir)) = (std::env::var("ARCANA_JPEG_FILES").ok(), std::env::var_os("ARCANA_JPEG_DUMP")) else {
+    let (Some(files), Some(dir)) = (std::env::var("ARCANA_JPEG_FILES").ok(), std::env::var_os("ARCANA_JPEG_DUMP"))
+    else {
         return;
     };
     std::fs::create_dir_all(&dir).unwrap();

@@ -12,7 +12,8 @@ use tch::Tensor;
 
 fn python(args: &[&str]) {
     let python = common::python_with_torch().expect("checked by the caller");
-    let out = Command::new(python).arg(common::export_py()).args(args).env("PYTHONWARNINGS", "ignore").output().unwrap();
+    let out =
+        Command::new(python).arg(common::export_py()).args(args).env("PYTHONWARNINGS", "ignore").output().unwrap();
     assert!(out.status.success(), "export.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -46,7 +47,19 @@ fn a_same_run_reference_is_matched_bit_for_bit_and_one_ulp_in_one_weight_is_caug
     let (ckpt, reference) = (tmp.path().join("ckpt"), tmp.path().join("reference.safetensors"));
     let (ckpt_s, ref_s) = (ckpt.to_str().unwrap(), reference.to_str().unwrap());
     python(&["make-checkpoint", "--preset", "lm-mha", "--dtype", "fp32", "--seed", "11", "--out", ckpt_s]);
-    python(&["reference", "--checkpoint", ckpt_s, "--seed", "11", "--case", "image-at-5", "--new-tokens", "8", "--out", ref_s]);
+    python(&[
+        "reference",
+        "--checkpoint",
+        ckpt_s,
+        "--seed",
+        "11",
+        "--case",
+        "image-at-5",
+        "--new-tokens",
+        "8",
+        "--out",
+        ref_s,
+    ]);
 
     let reports = check(&ckpt, &reference, &Tolerance::BitIdentical).unwrap();
     for r in &reports {
@@ -61,5 +74,8 @@ fn a_same_run_reference_is_matched_bit_for_bit_and_one_ulp_in_one_weight_is_caug
     println!("after one ulp: first failure {first:?}");
     assert_eq!(first.status, Status::OverTolerance);
     assert_eq!(first.name, "llm.layers.0", "the first tensor computed from the changed weight");
-    assert!(reports.iter().filter(|r| r.name.starts_with("vision.") || r.name == "inputs_embeds").all(|r| r.bit_identical));
+    assert!(reports
+        .iter()
+        .filter(|r| r.name.starts_with("vision.") || r.name == "inputs_embeds")
+        .all(|r| r.bit_identical));
 }

@@ -24,26 +24,23 @@ async fn spawn_controller(controller: Controller) -> String {
 /// A worker that streams `chunks` (cumulative texts), then, if `die`, breaks the connection.
 async fn spawn_worker(model: &str, chunks: Vec<&'static str>, die: bool) -> String {
     let status = WorkerStatus { model_names: vec![model.to_string()], speed: 1.0, queue_length: 0 };
-    let app = Router::new()
-        .route("/worker_get_status", post(move || async move { Json(status.clone()) }))
-        .route(
-            "/worker_generate_stream",
-            post(move || async move {
-                // Chunks a little apart, as tokens come; then either the end or a broken connection.
-                let steps: Vec<Option<&'static str>> =
-                    chunks.iter().map(|t| Some(*t)).chain(die.then_some(None)).collect();
-                let body = futures_util::stream::unfold(steps.into_iter(), |mut steps| async move {
-                    let step = steps.next()?;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    let item = match step {
-                        Some(text) => Ok(StreamChunk { text: text.to_string(), error_code: 0 }.to_wire()),
-                        None => Err(std::io::Error::other("worker died")),
-                    };
-                    Some((item, steps))
-                });
-                Body::from_stream(body)
-            }),
-        );
+    let app = Router::new().route("/worker_get_status", post(move || async move { Json(status.clone()) })).route(
+        "/worker_generate_stream",
+        post(move || async move {
+            // Chunks a little apart, as tokens come; then either the end or a broken connection.
+            let steps: Vec<Option<&'static str>> = chunks.iter().map(|t| Some(*t)).chain(die.then_some(None)).collect();
+            let body = futures_util::stream::unfold(steps.into_iter(), |mut steps| async move {
+                let step = steps.next()?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let item = match step {
+                    Some(text) => Ok(StreamChunk { text: text.to_string(), error_code: 0 }.to_wire()),
+                    None => Err(std::io::Error::other("worker died")),
+                };
+                Some((item, steps))
+            });
+            Body::from_stream(body)
+        }),
+    );
     spawn(app).await
 }
 
@@ -58,7 +55,15 @@ async fn post_json(url: &str, body: Value) -> Value {
 }
 
 async fn stream(controller: &str, body: Value) -> Vec<StreamChunk> {
-    let bytes = client().post(format!("{controller}/worker_generate_stream")).json(&body).send().await.unwrap().bytes().await.unwrap();
+    let bytes = client()
+        .post(format!("{controller}/worker_generate_stream"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     let mut splitter = ChunkSplitter::default();
     let chunks = splitter.push(&bytes);
     assert!(splitter.remainder().is_empty(), "stream ended mid-chunk");
@@ -72,7 +77,8 @@ fn register_body(worker: &str, model: &str, queue_length: i64) -> Value {
 
 #[tokio::test]
 async fn workers_register_beat_and_expire() {
-    let c = Controller::new(DispatchMethod::ShortestQueue, Duration::from_secs(10)).with_expiration(Duration::from_millis(300));
+    let c = Controller::new(DispatchMethod::ShortestQueue, Duration::from_secs(10))
+        .with_expiration(Duration::from_millis(300));
     let url = spawn_controller(c.clone()).await;
     assert_eq!(post_json(&format!("{url}/list_models"), json!({})).await, json!({"models": []}));
     // Without a status the controller asks the worker for it.
@@ -82,7 +88,9 @@ async fn workers_register_beat_and_expire() {
     assert_eq!(post_json(&format!("{url}/list_models"), json!({})).await, json!({"models": ["other", "tiny"]}));
     let beat = post_json(&format!("{url}/receive_heart_beat"), json!({"worker_name": worker, "queue_length": 3})).await;
     assert_eq!(beat, json!({"exist": true}));
-    let unknown = post_json(&format!("{url}/receive_heart_beat"), json!({"worker_name": "http://nowhere", "queue_length": 0})).await;
+    let unknown =
+        post_json(&format!("{url}/receive_heart_beat"), json!({"worker_name": "http://nowhere", "queue_length": 0}))
+            .await;
     assert_eq!(unknown, json!({"exist": false}));
     // Past the expiry without a beat, both are dropped; a beat then says "register again".
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -100,7 +108,12 @@ async fn shortest_queue_picks_the_least_loaded_and_counts_the_request() {
     post_json(&format!("{url}/register_worker"), register_body("http://b", "m", 0)).await;
     let mut picks = Vec::new();
     for _ in 0..4 {
-        picks.push(post_json(&format!("{url}/get_worker_address"), json!({"model": "m"})).await["address"].as_str().unwrap().to_string());
+        picks.push(
+            post_json(&format!("{url}/get_worker_address"), json!({"model": "m"})).await["address"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     // b (0) -> b (1) -> a (2, first of the tie) -> b (2 vs 3)
     assert_eq!(picks, ["http://b", "http://b", "http://a", "http://b"]);
@@ -116,7 +129,12 @@ async fn lottery_draws_only_among_the_models_workers_by_speed() {
     post_json(&format!("{url}/register_worker"), register_body("http://c", "other", 0)).await;
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..40 {
-        seen.insert(post_json(&format!("{url}/get_worker_address"), json!({"model": "m"})).await["address"].as_str().unwrap().to_string());
+        seen.insert(
+            post_json(&format!("{url}/get_worker_address"), json!({"model": "m"})).await["address"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["http://a", "http://b"]);
 }
@@ -146,7 +164,8 @@ async fn streams_are_proxied_and_failures_end_with_an_error_chunk() {
     // A worker that dies mid-stream: what it sent, then error 3, and the stream ends.
     let dying = spawn_worker("dying", vec!["partial"], true).await;
     post_json(&format!("{url}/register_worker"), register_body(&dying, "dying", 0)).await;
-    let chunks = tokio::time::timeout(Duration::from_secs(10), stream(&url, json!({"model": "dying"}))).await.expect("no hang");
+    let chunks =
+        tokio::time::timeout(Duration::from_secs(10), stream(&url, json!({"model": "dying"}))).await.expect("no hang");
     assert_eq!(chunks.first().map(|c| c.text.as_str()), Some("partial"));
     assert_eq!(chunks.last().unwrap().error_code, 3, "{chunks:?}");
 }
@@ -154,14 +173,26 @@ async fn streams_are_proxied_and_failures_end_with_an_error_chunk() {
 #[tokio::test]
 async fn bad_requests_get_json_errors() {
     let url = spawn_controller(Controller::new(DispatchMethod::ShortestQueue, Duration::from_secs(10))).await;
-    let r = client().post(format!("{url}/get_worker_address")).header("content-type", "application/json").body("{bad").send().await.unwrap();
+    let r = client()
+        .post(format!("{url}/get_worker_address"))
+        .header("content-type", "application/json")
+        .body("{bad")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     assert!(r.json::<Value>().await.unwrap()["error"].as_str().unwrap().contains("JSON"));
     let r = client().post(format!("{url}/get_worker_address")).json(&json!({"modle": "x"})).send().await.unwrap();
     assert_eq!(r.status(), 422);
     assert!(r.json::<Value>().await.unwrap()["error"].as_str().unwrap().contains("model"));
     let big = vec![b' '; http::MAX_BODY_BYTES + 1];
-    let r = client().post(format!("{url}/get_worker_address")).header("content-type", "application/json").body(big).send().await.unwrap();
+    let r = client()
+        .post(format!("{url}/get_worker_address"))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413);
     let r = client().post(format!("{url}/no_such_thing")).send().await.unwrap();
     assert_eq!(r.status(), 404);

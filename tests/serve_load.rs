@@ -104,10 +104,13 @@ fn thirty_two_clients_through_the_controller_to_two_workers() {
     // Four prompts, eight clients each: each answer must equal its prompt's solo answer.
     let prompts: Vec<String> = ["Hello", "Name three colors.", "Count to five.", "What is a cat?"]
         .iter()
-        .map(|q| format!("A chat between a curious human and an artificial intelligence assistant. USER: {q} ASSISTANT:"))
+        .map(|q| {
+            format!("A chat between a curious human and an artificial intelligence assistant. USER: {q} ASSISTANT:")
+        })
         .collect();
     let body = |p: &str| json!({"model": "arcana-cli-tiny-v1", "prompt": p, "temperature": 0, "max_new_tokens": 32});
-    let solo: Vec<String> = prompts.iter().map(|p| stream(&workers[0].url, &body(p)).1.last().cloned().unwrap()).collect();
+    let solo: Vec<String> =
+        prompts.iter().map(|p| stream(&workers[0].url, &body(p)).1.last().cloned().unwrap()).collect();
 
     let start = Instant::now();
     let threads: Vec<_> = (0..32)
@@ -144,5 +147,9 @@ fn thirty_two_clients_through_the_controller_to_two_workers() {
         workers[0].peak_rss_mib(),
         workers[1].peak_rss_mib(),
     );
-    assert!(metrics.iter().all(|m| served(m) >= 8), "shortest_queue should spread the load: {:?}", metrics.iter().map(served).collect::<Vec<_>>());
+    assert!(
+        metrics.iter().all(|m| served(m) >= 8),
+        "shortest_queue should spread the load: {:?}",
+        metrics.iter().map(served).collect::<Vec<_>>()
+    );
 }

@@ -98,12 +98,12 @@ fn two_workers_behind_nginx_share_the_requests() {
     let body = json!({"prompt": "USER: Hello ASSISTANT:", "temperature": 0, "max_new_tokens": 8});
     let mut answers = Vec::new();
     for _ in 0..4 {
-        let bytes = client().post(format!("{front}/worker_generate_stream")).json(&body).send().unwrap().bytes().unwrap();
+        let bytes =
+            client().post(format!("{front}/worker_generate_stream")).json(&body).send().unwrap().bytes().unwrap();
         let last: Value = bytes
             .split(|&b| b == 0)
-            .filter(|c| !c.is_empty())
+            .rfind(|c| !c.is_empty())
             .map(|c| serde_json::from_slice(c).unwrap())
-            .last()
             .expect("chunks through nginx");
         assert_eq!(last["error_code"], 0, "{last}");
         answers.push(last["text"].as_str().unwrap().to_string());

@@ -131,7 +131,8 @@ fn errors_come_back_in_openai_shape() {
         let status = r.status().as_u16();
         (status, r.json::<Value>().unwrap())
     };
-    let user = |content: Value| json!({"model": "arcana-cli-tiny-v1", "messages": [{"role": "user", "content": content}]});
+    let user =
+        |content: Value| json!({"model": "arcana-cli-tiny-v1", "messages": [{"role": "user", "content": content}]});
     let cases = [
         (
             user(json!([{"type": "image_url", "image_url": {"url": "http://example.invalid/cat.png"}}])),
@@ -140,8 +141,16 @@ fn errors_come_back_in_openai_shape() {
         ),
         (user(json!([{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}])), 400, "base64"),
         (json!({"model": "arcana-cli-tiny-v1", "messages": []}), 400, "`messages` is empty"),
-        (json!({"model": "arcana-cli-tiny-v1", "messages": [{"role": "assistant", "content": "hi"}]}), 400, "last message"),
-        (json!({"model": "arcana-cli-tiny-v1", "messages": [{"role": "robot", "content": "hi"}]}), 400, "unsupported role"),
+        (
+            json!({"model": "arcana-cli-tiny-v1", "messages": [{"role": "assistant", "content": "hi"}]}),
+            400,
+            "last message",
+        ),
+        (
+            json!({"model": "arcana-cli-tiny-v1", "messages": [{"role": "robot", "content": "hi"}]}),
+            400,
+            "unsupported role",
+        ),
         (json!({"model": "arcana-cli-tiny-v1", "n": 2, "messages": [{"role": "user", "content": "hi"}]}), 400, "n = 1"),
         (json!({"model": "other", "messages": [{"role": "user", "content": "hi"}]}), 404, "other"),
     ];
@@ -162,8 +171,11 @@ fn errors_come_back_in_openai_shape() {
     assert_eq!(r.status(), 400);
     assert!(r.json::<Value>().unwrap()["error"]["message"].is_string());
     // A plain-text question without an image works and reports its usage.
-    let (status, reply) = post(&controller.url, json!({"model": "arcana-cli-tiny-v1", "max_tokens": 3,
-                                                       "messages": [{"role": "user", "content": "hi"}]}));
+    let (status, reply) = post(
+        &controller.url,
+        json!({"model": "arcana-cli-tiny-v1", "max_tokens": 3,
+                                                       "messages": [{"role": "user", "content": "hi"}]}),
+    );
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["usage"]["completion_tokens"], 3);
     assert_eq!(reply["object"], "chat.completion");

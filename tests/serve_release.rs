@@ -93,7 +93,8 @@ fn our_worker_serves_through_the_release_controller() {
     let turn = &expected["turns"][0];
     let image = {
         use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(std::fs::read(Path::new(dir).join("images/square.png")).unwrap())
+        base64::engine::general_purpose::STANDARD
+            .encode(std::fs::read(Path::new(dir).join("images/square.png")).unwrap())
     };
     let body = json!({"model": "arcana-cli-tiny-v1", "prompt": turn["prompt"], "images": [image],
                       "temperature": 0, "max_new_tokens": 24, "stop": "</s>"});

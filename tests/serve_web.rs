@@ -120,7 +120,12 @@ fn the_api_explains_missing_models_workers_and_controllers() {
     assert!(error["message"].as_str().unwrap().starts_with("no worker serves model arcana-x"), "{error}");
 
     // Malformed requests get 4xx JSON errors naming the problem.
-    let bad_json = client().post(format!("{web_url}/api/chat")).header("content-type", "application/json").body("{").send().unwrap();
+    let bad_json = client()
+        .post(format!("{web_url}/api/chat"))
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .unwrap();
     assert_eq!(bad_json.status(), 400);
     assert!(bad_json.json::<Value>().unwrap()["error"].is_string());
     let mut with_bad_image = question("arcana-x");

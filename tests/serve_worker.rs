@@ -62,7 +62,11 @@ fn wait_ready(worker: &Server) {
 fn chunks(bytes: &[u8]) -> Vec<StreamChunk> {
     let mut splitter = ChunkSplitter::default();
     let parts = splitter.push(bytes);
-    assert!(splitter.remainder().is_empty(), "stream ended mid-chunk: {:?}", String::from_utf8_lossy(splitter.remainder()));
+    assert!(
+        splitter.remainder().is_empty(),
+        "stream ended mid-chunk: {:?}",
+        String::from_utf8_lossy(splitter.remainder())
+    );
     parts.iter().map(|c| serde_json::from_slice(c).unwrap()).collect()
 }
 
@@ -146,7 +150,12 @@ fn bad_requests_get_error_chunks_that_name_the_problem() {
     let no_prompt = generate(&worker.url, &json!({"images": []}));
     assert!(no_prompt[0].text.contains("`prompt`"), "{no_prompt:?}");
     // Malformed JSON is an HTTP error with a JSON body.
-    let r = client().post(format!("{}/worker_generate_stream", worker.url)).header("content-type", "application/json").body("{").send().unwrap();
+    let r = client()
+        .post(format!("{}/worker_generate_stream", worker.url))
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 400);
     assert!(r.json::<Value>().unwrap()["error"].is_string());
     // A request without `stop` and with the release's defaults works (the release raised a TypeError).
@@ -168,16 +177,22 @@ fn a_prompt_that_fills_the_context_gets_the_release_reply() {
     let request = square_request(dir, 24);
     let got = generate(&worker.url, &request);
     let prompt = request["prompt"].as_str().unwrap();
-    assert_eq!(got, vec![StreamChunk {
-        text: format!("{prompt}Exceeds max token length. Please start a new conversation, thanks."),
-        error_code: 0
-    }]);
+    assert_eq!(
+        got,
+        vec![StreamChunk {
+            text: format!("{prompt}Exceeds max token length. Please start a new conversation, thanks."),
+            error_code: 0
+        }]
+    );
 }
 
 #[test]
 fn requests_past_the_limit_queue_and_a_leaving_client_frees_its_slot() {
     let Some(dir) = common::cli_fixtures() else { return };
-    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register", "--limit-model-concurrency", "1"]);
+    let worker = start(
+        dir,
+        &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register", "--limit-model-concurrency", "1"],
+    );
     wait_ready(&worker);
     let url = worker.url.clone();
     // Three at once with one slot: all complete, and the status counted them while they waited.
@@ -203,7 +218,8 @@ fn requests_past_the_limit_queue_and_a_leaving_client_frees_its_slot() {
 
     // A client that reads one chunk and leaves: the slot is free again soon (the answer is cancelled
     // before its next token), so the next request is served right away.
-    let mut response = client().post(format!("{url}/worker_generate_stream")).json(&square_request(dir, 1000)).send().unwrap();
+    let mut response =
+        client().post(format!("{url}/worker_generate_stream")).json(&square_request(dir, 1000)).send().unwrap();
     let mut first = [0u8; 64];
     let _ = std::io::Read::read(&mut response, &mut first).unwrap();
     drop(response);
@@ -213,12 +229,8 @@ fn requests_past_the_limit_queue_and_a_leaving_client_frees_its_slot() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let metrics = client().get(format!("{url}/metrics")).send().unwrap().text().unwrap();
-    let generated: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("arcana_generated_tokens_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let generated: u64 =
+        metrics.lines().find_map(|l| l.strip_prefix("arcana_generated_tokens_total ")).unwrap().parse().unwrap();
     assert!(generated < 3 * 200 + 1000, "the abandoned answer ran on: {generated} tokens");
 }
 
@@ -226,7 +238,8 @@ fn requests_past_the_limit_queue_and_a_leaving_client_frees_its_slot() {
 fn a_worker_killed_mid_stream_ends_the_stream_with_an_error() {
     let Some(dir) = common::cli_fixtures() else { return };
     let controller = start(dir, &["controller", "--stream-timeout", "30"]);
-    let mut worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
+    let mut worker =
+        start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
     wait_ready(&worker);
     let url = controller.url.clone();
     let body = square_request(dir, 1000);

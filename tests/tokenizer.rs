@@ -9,19 +9,15 @@ use arcana::tokenizer::{SentencePiece, TokenId, Tokenizer, TokenizerKind, Tokeni
 use arcana::Error;
 use serde_json::Value;
 
-const MODELS: [(&str, &str); 2] = [
-    ("llama2", "llama2-tokenizer.model"),
-    ("mistral", "mistral-7b-v0.1-tokenizer.model"),
-];
+const MODELS: [(&str, &str); 2] =
+    [("llama2", "llama2-tokenizer.model"), ("mistral", "mistral-7b-v0.1-tokenizer.model")];
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn shared_model(file: &str) -> Option<PathBuf> {
-    let shared = std::env::var_os("ARCANA_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared"));
+    let shared = std::env::var_os("ARCANA_SHARED").map(PathBuf::from).unwrap_or_else(|| repo().join("../shared"));
     let path = shared.join("tokenizers").join(file);
     if path.is_file() {
         Some(path)
@@ -42,22 +38,12 @@ fn fixture_lines(name: &str) -> Vec<Value> {
 }
 
 fn ids(v: &Value) -> Vec<TokenId> {
-    v.as_array()
-        .expect("id list")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as TokenId)
-        .collect()
+    v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as TokenId).collect()
 }
 
 fn tokenizer(path: &Path, legacy: bool) -> Tokenizer {
-    Tokenizer::from_model_file(
-        path,
-        TokenizerOptions {
-            legacy: Some(legacy),
-            ..Default::default()
-        },
-    )
-    .expect("load tokenizer")
+    Tokenizer::from_model_file(path, TokenizerOptions { legacy: Some(legacy), ..Default::default() })
+        .expect("load tokenizer")
 }
 
 /// Counts matches and keeps the first few mismatches for the failure message.
@@ -69,18 +55,12 @@ struct Tally {
 }
 
 impl Tally {
-    fn check<T: PartialEq + std::fmt::Debug>(
-        &mut self,
-        what: impl Fn() -> String,
-        got: T,
-        want: T,
-    ) {
+    fn check<T: PartialEq + std::fmt::Debug>(&mut self, what: impl Fn() -> String, got: T, want: T) {
         self.total += 1;
         if got == want {
             self.matched += 1;
         } else if self.failures.len() < 8 {
-            self.failures
-                .push(format!("{}\n  got  {got:?}\n  want {want:?}", what()));
+            self.failures.push(format!("{}\n  got  {got:?}\n  want {want:?}", what()));
         }
     }
 
@@ -99,10 +79,8 @@ impl Tally {
 /// Encode, decode and decode-with-specials of every fuzzed string, both models, both `legacy`.
 #[test]
 fn matches_slow_llama_tokenizer_on_fuzzed_strings() {
-    let strings: Vec<String> = fixture_lines("strings.jsonl")
-        .iter()
-        .map(|v| v.as_str().expect("string").to_string())
-        .collect();
+    let strings: Vec<String> =
+        fixture_lines("strings.jsonl").iter().map(|v| v.as_str().expect("string").to_string()).collect();
     assert!(strings.len() >= 5000);
     for (name, file) in MODELS {
         let Some(path) = shared_model(file) else {
@@ -112,34 +90,21 @@ fn matches_slow_llama_tokenizer_on_fuzzed_strings() {
         assert_eq!(records.len(), strings.len());
         for (key, legacy) in [("L", true), ("N", false)] {
             let tok = tokenizer(&path, legacy);
-            let (mut enc, mut dec, mut dec_special) =
-                (Tally::default(), Tally::default(), Tally::default());
+            let (mut enc, mut dec, mut dec_special) = (Tally::default(), Tally::default(), Tally::default());
             for (text, rec) in strings.iter().zip(&records) {
                 let want = ids(rec.get(key).unwrap_or(&rec["L"]));
                 let got = tok.encode(text);
                 enc.check(|| format!("encode {text:?}"), &got, &want);
-                let want_text = rec
-                    .get(format!("d{key}"))
-                    .map_or(text.as_str(), |v| v.as_str().expect("text"));
-                dec.check(
-                    || format!("decode {want:?}"),
-                    tok.decode(&want).ok().as_deref(),
-                    Some(want_text),
-                );
+                let want_text = rec.get(format!("d{key}")).map_or(text.as_str(), |v| v.as_str().expect("text"));
+                dec.check(|| format!("decode {want:?}"), tok.decode(&want).ok().as_deref(), Some(want_text));
                 if let Some(v) = rec.get(format!("s{key}")) {
                     let got = tok.decode_with_special_tokens(&want).ok();
-                    dec_special.check(
-                        || format!("decode with specials {want:?}"),
-                        got.as_deref(),
-                        v.as_str(),
-                    );
+                    dec_special.check(|| format!("decode with specials {want:?}"), got.as_deref(), v.as_str());
                 }
             }
             enc.assert_all(&format!("{name} legacy={legacy} encode"));
             dec.assert_all(&format!("{name} legacy={legacy} decode"));
-            dec_special.assert_all(&format!(
-                "{name} legacy={legacy} decode with special tokens"
-            ));
+            dec_special.assert_all(&format!("{name} legacy={legacy} decode with special tokens"));
         }
     }
 }
@@ -158,18 +123,10 @@ fn decodes_random_id_sequences_like_transformers() {
             for rec in &records {
                 let seq = ids(&rec["ids"]);
                 let want = rec[format!("d{key}")].as_str();
-                tally.check(
-                    || format!("decode {seq:?}"),
-                    tok.decode(&seq).ok().as_deref(),
-                    want,
-                );
+                tally.check(|| format!("decode {seq:?}"), tok.decode(&seq).ok().as_deref(), want);
                 let want = rec[format!("s{key}")].as_str();
                 let got = tok.decode_with_special_tokens(&seq).ok();
-                tally.check(
-                    || format!("decode with specials {seq:?}"),
-                    got.as_deref(),
-                    want,
-                );
+                tally.check(|| format!("decode with specials {seq:?}"), got.as_deref(), want);
             }
             tally.assert_all(&format!("{name} legacy={legacy} random ids"));
         }
@@ -196,11 +153,7 @@ fn honours_add_bos_and_add_eos() {
             let mut tally = Tally::default();
             for (text, rec) in strings.iter().zip(&records) {
                 let text = text.as_str().expect("string");
-                tally.check(
-                    || format!("encode {text:?}"),
-                    tok.encode(text),
-                    ids(&rec[key]),
-                );
+                tally.check(|| format!("encode {text:?}"), tok.encode(text), ids(&rec[key]));
             }
             tally.assert_all(&format!("{name} legacy={legacy} add_eos"));
         }
@@ -214,14 +167,8 @@ fn legacy_flag_changes_text_after_special_tokens() {
         return;
     };
     let text = "ok</s>USER: next";
-    assert_eq!(
-        tokenizer(&path, true).encode(text),
-        vec![1, 3431, 2, 3148, 1001, 29901, 2446]
-    );
-    assert_eq!(
-        tokenizer(&path, false).encode(text),
-        vec![1, 3431, 2, 11889, 29901, 2446]
-    );
+    assert_eq!(tokenizer(&path, true).encode(text), vec![1, 3431, 2, 3148, 1001, 29901, 2446]);
+    assert_eq!(tokenizer(&path, false).encode(text), vec![1, 3431, 2, 11889, 29901, 2446]);
 }
 
 /// Pushing ids one by one gives the full decode, and no chunk ends inside a character (each
@@ -247,10 +194,7 @@ fn stream_decoder_concatenates_to_full_decode() {
                 chunks.push(stream.finish());
                 assert_eq!(chunks.concat(), full, "{text:?}");
                 if !full.contains('\u{FFFD}') {
-                    assert!(
-                        chunks.iter().all(|c| !c.contains('\u{FFFD}')),
-                        "{text:?} split a character: {chunks:?}"
-                    );
+                    assert!(chunks.iter().all(|c| !c.contains('\u{FFFD}')), "{text:?} split a character: {chunks:?}");
                 }
             }
         }
@@ -265,15 +209,9 @@ fn stream_decoder_holds_partial_characters() {
     };
     let tok = tokenizer(&path, false);
     let sp = tok.sentencepiece().expect("the slow tokenizer");
-    let byte_ids: Vec<TokenId> = "🙂"
-        .bytes()
-        .map(|b| sp.piece_to_id(&format!("<0x{b:02X}>")))
-        .collect();
+    let byte_ids: Vec<TokenId> = "🙂".bytes().map(|b| sp.piece_to_id(&format!("<0x{b:02X}>"))).collect();
     let mut stream = tok.stream();
-    let outputs: Vec<String> = byte_ids
-        .iter()
-        .map(|&id| stream.push(id).expect("push"))
-        .collect();
+    let outputs: Vec<String> = byte_ids.iter().map(|&id| stream.push(id).expect("push")).collect();
     assert_eq!(outputs, vec!["", "", "", "🙂"]);
     assert_eq!(stream.finish(), "");
 
@@ -283,10 +221,7 @@ fn stream_decoder_holds_partial_characters() {
         assert_eq!(stream.push(id).expect("push"), "");
     }
     assert_eq!(stream.finish(), "\u{FFFD}\u{FFFD}");
-    assert_eq!(
-        tok.decode(&byte_ids[..2]).expect("decode"),
-        "\u{FFFD}\u{FFFD}"
-    );
+    assert_eq!(tok.decode(&byte_ids[..2]).expect("decode"), "\u{FFFD}\u{FFFD}");
 }
 
 #[test]
@@ -295,9 +230,7 @@ fn out_of_range_ids_are_errors() {
         return;
     };
     let tok = tokenizer(&path, true);
-    let err = tok
-        .decode(&[1, 32000])
-        .expect_err("id 32000 is outside a 32000-piece vocabulary");
+    let err = tok.decode(&[1, 32000]).expect_err("id 32000 is outside a 32000-piece vocabulary");
     assert!(err.to_string().contains("32000"), "{err}");
     assert!(tok.stream().push(u32::MAX).is_err());
 }
@@ -327,15 +260,8 @@ fn folder_constructor_reads_tokenizer_config() {
     assert_eq!(tok.encode(text), [expected, vec![2]].concat());
 
     // special_tokens_map.json wins over tokenizer_config.json, as in transformers.
-    std::fs::write(
-        dir.join("special_tokens_map.json"),
-        r#"{"pad_token": "<unk>"}"#,
-    )
-    .expect("write map");
-    assert_eq!(
-        Tokenizer::from_folder(&dir).expect("load").pad_id(),
-        Some(0)
-    );
+    std::fs::write(dir.join("special_tokens_map.json"), r#"{"pad_token": "<unk>"}"#).expect("write map");
+    assert_eq!(Tokenizer::from_folder(&dir).expect("load").pad_id(), Some(0));
 
     // Strip flags from `added_tokens_decoder` apply to special tokens the config names, not to
     // defaults. Values from `LlamaTokenizer.from_pretrained(dir).encode("a </s>  b")` with
@@ -352,13 +278,9 @@ fn folder_constructor_reads_tokenizer_config() {
     let tok = Tokenizer::from_folder(&dir).expect("load");
     assert_eq!(tok.encode("a </s>  b"), vec![1, 263, 29871, 2, 29871, 289]);
 
-    std::fs::write(dir.join("tokenizer_config.json"), r#"{"legacy": "yes"}"#)
-        .expect("write config");
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"legacy": "yes"}"#).expect("write config");
     let err = Tokenizer::from_folder(&dir).expect_err("legacy must be a boolean");
-    assert!(
-        err.to_string().contains("tokenizer_config.json") && err.to_string().contains("legacy"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("tokenizer_config.json") && err.to_string().contains("legacy"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -391,10 +313,7 @@ fn corrupt_model_file_is_an_error_naming_it() {
         std::fs::write(&path, bytes).expect("write");
         let err = SentencePiece::from_file(&path).expect_err("corrupt model");
         assert!(matches!(err, Error::Tokenizer(_)), "{err:?}");
-        assert!(
-            err.to_string().contains(&path.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
     }
     // A real model cut in half fails too, rather than loading a partial vocabulary silently.
     if let Some(model) = shared_model("llama2-tokenizer.model") {
@@ -411,10 +330,7 @@ fn corrupt_model_file_is_an_error_naming_it() {
 fn python_with_transformers() -> Option<PathBuf> {
     let venv = std::env::var_os("ARCANA_VENV")
         .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1"))
-        })?;
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1")))?;
     let python = venv.join("bin/python");
     let ok = std::process::Command::new(&python)
         .args(["-c", "import transformers, sentencepiece, tokenizers"])
@@ -510,11 +426,7 @@ fn assert_fast_matches_transformers(python: &Path, name: &str, model: &Path, con
         .arg(repo().join(format!("tests/fixtures/tokenizer/{name}-decode.jsonl")))
         .output()
         .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!folder.join("tokenizer.model").exists() && folder.join("tokenizer.json").is_file());
     let tok = Tokenizer::from_folder(&folder).expect("load tokenizer.json");
     assert_eq!(tok.kind(), TokenizerKind::Fast);
@@ -524,60 +436,30 @@ fn assert_fast_matches_transformers(python: &Path, name: &str, model: &Path, con
         .map(|l| serde_json::from_str(l).expect("record"))
         .collect();
     let strings = fixture_lines("strings.jsonl");
-    let (mut enc, mut dec, mut dec_special, mut streamed) = (
-        Tally::default(),
-        Tally::default(),
-        Tally::default(),
-        Tally::default(),
-    );
+    let (mut enc, mut dec, mut dec_special, mut streamed) =
+        (Tally::default(), Tally::default(), Tally::default(), Tally::default());
     let mut texts = strings.iter().map(|s| s.as_str().expect("string"));
     for rec in &records {
         let want = ids(&rec["ids"]);
         if rec.get("decode_only").is_none() {
             let text = texts.next().expect("one record per string");
-            enc.check(
-                || format!("encode {text:?}"),
-                tok.encode(text),
-                want.clone(),
-            );
+            enc.check(|| format!("encode {text:?}"), tok.encode(text), want.clone());
         }
         let want_text = rec["d"].as_str().expect("text");
-        dec.check(
-            || format!("decode {want:?}"),
-            tok.decode(&want).ok().as_deref(),
-            Some(want_text),
-        );
+        dec.check(|| format!("decode {want:?}"), tok.decode(&want).ok().as_deref(), Some(want_text));
         let got = tok.decode_with_special_tokens(&want).ok();
-        dec_special.check(
-            || format!("decode with specials {want:?}"),
-            got.as_deref(),
-            rec["s"].as_str(),
-        );
+        dec_special.check(|| format!("decode with specials {want:?}"), got.as_deref(), rec["s"].as_str());
         let mut stream = tok.stream();
-        let mut chunks: Vec<String> = want
-            .iter()
-            .map(|&id| stream.push(id).expect("push"))
-            .collect();
+        let mut chunks: Vec<String> = want.iter().map(|&id| stream.push(id).expect("push")).collect();
         chunks.push(stream.finish());
         // A chunk holding U+FFFD that the full text lacks would be a split character.
-        let split =
-            !want_text.contains('\u{FFFD}') && chunks.iter().any(|c| c.contains('\u{FFFD}'));
+        let split = !want_text.contains('\u{FFFD}') && chunks.iter().any(|c| c.contains('\u{FFFD}'));
         let got = (chunks.concat(), split);
-        streamed.check(
-            || format!("stream {want:?}: {chunks:?}"),
-            got,
-            (want_text.to_string(), false),
-        );
+        streamed.check(|| format!("stream {want:?}: {chunks:?}"), got, (want_text.to_string(), false));
     }
     assert_eq!(texts.next(), None, "a record per string");
-    let label = format!(
-        "{name} fast {}",
-        if config["add_eos_token"] == true {
-            "add_eos+clean_up"
-        } else {
-            "release config"
-        }
-    );
+    let label =
+        format!("{name} fast {}", if config["add_eos_token"] == true { "add_eos+clean_up" } else { "release config" });
     enc.assert_all(&format!("{label} encode"));
     dec.assert_all(&format!("{label} decode"));
     dec_special.assert_all(&format!("{label} decode with special tokens"));
@@ -604,19 +486,10 @@ fn fast_tokenizer_matches_transformers_fast() {
 #[test]
 fn the_release_picks_the_fast_tokenizer_for_mistral_models_without_a_base() {
     use TokenizerKind::{Fast, Slow};
-    assert_eq!(
-        TokenizerKind::release_choice("llava-v1.6-Mistral-7b", false),
-        Fast
-    );
-    assert_eq!(
-        TokenizerKind::release_choice("llava-v1.6-mistral-7b", true),
-        Slow
-    );
+    assert_eq!(TokenizerKind::release_choice("llava-v1.6-Mistral-7b", false), Fast);
+    assert_eq!(TokenizerKind::release_choice("llava-v1.6-mistral-7b", true), Slow);
     assert_eq!(TokenizerKind::release_choice("arcana-v1-7b", false), Slow);
-    assert_eq!(
-        TokenizerKind::release_choice("arcana-v1-7b-lora", true),
-        Slow
-    );
+    assert_eq!(TokenizerKind::release_choice("arcana-v1-7b-lora", true), Slow);
 }
 
 /// Each kind loads from its own file, and falls back to the other kind's file when it is missing.
@@ -625,21 +498,14 @@ fn folder_kind_follows_the_files_present() {
     let dir = tempdir("kinds");
     let err = Tokenizer::from_folder_as(&dir, TokenizerKind::Fast).expect_err("no tokenizer files");
     let message = err.to_string();
-    assert!(
-        message.contains("tokenizer.model") && message.contains("tokenizer.json"),
-        "{message}"
-    );
+    assert!(message.contains("tokenizer.model") && message.contains("tokenizer.json"), "{message}");
     if let Some(model) = shared_model("llama2-tokenizer.model") {
         std::fs::copy(&model, dir.join("tokenizer.model")).expect("copy model");
         let tok = Tokenizer::from_folder_as(&dir, TokenizerKind::Fast).expect("load");
         assert_eq!(tok.kind(), TokenizerKind::Slow);
         let mistral_named = dir.join("llava-mistral-7b");
         let tok = Tokenizer::for_release(&dir, &mistral_named, false).expect("load");
-        assert_eq!(
-            tok.kind(),
-            TokenizerKind::Slow,
-            "no tokenizer.json to load fast"
-        );
+        assert_eq!(tok.kind(), TokenizerKind::Slow, "no tokenizer.json to load fast");
     }
     std::fs::remove_dir_all(&dir).ok();
 }

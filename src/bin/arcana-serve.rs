@@ -190,7 +190,8 @@ async fn start_controller(args: &ControllerArgs) -> anyhow::Result<(String, Serv
     controller::spawn_expiry(controller.clone());
     println!("controller listening on http://{addr}");
     tracing::info!(%addr, ?dispatch, "controller started");
-    let serving = async move { http::serve(listener, controller::router(controller)).await.context("serving the controller") };
+    let serving =
+        async move { http::serve(listener, controller::router(controller)).await.context("serving the controller") };
     Ok((format!("http://{addr}"), Box::pin(serving)))
 }
 
@@ -260,12 +261,16 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
 /// Binds the chat page; refuses the release's flags that need remote services.
 async fn start_web(host: &str, port: u16, controller_url: &str, page: &PageArgs) -> anyhow::Result<Serving> {
     if page.share {
-        bail!("--share is not supported: the release makes a public link through Gradio's servers; \
-               serve on --host 0.0.0.0 behind your own proxy instead");
+        bail!(
+            "--share is not supported: the release makes a public link through Gradio's servers; \
+               serve on --host 0.0.0.0 behind your own proxy instead"
+        );
     }
     if page.moderate {
-        bail!("--moderate is not supported: the release's moderation needs a remote service (OpenAI's \
-               moderation API), which this server does not call");
+        bail!(
+            "--moderate is not supported: the release's moderation needs a remote service (OpenAI's \
+               moderation API), which this server does not call"
+        );
     }
     if page.concurrency_count == 0 {
         bail!("--concurrency-count must be at least 1");
@@ -318,5 +323,4 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
     controller.context("the controller task")??;
     worker.context("the worker task")??;
     web
-
 }

@@ -91,7 +91,9 @@ impl CompletionBuilder {
     /// The answer, or an error when the events stopped before it finished.
     pub fn finish(self) -> Result<Completion> {
         match (self.prompt, self.finish) {
-            (Some(prompt), Some(finish)) => Ok(Completion { prompt, output_ids: self.output_ids, text: self.text, finish }),
+            (Some(prompt), Some(finish)) => {
+                Ok(Completion { prompt, output_ids: self.output_ids, text: self.text, finish })
+            }
             _ => Err(Error::Engine("the answer ended before it finished".into())),
         }
     }

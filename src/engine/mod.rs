@@ -30,7 +30,9 @@ use crate::error::{Error, Result};
 use crate::generate::{DecodeEnd, GenerationConfig, Stepping};
 use crate::llm::mask::MaskPolicy;
 use crate::llm::quant::Quantization;
-use crate::mm::conversation::{cli_user_message, model_name_from_path, resolve_conv_mode, template_by_name, ConvModeChoice, Conversation};
+use crate::mm::conversation::{
+    cli_user_message, model_name_from_path, resolve_conv_mode, template_by_name, ConvModeChoice, Conversation,
+};
 use crate::mm::prompt::tokenizer_image_token;
 use crate::model::ArcanaModel;
 use crate::tokenizer::Tokenizer;
@@ -98,7 +100,11 @@ impl Engine {
     }
 
     /// `load`, calling `progress(tensors loaded, tensors in the checkpoint files)` after each tensor.
-    pub fn load_with_progress(dir: &Path, options: EngineOptions, progress: impl Fn(usize, usize) + 'static) -> Result<Self> {
+    pub fn load_with_progress(
+        dir: &Path,
+        options: EngineOptions,
+        progress: impl Fn(usize, usize) + 'static,
+    ) -> Result<Self> {
         let name_path = options.model_name_path.clone().unwrap_or_else(|| dir.to_string_lossy().into_owned());
         let model_name = model_name_from_path(&name_path)?;
         let conv_mode = resolve_conv_mode(&model_name, options.conv_mode.as_deref());
@@ -115,7 +121,16 @@ impl Engine {
         let name_path = options.model_name_path.as_deref().map(Path::new).unwrap_or(dir);
         let tokenizer = Tokenizer::for_release(dir, name_path, options.with_model_base)?;
         let images = model.files.image_preprocessor()?;
-        Ok(Self { model, tokenizer, images, model_name, conv_mode, template, mask_policy: options.mask_policy, quantized })
+        Ok(Self {
+            model,
+            tokenizer,
+            images,
+            model_name,
+            conv_mode,
+            template,
+            mask_policy: options.mask_policy,
+            quantized,
+        })
     }
 
     pub fn model(&self) -> &ArcanaModel {
@@ -165,7 +180,8 @@ impl Engine {
             match message.role {
                 Role::System => conversation.system = message.text.clone(),
                 Role::User => {
-                    let text = (0..message.images).fold(message.text.clone(), |text, _| cli_user_message(&text, true, start_end));
+                    let text = (0..message.images)
+                        .fold(message.text.clone(), |text, _| cli_user_message(&text, true, start_end));
                     conversation.append_message(&user, Some(&text));
                 }
                 Role::Assistant => conversation.append_message(&assistant, Some(&message.text)),
@@ -194,7 +210,11 @@ impl Engine {
             })
             .collect::<Result<Vec<_>>>()?;
         if let Some(other) = pixels.iter().find(|p| p.size() != pixels[0].size()) {
-            return Err(Error::InvalidInput(format!("images of different sizes: {:?} and {:?}", pixels[0].size(), other.size())));
+            return Err(Error::InvalidInput(format!(
+                "images of different sizes: {:?} and {:?}",
+                pixels[0].size(),
+                other.size()
+            )));
         }
         Ok(Some(Tensor::f_stack(&pixels, 0)?))
     }
@@ -225,7 +245,8 @@ impl Engine {
             completion.push(&event);
             on_event(event)
         };
-        let prompt_info = PromptInfo { prompt, input_ids, mask_policies_differ: ArcanaModel::mask_policies_differ(&inputs) };
+        let prompt_info =
+            PromptInfo { prompt, input_ids, mask_policies_differ: ArcanaModel::mask_policies_differ(&inputs) };
         let mut cancelled = emit(Event::Started(prompt_info)) == Flow::Stop;
         if let Some(seed) = params.seed {
             tch::manual_seed(seed as i64);
@@ -260,7 +281,14 @@ impl Engine {
                     Flow::Continue
                 }
             };
-            Some(self.model.decode(&inputs, chooser, self.mask_policy, max_new_tokens, Stepping::Cached(&mut cache), on_step)?)
+            Some(self.model.decode(
+                &inputs,
+                chooser,
+                self.mask_policy,
+                max_new_tokens,
+                Stepping::Cached(&mut cache),
+                on_step,
+            )?)
         };
         if let Some(e) = stream_error {
             return Err(e);
@@ -289,7 +317,10 @@ impl Engine {
         let finish = Finish {
             reason,
             usage: Usage { prompt_tokens: positions as usize, completion_tokens },
-            timings: Timings { prefill_seconds: (first - start).as_secs_f64(), decode_seconds: (end - first).as_secs_f64() },
+            timings: Timings {
+                prefill_seconds: (first - start).as_secs_f64(),
+                decode_seconds: (end - first).as_secs_f64(),
+            },
         };
         emit(Event::Finished(finish));
         completion.finish()

@@ -41,7 +41,8 @@ impl GenerationConfig {
     /// `generation_config.json` when the folder has one; ids it leaves unset come from the model config.
     pub fn from_model_dir(dir: &Path, config: &ArcanaConfig) -> Result<Self> {
         let path = dir.join("generation_config.json");
-        let file: GenerationConfigFile = if path.is_file() { read_json(&path)? } else { GenerationConfigFile::default() };
+        let file: GenerationConfigFile =
+            if path.is_file() { read_json(&path)? } else { GenerationConfigFile::default() };
         let eos_token_ids = match file.eos_token_id {
             Some(OneOrMany::One(id)) => vec![id],
             Some(OneOrMany::Many(ids)) => ids,

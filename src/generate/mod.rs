@@ -101,7 +101,8 @@ pub fn decode(
         Stepping::Cached(cache) => Some(&mut **cache),
         Stepping::Uncached => None,
     };
-    let prefill = StepInputs { position_ids: &positions_from_mask(&mask)?, attention_mask: Some(&mask), visual: &prompt_visual };
+    let prefill =
+        StepInputs { position_ids: &positions_from_mask(&mask)?, attention_mask: Some(&mask), visual: &prompt_visual };
     let mut logits = lm.forward(&sequence, &prefill, cache, false)?.logits;
     // Generated tokens are language: the release's one-token forward marks nothing visual.
     let token_visual = Tensor::f_zeros([batch, 1], (Kind::Bool, device))?;
@@ -142,7 +143,8 @@ pub fn decode(
             Stepping::Uncached => {
                 sequence = Tensor::f_cat(&[&sequence, &token_embeds], 1)?;
                 let generated = sequence.size()[1] - prompt_len;
-                let visual = Tensor::f_cat(&[&prompt_visual, &Tensor::f_zeros([batch, generated], (Kind::Bool, device))?], 1)?;
+                let visual =
+                    Tensor::f_cat(&[&prompt_visual, &Tensor::f_zeros([batch, generated], (Kind::Bool, device))?], 1)?;
                 let step = StepInputs { position_ids: &positions, attention_mask: Some(&mask), visual: &visual };
                 lm.forward(&sequence, &step, None, false)?.logits
             }

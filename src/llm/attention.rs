@@ -59,7 +59,8 @@ impl Attention {
     ) -> Result<Tensor> {
         let s = x.size();
         let (b, l) = (s[0], s[1]);
-        let heads = |t: Tensor, n: i64| -> Result<Tensor> { Ok(t.f_view([b, l, n, self.head_dim])?.f_transpose(1, 2)?) };
+        let heads =
+            |t: Tensor, n: i64| -> Result<Tensor> { Ok(t.f_view([b, l, n, self.head_dim])?.f_transpose(1, 2)?) };
         let q = heads(self.q_proj.forward(x, visual)?, self.num_heads)?;
         let k = heads(self.k_proj.forward(x, visual)?, self.num_key_value_heads)?;
         let v = heads(self.v_proj.forward(x, visual)?, self.num_key_value_heads)?;
@@ -78,7 +79,11 @@ impl Attention {
         }
         // Softmax upcast to fp32, then back to the query's dtype.
         let weights = weights.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
-        let out = weights.f_matmul(&v)?.f_transpose(1, 2)?.f_contiguous()?.f_reshape([b, l, self.num_heads * self.head_dim])?;
+        let out = weights.f_matmul(&v)?.f_transpose(1, 2)?.f_contiguous()?.f_reshape([
+            b,
+            l,
+            self.num_heads * self.head_dim,
+        ])?;
         self.o_proj.forward(&out, visual)
     }
 }

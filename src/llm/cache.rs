@@ -137,10 +137,8 @@ impl KvCache {
         if self.len + q_len > self.capacity {
             return Err(Error::InvalidInput("KV cache: update without reserve".into()));
         }
-        let kv = self
-            .layers
-            .get_mut(layer)
-            .ok_or_else(|| Error::InvalidInput(format!("KV cache has no layer {layer}")))?;
+        let kv =
+            self.layers.get_mut(layer).ok_or_else(|| Error::InvalidInput(format!("KV cache has no layer {layer}")))?;
         kv.k.f_narrow(2, self.len, q_len)?.f_copy_(k)?;
         kv.v.f_narrow(2, self.len, q_len)?.f_copy_(v)?;
         let total = self.len + q_len;

@@ -85,7 +85,14 @@ impl LlamaModel {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&w.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
         let rotary_emb = RotaryEmbedding::new(config, w.device())?;
-        Ok(Self { embed_tokens, layers, norm, rotary_emb, num_key_value_heads: config.num_kv_heads(), head_dim: config.head_dim() })
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            rotary_emb,
+            num_key_value_heads: config.num_kv_heads(),
+            head_dim: config.head_dim(),
+        })
     }
 
     /// `embed_tokens(ids)`; every id must be in the vocabulary.
@@ -94,7 +101,10 @@ impl LlamaModel {
         if ids.numel() > 0 {
             let (lo, hi) = (ids.f_min()?.f_int64_value(&[])?, ids.f_max()?.f_int64_value(&[])?);
             if lo < 0 || hi >= vocab {
-                return Err(Error::InvalidInput(format!("token id out of the vocabulary [0, {vocab}): {}", if lo < 0 { lo } else { hi })));
+                return Err(Error::InvalidInput(format!(
+                    "token id out of the vocabulary [0, {vocab}): {}",
+                    if lo < 0 { lo } else { hi }
+                )));
             }
         }
         Ok(Tensor::f_embedding(&self.embed_tokens, &ids.f_to_device(self.embed_tokens.device())?, -1, false, false)?)
@@ -102,14 +112,31 @@ impl LlamaModel {
 
     /// An empty cache fitting this decoder.
     pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
-        KvCache::new(self.layers.len(), batch, self.num_key_value_heads, self.head_dim, capacity, self.embed_tokens.kind(), self.embed_tokens.device())
+        KvCache::new(
+            self.layers.len(),
+            batch,
+            self.num_key_value_heads,
+            self.head_dim,
+            capacity,
+            self.embed_tokens.kind(),
+            self.embed_tokens.device(),
+        )
     }
 
     /// `LlamaModel.forward(inputs_embeds=...)`; with a cache, positions continue after the cached ones.
-    pub fn forward(&self, inputs_embeds: &Tensor, step: &StepInputs, mut cache: Option<&mut KvCache>, keep_layers: bool) -> Result<LlamaOutput> {
+    pub fn forward(
+        &self,
+        inputs_embeds: &Tensor,
+        step: &StepInputs,
+        mut cache: Option<&mut KvCache>,
+        keep_layers: bool,
+    ) -> Result<LlamaOutput> {
         let s = inputs_embeds.size();
         if s.len() != 3 || s[2] != self.embed_tokens.size()[1] {
-            return Err(Error::InvalidInput(format!("inputs_embeds {s:?}, expected [B, L, {}]", self.embed_tokens.size()[1])));
+            return Err(Error::InvalidInput(format!(
+                "inputs_embeds {s:?}, expected [B, L, {}]",
+                self.embed_tokens.size()[1]
+            )));
         }
         let (b, l) = (s[0], s[1]);
         if step.position_ids.size() != [b, l] || step.visual.size() != [b, l] {
@@ -122,7 +149,12 @@ impl LlamaModel {
         let past = match cache.as_deref_mut() {
             Some(c) => {
                 if c.batch() != b || c.num_layers() != self.layers.len() {
-                    return Err(Error::InvalidInput(format!("KV cache for batch {} / {} layers used with batch {b} / {} layers", c.batch(), c.num_layers(), self.layers.len())));
+                    return Err(Error::InvalidInput(format!(
+                        "KV cache for batch {} / {} layers used with batch {b} / {} layers",
+                        c.batch(),
+                        c.num_layers(),
+                        self.layers.len()
+                    )));
                 }
                 c.reserve(l)?;
                 c.len()
@@ -176,7 +208,13 @@ impl LlamaForCausalLM {
         Ok(Self { model, lm_head })
     }
 
-    pub fn forward(&self, inputs_embeds: &Tensor, step: &StepInputs, cache: Option<&mut KvCache>, keep_layers: bool) -> Result<CausalLmOutput> {
+    pub fn forward(
+        &self,
+        inputs_embeds: &Tensor,
+        step: &StepInputs,
+        cache: Option<&mut KvCache>,
+        keep_layers: bool,
+    ) -> Result<CausalLmOutput> {
         let _guard = tch::no_grad_guard();
         let decoder = self.model.forward(inputs_embeds, step, cache, keep_layers)?;
         let logits = self.lm_head.forward(&decoder.hidden)?.f_to_kind(Kind::Float)?;

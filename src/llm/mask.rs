@@ -50,7 +50,12 @@ pub fn span_mask(spans: &[Vec<Range<i64>>], seq_len: i64, device: Device) -> Res
 }
 
 /// The prefill's visual mask under `policy`, given where each row's images are.
-pub fn prefill_visual_mask(policy: MaskPolicy, image_spans: &[Vec<Range<i64>>], seq_len: i64, device: Device) -> Result<Tensor> {
+pub fn prefill_visual_mask(
+    policy: MaskPolicy,
+    image_spans: &[Vec<Range<i64>>],
+    seq_len: i64,
+    device: Device,
+) -> Result<Tensor> {
     match policy {
         MaskPolicy::Release => release_visual_mask(image_spans.len() as i64, seq_len, device),
         MaskPolicy::Image => span_mask(image_spans, seq_len, device),
@@ -60,7 +65,8 @@ pub fn prefill_visual_mask(policy: MaskPolicy, image_spans: &[Vec<Range<i64>>], 
 /// Whether the release's mask and the real image positions disagree for this prompt's prefill (the
 /// release then applies the visual LoRA to text, or the language LoRA to image features).
 pub fn policies_differ(image_spans: &[Vec<Range<i64>>], seq_len: i64) -> bool {
-    let release = |p: i64| seq_len > 1 && (RELEASE_VISUAL_START..RELEASE_VISUAL_START + RELEASE_VISUAL_LEN).contains(&p);
+    let release =
+        |p: i64| seq_len > 1 && (RELEASE_VISUAL_START..RELEASE_VISUAL_START + RELEASE_VISUAL_LEN).contains(&p);
     image_spans.iter().any(|row| (0..seq_len).any(|p| release(p) != row.iter().any(|r| r.contains(&p))))
 }
 
@@ -78,7 +84,14 @@ pub fn finfo_min(kind: Kind) -> Result<f64> {
 /// transformers' `_prepare_4d_causal_attention_mask` (eager): `[B, 1, q_len, past + q_len]` of 0 where a
 /// query may attend and `finfo.min` elsewhere; causal only for `q_len > 1`; `attention_mask` is the 2D
 /// `[B, past + q_len]` padding mask (1 = attend). `None` when there is nothing to mask, like upstream.
-pub fn causal_4d_mask(attention_mask: Option<&Tensor>, batch: i64, q_len: i64, past: i64, kind: Kind, device: Device) -> Result<Option<Tensor>> {
+pub fn causal_4d_mask(
+    attention_mask: Option<&Tensor>,
+    batch: i64,
+    q_len: i64,
+    past: i64,
+    kind: Kind,
+    device: Device,
+) -> Result<Option<Tensor>> {
     let kv_len = past + q_len;
     let mut allowed: Option<Tensor> = None;
     if q_len > 1 {

@@ -154,9 +154,13 @@ mod tests {
     fn merged_language_branch_computes_the_same_function() {
         let (plain, merged) = pair();
         let x = Tensor::randn([2, 7, 8], (Kind::Double, Device::Cpu));
-        let visual = Tensor::from_slice(&[false, true, true, false, true, false, false, true, false, false, true, true, false, false])
-            .view([2, 7]);
-        for mask in [visual, Tensor::zeros([2, 7], (Kind::Bool, Device::Cpu)), Tensor::ones([2, 7], (Kind::Bool, Device::Cpu))] {
+        let visual = Tensor::from_slice(&[
+            false, true, true, false, true, false, false, true, false, false, true, true, false, false,
+        ])
+        .view([2, 7]);
+        for mask in
+            [visual, Tensor::zeros([2, 7], (Kind::Bool, Device::Cpu)), Tensor::ones([2, 7], (Kind::Bool, Device::Cpu))]
+        {
             let (a, b) = (plain.forward(&x, &mask).unwrap(), merged.forward(&x, &mask).unwrap());
             let diff = (&a - &b).abs().max().double_value(&[]);
             assert!(diff < 1e-12, "max |diff| {diff}");

@@ -36,7 +36,8 @@ pub struct RotaryEmbedding {
 
 /// `1.0 / (base ** (arange(0, dim, 2).float() / dim))`; `1.0 / t` is `t.reciprocal() * 1.0` in PyTorch.
 fn inv_freq(base: f64, dim: i64, device: Device) -> Result<Tensor> {
-    let exponent = Tensor::f_arange_start_step(0, dim, 2, (Kind::Int64, device))?.f_to_kind(Kind::Float)?.f_div_scalar(dim)?;
+    let exponent =
+        Tensor::f_arange_start_step(0, dim, 2, (Kind::Int64, device))?.f_to_kind(Kind::Float)?.f_div_scalar(dim)?;
     Ok(Tensor::f_pow_scalar(base, &exponent)?.f_reciprocal()?.f_mul_scalar(1.0)?)
 }
 
@@ -64,7 +65,15 @@ impl RotaryEmbedding {
         };
         // Built on the CPU at construction, then moved with the module (`model.to(device)`).
         let caches = rope.caches.get_mut().map_err(|_| poisoned())?;
-        Self::set_cache(dim, rope.max_position_embeddings, rope.base, scaling, caches, config.max_position_embeddings, Device::Cpu)?;
+        Self::set_cache(
+            dim,
+            rope.max_position_embeddings,
+            rope.base,
+            scaling,
+            caches,
+            config.max_position_embeddings,
+            Device::Cpu,
+        )?;
         caches.inv_freq = caches.inv_freq.f_to_device(device)?;
         caches.cos_cached = caches.cos_cached.f_to_device(device)?;
         caches.sin_cached = caches.sin_cached.f_to_device(device)?;
@@ -85,7 +94,8 @@ impl RotaryEmbedding {
         if let RopeScaling::Dynamic(factor) = scaling {
             if seq_len > max_pos {
                 // Python float arithmetic, as upstream.
-                let base = base * ((factor * seq_len as f64 / max_pos as f64) - (factor - 1.0)).powf(dim as f64 / (dim - 2) as f64);
+                let base = base
+                    * ((factor * seq_len as f64 / max_pos as f64) - (factor - 1.0)).powf(dim as f64 / (dim - 2) as f64);
                 caches.inv_freq = inv_freq(base, dim, device)?;
             }
         }
@@ -105,7 +115,15 @@ impl RotaryEmbedding {
     pub fn cos_sin(&self, seq_len: i64, kind: Kind, device: Device) -> Result<(Tensor, Tensor)> {
         let mut caches = self.caches.lock().map_err(|_| poisoned())?;
         if seq_len > caches.max_seq_len_cached {
-            Self::set_cache(self.dim, self.max_position_embeddings, self.base, self.scaling, &mut caches, seq_len, device)?;
+            Self::set_cache(
+                self.dim,
+                self.max_position_embeddings,
+                self.base,
+                self.scaling,
+                &mut caches,
+                seq_len,
+                device,
+            )?;
         }
         let cos = caches.cos_cached.f_narrow(0, 0, seq_len)?.f_to_kind(kind)?;
         let sin = caches.sin_cached.f_narrow(0, 0, seq_len)?.f_to_kind(kind)?;

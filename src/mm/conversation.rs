@@ -6,8 +6,8 @@ mod templates;
 use std::borrow::Cow;
 
 pub use cli::{
-    cli_display_roles, cli_user_message, model_name_from_path, resolve_conv_mode,
-    template_for_model_name, CliChat, ConvModeChoice,
+    cli_display_roles, cli_user_message, model_name_from_path, resolve_conv_mode, template_for_model_name, CliChat,
+    ConvModeChoice,
 };
 pub use templates::{template_by_name, TEMPLATE_NAMES};
 
@@ -57,28 +57,17 @@ type Turn<'a> = (&'a str, Option<Cow<'a, str>>);
 
 impl Conversation {
     pub fn append_message(&mut self, role: &str, text: Option<&str>) {
-        self.messages.push(Message {
-            role: role.to_owned(),
-            text: text.map(str::to_owned),
-            image: false,
-        });
+        self.messages.push(Message { role: role.to_owned(), text: text.map(str::to_owned), image: false });
     }
 
     /// The web UI's way to attach an image to a message (see [`Message::image`]).
     pub fn append_message_with_image(&mut self, role: &str, text: &str) {
-        self.messages.push(Message {
-            role: role.to_owned(),
-            text: Some(text.to_owned()),
-            image: true,
-        });
+        self.messages.push(Message { role: role.to_owned(), text: Some(text.to_owned()), image: true });
     }
 
     /// Fills the last message, as the CLI does with the model's reply (`conv.messages[-1][-1] = outputs`).
     pub fn set_last_message_text(&mut self, text: &str) -> Result<()> {
-        let last = self
-            .messages
-            .last_mut()
-            .ok_or_else(|| Error::Prompt("no message to put the reply in".into()))?;
+        let last = self.messages.last_mut().ok_or_else(|| Error::Prompt("no message to put the reply in".into()))?;
         last.text = Some(text.to_owned());
         Ok(())
     }
@@ -96,9 +85,7 @@ impl Conversation {
     pub fn get_prompt(&self) -> Result<String> {
         let turns = self.turns();
         match self.sep_style {
-            SeparatorStyle::Single => {
-                Ok(self.render_with_roles(&turns, ": ", ":", |_| Some(&self.sep)))
-            }
+            SeparatorStyle::Single => Ok(self.render_with_roles(&turns, ": ", ":", |_| Some(&self.sep))),
             SeparatorStyle::Two => self.render_two(&turns),
             SeparatorStyle::Mpt => Ok(self.render_with_roles(&turns, "", "", |_| Some(&self.sep))),
             SeparatorStyle::Plain => self.render_plain(&turns),
@@ -116,9 +103,7 @@ impl Conversation {
 
     fn missing_sep2(index: usize) -> Error {
         // The release raises TypeError here (`str + None`).
-        Error::Prompt(format!(
-            "message {index} needs `sep2`, which this template does not have"
-        ))
+        Error::Prompt(format!("message {index} needs `sep2`, which this template does not have"))
     }
 
     fn turns(&self) -> Vec<Turn<'_>> {
@@ -138,30 +123,17 @@ impl Conversation {
         let Some(first) = self.messages.first().filter(|m| m.image) else {
             return turns;
         };
-        let without_marker = first
-            .text
-            .as_deref()
-            .unwrap_or("")
-            .replace(DEFAULT_IMAGE_TOKEN, "");
+        let without_marker = first.text.as_deref().unwrap_or("").replace(DEFAULT_IMAGE_TOKEN, "");
         let bare = strip_python_whitespace(&without_marker).to_owned();
         if self.version.contains("mmtag") {
-            turns[0] = (
-                first.role.as_str(),
-                (!bare.is_empty()).then_some(Cow::Owned(bare)),
-            );
+            turns[0] = (first.role.as_str(), (!bare.is_empty()).then_some(Cow::Owned(bare)));
             let shown = [
-                (
-                    self.roles[0].as_str(),
-                    Some(Cow::Borrowed("<Image><image></Image>")),
-                ),
+                (self.roles[0].as_str(), Some(Cow::Borrowed("<Image><image></Image>"))),
                 (self.roles[1].as_str(), Some(Cow::Borrowed("Received."))),
             ];
             turns.splice(0..0, shown);
         } else {
-            turns[0] = (
-                first.role.as_str(),
-                Some(Cow::Owned(format!("{DEFAULT_IMAGE_TOKEN}\n{bare}"))),
-            );
+            turns[0] = (first.role.as_str(), Some(Cow::Owned(format!("{DEFAULT_IMAGE_TOKEN}\n{bare}"))));
         }
         turns
     }
@@ -190,11 +162,7 @@ impl Conversation {
     }
 
     fn render_two(&self, turns: &[Turn<'_>]) -> Result<String> {
-        if let Some(i) = turns
-            .iter()
-            .enumerate()
-            .position(|(i, (_, t))| t.is_some() && self.sep_after(i).is_none())
-        {
+        if let Some(i) = turns.iter().enumerate().position(|(i, (_, t))| t.is_some() && self.sep_after(i).is_none()) {
             return Err(Self::missing_sep2(i));
         }
         Ok(self.render_with_roles(turns, ": ", ":", |i| self.sep_after(i)))
@@ -214,11 +182,7 @@ impl Conversation {
 
     fn render_llama_2(&self, turns: &[Turn<'_>]) -> Result<String> {
         match turns.first() {
-            Some((_, None)) => {
-                return Err(Error::Prompt(
-                    "the first message must have text (Llama-2 style)".into(),
-                ))
-            }
+            Some((_, None)) => return Err(Error::Prompt("the first message must have text (Llama-2 style)".into())),
             Some((role, _)) if *role != self.roles[0] => {
                 return Err(Error::Prompt(format!(
                     "the first message must come from `{}`, not `{role}` (Llama-2 style)",

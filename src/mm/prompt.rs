@@ -20,34 +20,20 @@ pub trait TextEncoder {
 }
 
 /// The release's `tokenizer_image_token(prompt, tokenizer)`: each `<image>` becomes [`IMAGE_TOKEN_INDEX`].
-pub fn tokenizer_image_token<E: TextEncoder + ?Sized>(
-    prompt: &str,
-    encoder: &E,
-) -> Result<Vec<i64>> {
-    let chunk_ids = prompt
-        .split(DEFAULT_IMAGE_TOKEN)
-        .map(|chunk| encoder.encode_with_bos(chunk))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(splice_image_chunks(
-        &chunk_ids,
-        encoder.bos_id(),
-        IMAGE_TOKEN_INDEX,
-    ))
+pub fn tokenizer_image_token<E: TextEncoder + ?Sized>(prompt: &str, encoder: &E) -> Result<Vec<i64>> {
+    let chunk_ids =
+        prompt.split(DEFAULT_IMAGE_TOKEN).map(|chunk| encoder.encode_with_bos(chunk)).collect::<Result<Vec<_>>>()?;
+    Ok(splice_image_chunks(&chunk_ids, encoder.bos_id(), IMAGE_TOKEN_INDEX))
 }
 
 /// Joins the ids of the `<image>`-separated chunks with one `image_token_index` between neighbours.
 ///
 /// As in the release: when the first chunk starts with BOS, the result starts with one BOS and every
 /// chunk (the first included) loses its first id, whatever that id is; otherwise chunks are kept whole.
-pub fn splice_image_chunks(
-    chunk_ids: &[Vec<i64>],
-    bos_id: i64,
-    image_token_index: i64,
-) -> Vec<i64> {
+pub fn splice_image_chunks(chunk_ids: &[Vec<i64>], bos_id: i64, image_token_index: i64) -> Vec<i64> {
     let starts_with_bos = chunk_ids.first().and_then(|c| c.first()) == Some(&bos_id);
     let skip = usize::from(starts_with_bos);
-    let mut ids =
-        Vec::with_capacity(chunk_ids.iter().map(Vec::len).sum::<usize>() + chunk_ids.len());
+    let mut ids = Vec::with_capacity(chunk_ids.iter().map(Vec::len).sum::<usize>() + chunk_ids.len());
     if starts_with_bos {
         ids.push(bos_id);
     }
@@ -62,11 +48,7 @@ pub fn splice_image_chunks(
 
 /// Positions of [`IMAGE_TOKEN_INDEX`] in `ids`, in order.
 pub fn image_token_positions(ids: &[i64]) -> Vec<usize> {
-    ids.iter()
-        .enumerate()
-        .filter(|(_, &id)| id == IMAGE_TOKEN_INDEX)
-        .map(|(i, _)| i)
-        .collect()
+    ids.iter().enumerate().filter(|(_, &id)| id == IMAGE_TOKEN_INDEX).map(|(i, _)| i).collect()
 }
 
 impl TextEncoder for crate::tokenizer::Tokenizer {

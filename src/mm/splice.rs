@@ -34,9 +34,7 @@ pub fn unpadded_rows(input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Res
         None => vec![1; ids.len()],
     };
     let t = s[1] as usize;
-    Ok((0..s[0] as usize)
-        .map(|b| (0..t).filter(|&j| keep[b * t + j] != 0).map(|j| ids[b * t + j]).collect())
-        .collect())
+    Ok((0..s[0] as usize).map(|b| (0..t).filter(|&j| keep[b * t + j] != 0).map(|j| ids[b * t + j]).collect()).collect())
 }
 
 /// How many images a batch consumes: one per placeholder, and one per row without a placeholder (the
@@ -89,7 +87,12 @@ pub fn prepare_inputs(
 
 /// Splices `image_features` (`[N, tokens_per_image, hidden]`, in placeholder order) into `rows`.
 /// Without features, no row may hold a placeholder and the rows are embedded as text.
-pub fn splice(model: &LlamaModel, rows: &[Vec<i64>], image_features: Option<&Tensor>, max_tokens: Option<i64>) -> Result<Spliced> {
+pub fn splice(
+    model: &LlamaModel,
+    rows: &[Vec<i64>],
+    image_features: Option<&Tensor>,
+    max_tokens: Option<i64>,
+) -> Result<Spliced> {
     if rows.is_empty() || rows.iter().any(Vec::is_empty) {
         return Err(Error::InvalidInput("splice: an empty batch or an empty prompt".into()));
     }
@@ -97,7 +100,9 @@ pub fn splice(model: &LlamaModel, rows: &[Vec<i64>], image_features: Option<&Ten
     let placeholders: usize = rows.iter().map(|r| r.iter().filter(|&&id| id == IMAGE_TOKEN_INDEX).count()).sum();
     let features: Vec<Tensor> = match image_features {
         None if placeholders > 0 => {
-            return Err(Error::InvalidInput(format!("the prompt has {placeholders} image placeholder(s) but no image was given")))
+            return Err(Error::InvalidInput(format!(
+                "the prompt has {placeholders} image placeholder(s) but no image was given"
+            )))
         }
         None => Vec::new(),
         Some(f) => {

@@ -24,11 +24,7 @@ pub fn this_machine() -> BTreeMap<String, String> {
     };
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpuinfo_field = |key: &str| {
-        cpuinfo
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
+        cpuinfo.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string())
     };
     let flags: Vec<&str> = cpuinfo
         .lines()

@@ -85,7 +85,13 @@ pub fn compare(name: &str, ours: &Tensor, reference: &Tensor, tolerance: &Tolera
     let dot = a.f_mul(&b)?.f_sum(Kind::Double)?.f_double_value(&[])?;
     let norms = a.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?.sqrt()
         * b.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?.sqrt();
-    report.cosine = if norms > 0.0 { dot / norms } else if report.bit_identical { 1.0 } else { 0.0 };
+    report.cosine = if norms > 0.0 {
+        dot / norms
+    } else if report.bit_identical {
+        1.0
+    } else {
+        0.0
+    };
     let floats = ours.is_floating_point() && reference.is_floating_point();
     let within = report.bit_identical
         || match tolerance {
@@ -175,8 +181,10 @@ pub fn vision_tensors(side: &VisionSide, pixel_values: &Tensor) -> Result<Vec<(S
 /// mask), and greedy ids as its `generate` with as many new tokens as the reference holds.
 pub fn language_tensors(model: &ArcanaModel, reference: &Reference) -> Result<Vec<(String, Tensor)>> {
     let input_ids = reference.tensor(INPUT_INPUT_IDS)?;
-    let mask = if reference.contains(INPUT_ATTENTION_MASK) { Some(reference.tensor(INPUT_ATTENTION_MASK)?) } else { None };
-    let pixels = if reference.contains(INPUT_PIXEL_VALUES) { Some(reference.tensor(INPUT_PIXEL_VALUES)?) } else { None };
+    let mask =
+        if reference.contains(INPUT_ATTENTION_MASK) { Some(reference.tensor(INPUT_ATTENTION_MASK)?) } else { None };
+    let pixels =
+        if reference.contains(INPUT_PIXEL_VALUES) { Some(reference.tensor(INPUT_PIXEL_VALUES)?) } else { None };
     let mut out = match &pixels {
         Some(p) => vision_tensors(&model.vision, p)?,
         None => Vec::new(),

@@ -111,7 +111,8 @@ impl Controller {
             },
         };
         tracing::info!(worker, ?status, "worker registered");
-        self.lock().insert(worker.to_string(), WorkerInfo { status, check_heart_beat, last_heart_beat: Instant::now() });
+        self.lock()
+            .insert(worker.to_string(), WorkerInfo { status, check_heart_beat, last_heart_beat: Instant::now() });
         true
     }
 
@@ -130,8 +131,7 @@ impl Controller {
     }
 
     pub fn list_models(&self) -> Vec<String> {
-        let mut models: Vec<String> =
-            self.lock().values().flat_map(|w| w.status.model_names.iter().cloned()).collect();
+        let mut models: Vec<String> = self.lock().values().flat_map(|w| w.status.model_names.iter().cloned()).collect();
         models.sort();
         models.dedup();
         models
@@ -320,7 +320,10 @@ pub fn router(controller: Controller) -> Router {
         .route("/worker_generate_stream", post(worker_generate_stream))
         .route("/worker_get_status", post(worker_get_status))
         .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
-        .route("/v1/models", get(|State(c): State<Controller>| async move { super::openai::models_reply(&c.list_models()) }))
+        .route(
+            "/v1/models",
+            get(|State(c): State<Controller>| async move { super::openai::models_reply(&c.list_models()) }),
+        )
         .route(
             "/v1/chat/completions",
             post(|State(c): State<Controller>, body| super::openai::route_chat_completions(c, body)),

@@ -127,7 +127,10 @@ fn to_request(body: &ChatCompletionRequest, allow_image_urls: bool) -> Result<(R
                             if role != Role::User {
                                 return Err(format!("messages[{i}]: only user messages can carry images"));
                             }
-                            images.push(image_source(&image_url.url, allow_image_urls).map_err(|e| format!("messages[{i}]: {e}"))?);
+                            images.push(
+                                image_source(&image_url.url, allow_image_urls)
+                                    .map_err(|e| format!("messages[{i}]: {e}"))?,
+                            );
                             count += 1;
                         }
                     }
@@ -152,7 +155,10 @@ fn to_request(body: &ChatCompletionRequest, allow_image_urls: bool) -> Result<(R
         temperature,
         top_p: Some(body.top_p.unwrap_or(1.0)),
         top_k: Some(0),
-        max_new_tokens: body.max_completion_tokens.or(body.max_tokens).unwrap_or(GenerationParams::default().max_new_tokens),
+        max_new_tokens: body
+            .max_completion_tokens
+            .or(body.max_tokens)
+            .unwrap_or(GenerationParams::default().max_new_tokens),
         stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
         seed: body.seed,
     };
@@ -221,7 +227,9 @@ pub fn models_reply(names: &[String]) -> Json<Value> {
 /// The body of an error that ended an answer: a full context is the client's to fix (400).
 fn answer_error(e: &Error) -> (StatusCode, &'static str, Option<&'static str>) {
     match e {
-        Error::ContextFull { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("context_length_exceeded")),
+        Error::ContextFull { .. } => {
+            (StatusCode::BAD_REQUEST, "invalid_request_error", Some("context_length_exceeded"))
+        }
         Error::Image { .. } | Error::InvalidInput(_) | Error::Prompt(_) => {
             (StatusCode::BAD_REQUEST, "invalid_request_error", None)
         }
@@ -324,7 +332,9 @@ async fn whole_completion(
             let (status, kind, code) = answer_error(&e);
             openai_error(status, &e.to_string(), kind, code)
         }
-        Err(_) => openai_error(StatusCode::INTERNAL_SERVER_ERROR, "the answer ended without a result", "server_error", None),
+        Err(_) => {
+            openai_error(StatusCode::INTERNAL_SERVER_ERROR, "the answer ended without a result", "server_error", None)
+        }
     }
 }
 
@@ -352,7 +362,10 @@ async fn stream_completion(
             let mut frames = Vec::new();
             if !started {
                 started = true;
-                frames.push(frame(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]), None));
+                frames.push(frame(
+                    json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+                    None,
+                ));
             }
             match event {
                 Ok(Event::Text(delta)) => {
@@ -422,11 +435,8 @@ pub async fn route_chat_completions(
             }
             response
         }
-        Err(e) => openai_error(
-            StatusCode::BAD_GATEWAY,
-            &format!("worker at {worker} unreachable: {e}"),
-            "server_error",
-            None,
-        ),
+        Err(e) => {
+            openai_error(StatusCode::BAD_GATEWAY, &format!("worker at {worker} unreachable: {e}"), "server_error", None)
+        }
     }
 }

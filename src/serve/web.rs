@@ -166,10 +166,7 @@ pub struct VoteRequest {
 impl WebServer {
     pub fn new(mut config: WebConfig) -> Self {
         config.controller_url = config.controller_url.trim_end_matches('/').to_string();
-        let client = reqwest::Client::builder()
-            .connect_timeout(WORKER_CONNECT_TIMEOUT)
-            .build()
-            .unwrap_or_default();
+        let client = reqwest::Client::builder().connect_timeout(WORKER_CONNECT_TIMEOUT).build().unwrap_or_default();
         let answering = Semaphore::new(config.concurrency_count.max(1));
         let examples = EXAMPLES.iter().map(|(name, _)| encode_png(&draw_example(name))).collect();
         Self { inner: Arc::new(Inner { config, client, models: Mutex::new(Vec::new()), answering, examples }) }
@@ -406,8 +403,8 @@ pub fn shrunk_size(width: u32, height: u32) -> Option<(u32, u32)> {
         return None;
     }
     let aspect = f64::from(long) / f64::from(short);
-    let shortest = (f64::from(MAX_IMAGE_LONG_SIDE) / aspect).min(f64::from(MAX_IMAGE_SHORT_SIDE)).min(f64::from(short))
-        as u32;
+    let shortest =
+        (f64::from(MAX_IMAGE_LONG_SIDE) / aspect).min(f64::from(MAX_IMAGE_SHORT_SIDE)).min(f64::from(short)) as u32;
     let longest = (f64::from(shortest) * aspect) as u32;
     Some(if height > width { (shortest, longest) } else { (longest, shortest) })
 }
@@ -478,9 +475,10 @@ impl WebServer {
         if path.is_file() {
             return;
         }
-        if let Err(e) = std::fs::create_dir_all(&dir).map_err(|e| e.to_string()).and_then(|_| {
-            image.save_with_format(&path, image::ImageFormat::Jpeg).map_err(|e| e.to_string())
-        }) {
+        if let Err(e) = std::fs::create_dir_all(&dir)
+            .map_err(|e| e.to_string())
+            .and_then(|_| image.save_with_format(&path, image::ImageFormat::Jpeg).map_err(|e| e.to_string()))
+        {
             tracing::warn!("saving {}: {e}", path.display());
         }
     }
@@ -590,7 +588,8 @@ async fn answer(server: WebServer, mut chat: PreparedChat, sender: mpsc::Sender<
         let sender = sender.clone();
         async move { sender.send(event_line(&event)).await.is_ok() }
     };
-    let started = json!({"type": "start", "user": chat.user_text, "template": chat.template, "images": chat.image_hashes});
+    let started =
+        json!({"type": "start", "user": chat.user_text, "template": chat.template, "images": chat.image_hashes});
     if !send(started).await {
         return;
     }
@@ -724,7 +723,10 @@ async fn vote(
     JsonBody(request): JsonBody<VoteRequest>,
 ) -> Response {
     if !["upvote", "downvote", "flag"].contains(&request.kind.as_str()) {
-        return json_error(StatusCode::BAD_REQUEST, &format!("unknown vote `{}` (upvote, downvote, flag)", request.kind));
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("unknown vote `{}` (upvote, downvote, flag)", request.kind),
+        );
     }
     let conversation = match build_conversation(&request.template, &request.messages, request.has_image) {
         Ok(conversation) => conversation,
@@ -769,7 +771,8 @@ pub fn draw_example(name: &str) -> RgbImage {
     } else {
         for y in 0..110 {
             let shade = 150 + (y as u8) / 2;
-            fill(&mut image, 0, y, width, y + 1, [shade.saturating_sub(40), shade, 235]); // sky
+            fill(&mut image, 0, y, width, y + 1, [shade.saturating_sub(40), shade, 235]);
+            // sky
         }
         for x in 0..width {
             let peak = 60 + ((x as f32 / 25.0).sin().abs() * 40.0) as u32;

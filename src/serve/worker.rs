@@ -133,7 +133,8 @@ impl Worker {
     /// dropped it).
     pub async fn heart_beat(&self) {
         let Some(controller) = &self.config.controller_address else { return };
-        let body = HeartBeat { worker_name: self.config.worker_address.clone(), queue_length: self.status().queue_length };
+        let body =
+            HeartBeat { worker_name: self.config.worker_address.clone(), queue_length: self.status().queue_length };
         let reply = self
             .client
             .post(format!("{controller}/receive_heart_beat"))
@@ -202,17 +203,16 @@ impl StreamParams {
                     .ok_or_else(|| format!("`{key}` must be a number, got {v}")),
             }
         };
-        let prompt = params
-            .get("prompt")
-            .and_then(|p| p.as_str())
-            .ok_or("`prompt` (a string) is required")?
-            .to_string();
+        let prompt =
+            params.get("prompt").and_then(|p| p.as_str()).ok_or("`prompt` (a string) is required")?.to_string();
         let images = match params.get("images") {
             None | Some(serde_json::Value::Null) => Vec::new(),
             Some(serde_json::Value::Array(items)) => items
                 .iter()
                 .enumerate()
-                .map(|(i, v)| v.as_str().map(str::to_string).ok_or(format!("image {}: expected a base64 string", i + 1)))
+                .map(|(i, v)| {
+                    v.as_str().map(str::to_string).ok_or(format!("image {}: expected a base64 string", i + 1))
+                })
                 .collect::<Result<_, _>>()?,
             Some(other) => return Err(format!("`images` must be a list of base64 strings, got {other}")),
         };
@@ -285,7 +285,12 @@ pub fn router(worker: Worker) -> Router {
         .route("/worker_get_status", post(get_status))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/v1/models", get(|State(w): State<Worker>| async move { super::openai::models_reply(std::slice::from_ref(&w.config.model_name)) }))
+        .route(
+            "/v1/models",
+            get(|State(w): State<Worker>| async move {
+                super::openai::models_reply(std::slice::from_ref(&w.config.model_name))
+            }),
+        )
         .route(
             "/v1/chat/completions",
             post(|State(w): State<Worker>, body| async move {
@@ -304,10 +309,11 @@ async fn get_status(State(w): State<Worker>) -> Json<WorkerStatus> {
 async fn health(State(w): State<Worker>) -> Response {
     match w.engine() {
         Ok(_) => Json(serde_json::json!({"status": "ok", "model": w.config.model_name})).into_response(),
-        Err(message) => {
-            (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": message, "model": w.config.model_name})))
-                .into_response()
-        }
+        Err(message) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": message, "model": w.config.model_name})),
+        )
+            .into_response(),
     }
 }
 
@@ -317,10 +323,30 @@ async fn metrics(State(w): State<Worker>) -> Response {
     let mut counter = |name: &str, help: &str, kind: &str, value: String| {
         text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
     };
-    counter("arcana_requests_total", "Generation requests received.", "counter", m.requests.load(Ordering::Relaxed).to_string());
-    counter("arcana_requests_failed_total", "Requests answered with an error.", "counter", m.failed_requests.load(Ordering::Relaxed).to_string());
-    counter("arcana_generated_tokens_total", "Tokens generated.", "counter", m.generated_tokens.load(Ordering::Relaxed).to_string());
-    counter("arcana_queue_length", "Requests generating or waiting.", "gauge", w.queue_length.load(Ordering::SeqCst).to_string());
+    counter(
+        "arcana_requests_total",
+        "Generation requests received.",
+        "counter",
+        m.requests.load(Ordering::Relaxed).to_string(),
+    );
+    counter(
+        "arcana_requests_failed_total",
+        "Requests answered with an error.",
+        "counter",
+        m.failed_requests.load(Ordering::Relaxed).to_string(),
+    );
+    counter(
+        "arcana_generated_tokens_total",
+        "Tokens generated.",
+        "counter",
+        m.generated_tokens.load(Ordering::Relaxed).to_string(),
+    );
+    counter(
+        "arcana_queue_length",
+        "Requests generating or waiting.",
+        "gauge",
+        w.queue_length.load(Ordering::SeqCst).to_string(),
+    );
     text.push_str("# HELP arcana_time_to_first_token_seconds Time from admission to the first token.\n");
     text.push_str("# TYPE arcana_time_to_first_token_seconds histogram\n");
     let mut cumulative = 0;
@@ -331,7 +357,9 @@ async fn metrics(State(w): State<Worker>) -> Response {
     let count = m.ttft_count.load(Ordering::Relaxed);
     text.push_str(&format!("arcana_time_to_first_token_seconds_bucket{{le=\"+Inf\"}} {count}\n"));
     let sum = m.ttft_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-    text.push_str(&format!("arcana_time_to_first_token_seconds_sum {sum}\narcana_time_to_first_token_seconds_count {count}\n"));
+    text.push_str(&format!(
+        "arcana_time_to_first_token_seconds_sum {sum}\narcana_time_to_first_token_seconds_count {count}\n"
+    ));
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -388,7 +416,9 @@ async fn generate_stream(State(w): State<Worker>, JsonBody(params): JsonBody<ser
             }
             Ok(_) => return true,
             // The release answers a full context with this text and code 0.
-            Err(Error::ContextFull { .. }) => StreamChunk { text: format!("{prompt}{EXCEEDS_CONTEXT}"), error_code: error_code::OK },
+            Err(Error::ContextFull { .. }) => {
+                StreamChunk { text: format!("{prompt}{EXCEEDS_CONTEXT}"), error_code: error_code::OK }
+            }
             Err(e) => StreamChunk::error(error_code::WORKER_ERROR, e.to_string()),
         };
         sender.blocking_send(chunk.to_wire()).is_ok()

@@ -40,10 +40,7 @@ impl PartialOrd for Candidate {
 impl Ord for Candidate {
     /// Higher score first, then the leftmost pair (the max-heap pops the greatest).
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score
-            .partial_cmp(&other.score)
-            .unwrap_or(Ordering::Equal)
-            .then_with(|| other.left.cmp(&self.left))
+        self.score.partial_cmp(&other.score).unwrap_or(Ordering::Equal).then_with(|| other.left.cmp(&self.left))
     }
 }
 
@@ -74,12 +71,7 @@ impl<'a> Merger<'a> {
         let Some(id) = self.sp.mergeable_id(joined) else {
             return;
         };
-        self.agenda.push(Candidate {
-            score: self.sp.score(id),
-            left,
-            right,
-            len: joined.len(),
-        });
+        self.agenda.push(Candidate { score: self.sp.score(id), left, right, len: joined.len() });
         if self.sp.kind(id) == Some(PieceType::Unused) {
             let (lp, rp) = (self.piece(left), self.piece(right));
             self.unmerge.insert(joined, (lp, rp));
@@ -124,13 +116,7 @@ pub(crate) fn merge<'a>(sp: &'a SentencePiece, normalized: &'a str) -> Vec<(&'a 
         return Vec::new();
     }
 
-    let mut m = Merger {
-        sp,
-        text: normalized,
-        symbols,
-        agenda: BinaryHeap::new(),
-        unmerge: HashMap::new(),
-    };
+    let mut m = Merger { sp, text: normalized, symbols, agenda: BinaryHeap::new(), unmerge: HashMap::new() };
     for i in 1..m.symbols.len() {
         m.consider(Some(i - 1), Some(i));
     }

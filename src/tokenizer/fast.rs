@@ -63,59 +63,38 @@ impl FastTokenizer {
         // The encode errors of a BPE model are an unknown token outside its vocabulary; ruling that
         // out here is what lets `encode` be infallible, as the slow tokenizer's is.
         let ModelWrapper::BPE(bpe) = core.get_model() else {
-            return Err(core_error(
-                path,
-                "only BPE models (Llama, Mistral) are supported",
-            ));
+            return Err(core_error(path, "only BPE models (Llama, Mistral) are supported"));
         };
         if let Some(unk) = bpe.get_unk_token() {
             if core.token_to_id(unk).is_none() {
-                return Err(core_error(
-                    path,
-                    format!("unk_token {unk:?} is not in the vocabulary"),
-                ));
+                return Err(core_error(path, format!("unk_token {unk:?} is not in the vocabulary")));
             }
         }
-        let named: Vec<&SpecialToken> = [
-            &options.bos_token,
-            &options.eos_token,
-            &options.unk_token,
-            &options.pad_token,
-        ]
-        .into_iter()
-        .flatten()
-        .chain(&options.additional_special_tokens)
-        .collect();
+        let named: Vec<&SpecialToken> =
+            [&options.bos_token, &options.eos_token, &options.unk_token, &options.pad_token]
+                .into_iter()
+                .flatten()
+                .chain(&options.additional_special_tokens)
+                .collect();
 
         // transformers re-adds every configured added token (its membership test compares a token
         // with ids, so it never matches), then the named special tokens the vocabulary lacks, in
         // runs of equal `special` (a named token counts as special).
         let is_named = |content: &str| named.iter().any(|t| t.content == content);
-        let mut to_add: Vec<(AddedToken, bool)> = config_added_tokens
-            .iter()
-            .map(|t| (t.to_added_token(), t.special || is_named(&t.content)))
-            .collect();
-        let in_file: Vec<String> = core
-            .get_added_tokens_decoder()
-            .into_values()
-            .map(|t| t.content)
-            .collect();
+        let mut to_add: Vec<(AddedToken, bool)> =
+            config_added_tokens.iter().map(|t| (t.to_added_token(), t.special || is_named(&t.content))).collect();
+        let in_file: Vec<String> = core.get_added_tokens_decoder().into_values().map(|t| t.content).collect();
         for token in &named {
             let queued = to_add.iter().any(|(t, _)| t.content == token.content);
             if !queued && !in_file.contains(&token.content) {
-                let added = AddedToken::from(token.content.clone(), true)
-                    .lstrip(token.lstrip)
-                    .rstrip(token.rstrip);
+                let added = AddedToken::from(token.content.clone(), true).lstrip(token.lstrip).rstrip(token.rstrip);
                 to_add.push((added, true));
             }
         }
         for run in to_add.chunk_by(|a, b| a.1 == b.1) {
             // The Python binding's `add_special_tokens` marks each token special.
             let special = run[0].1;
-            let tokens: Vec<AddedToken> = run
-                .iter()
-                .map(|(t, _)| t.clone().special(special || t.special))
-                .collect();
+            let tokens: Vec<AddedToken> = run.iter().map(|(t, _)| t.clone().special(special || t.special)).collect();
             if special {
                 core.add_special_tokens(&tokens);
             } else {
@@ -125,25 +104,17 @@ impl FastTokenizer {
 
         let id_of = |token: &Option<SpecialToken>| -> Result<Option<TokenId>> {
             let Some(token) = token else { return Ok(None) };
-            core.token_to_id(&token.content).map(Some).ok_or_else(|| {
-                core_error(
-                    path,
-                    format!("special token {:?} is not in the vocabulary", token.content),
-                )
-            })
+            core.token_to_id(&token.content)
+                .map(Some)
+                .ok_or_else(|| core_error(path, format!("special token {:?} is not in the vocabulary", token.content)))
         };
         let bos_id = id_of(&options.bos_token)?;
         let eos_id = id_of(&options.eos_token)?;
         let pad_id = id_of(&options.pad_token)?;
-        let template =
-            bos_eos_template(options, bos_id, eos_id).map_err(|e| core_error(path, e))?;
+        let template = bos_eos_template(options, bos_id, eos_id).map_err(|e| core_error(path, e))?;
         core.with_post_processor(template);
-        let special_ids = core
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| id)
-            .collect();
+        let special_ids =
+            core.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
         Ok(FastTokenizer {
             core,
             special_ids,
@@ -178,19 +149,13 @@ impl FastTokenizer {
     /// Whether `id` is a byte token (`<0xE4>`), as the `ByteFallback` decoder recognises them.
     pub(crate) fn is_byte_token(&self, id: TokenId) -> bool {
         self.core.id_to_token(id).is_some_and(|t| {
-            t.len() == 6
-                && t.starts_with("<0x")
-                && t.ends_with('>')
-                && u8::from_str_radix(&t[3..5], 16).is_ok()
+            t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') && u8::from_str_radix(&t[3..5], 16).is_ok()
         })
     }
 
     /// `tokenizer.encode(text, add_special_tokens=...)`.
     pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<TokenId>> {
-        let encoding = self
-            .core
-            .encode(text, add_special_tokens)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let encoding = self.core.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -199,10 +164,7 @@ impl FastTokenizer {
         if self.core.id_to_token(id).is_some() {
             return Ok(());
         }
-        Err(Error::Tokenizer(format!(
-            "token id {id} is outside the vocabulary (size {})",
-            self.vocab_size()
-        )))
+        Err(Error::Tokenizer(format!("token id {id} is outside the vocabulary (size {})", self.vocab_size())))
     }
 
     /// The core's `decode(ids, skip_special_tokens=True)`, before any clean-up.
@@ -212,9 +174,7 @@ impl FastTokenizer {
 
     fn decode_core(&self, ids: &[TokenId], skip_special_tokens: bool) -> Result<String> {
         ids.iter().try_for_each(|&id| self.check_id(id))?;
-        self.core
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        self.core.decode(ids, skip_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// `tokenizer.decode(ids, skip_special_tokens=True)`.
@@ -271,10 +231,7 @@ fn bos_eos_template(
     let single = with("A", 0);
     let pair = format!("{single} {}", with("B", 1));
     let mut builder = TemplateProcessing::builder();
-    builder
-        .try_single(single)?
-        .try_pair(pair)?
-        .special_tokens(ends);
+    builder.try_single(single)?.try_pair(pair)?.special_tokens(ends);
     builder.build().map_err(|e| e.to_string())
 }
 
@@ -287,19 +244,11 @@ pub(crate) fn config_added_tokens(
     let Some(value) = config.get(field) else {
         return Ok(Vec::new());
     };
-    let bad = |message: String| Error::Config {
-        path: path.into(),
-        field: field.into(),
-        message,
-    };
-    let entries = value
-        .as_object()
-        .ok_or_else(|| bad("expected an object".into()))?;
+    let bad = |message: String| Error::Config { path: path.into(), field: field.into(), message };
+    let entries = value.as_object().ok_or_else(|| bad("expected an object".into()))?;
     let mut tokens = Vec::new();
     for (id, entry) in entries {
-        let index: u64 = id
-            .parse()
-            .map_err(|_| bad(format!("key {id:?} is not a token id")))?;
+        let index: u64 = id.parse().map_err(|_| bad(format!("key {id:?} is not a token id")))?;
         let flag = |key: &str, default: bool| match entry.get(key) {
             None | Some(Value::Null) => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),

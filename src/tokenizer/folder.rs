@@ -23,32 +23,21 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Map<String, Value>>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(path, e)),
     };
-    match serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.into(),
-        source,
-    })? {
+    match serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })? {
         Value::Object(map) => Ok(Some(map)),
         _ => Err(config_error(path, "<root>", "expected a JSON object")),
     }
 }
 
 fn config_error(path: &Path, field: &str, message: &str) -> Error {
-    Error::Config {
-        path: path.into(),
-        field: field.into(),
-        message: message.into(),
-    }
+    Error::Config { path: path.into(), field: field.into(), message: message.into() }
 }
 
 fn flag(map: &serde_json::Map<String, Value>, key: &str, path: &Path, field: &str) -> Result<bool> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(config_error(
-            path,
-            field,
-            &format!("`{key}` must be a boolean"),
-        )),
+        Some(_) => Err(config_error(path, field, &format!("`{key}` must be a boolean"))),
     }
 }
 
@@ -59,11 +48,7 @@ fn parse_token(value: &Value, path: &Path, field: &str) -> Result<Option<Special
         Value::String(s) => Ok(Some(SpecialToken::new(s.clone()))),
         Value::Object(map) => {
             if flag(map, "single_word", path, field)? {
-                return Err(config_error(
-                    path,
-                    field,
-                    "single_word tokens are not supported",
-                ));
+                return Err(config_error(path, field, "single_word tokens are not supported"));
             }
             let content = map
                 .get("content")
@@ -75,19 +60,11 @@ fn parse_token(value: &Value, path: &Path, field: &str) -> Result<Option<Special
                 rstrip: flag(map, "rstrip", path, field)?,
             }))
         }
-        _ => Err(config_error(
-            path,
-            field,
-            "expected a string, an object or null",
-        )),
+        _ => Err(config_error(path, field, "expected a string, an object or null")),
     }
 }
 
-fn bool_field(
-    map: &serde_json::Map<String, Value>,
-    key: &str,
-    path: &Path,
-) -> Result<Option<bool>> {
+fn bool_field(map: &serde_json::Map<String, Value>, key: &str, path: &Path) -> Result<Option<bool>> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -108,9 +85,8 @@ fn apply_tokens(
         set.push(key);
     }
     if let Some(value) = map.get("additional_special_tokens") {
-        let list = value
-            .as_array()
-            .ok_or_else(|| config_error(path, "additional_special_tokens", "expected a list"))?;
+        let list =
+            value.as_array().ok_or_else(|| config_error(path, "additional_special_tokens", "expected a list"))?;
         options.additional_special_tokens = list
             .iter()
             .map(|v| parse_token(v, path, "additional_special_tokens"))
@@ -143,18 +119,13 @@ fn apply_added_tokens(
     let Some(value) = map.get(field) else {
         return Ok(());
     };
-    let entries = value
-        .as_object()
-        .ok_or_else(|| config_error(path, field, "expected an object"))?;
+    let entries = value.as_object().ok_or_else(|| config_error(path, field, "expected an object"))?;
     let mut declared: HashMap<String, SpecialToken> = HashMap::new();
     for (id, entry) in entries {
         let token = parse_token(entry, path, field)?
             .ok_or_else(|| config_error(path, field, &format!("entry {id} is null")))?;
         if entry.get("special").and_then(Value::as_bool) == Some(false) {
-            let message = format!(
-                "non-special added token {:?} is not supported",
-                token.content
-            );
+            let message = format!("non-special added token {:?} is not supported", token.content);
             return Err(config_error(path, field, &message));
         }
         declared.insert(token.content.clone(), token);
@@ -171,16 +142,8 @@ fn apply_added_tokens(
             *slot = t.clone();
         }
     }
-    let named = [
-        &options.bos_token,
-        &options.eos_token,
-        &options.unk_token,
-        &options.pad_token,
-    ];
-    let mut special = named
-        .into_iter()
-        .flatten()
-        .chain(&options.additional_special_tokens);
+    let named = [&options.bos_token, &options.eos_token, &options.unk_token, &options.pad_token];
+    let mut special = named.into_iter().flatten().chain(&options.additional_special_tokens);
     if let Some(content) = declared.keys().find(|c| !special.any(|t| &t.content == *c)) {
         let message = format!("added token {content:?} is not a special token (not supported)");
         return Err(config_error(path, field, &message));
@@ -219,13 +182,7 @@ impl TokenizerKind {
 
 /// The options both classes read from `tokenizer_config.json` and `special_tokens_map.json` (the
 /// latter wins, as in transformers), with the config itself for what only one class reads.
-fn read_options(
-    dir: &Path,
-) -> Result<(
-    TokenizerOptions,
-    serde_json::Map<String, Value>,
-    Vec<&'static str>,
-)> {
+fn read_options(dir: &Path) -> Result<(TokenizerOptions, serde_json::Map<String, Value>, Vec<&'static str>)> {
     let config_path = dir.join(CONFIG_FILE);
     let map_path = dir.join(SPECIAL_TOKENS_FILE);
     let mut options = TokenizerOptions::default();
@@ -267,10 +224,8 @@ impl Tokenizer {
         } else if dir.join(other.file()).is_file() {
             other
         } else {
-            let missing = std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("not found, nor {FAST_FILE} beside it"),
-            );
+            let missing =
+                std::io::Error::new(std::io::ErrorKind::NotFound, format!("not found, nor {FAST_FILE} beside it"));
             return Err(Error::io(dir.join(MODEL_FILE), missing));
         };
         match (preferred, kind) {
@@ -293,8 +248,7 @@ impl Tokenizer {
             }
             TokenizerKind::Fast => {
                 let added = config_added_tokens(&config, &config_path)?;
-                FastTokenizer::from_file(&dir.join(FAST_FILE), &options, &added)
-                    .map(Tokenizer::from)
+                FastTokenizer::from_file(&dir.join(FAST_FILE), &options, &added).map(Tokenizer::from)
             }
         }
     }
@@ -304,9 +258,6 @@ impl Tokenizer {
     pub fn for_release(dir: &Path, model_path: &Path, has_model_base: bool) -> Result<Self> {
         // A lone `checkpoint-N` path has no name; the release's name rules then pick the slow one.
         let model_name = model_name_from_path(&model_path.to_string_lossy()).unwrap_or_default();
-        Self::from_folder_as(
-            dir,
-            TokenizerKind::release_choice(&model_name, has_model_base),
-        )
+        Self::from_folder_as(dir, TokenizerKind::release_choice(&model_name, has_model_base))
     }
 }

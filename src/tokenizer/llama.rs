@@ -19,11 +19,7 @@ pub struct SpecialToken {
 
 impl SpecialToken {
     pub fn new(content: impl Into<String>) -> Self {
-        SpecialToken {
-            content: content.into(),
-            lstrip: false,
-            rstrip: false,
-        }
+        SpecialToken { content: content.into(), lstrip: false, rstrip: false }
     }
 }
 
@@ -97,11 +93,7 @@ impl LlamaTokenizer {
     pub fn new(sp: SentencePiece, options: TokenizerOptions) -> Result<Self> {
         let legacy = options.legacy.unwrap_or(true);
         // transformers reloads the proto with add_dummy_prefix=false when not legacy.
-        let sp = if legacy {
-            sp
-        } else {
-            sp.with_add_dummy_prefix(false)
-        };
+        let sp = if legacy { sp } else { sp.with_add_dummy_prefix(false) };
         let id_of = |t: &SpecialToken| -> Result<TokenId> {
             let id = sp.piece_to_id(&t.content);
             if sp.id_to_piece(id) != Some(t.content.as_str()) {
@@ -112,38 +104,20 @@ impl LlamaTokenizer {
             }
             Ok(id)
         };
-        let named = [
-            &options.bos_token,
-            &options.eos_token,
-            &options.unk_token,
-            &options.pad_token,
-        ];
+        let named = [&options.bos_token, &options.eos_token, &options.unk_token, &options.pad_token];
         let mut specials: Vec<(SpecialToken, TokenId)> = Vec::new();
-        for t in named
-            .into_iter()
-            .flatten()
-            .chain(&options.additional_special_tokens)
-        {
+        for t in named.into_iter().flatten().chain(&options.additional_special_tokens) {
             if !specials.iter().any(|(s, _)| s.content == t.content) {
                 specials.push((t.clone(), id_of(t)?));
             }
         }
         let optional_id = |t: &Option<SpecialToken>| t.as_ref().map(&id_of).transpose();
-        let (bos_id, eos_id, pad_id) = (
-            optional_id(&options.bos_token)?,
-            optional_id(&options.eos_token)?,
-            optional_id(&options.pad_token)?,
-        );
-        let unk_token = options
-            .unk_token
-            .as_ref()
-            .map_or_else(|| "<unk>".to_string(), |t| t.content.clone());
+        let (bos_id, eos_id, pad_id) =
+            (optional_id(&options.bos_token)?, optional_id(&options.eos_token)?, optional_id(&options.pad_token)?);
+        let unk_token = options.unk_token.as_ref().map_or_else(|| "<unk>".to_string(), |t| t.content.clone());
         specials.sort_by_key(|(t, _)| std::cmp::Reverse(t.content.len()));
         let special_ids = specials.iter().map(|(_, id)| *id).collect();
-        let by_content = specials
-            .iter()
-            .map(|(t, id)| (t.content.clone(), *id))
-            .collect();
+        let by_content = specials.iter().map(|(t, id)| (t.content.clone(), *id)).collect();
         let unk_token_length = sp.encode(&unk_token).len();
         Ok(LlamaTokenizer {
             sp,
@@ -210,10 +184,7 @@ impl LlamaTokenizer {
         // Non-legacy: one dummy prefix for the whole text, none after special tokens.
         let text = format!("{SPACE_SYMBOL}{}", text.replace(SPACE_SYMBOL, " "));
         let mut tokens = self.tokenize_split(&text);
-        if tokens.len() > 1
-            && tokens[0].0 == SPACE_SYMBOL
-            && self.by_content.contains_key(&tokens[1].0)
-        {
+        if tokens.len() > 1 && tokens[0].0 == SPACE_SYMBOL && self.by_content.contains_key(&tokens[1].0) {
             tokens.remove(0);
         }
         tokens
@@ -226,10 +197,7 @@ impl LlamaTokenizer {
         let mut rest_start = 0;
         let mut pos = 0;
         while pos < text.len() {
-            let found = self
-                .specials
-                .iter()
-                .position(|(t, _)| text[pos..].starts_with(t.content.as_str()));
+            let found = self.specials.iter().position(|(t, _)| text[pos..].starts_with(t.content.as_str()));
             match found {
                 Some(k) => {
                     parts.push((text[rest_start..pos].to_string(), None));
@@ -272,11 +240,7 @@ impl LlamaTokenizer {
             return self.pieces_to_tokens(self.sp.encode(text));
         }
         let pieces = self.sp.encode(&format!("{}{text}", self.unk_token));
-        let skip = if pieces.len() >= self.unk_token_length {
-            self.unk_token_length
-        } else {
-            0
-        };
+        let skip = if pieces.len() >= self.unk_token_length { self.unk_token_length } else { 0 };
         self.pieces_to_tokens(pieces.into_iter().skip(skip).collect())
     }
 
@@ -294,10 +258,7 @@ impl LlamaTokenizer {
     /// The piece string of `id`, or an error naming the id when it is outside the vocabulary.
     pub(crate) fn piece_of(&self, id: TokenId) -> Result<&str> {
         self.sp.id_to_piece(id).ok_or_else(|| {
-            Error::Tokenizer(format!(
-                "token id {id} is outside the vocabulary (size {})",
-                self.sp.vocab_size()
-            ))
+            Error::Tokenizer(format!("token id {id} is outside the vocabulary (size {})", self.sp.vocab_size()))
         })
     }
 
@@ -316,10 +277,7 @@ impl LlamaTokenizer {
     /// `tokenizer.decode(ids, skip_special_tokens=False)`: special tokens appear as their text,
     /// and each stretch between them is decoded by SentencePiece on its own.
     pub fn decode_with_special_tokens(&self, ids: &[TokenId]) -> Result<String> {
-        let mut tokens: Vec<&str> = ids
-            .iter()
-            .map(|&id| self.piece_of(id))
-            .collect::<Result<_>>()?;
+        let mut tokens: Vec<&str> = ids.iter().map(|&id| self.piece_of(id)).collect::<Result<_>>()?;
         let Some(first) = tokens.first_mut() else {
             return Ok(String::new());
         };

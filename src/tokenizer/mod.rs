@@ -40,17 +40,13 @@ enum Implementation {
 
 impl From<LlamaTokenizer> for Tokenizer {
     fn from(slow: LlamaTokenizer) -> Self {
-        Tokenizer {
-            inner: Implementation::Slow(Box::new(slow)),
-        }
+        Tokenizer { inner: Implementation::Slow(Box::new(slow)) }
     }
 }
 
 impl From<FastTokenizer> for Tokenizer {
     fn from(fast: FastTokenizer) -> Self {
-        Tokenizer {
-            inner: Implementation::Fast(Box::new(fast)),
-        }
+        Tokenizer { inner: Implementation::Fast(Box::new(fast)) }
     }
 }
 
@@ -134,9 +130,7 @@ impl Tokenizer {
         match &self.inner {
             Implementation::Slow(slow) => slow.encode_with(text, add_special_tokens),
             // The loader rules out the fast model's encode errors (see `FastTokenizer::from_file`).
-            Implementation::Fast(fast) => fast
-                .encode_with(text, add_special_tokens)
-                .unwrap_or_default(),
+            Implementation::Fast(fast) => fast.encode_with(text, add_special_tokens).unwrap_or_default(),
         }
     }
 

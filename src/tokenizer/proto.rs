@@ -115,10 +115,7 @@ impl<'a> Reader<'a> {
     fn varint(&mut self) -> ParseResult<u64> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
-            let byte = *self
-                .buf
-                .get(self.pos)
-                .ok_or_else(|| format!("truncated varint at byte {}", self.pos))?;
+            let byte = *self.buf.get(self.pos).ok_or_else(|| format!("truncated varint at byte {}", self.pos))?;
             self.pos += 1;
             value |= u64::from(byte & 0x7f) << shift;
             if byte & 0x80 == 0 {
@@ -133,12 +130,7 @@ impl<'a> Reader<'a> {
             .pos
             .checked_add(len)
             .filter(|&end| end <= self.buf.len())
-            .ok_or_else(|| {
-                format!(
-                    "field of {len} bytes at byte {} runs past the end",
-                    self.pos
-                )
-            })?;
+            .ok_or_else(|| format!("field of {len} bytes at byte {} runs past the end", self.pos))?;
         let slice = &self.buf[self.pos..end];
         self.pos = end;
         Ok(slice)
@@ -154,8 +146,7 @@ impl<'a> Reader<'a> {
                 Value::Fixed64
             }
             2 => {
-                let len =
-                    usize::try_from(self.varint()?).map_err(|_| "length overflows".to_string())?;
+                let len = usize::try_from(self.varint()?).map_err(|_| "length overflows".to_string())?;
                 Value::Bytes(self.take(len)?)
             }
             5 => {
@@ -195,11 +186,7 @@ fn as_bytes<'a>(value: &Value<'a>, what: &str) -> ParseResult<&'a [u8]> {
 }
 
 fn parse_piece(buf: &[u8]) -> ParseResult<ProtoPiece> {
-    let mut piece = ProtoPiece {
-        piece: String::new(),
-        score: 0.0,
-        kind: PieceType::Normal,
-    };
+    let mut piece = ProtoPiece { piece: String::new(), score: 0.0, kind: PieceType::Normal };
     let mut r = Reader::new(buf);
     while !r.done() {
         match r.field()? {
@@ -207,8 +194,7 @@ fn parse_piece(buf: &[u8]) -> ParseResult<ProtoPiece> {
             (2, Value::Fixed32(bits)) => piece.score = f32::from_bits(bits),
             (2, _) => return Err("piece score: expected a float".into()),
             (3, Value::Varint(t)) => {
-                piece.kind =
-                    PieceType::from_wire(t).ok_or_else(|| format!("unknown piece type {t}"))?
+                piece.kind = PieceType::from_wire(t).ok_or_else(|| format!("unknown piece type {t}"))?
             }
             (3, _) => return Err("piece type: expected a varint".into()),
             _ => {}
@@ -283,9 +269,7 @@ pub fn parse_model_proto(buf: &[u8]) -> ParseResult<ModelProto> {
             1 => m.pieces.push(parse_piece(as_bytes(&v, "pieces")?)?),
             2 => parse_trainer_spec(as_bytes(&v, "trainer_spec")?, &mut m)?,
             3 => parse_normalizer_spec(as_bytes(&v, "normalizer_spec")?, &mut m)?,
-            5 => {
-                m.has_denormalizer |= denormalizer_has_charsmap(as_bytes(&v, "denormalizer_spec")?)?
-            }
+            5 => m.has_denormalizer |= denormalizer_has_charsmap(as_bytes(&v, "denormalizer_spec")?)?,
             _ => {}
         }
     }
@@ -336,14 +320,7 @@ mod tests {
         bytes_field(3, &normalizer, &mut model);
 
         let m = parse_model_proto(&model).unwrap();
-        assert_eq!(
-            m.pieces,
-            vec![ProtoPiece {
-                piece: "▁a".into(),
-                score: -3.5,
-                kind: PieceType::Normal
-            }]
-        );
+        assert_eq!(m.pieces, vec![ProtoPiece { piece: "▁a".into(), score: -3.5, kind: PieceType::Normal }]);
         assert_eq!(m.model_type, ModelType::Bpe);
         assert!(m.byte_fallback);
         assert_eq!(m.pad_id, -1);

@@ -71,25 +71,15 @@ impl SentencePiece {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let bad = |msg: String| Error::Tokenizer(format!("not a valid SentencePiece model: {msg}"));
         let proto = parse_model_proto(bytes).map_err(bad)?;
-        let unsupported = |msg: &str| {
-            Err(Error::Tokenizer(format!(
-                "unsupported SentencePiece model: {msg}"
-            )))
-        };
+        let unsupported = |msg: &str| Err(Error::Tokenizer(format!("unsupported SentencePiece model: {msg}")));
         if proto.pieces.is_empty() {
             return Err(bad("it has no pieces".into()));
         }
         if proto.model_type != ModelType::Bpe {
-            return unsupported(&format!(
-                "model_type {:?} (only BPE is implemented)",
-                proto.model_type
-            ));
+            return unsupported(&format!("model_type {:?} (only BPE is implemented)", proto.model_type));
         }
         if proto.precompiled_charsmap_len > 0 || proto.has_denormalizer {
-            return unsupported(&format!(
-                "normalizer `{}` with a character map",
-                proto.normalizer_name
-            ));
+            return unsupported(&format!("normalizer `{}` with a character map", proto.normalizer_name));
         }
         if proto.treat_whitespace_as_suffix {
             return unsupported("treat_whitespace_as_suffix");
@@ -114,13 +104,11 @@ impl SentencePiece {
             }
             match p.kind {
                 PieceType::UserDefined => user_defined.push(p.piece.clone()),
-                PieceType::Unknown if unk_id.is_some() => {
-                    return Err(bad("two unknown pieces".into()))
-                }
+                PieceType::Unknown if unk_id.is_some() => return Err(bad("two unknown pieces".into())),
                 PieceType::Unknown => unk_id = Some(id),
                 PieceType::Byte => {
-                    let byte = byte_of_piece(&p.piece)
-                        .ok_or_else(|| bad(format!("byte piece {:?} is invalid", p.piece)))?;
+                    let byte =
+                        byte_of_piece(&p.piece).ok_or_else(|| bad(format!("byte piece {:?} is invalid", p.piece)))?;
                     byte_ids[byte as usize] = id;
                 }
                 _ => {}
@@ -128,24 +116,14 @@ impl SentencePiece {
         }
         let unk_id = unk_id.ok_or_else(|| bad("no unknown piece".into()))?;
         if proto.byte_fallback && byte_ids.contains(&TokenId::MAX) {
-            return Err(bad(
-                "byte_fallback is set but not all 256 byte pieces exist".into(),
-            ));
+            return Err(bad("byte_fallback is set but not all 256 byte pieces exist".into()));
         }
         // Longest first, so that the first match is the longest one.
         user_defined.sort_by_key(|u| std::cmp::Reverse(u.len()));
 
         let len = proto.pieces.len();
         Ok(SentencePiece {
-            pieces: proto
-                .pieces
-                .into_iter()
-                .map(|p| Piece {
-                    text: p.piece,
-                    score: p.score,
-                    kind: p.kind,
-                })
-                .collect(),
+            pieces: proto.pieces.into_iter().map(|p| Piece { text: p.piece, score: p.score, kind: p.kind }).collect(),
             mergeable,
             reserved,
             user_defined,
@@ -208,11 +186,7 @@ impl SentencePiece {
 
     /// `PieceToId`: reserved pieces first, then the others, else the unknown id.
     pub fn piece_to_id(&self, piece: &str) -> TokenId {
-        self.reserved
-            .get(piece)
-            .or_else(|| self.mergeable.get(piece))
-            .copied()
-            .unwrap_or(self.unk_id)
+        self.reserved.get(piece).or_else(|| self.mergeable.get(piece)).copied().unwrap_or(self.unk_id)
     }
 
     pub(crate) fn kind(&self, id: TokenId) -> Option<PieceType> {
@@ -240,10 +214,7 @@ impl SentencePiece {
 
     /// Length of the user-defined piece that starts `text`, if any.
     pub(crate) fn user_defined_prefix(&self, text: &str) -> Option<usize> {
-        self.user_defined
-            .iter()
-            .find(|u| text.starts_with(u.as_str()))
-            .map(|u| u.len())
+        self.user_defined.iter().find(|u| text.starts_with(u.as_str())).map(|u| u.len())
     }
 
     /// `Normalizer::Normalize` for an identity normalizer: optional dummy prefix, optional removal
@@ -256,11 +227,7 @@ impl SentencePiece {
         if input.is_empty() {
             return String::new();
         }
-        let space = if self.escape_whitespaces {
-            SPACE_SYMBOL
-        } else {
-            " "
-        };
+        let space = if self.escape_whitespaces { SPACE_SYMBOL } else { " " };
         let mut out = String::with_capacity(input.len() * 3);
         if self.add_dummy_prefix {
             out.push_str(space);
@@ -269,16 +236,10 @@ impl SentencePiece {
         let mut rest = input;
         while !rest.is_empty() {
             // User-defined pieces pass through whole, as `NormalizePrefix` does.
-            let len = self
-                .user_defined_prefix(rest)
-                .unwrap_or_else(|| next_char_len(rest));
+            let len = self.user_defined_prefix(rest).unwrap_or_else(|| next_char_len(rest));
             let (chunk, tail) = rest.split_at(len);
             rest = tail;
-            let chunk = if prev_space {
-                chunk.trim_start_matches(' ')
-            } else {
-                chunk
-            };
+            let chunk = if prev_space { chunk.trim_start_matches(' ') } else { chunk };
             if !chunk.is_empty() {
                 out.push_str(&chunk.replace(' ', space));
                 prev_space = chunk.ends_with(' ');
@@ -349,13 +310,7 @@ pub(crate) struct PieceDecoder<'a> {
 
 impl<'a> PieceDecoder<'a> {
     pub(crate) fn new(sp: &'a SentencePiece) -> Self {
-        PieceDecoder {
-            sp,
-            pending_bytes: Vec::new(),
-            is_bos_ws: true,
-            bos_ws_seen: false,
-            text_empty: true,
-        }
+        PieceDecoder { sp, pending_bytes: Vec::new(), is_bos_ws: true, bos_ws_seen: false, text_empty: true }
     }
 
     fn emit(&mut self, text: &str, out: &mut String) {
@@ -409,11 +364,7 @@ impl<'a> PieceDecoder<'a> {
         match self.sp.kind(id) {
             Some(PieceType::Control) => return (String::new(), false),
             Some(PieceType::Unknown) => {
-                let text = if self.sp.id_to_piece(id) == Some(piece) {
-                    self.sp.unk_surface()
-                } else {
-                    piece
-                };
+                let text = if self.sp.id_to_piece(id) == Some(piece) { self.sp.unk_surface() } else { piece };
                 return (text.to_string(), false);
             }
             _ => {}

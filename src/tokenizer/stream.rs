@@ -27,15 +27,11 @@ enum Stream<'t> {
 
 impl<'t> StreamDecoder<'t> {
     pub(crate) fn slow(stream: SlowStream<'t>) -> Self {
-        StreamDecoder {
-            inner: Stream::Slow(stream),
-        }
+        StreamDecoder { inner: Stream::Slow(stream) }
     }
 
     pub(crate) fn fast(tokenizer: &'t FastTokenizer) -> Self {
-        StreamDecoder {
-            inner: Stream::Fast(FastStream::new(tokenizer)),
-        }
+        StreamDecoder { inner: Stream::Fast(FastStream::new(tokenizer)) }
     }
 
     /// Adds one id; returns the text that is now final (often empty). Special tokens add nothing.
@@ -67,12 +63,7 @@ pub(crate) struct SlowStream<'t> {
 
 impl<'t> SlowStream<'t> {
     pub(crate) fn new(tokenizer: &'t LlamaTokenizer) -> Self {
-        SlowStream {
-            tokenizer,
-            pieces: tokenizer.new_piece_decoder(),
-            seen_first: false,
-            held: String::new(),
-        }
+        SlowStream { tokenizer, pieces: tokenizer.new_piece_decoder(), seen_first: false, held: String::new() }
     }
 
     /// Adds one id; returns the text that is now final (often empty). Special tokens add nothing.
@@ -88,8 +79,7 @@ impl<'t> SlowStream<'t> {
         } else {
             // transformers strips U+2581 from the first kept token before SentencePiece decodes.
             self.seen_first = true;
-            self.pieces
-                .push_piece(piece.strip_prefix(SPACE_SYMBOL).unwrap_or(piece), &mut out);
+            self.pieces.push_piece(piece.strip_prefix(SPACE_SYMBOL).unwrap_or(piece), &mut out);
         }
         Ok(self.release(out))
     }
@@ -130,12 +120,7 @@ pub(crate) struct FastStream<'t> {
 
 impl<'t> FastStream<'t> {
     fn new(tokenizer: &'t FastTokenizer) -> Self {
-        FastStream {
-            tokenizer,
-            ids: Vec::new(),
-            settled: 0,
-            released: String::new(),
-        }
+        FastStream { tokenizer, ids: Vec::new(), settled: 0, released: String::new() }
     }
 
     fn push(&mut self, id: TokenId) -> Result<String> {

@@ -32,9 +32,7 @@ pub(crate) fn next_char(bytes: &[u8], end_of_run: bool) -> Option<ByteChar> {
     if !tail.iter().all(|&b| is_trail(b)) {
         return Some(ByteChar::Invalid);
     }
-    let cp = tail
-        .iter()
-        .fold(lead_bits, |cp, &b| cp << 6 | u32::from(b & 0x3F));
+    let cp = tail.iter().fold(lead_bits, |cp, &b| cp << 6 | u32::from(b & 0x3F));
     // `char::from_u32` rejects surrogates and values above U+10FFFF, as `IsValidCodepoint` does.
     match char::from_u32(cp) {
         Some(c) if cp >= min => Some(ByteChar::Valid(c, needed)),

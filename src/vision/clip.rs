@@ -63,8 +63,7 @@ impl ClipAttention {
 
     /// `[b, len, dim]` -> `[b * heads, len, head_dim]` via `view(b, len, heads, hd).transpose(1, 2).contiguous()`.
     fn split_heads(&self, x: &Tensor, batch: i64) -> Result<Tensor> {
-        let heads =
-            x.f_view([batch, -1, self.num_heads, self.head_dim])?.f_transpose(1, 2)?.f_contiguous()?;
+        let heads = x.f_view([batch, -1, self.num_heads, self.head_dim])?.f_transpose(1, 2)?.f_contiguous()?;
         Ok(heads.f_view([batch * self.num_heads, -1, self.head_dim])?)
     }
 

@@ -40,9 +40,14 @@ pub fn decode_rgb(bytes: &[u8], path: &Path, max_pixels: u64) -> Result<RgbImage
     let format = match reader()?.format() {
         Some(format) if SUPPORTED.contains(&format) => format,
         Some(format) => {
-            return Err(image_error(path, format!("unsupported format {format:?} (supported: PNG, JPEG, WebP, BMP, GIF, TIFF)")))
+            return Err(image_error(
+                path,
+                format!("unsupported format {format:?} (supported: PNG, JPEG, WebP, BMP, GIF, TIFF)"),
+            ))
         }
-        None => return Err(image_error(path, "not a recognised image format (supported: PNG, JPEG, WebP, BMP, GIF, TIFF)")),
+        None => {
+            return Err(image_error(path, "not a recognised image format (supported: PNG, JPEG, WebP, BMP, GIF, TIFF)"))
+        }
     };
     if format == ImageFormat::Jpeg {
         return super::jpeg::decode(bytes, |w, h| check_size(w, h, max_pixels).map(|_| ()))

@@ -145,7 +145,9 @@ impl PreprocessConfig {
         }
         let rescale_factor = match json.get("rescale_factor") {
             None | Some(Value::Null) => 1.0 / 255.0,
-            Some(value) => value.as_f64().ok_or_else(|| field_error("rescale_factor", format!("{value} is not a number")))?,
+            Some(value) => {
+                value.as_f64().ok_or_else(|| field_error("rescale_factor", format!("{value} is not a number")))?
+            }
         };
         Ok(Self {
             do_resize: flag("do_resize")?,
@@ -273,7 +275,9 @@ impl ImagePreprocessor {
         let images = paths.iter().map(|p| self.load(p.as_ref())).collect::<Result<Vec<_>>>()?;
         let values = self.pixel_values(&images)?;
         if let Some(first) = values.first() {
-            if let Some((i, other)) = values.iter().enumerate().find(|(_, v)| (v.height, v.width) != (first.height, first.width)) {
+            if let Some((i, other)) =
+                values.iter().enumerate().find(|(_, v)| (v.height, v.width) != (first.height, first.width))
+            {
                 return Err(Error::InvalidInput(format!(
                     "cannot batch {} ({}x{}) with {} ({}x{}): preprocessed sizes differ",
                     images[0].path.display(),
@@ -324,17 +328,20 @@ impl ImagePreprocessor {
         let cfg = &self.config;
         let (in_h, in_w) = (image.height(), image.width());
         if in_h == 0 || in_w == 0 {
-            return Err(Error::Image { path: path.to_path_buf(), message: format!("image has zero size ({in_w}x{in_h})") });
+            return Err(Error::Image {
+                path: path.to_path_buf(),
+                message: format!("image has zero size ({in_w}x{in_h})"),
+            });
         }
         let (resized_h, resized_w) = match (cfg.do_resize, cfg.size) {
             (false, _) => (in_h, in_w),
             (true, ResizeTarget::Exact { height, width }) => (height, width),
-            (true, ResizeTarget::ShortestEdge(edge)) => shortest_edge_size(in_h, in_w, edge).ok_or_else(|| {
-                Error::Image {
+            (true, ResizeTarget::ShortestEdge(edge)) => {
+                shortest_edge_size(in_h, in_w, edge).ok_or_else(|| Error::Image {
                     path: path.to_path_buf(),
                     message: format!("{in_w}x{in_h} resized to a shortest edge of {edge} exceeds Pillow's size limit"),
-                }
-            })?,
+                })?
+            }
         };
         let (rows, cols) = if cfg.do_center_crop {
             (center_crop_axis(resized_h, cfg.crop_height), center_crop_axis(resized_w, cfg.crop_width))

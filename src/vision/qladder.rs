@@ -30,9 +30,8 @@ impl LadderLayer {
     }
 
     pub fn forward(&self, queries: &Tensor, clip_hidden: &Tensor) -> Result<Tensor> {
-        let attended = self
-            .cross_attn
-            .forward(&self.layer_norm0.forward(queries)?, &self.layer_norm1.forward(clip_hidden)?)?;
+        let attended =
+            self.cross_attn.forward(&self.layer_norm0.forward(queries)?, &self.layer_norm1.forward(clip_hidden)?)?;
         let queries = queries.f_add(&attended)?;
         let mlp_out = self.mlp.forward(&self.layer_norm2.forward(&queries)?)?;
         Ok(queries.f_add(&mlp_out)?)

@@ -41,9 +41,8 @@ fn precompute_taps(in_size: usize, out_size: usize, outputs: std::ops::Range<usi
             // C `(int)` truncates toward zero, as Rust's `as` does.
             let first = ((center - support + 0.5) as i64).max(0) as usize;
             let end = ((center + support + 0.5) as i64).min(in_size as i64).max(first as i64) as usize;
-            let raw: Vec<f64> = (first..end)
-                .map(|i| bicubic((i as f64 - center + 0.5) * inverse_filter_scale))
-                .collect();
+            let raw: Vec<f64> =
+                (first..end).map(|i| bicubic((i as f64 - center + 0.5) * inverse_filter_scale)).collect();
             let sum: f64 = raw.iter().sum();
             let one = (1u32 << PRECISION_BITS) as f64;
             let weights = raw
@@ -165,7 +164,8 @@ mod tests {
 
     #[test]
     fn window_equals_crop_of_full_resize() {
-        let src = RgbImage::from_fn(13, 7, |x, y| image::Rgb([(x * 19 + y * 7) as u8, (x * y * 5) as u8, (x ^ y) as u8 * 9]));
+        let src =
+            RgbImage::from_fn(13, 7, |x, y| image::Rgb([(x * 19 + y * 7) as u8, (x * y * 5) as u8, (x ^ y) as u8 * 9]));
         let full = resize_bicubic(&src, 29, 11);
         let window = Window { left: 3, top: 2, width: 20, height: 6 };
         let part = resize_bicubic_window(&src, 29, 11, window);

@@ -86,8 +86,8 @@ impl VisionTower {
         let hidden_states = self.vision_model.hidden_states(pixel_values)?;
         let ladder_hidden_states = self.ladder.forward(&hidden_states)?;
         let clip = &hidden_states[python_index(self.select_layer, hidden_states.len()).expect("checked at load")];
-        let ladder =
-            &ladder_hidden_states[python_index(self.select_layer, ladder_hidden_states.len()).expect("checked at load")];
+        let ladder = &ladder_hidden_states
+            [python_index(self.select_layer, ladder_hidden_states.len()).expect("checked at load")];
         let patches = clip.f_narrow(1, 1, clip.size()[1] - 1)?;
         let features = Tensor::f_cat(&[&patches, ladder], 1)?.f_to_kind(pixel_values.kind())?;
         Ok(VisionOutputs { hidden_states, ladder_hidden_states, features })

@@ -32,7 +32,8 @@ struct AdapterConfig {
 impl AdapterConfig {
     fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
         let bad = |msg: String| anyhow!("{}: {msg}", path.display());
         if let Some(kind) = v["peft_type"].as_str().filter(|k| *k != "LORA") {
             return Err(bad(format!("peft_type `{kind}`; only LORA adapters can be merged")));
@@ -91,7 +92,13 @@ pub fn apply_training_output(tensors: &mut TensorSet, input: &Path) -> Result<()
     }
     for (name, tensor) in non_lora_names(read_checkpoint(&non_lora)?) {
         if let Some(old) = tensors.tensors.get(&name).filter(|old| old.shape != tensor.shape) {
-            bail!("{}: `{name}` has shape {:?}, the base's {:?} (from {})", non_lora.display(), tensor.shape, old.shape, old.file.display());
+            bail!(
+                "{}: `{name}` has shape {:?}, the base's {:?} (from {})",
+                non_lora.display(),
+                tensor.shape,
+                old.shape,
+                old.file.display()
+            );
         }
         // The release loads them into its fp16 model, which rounds them to fp16.
         tensors.tensors.insert(name, tensor.rounded_through(Kind::Half, Dtype::F16));
@@ -114,7 +121,9 @@ fn merge_adapter(tensors: &mut TensorSet, config: &AdapterConfig, adapter: &Path
     let mut pairs: BTreeMap<String, [Option<(String, SourceTensor)>; 2]> = BTreeMap::new();
     let mut ignored = Vec::new();
     for (key, tensor) in read_checkpoint(adapter)? {
-        let name = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| anyhow!("{file}: tensor `{key}` does not start with `{PEFT_PREFIX}`"))?;
+        let name = key
+            .strip_prefix(PEFT_PREFIX)
+            .ok_or_else(|| anyhow!("{file}: tensor `{key}` does not start with `{PEFT_PREFIX}`"))?;
         let (module, side) = if let Some(m) = name.strip_suffix(".lora_A.weight") {
             (m, 0)
         } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
@@ -133,7 +142,11 @@ fn merge_adapter(tensors: &mut TensorSet, config: &AdapterConfig, adapter: &Path
         pairs.entry(module).or_default()[side] = Some((key, tensor));
     }
     if !ignored.is_empty() {
-        eprintln!("{file}: ignoring {} tensors that the release's PEFT loading drops, e.g. `{}`", ignored.len(), ignored[0]);
+        eprintln!(
+            "{file}: ignoring {} tensors that the release's PEFT loading drops, e.g. `{}`",
+            ignored.len(),
+            ignored[0]
+        );
     }
     if pairs.is_empty() {
         bail!("{file}: no `lora_A` / `lora_B` weights");
@@ -143,7 +156,10 @@ fn merge_adapter(tensors: &mut TensorSet, config: &AdapterConfig, adapter: &Path
             bail!("{file}: module `{module}` has only one of `lora_A.weight` and `lora_B.weight`");
         };
         if !config.targets(&module) {
-            bail!("{file}: `{a_key}` names module `{module}`, which is not in target_modules of {}", config.path.display());
+            bail!(
+                "{file}: `{a_key}` names module `{module}`, which is not in target_modules of {}",
+                config.path.display()
+            );
         }
         let weight_name = format!("{module}.weight");
         let weight = tensors.tensors.remove(&weight_name).ok_or_else(|| {

@@ -19,7 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(version, about = "Convert a release checkpoint (safetensors, PyTorch .bin, base + projector, base + LoRA) to a verified folder")]
+#[command(
+    version,
+    about = "Convert a release checkpoint (safetensors, PyTorch .bin, base + projector, base + LoRA) to a verified folder"
+)]
 struct Args {
     /// The release's model folder (`--model-path` of the release's CLI).
     #[arg(long, alias = "model-path")]
@@ -73,7 +76,8 @@ fn main() -> Result<()> {
     let model = inputs::gather(&args.input, args.model_base.as_deref(), args.merge_lora)?;
     let staging = staging::Staging::beside(&args.output)?;
     model.write_side_files(staging.path(), args.dtype)?;
-    let manifest = write_shards(staging.path(), &model.tensors.tensors, args.dtype, args.max_shard_mb * 1_000_000, &stop)?;
+    let manifest =
+        write_shards(staging.path(), &model.tensors.tensors, args.dtype, args.max_shard_mb * 1_000_000, &stop)?;
     let manifest_json = serde_json::json!({
         "format": "arcana-convert/1",
         "source": args.input,

@@ -126,8 +126,11 @@ pub fn write_shards(
     let mut weight_map = BTreeMap::new();
     let count = shards.len();
     for (i, shard) in shards.iter().enumerate() {
-        let file_name =
-            if count == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{count:05}.safetensors", i + 1) };
+        let file_name = if count == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+        };
         let path = dir.join(&file_name);
         // Header first: offsets follow from shapes and output dtypes, known before any data is read.
         let mut header = serde_json::Map::new();
@@ -158,7 +161,11 @@ pub fn write_shards(
             let data = tensor_bytes(&converted(tensor, out).with_context(|| format!("tensor `{name}`"))?)?;
             let expected: i64 = tensor.shape.iter().product::<i64>() * element_size(output_dtype(tensor, out)) as i64;
             if data.len() as i64 != expected {
-                bail!("tensor `{name}` from {}: {} bytes where its shape needs {expected}", tensor.file.display(), data.len());
+                bail!(
+                    "tensor `{name}` from {}: {} bytes where its shape needs {expected}",
+                    tensor.file.display(),
+                    data.len()
+                );
             }
             writer.write_all(&data).with_context(|| format!("writing {}", path.display()))?;
             manifest.push(ManifestEntry {

@@ -40,7 +40,9 @@ impl TorchArchive {
             };
             if name.ends_with("/data.pkl") {
                 let mut bytes = Vec::new();
-                zip.by_index(i)?.read_to_end(&mut bytes).with_context(|| format!("{}: reading {name}", path.display()))?;
+                zip.by_index(i)?
+                    .read_to_end(&mut bytes)
+                    .with_context(|| format!("{}: reading {name}", path.display()))?;
                 pickle = Some((name.trim_end_matches("data.pkl").to_string(), bytes));
                 continue;
             }
@@ -59,11 +61,11 @@ impl TorchArchive {
 
     fn load(&self, name: &str, t: &TensorRef) -> Result<Tensor> {
         let record = format!("{}data/{}", self.prefix, t.storage_key);
-        let &(start, end) = self
-            .records
-            .get(&record)
-            .ok_or_else(|| anyhow!("{}: tensor `{name}` names storage record `{record}`, which is missing", self.path.display()))?;
-        let kind = stored_kind(t.dtype).ok_or_else(|| anyhow!("{}: tensor `{name}`: unsupported dtype {:?}", self.path.display(), t.dtype))?;
+        let &(start, end) = self.records.get(&record).ok_or_else(|| {
+            anyhow!("{}: tensor `{name}` names storage record `{record}`, which is missing", self.path.display())
+        })?;
+        let kind = stored_kind(t.dtype)
+            .ok_or_else(|| anyhow!("{}: tensor `{name}`: unsupported dtype {:?}", self.path.display(), t.dtype))?;
         let element = kind.elt_size_in_bytes();
         let bytes = &self.mmap[start..end];
         if !bytes.len().is_multiple_of(element) {
@@ -88,12 +90,25 @@ impl TorchArchive {
 /// Where one tensor's data comes from.
 #[derive(Clone)]
 enum Origin {
-    Safetensors { file: Arc<TensorFile>, name: String },
-    Torch { archive: Arc<TorchArchive>, name: String, tensor: TensorRef },
+    Safetensors {
+        file: Arc<TensorFile>,
+        name: String,
+    },
+    Torch {
+        archive: Arc<TorchArchive>,
+        name: String,
+        tensor: TensorRef,
+    },
     /// Another origin's tensor rounded through a dtype first (the release casts `mm_projector.bin` to fp16).
-    RoundedThrough { inner: Box<Origin>, kind: Kind },
+    RoundedThrough {
+        inner: Box<Origin>,
+        kind: Kind,
+    },
     /// `W + sum(scale * B @ A)` in fp32, rounded once when written.
-    Merged { base: Box<Origin>, deltas: Vec<LowRank> },
+    Merged {
+        base: Box<Origin>,
+        deltas: Vec<LowRank>,
+    },
 }
 
 /// One low-rank update `scale * B @ A` (`A`: `[r, in]`, `B`: `[out, r]`).
@@ -181,13 +196,13 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
-    for (index, single) in [
-        ("model.safetensors.index.json", "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ] {
+    for (index, single) in
+        [("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")]
+    {
         let index_path = path.join(index);
         if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path).with_context(|| format!("reading {}", index_path.display()))?;
+            let text =
+                std::fs::read_to_string(&index_path).with_context(|| format!("reading {}", index_path.display()))?;
             let parsed: serde_json::Value =
                 serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index_path.display()))?;
             let map = parsed["weight_map"]

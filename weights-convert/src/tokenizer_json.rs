@@ -198,7 +198,9 @@ fn read_options(dir: &Path) -> Result<Options> {
             .map(|(k, v)| (k, v.map(|c| (c.to_string(), Flags::default()))))
             .collect();
     let mut declared_by_config = Vec::new();
-    for (path, map, needs_type) in [(&config_path, Some(config.clone()), true), (&map_path, read_object(&map_path)?, false)] {
+    for (path, map, needs_type) in
+        [(&config_path, Some(config.clone()), true), (&map_path, read_object(&map_path)?, false)]
+    {
         let Some(map) = map else { continue };
         if map.get("additional_special_tokens").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
             return unsupported(path, "additional special tokens are not reproduced".into());
@@ -222,7 +224,10 @@ fn read_options(dir: &Path) -> Result<Options> {
             let Some((content, flags)) = parse_token(&config_path, &key, entry, false)? else { continue };
             let index = reserved_index(&config_path, &key, &content)?;
             if id != &index.to_string() || entry.get("special").and_then(Value::as_bool) != Some(true) {
-                return unsupported(&config_path, format!("`{key}` is not the special token {content:?} at id {index}"));
+                return unsupported(
+                    &config_path,
+                    format!("`{key}` is not the special token {content:?} at id {index}"),
+                );
             }
             decoder_flags.insert(content, flags);
         }

@@ -41,7 +41,10 @@ enum Value {
     Dict(Vec<(Value, Value)>),
     /// An allowed callable, by its qualified name.
     Global(String),
-    Storage { key: String, dtype: safetensors::Dtype },
+    Storage {
+        key: String,
+        dtype: safetensors::Dtype,
+    },
     Tensor(TensorRef),
     Mark,
 }
@@ -316,9 +319,7 @@ pub fn read_state_dict(pickle: &[u8]) -> PickleResult<Vec<(String, TensorRef)>> 
     for (key, value) in entries {
         match (key, value) {
             (Value::Str(name), Value::Tensor(t)) => tensors.push((name, t)),
-            (Value::Str(name), other) => {
-                return Err(format!("entry `{name}` is not a tensor ({})", describe(&other)))
-            }
+            (Value::Str(name), other) => return Err(format!("entry `{name}` is not a tensor ({})", describe(&other))),
             (key, _) => return Err(format!("state dict key {key:?} is not a string")),
         }
     }

@@ -1,7 +1,7 @@
 //! Reloads a written folder and checks every tensor against its source, bit for bit, and its sha256.
+use crate::output::OutDtype;
 use crate::output::{converted, hex, ManifestEntry, MANIFEST};
 use crate::source::SourceTensor;
-use crate::output::OutDtype;
 use anyhow::{anyhow, bail, Context, Result};
 use arcana::weights::Checkpoint;
 use sha2::{Digest, Sha256};
@@ -10,12 +10,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tch::Device;
 
-pub fn verify(
-    dir: &Path,
-    sources: &BTreeMap<String, SourceTensor>,
-    out: OutDtype,
-    stop: &AtomicBool,
-) -> Result<usize> {
+pub fn verify(dir: &Path, sources: &BTreeMap<String, SourceTensor>, out: OutDtype, stop: &AtomicBool) -> Result<usize> {
     let written = Checkpoint::open_dir(dir)?;
     let manifest_path = dir.join(MANIFEST);
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest_path)?)?;

@@ -66,9 +66,9 @@ fn assert_vision_parity(converted: &Path, preset: &str) {
 
 /// A Python with torch (the project's environment, as `scripts/env.sh` sets it up), if there is one.
 fn python_with_torch() -> Option<PathBuf> {
-    let venv = std::env::var_os("ARCANA_VENV").map(PathBuf::from).or_else(|| {
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1"))
-    })?;
+    let venv = std::env::var_os("ARCANA_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1")))?;
     let python = venv.join("bin/python");
     let ok = Command::new(&python).args(["-c", "import torch"]).output().map(|o| o.status.success()).unwrap_or(false);
     if ok {
@@ -227,7 +227,10 @@ fn the_same_tensor_in_two_shards_is_named() {
     tensors.push((dup_name.clone(), dup));
     Tensor::write_safetensors(&tensors, &second).unwrap();
     let err = convert_err(&input, &tmp.path().join("out"));
-    assert!(err.contains(&format!("`{dup_name}`")) && err.contains("model-00001") && err.contains("model-00002"), "{err}");
+    assert!(
+        err.contains(&format!("`{dup_name}`")) && err.contains("model-00001") && err.contains("model-00002"),
+        "{err}"
+    );
 }
 
 /// A safetensors file with a hand-written header.
@@ -241,7 +244,11 @@ fn write_raw_safetensors(path: &Path, header: &str, data_len: usize) {
 #[test]
 fn overlapping_or_out_of_range_offsets_are_refused() {
     for (header, data_len, expect) in [
-        (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, 12, "overlap"),
+        (
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            12,
+            "overlap",
+        ),
         (r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8, "truncated"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
@@ -273,7 +280,8 @@ fn an_existing_output_is_kept_without_force_and_replaced_with_it() {
     let out = tmp.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("keep"), "x").unwrap();
-    let refused = convert(&["--input", fixture("vision-d4-sel-2").to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let refused =
+        convert(&["--input", fixture("vision-d4-sel-2").to_str().unwrap(), "--output", out.to_str().unwrap()]);
     assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("--force"));
     assert!(out.join("keep").is_file());
     convert_ok(&fixture("vision-d4-sel-2"), &out, &["--force", "--dtype", "fp32"]);
@@ -415,7 +423,8 @@ fn lora_training_output_merges_like_python() {
         assert!(String::from_utf8_lossy(&missing.stderr).contains("--model-base"));
         convert_ok(&lora, &out, &["--dtype", "fp32", "--model-base", base.to_str().unwrap()]);
         // Every tensor equals Python's merge, bit for bit.
-        let (ours, theirs) = (tensors_of(&out.join("model.safetensors")), tensors_of(&expected.join("model.safetensors")));
+        let (ours, theirs) =
+            (tensors_of(&out.join("model.safetensors")), tensors_of(&expected.join("model.safetensors")));
         assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
         for (name, t) in &theirs {
             assert!(ours[name].equal(t), "{format}: `{name}` differs from Python's merge");
@@ -424,7 +433,15 @@ fn lora_training_output_merges_like_python() {
         let reference = tmp.path().join("reference.safetensors");
         let status = Command::new(&python)
             .arg(export_py())
-            .args(["reference", "--checkpoint", expected.to_str().unwrap(), "--out", reference.to_str().unwrap(), "--new-tokens", "4"])
+            .args([
+                "reference",
+                "--checkpoint",
+                expected.to_str().unwrap(),
+                "--out",
+                reference.to_str().unwrap(),
+                "--new-tokens",
+                "4",
+            ])
             .status()
             .unwrap();
         assert!(status.success());
@@ -439,7 +456,14 @@ fn set_json(path: &Path, key: &str, value: serde_json::Value) {
 }
 
 fn convert_err_with_base(input: &Path, base: &Path, output: &Path) -> String {
-    let out = convert(&["--input", input.to_str().unwrap(), "--model-base", base.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    let out = convert(&[
+        "--input",
+        input.to_str().unwrap(),
+        "--model-base",
+        base.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
     assert!(!out.status.success(), "conversion of a bad input succeeded");
     assert!(!output.exists());
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -458,7 +482,10 @@ fn bad_lora_adapters_are_named() {
 
     set_json(&config, "r", 8.into());
     let err = convert_err_with_base(&lora, &base, &out);
-    assert!(err.contains("rank mismatch") && err.contains("adapter_model.safetensors") && err.contains("lora_A.weight"), "{err}");
+    assert!(
+        err.contains("rank mismatch") && err.contains("adapter_model.safetensors") && err.contains("lora_A.weight"),
+        "{err}"
+    );
     set_json(&config, "r", 4.into());
 
     let adapter = lora.join("adapter_model.safetensors");
@@ -490,13 +517,15 @@ fn merge_lora_folds_the_language_branch() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
     convert_ok(&fixture("lm-mha"), &out, &["--dtype", "fp32", "--merge-lora"]);
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["mm_lora_language_merged"], true);
 
-    let source: std::collections::BTreeMap<String, Tensor> = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-        .iter()
-        .flat_map(|f| tensors_of(&fixture("lm-mha").join(f)))
-        .collect();
+    let source: std::collections::BTreeMap<String, Tensor> =
+        ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+            .iter()
+            .flat_map(|f| tensors_of(&fixture("lm-mha").join(f)))
+            .collect();
     let merged = tensors_of(&out.join("model.safetensors"));
     let mut projections = 0;
     for (name, la) in source.iter().filter(|(n, _)| n.ends_with(".L_Slora_A.weight")) {
@@ -523,7 +552,10 @@ fn merge_lora_folds_the_language_branch() {
             .map(|((name, a), (_, b))| compare(name, a, b, &Tolerance::BitIdentical).unwrap())
             .collect();
         for r in &reports {
-            println!("merged vs unmerged reference, {file} {:<14} max|diff| {:.3e} rel {:.3e} cos {:.15}", r.name, r.max_abs_diff, r.max_rel_diff, r.cosine);
+            println!(
+                "merged vs unmerged reference, {file} {:<14} max|diff| {:.3e} rel {:.3e} cos {:.15}",
+                r.name, r.max_abs_diff, r.max_rel_diff, r.cosine
+            );
         }
         let logits = reports.iter().find(|r| r.name == "logits").unwrap();
         assert!(!logits.bit_identical, "{file}: merging changed nothing; is the merged path used?");
@@ -531,13 +563,25 @@ fn merge_lora_folds_the_language_branch() {
         assert!(reports.iter().find(|r| r.name == "greedy.ids").unwrap().bit_identical, "{file}: greedy ids differ");
     }
 
-    let again = convert(&["--input", out.to_str().unwrap(), "--output", tmp.path().join("twice").to_str().unwrap(), "--merge-lora"]);
+    let again = convert(&[
+        "--input",
+        out.to_str().unwrap(),
+        "--output",
+        tmp.path().join("twice").to_str().unwrap(),
+        "--merge-lora",
+    ]);
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("merge twice"));
 }
 
 #[test]
 fn merge_lora_without_mm_lora_tensors_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = convert(&["--input", fixture("vision-d4-sel-2").to_str().unwrap(), "--output", tmp.path().join("o").to_str().unwrap(), "--merge-lora"]);
+    let out = convert(&[
+        "--input",
+        fixture("vision-d4-sel-2").to_str().unwrap(),
+        "--output",
+        tmp.path().join("o").to_str().unwrap(),
+        "--merge-lora",
+    ]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no MM-LoRA language branch"));
 }

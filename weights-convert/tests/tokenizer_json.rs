@@ -44,21 +44,25 @@ fn convert(input: &Path, output: &Path) -> (bool, String) {
 }
 
 fn python_with_transformers() -> Option<PathBuf> {
-    let venv = std::env::var_os("ARCANA_VENV").map(PathBuf::from).or_else(|| {
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1"))
-    })?;
+    let venv = std::env::var_os("ARCANA_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1")))?;
     let python = venv.join("bin/python");
     let ok = Command::new(&python).args(["-c", "import transformers, sentencepiece"]).output();
     if ok.map(|o| o.status.success()).unwrap_or(false) {
         Some(python)
     } else {
-        eprintln!("skipping: no Python environment with transformers at {} (run scripts/setup-python.sh)", venv.display());
+        eprintln!(
+            "skipping: no Python environment with transformers at {} (run scripts/setup-python.sh)",
+            venv.display()
+        );
         None
     }
 }
 
 fn mistral_model() -> Option<PathBuf> {
-    let path = PathBuf::from(std::env::var_os("HOME")?).join(".cache/arcana/tokenizers/mistral-7b-v0.1-tokenizer.model");
+    let path =
+        PathBuf::from(std::env::var_os("HOME")?).join(".cache/arcana/tokenizers/mistral-7b-v0.1-tokenizer.model");
     if path.is_file() {
         Some(path)
     } else {
@@ -211,7 +215,8 @@ fn assert_round_trip(model: &Path) {
     assert!(ok, "conversion failed: {stderr}");
     let fast = Tokenizer::from_folder_as(&output, TokenizerKind::Fast).unwrap();
     assert_eq!(fast.kind(), TokenizerKind::Fast);
-    let slow = Tokenizer::from_model_file(model, TokenizerOptions { legacy: Some(true), ..Default::default() }).unwrap();
+    let slow =
+        Tokenizer::from_model_file(model, TokenizerOptions { legacy: Some(true), ..Default::default() }).unwrap();
     let (mut encoded, mut decoded, mut decoded_but_leading_spaces, mut failures) = (0, 0, 0, Vec::new());
     let strings = corpus();
     for text in &strings {

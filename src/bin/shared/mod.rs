@@ -8,7 +8,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
     let device = match name {
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda(0),
-        "mps" => bail!("--device mps: this build runs on libtorch for Linux, which has no MPS backend; use cpu or cuda"),
+        "mps" => {
+            bail!("--device mps: this build runs on libtorch for Linux, which has no MPS backend; use cpu or cuda")
+        }
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(index)) => Device::Cuda(index),
             _ => bail!("--device {other}: expected cpu, cuda or cuda:N"),
@@ -87,4 +89,3 @@ fn assemble_with_base(model_path: &Path, base: &Path, dtype: &str) -> Result<Pat
     }
     Ok(out)
 }
-

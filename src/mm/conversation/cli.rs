@@ -14,10 +14,7 @@ pub fn template_for_model_name(model_name: &str) -> &'static str {
         ("v1", "llava_v1"),
         ("mpt", "mpt"),
     ];
-    RULES
-        .iter()
-        .find(|(needle, _)| name.contains(needle))
-        .map_or("llava_v0", |(_, template)| template)
+    RULES.iter().find(|(needle, _)| name.contains(needle)).map_or("llava_v0", |(_, template)| template)
 }
 
 /// The release's `get_model_name_from_path`: the last folder, prefixed by its parent for `checkpoint-*`.
@@ -29,9 +26,7 @@ pub fn model_name_from_path(model_path: &str) -> Result<String> {
     }
     match parts.len().checked_sub(2).map(|i| parts[i]) {
         Some(parent) => Ok(format!("{parent}_{last}")),
-        None => Err(Error::Prompt(format!(
-            "model path `{model_path}`: a checkpoint folder needs a parent folder"
-        ))),
+        None => Err(Error::Prompt(format!("model path `{model_path}`: a checkpoint folder needs a parent folder"))),
     }
 }
 
@@ -56,10 +51,7 @@ impl ConvModeChoice {
 
 pub fn resolve_conv_mode(model_name: &str, conv_mode_flag: Option<&str>) -> ConvModeChoice {
     let inferred = template_for_model_name(model_name);
-    ConvModeChoice {
-        inferred,
-        chosen: conv_mode_flag.unwrap_or(inferred).to_owned(),
-    }
+    ConvModeChoice { inferred, chosen: conv_mode_flag.unwrap_or(inferred).to_owned() }
 }
 
 /// The roles serve/cli.py prints before each message (only for display, never in the prompt).
@@ -96,12 +88,7 @@ pub struct CliChat {
 
 impl CliChat {
     pub fn new(conversation: Conversation, with_image: bool, mm_use_im_start_end: bool) -> Self {
-        CliChat {
-            conversation,
-            image_pending: with_image,
-            last_turn_had_image: false,
-            mm_use_im_start_end,
-        }
+        CliChat { conversation, image_pending: with_image, last_turn_had_image: false, mm_use_im_start_end }
     }
 
     /// Starts a chat the way serve/cli.py does for `model_path` and `--conv-mode`.
@@ -112,11 +99,7 @@ impl CliChat {
         mm_use_im_start_end: bool,
     ) -> Result<Self> {
         let choice = resolve_conv_mode(&model_name_from_path(model_path)?, conv_mode_flag);
-        Ok(Self::new(
-            template_by_name(&choice.chosen)?,
-            with_image,
-            mm_use_im_start_end,
-        ))
+        Ok(Self::new(template_by_name(&choice.chosen)?, with_image, mm_use_im_start_end))
     }
 
     /// Adds the user's message and an open reply slot; returns the prompt to generate from.
@@ -137,9 +120,7 @@ impl CliChat {
                 Ok(prompt)
             }
             Err(e) => {
-                self.conversation
-                    .messages
-                    .truncate(self.conversation.messages.len() - 2);
+                self.conversation.messages.truncate(self.conversation.messages.len() - 2);
                 Err(e)
             }
         }
@@ -150,9 +131,7 @@ impl CliChat {
     pub fn record_reply(&mut self, reply: &str) -> Result<()> {
         match self.conversation.messages.last() {
             Some(last) if last.text.is_none() => self.conversation.set_last_message_text(reply),
-            _ => Err(Error::Prompt(
-                "no open reply slot: call prompt_for first".into(),
-            )),
+            _ => Err(Error::Prompt("no open reply slot: call prompt_for first".into())),
         }
     }
 

@@ -22,11 +22,9 @@ pub const TEMPLATE_NAMES: [&str; 16] = [
     "mpt",
 ];
 
-const HUMAN_SYSTEM: &str =
-    "A chat between a curious human and an artificial intelligence assistant. \
+const HUMAN_SYSTEM: &str = "A chat between a curious human and an artificial intelligence assistant. \
 The assistant gives helpful, detailed, and polite answers to the human's questions.";
-const USER_SYSTEM: &str =
-    "A chat between a curious user and an artificial intelligence assistant. \
+const USER_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. \
 The assistant gives helpful, detailed, and polite answers to the user's questions.";
 // No space after "natural language." in the release.
 const MMTAG_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. \
@@ -40,14 +38,12 @@ If a question does not make any sense, or is not factually coherent, explain why
 not correct. If you don't know the answer to a question, please don't share false information.";
 const LLAVA_LLAMA_2_SYSTEM: &str = "You are a helpful language and vision assistant. You are able to understand \
 the visual content that the user provides, and assist the user with a variety of tasks using natural language.";
-const MPT_SYSTEM: &str =
-    "<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. \
+const MPT_SYSTEM: &str = "<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. \
 The assistant gives helpful and honest answers.";
 const CHATML_DIRECT_SYSTEM: &str = "<|im_start|>system\nAnswer the questions.";
 const CHATML_ROLES: (&str, &str) = ("<|im_start|>user\n", "<|im_start|>assistant\n");
 
-const VICUNA_V0_QUESTION: &str =
-    "What are the key differences between renewable and non-renewable energy sources?";
+const VICUNA_V0_QUESTION: &str = "What are the key differences between renewable and non-renewable energy sources?";
 const VICUNA_V0_ANSWER: &str = "Renewable energy sources are those that can be replenished naturally in a \
 relatively short amount of time, such as solar, wind, hydro, geothermal, and biomass. Non-renewable energy \
 sources, on the other hand, are finite and will eventually be depleted, such as coal, oil, and natural gas. \
@@ -94,45 +90,22 @@ pub fn template_by_name(name: &str) -> Result<Conversation> {
             let mut conv = template(HUMAN_SYSTEM, human, Single, "###", None, "Unknown");
             // The release ships this template with an example exchange that every prompt repeats.
             for (role, text) in [(human.0, VICUNA_V0_QUESTION), (human.1, VICUNA_V0_ANSWER)] {
-                conv.messages.push(Message {
-                    role: role.into(),
-                    text: Some(text.into()),
-                    image: false,
-                });
+                conv.messages.push(Message { role: role.into(), text: Some(text.into()), image: false });
             }
             conv
         }
         "v1" | "vicuna_v1" => template(USER_SYSTEM, user, Two, " ", Some("</s>"), "v1"),
-        "llama_2" => template(
-            LLAMA_2_SYSTEM,
-            user,
-            Llama2,
-            "<s>",
-            Some("</s>"),
-            "llama_v2",
-        ),
+        "llama_2" => template(LLAMA_2_SYSTEM, user, Llama2, "<s>", Some("</s>"), "llama_v2"),
         "mistral_instruct" => template("", user, Llama2, "", Some("</s>"), "llama_v2"),
-        "chatml_direct" | "mistral_direct" => template(
-            CHATML_DIRECT_SYSTEM,
-            CHATML_ROLES,
-            Mpt,
-            "<|im_end|>",
-            None,
-            "mpt",
-        ),
+        "chatml_direct" | "mistral_direct" => {
+            template(CHATML_DIRECT_SYSTEM, CHATML_ROLES, Mpt, "<|im_end|>", None, "mpt")
+        }
         "plain" | "v0_plain" => template("", ("", ""), Plain, "\n", None, "Unknown"),
         "llava_v0" => template(HUMAN_SYSTEM, human, Single, "###", None, "Unknown"),
         "v0_mmtag" => template(MMTAG_SYSTEM, human, Single, "###", None, "v0_mmtag"),
         "llava_v1" => template(HUMAN_SYSTEM, user, Two, " ", Some("</s>"), "v1"),
         "v1_mmtag" => template(MMTAG_SYSTEM, user, Two, " ", Some("</s>"), "v1_mmtag"),
-        "llava_llama_2" => template(
-            LLAVA_LLAMA_2_SYSTEM,
-            user,
-            Llama2,
-            "<s>",
-            Some("</s>"),
-            "llama_v2",
-        ),
+        "llava_llama_2" => template(LLAVA_LLAMA_2_SYSTEM, user, Llama2, "<s>", Some("</s>"), "llama_v2"),
         "mpt" => template(MPT_SYSTEM, CHATML_ROLES, Mpt, "<|im_end|>", None, "mpt"),
         _ => {
             return Err(Error::Prompt(format!(
