@@ -290,3 +290,86 @@ fn sigterm_lets_an_answer_in_flight_finish_then_exits() {
     }
     assert!(client().get(format!("{}/health", worker.url)).send().is_err(), "still accepting connections");
 }
+
+/// Starts `arcana-serve ARGS` on a given port (for restarts on the same address).
+fn start_on(dir: &Path, args: &[&str], port: u16) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arcana-serve"))
+        .current_dir(dir)
+        .args(args)
+        .args(["--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    Server { child, url: format!("http://127.0.0.1:{port}") }
+}
+
+fn models(controller: &str) -> Value {
+    client().post(format!("{controller}/list_models")).send().and_then(|r| r.json()).unwrap_or(Value::Null)
+}
+
+fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out after {seconds} s waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn workers_register_again_with_a_restarted_controller() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let controller = start_on(dir, &["controller"], port);
+    let url = controller.url.clone();
+    let worker = start(
+        dir,
+        &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &url, "--heart-beat-interval", "0.5"],
+    );
+    wait_ready(&worker);
+    wait_until("the first registration", 10, || models(&url) == json!({"models": ["arcana-cli-tiny-v1"]}));
+    drop(controller);
+    // A new controller on the same address knows no worker until the next heart beat says exist=false.
+    let _restarted = start_on(dir, &["controller"], port);
+    wait_until("the worker to register again", 10, || models(&url) == json!({"models": ["arcana-cli-tiny-v1"]}));
+    let got = generate(&url, &square_request(dir, 4));
+    assert_eq!(got.last().unwrap().error_code, 0, "{got:?}");
+}
+
+#[test]
+fn a_dead_worker_expires_and_requests_go_to_the_other() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let controller = start(dir, &["controller", "--heart-beat-expiration", "1"]);
+    let url = controller.url.clone();
+    let args = [
+        "worker",
+        "--model-path",
+        "arcana-cli-tiny-v1",
+        "--controller-address",
+        url.as_str(),
+        "--heart-beat-interval",
+        "0.3",
+    ];
+    let mut doomed = start(dir, &args);
+    let survivor = start(dir, &args);
+    wait_ready(&doomed);
+    wait_ready(&survivor);
+    let _ = doomed.child.kill();
+    let _ = doomed.child.wait();
+    // Within two expiry periods the dead worker is gone: every request is answered by the survivor.
+    std::thread::sleep(Duration::from_millis(2500));
+    for _ in 0..3 {
+        let address: Value = client()
+            .post(format!("{url}/get_worker_address"))
+            .json(&json!({"model": "arcana-cli-tiny-v1"}))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(address["address"], survivor.url.as_str());
+        let got = generate(&url, &square_request(dir, 4));
+        assert_eq!(got.last().unwrap().error_code, 0, "{got:?}");
+    }
+}

@@ -10,6 +10,7 @@ use arcana::llm::quant::Quantization;
 use arcana::mm::conversation::model_name_from_path;
 use arcana::serve::controller::{self, Controller, DispatchMethod};
 use arcana::serve::http;
+use arcana::serve::protocol::{HEART_BEAT_EXPIRATION, WORKER_HEART_BEAT_INTERVAL};
 use arcana::serve::web::{self, ModelListMode, WebConfig, WebServer};
 use arcana::serve::worker::{self, Worker, WorkerConfig};
 use clap::{Parser, Subcommand};
@@ -108,6 +109,9 @@ struct WorkerArgs {
     controller_address: String,
     #[command(flatten)]
     model: ModelArgs,
+    /// Seconds between heart beats to the controller (the release's 15; shorter for tests).
+    #[arg(long, default_value_t = 15.0, hide = true)]
+    heart_beat_interval: f64,
     /// Do not register with a controller (serve directly, e.g. behind a load balancer).
     #[arg(long)]
     no_register: bool,
@@ -155,6 +159,9 @@ struct ControllerArgs {
     /// error-3 chunk naming the worker.
     #[arg(long, default_value_t = 300)]
     stream_timeout: u64,
+    /// Seconds without a heart beat after which a worker is dropped (the release's 30; shorter for tests).
+    #[arg(long, default_value_t = 30.0, hide = true)]
+    heart_beat_expiration: f64,
 }
 
 fn init_logging() {
@@ -184,7 +191,8 @@ fn main() -> anyhow::Result<()> {
 /// reach it (port 0 picks a free port).
 async fn start_controller(args: &ControllerArgs) -> anyhow::Result<(String, Serving)> {
     let dispatch: DispatchMethod = args.dispatch_method.parse().map_err(anyhow::Error::msg)?;
-    let controller = Controller::new(dispatch, Duration::from_secs(args.stream_timeout));
+    let controller = Controller::new(dispatch, Duration::from_secs(args.stream_timeout))
+        .with_expiration(Duration::from_secs_f64(args.heart_beat_expiration));
     let (listener, addr) =
         http::bind(&args.host, args.port).await.with_context(|| format!("binding {}:{}", args.host, args.port))?;
     controller::spawn_expiry(controller.clone());
@@ -218,6 +226,7 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
         controller_address: (!args.no_register).then(|| args.controller_address.trim_end_matches('/').to_string()),
         limit_model_concurrency: model.limit_model_concurrency,
         allow_image_urls: model.allow_image_urls,
+        heart_beat_interval: Duration::from_secs_f64(args.heart_beat_interval),
     });
     // The model loads on the engine's own thread while the server already answers /health.
     let options = EngineOptions {
@@ -304,6 +313,7 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
         port: args.controller_port,
         dispatch_method: "shortest_queue".into(),
         stream_timeout: 300,
+        heart_beat_expiration: HEART_BEAT_EXPIRATION.as_secs_f64(),
     })
     .await?;
     let worker = start_worker(WorkerArgs {
@@ -312,6 +322,7 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
         worker_address: None,
         controller_address: controller_url.clone(),
         model: args.model,
+        heart_beat_interval: WORKER_HEART_BEAT_INTERVAL.as_secs_f64(),
         no_register: false,
     })
     .await?;

@@ -9,8 +9,8 @@
 //! - error chunks carry the cause ("image 1: not a recognised image format ...") rather than the one
 //!   "NETWORK ERROR" text; codes are the release's.
 use super::http::{json_error, JsonBody};
+use super::protocol::STATUS_TIMEOUT;
 use super::protocol::{error_code, HeartBeat, HeartBeatReply, RegisterWorker, StreamChunk, WorkerStatus};
-use super::protocol::{STATUS_TIMEOUT, WORKER_HEART_BEAT_INTERVAL};
 use crate::engine::{EngineHandle, Event, GenerationParams, ImageInput, Request, RequestInput};
 use crate::error::Error;
 use axum::body::Body;
@@ -22,6 +22,7 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use tokio::sync::Semaphore;
 
 /// The release's reply when the prompt leaves no room to generate (sent with error code 0).
@@ -41,6 +42,8 @@ pub struct WorkerConfig {
     pub limit_model_concurrency: usize,
     /// The OpenAI API may fetch `http(s)` image URLs (`--allow-image-urls`); otherwise they are refused.
     pub allow_image_urls: bool,
+    /// Time between heart beats: the release's 15 s (shorter in tests).
+    pub heart_beat_interval: Duration,
 }
 
 /// Loading state of the model.
@@ -156,14 +159,14 @@ impl Worker {
         }
     }
 
-    /// Heart beats every `WORKER_HEART_BEAT_INTERVAL`, registering first once the model is ready.
+    /// Heart beats every `heart_beat_interval` (the release's `WORKER_HEART_BEAT_INTERVAL`).
     pub fn spawn_heart_beats(&self) -> tokio::task::JoinHandle<()> {
         let worker = self.clone();
         tokio::spawn(async move {
             if worker.config.controller_address.is_none() {
                 return;
             }
-            let mut tick = tokio::time::interval(WORKER_HEART_BEAT_INTERVAL);
+            let mut tick = tokio::time::interval(worker.config.heart_beat_interval);
             loop {
                 tick.tick().await;
                 worker.heart_beat().await;
