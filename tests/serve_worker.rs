@@ -373,3 +373,19 @@ fn a_dead_worker_expires_and_requests_go_to_the_other() {
         assert_eq!(got.last().unwrap().error_code, 0, "{got:?}");
     }
 }
+
+#[test]
+fn a_worker_stopped_with_sigterm_leaves_the_controller_at_once() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let controller = start(dir, &["controller"]);
+    let url = controller.url.clone();
+    let mut worker =
+        start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", url.as_str()]);
+    wait_ready(&worker);
+    wait_until("the registration", 10, || models(&url) == json!({"models": ["arcana-cli-tiny-v1"]}));
+    // SAFETY: plain kill(2) on our own child process.
+    assert_eq!(unsafe { libc::kill(worker.child.id() as i32, libc::SIGTERM) }, 0);
+    // Well before the 30 s expiry.
+    wait_until("the worker to unregister", 10, || models(&url) == json!({"models": []}));
+    let _ = worker.child.wait();
+}

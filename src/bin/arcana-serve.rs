@@ -264,7 +264,12 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
     });
     println!("worker listening on http://{addr}");
     tracing::info!(%addr, model_name, "worker started");
-    Ok(Box::pin(async move { http::serve(listener, worker::router(worker)).await.context("serving the worker") }))
+    Ok(Box::pin(async move {
+        let served = http::serve(listener, worker::router(worker.clone())).await.context("serving the worker");
+        // Shutting down: leave the controller's list now rather than after the heart-beat expiry.
+        worker.unregister().await;
+        served
+    }))
 }
 
 /// Binds the chat page; refuses the release's flags that need remote services.

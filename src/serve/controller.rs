@@ -10,8 +10,8 @@
 //!   prefills that take longer).
 use super::http::{json_error, JsonBody};
 use super::protocol::{
-    error_code, HeartBeat, HeartBeatReply, ModelList, ModelQuery, RegisterWorker, StreamChunk, WorkerAddress,
-    WorkerStatus, HEART_BEAT_EXPIRATION, STATUS_TIMEOUT,
+    error_code, HeartBeat, HeartBeatReply, ModelList, ModelQuery, RegisterWorker, StreamChunk, UnregisterWorker,
+    WorkerAddress, WorkerStatus, HEART_BEAT_EXPIRATION, STATUS_TIMEOUT,
 };
 use axum::body::Body;
 use axum::extract::State;
@@ -200,6 +200,13 @@ impl Controller {
         }
     }
 
+    /// Removes a worker; `false` when it was not registered.
+    pub fn unregister(&self, worker: &str) -> bool {
+        let known = self.lock().remove(worker).is_some();
+        tracing::info!(worker, known, "worker unregistered");
+        known
+    }
+
     /// Drops workers whose last heart beat is older than the expiry.
     pub fn remove_expired(&self) {
         let expiration = self.expiration;
@@ -317,6 +324,7 @@ pub fn router(controller: Controller) -> Router {
         .route("/list_models", post(list_models))
         .route("/get_worker_address", post(get_worker_address))
         .route("/receive_heart_beat", post(receive_heart_beat))
+        .route("/unregister_worker", post(unregister_worker))
         .route("/worker_generate_stream", post(worker_generate_stream))
         .route("/worker_get_status", post(worker_get_status))
         .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
@@ -364,6 +372,14 @@ async fn list_models(State(c): State<Controller>) -> Json<ModelList> {
 
 async fn get_worker_address(State(c): State<Controller>, JsonBody(q): JsonBody<ModelQuery>) -> Json<WorkerAddress> {
     Json(WorkerAddress { address: c.worker_for(&q.model).unwrap_or_default() })
+}
+
+/// Not in the release (its workers only expire): a worker shutting down removes itself at once.
+async fn unregister_worker(
+    State(c): State<Controller>,
+    JsonBody(b): JsonBody<UnregisterWorker>,
+) -> Json<HeartBeatReply> {
+    Json(HeartBeatReply { exist: c.unregister(&b.worker_name) })
 }
 
 async fn receive_heart_beat(State(c): State<Controller>, JsonBody(b): JsonBody<HeartBeat>) -> Json<HeartBeatReply> {

@@ -42,6 +42,12 @@ pub struct HeartBeat {
     pub queue_length: i64,
 }
 
+/// `/unregister_worker` body (an addition to the release's protocol: a worker leaving on shutdown).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnregisterWorker {
+    pub worker_name: String,
+}
+
 /// `/receive_heart_beat` reply: `exist: false` asks the worker to register again.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HeartBeatReply {

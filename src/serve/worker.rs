@@ -132,6 +132,23 @@ impl Worker {
         Ok(())
     }
 
+    /// Tells the controller this worker is leaving, so it stops routing to it now rather than after
+    /// the heart-beat expiry. A controller without the endpoint (the release's) answers 404: ignored.
+    pub async fn unregister(&self) {
+        let Some(controller) = &self.config.controller_address else { return };
+        let body = super::protocol::UnregisterWorker { worker_name: self.config.worker_address.clone() };
+        let reply = self
+            .client
+            .post(format!("{controller}/unregister_worker"))
+            .json(&body)
+            .timeout(STATUS_TIMEOUT)
+            .send()
+            .await;
+        if let Err(e) = reply {
+            tracing::warn!(controller, error = %e, "unregistering failed");
+        }
+    }
+
     /// One heart beat; re-registers when the controller no longer knows this worker (it restarted or
     /// dropped it).
     pub async fn heart_beat(&self) {
