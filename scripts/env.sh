@@ -1,4 +1,4 @@
-# Sourced by the Makefile and scripts: points the tch build at libtorch.
+# Sourced by the scripts (and by hand before cargo): points the tch build at libtorch.
 # A user's own libtorch wins: set LIBTORCH (and optionally ARCANA_VENV for the Python reference side).
 ARCANA_VENV="${ARCANA_VENV:-$HOME/.cache/arcana/venv-torch-2.0.1}"
 export ARCANA_VENV

@@ -5,63 +5,11 @@
 //! message where the Python environment is missing.
 mod common;
 
+use common::serve::{client, start, wait_ready, Server};
+
 use serde_json::{json, Value};
-use std::io::{BufRead, Read};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::io::Read;
 use std::time::{Duration, Instant};
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    /// Peak resident memory (VmHWM) in MiB.
-    fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(f64::NAN, |kb| kb / 1024.0)
-    }
-}
-
-fn start(dir: &Path, args: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_arcana-serve"))
-        .current_dir(dir)
-        .args(args)
-        .args(["--port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
-    assert!(url.starts_with("http://"), "no address printed: {line:?}");
-    Server { child, url }
-}
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(300)).build().unwrap()
-}
-
-fn wait_ready(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !client().get(format!("{url}/health")).send().is_ok_and(|r| r.status().is_success()) {
-        assert!(Instant::now() < deadline, "{url} never became ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Streams one request, returning (time to the first chunk, the chunks' texts).
 fn stream(url: &str, body: &Value) -> (Duration, Vec<String>) {

@@ -4,20 +4,11 @@
 //! or the Python environment is missing.
 mod common;
 
+use common::serve::{client, start, wait_ready, Server};
+
 use serde_json::{json, Value};
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 fn nginx() -> Option<PathBuf> {
     let found = ["/usr/sbin/nginx", "/usr/bin/nginx"].iter().map(PathBuf::from).find(|p| p.is_file());
@@ -25,32 +16,6 @@ fn nginx() -> Option<PathBuf> {
         eprintln!("skipping: nginx is not installed (scripts/setup-nginx.sh installs Debian's)");
     }
     found
-}
-
-fn start_worker(dir: &Path) -> (Killed, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_arcana-serve"))
-        .current_dir(dir)
-        .args(["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register", "--port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
-    (Killed(child), url)
-}
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn requests_served(worker: &str) -> u64 {
@@ -62,14 +27,15 @@ fn requests_served(worker: &str) -> u64 {
 fn two_workers_behind_nginx_share_the_requests() {
     let Some(nginx) = nginx() else { return };
     let Some(dir) = common::cli_fixtures() else { return };
-    let workers: Vec<(Killed, String)> = (0..2).map(|_| start_worker(dir)).collect();
-    for (_, url) in &workers {
-        wait_for("a worker", || client().get(format!("{url}/health")).send().is_ok_and(|r| r.status().is_success()));
+    let workers: Vec<Server> =
+        (0..2).map(|_| start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register"])).collect();
+    for worker in &workers {
+        wait_ready(&worker.url);
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let conf_dir = tempfile::tempdir().unwrap();
     let upstreams: String =
-        workers.iter().map(|(_, url)| format!("        server {};\n", url.trim_start_matches("http://"))).collect();
+        workers.iter().map(|w| format!("        server {};\n", w.url.trim_start_matches("http://"))).collect();
     let conf = format!(
         "daemon off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 64; }}\n\
          http {{\n    access_log off;\n    client_body_temp_path {tmp};\n    proxy_temp_path {tmp};\n\
@@ -83,18 +49,19 @@ fn two_workers_behind_nginx_share_the_requests() {
     );
     let conf_path = conf_dir.path().join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
-    let _nginx = Killed(
-        Command::new(nginx)
+    let front = Server {
+        child: Command::new(nginx)
             .args(["-c", conf_path.to_str().unwrap(), "-p", conf_dir.path().to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
-    );
-    let front = format!("http://127.0.0.1:{port}");
-    wait_for("nginx", || client().get(format!("{front}/health")).send().is_ok_and(|r| r.status().is_success()));
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    wait_ready(&front.url);
+    let front = front.url.clone();
 
-    let before: Vec<u64> = workers.iter().map(|(_, u)| requests_served(u)).collect();
+    let before: Vec<u64> = workers.iter().map(|w| requests_served(&w.url)).collect();
     let body = json!({"prompt": "USER: Hello ASSISTANT:", "temperature": 0, "max_new_tokens": 8});
     let mut answers = Vec::new();
     for _ in 0..4 {
@@ -109,7 +76,7 @@ fn two_workers_behind_nginx_share_the_requests() {
         answers.push(last["text"].as_str().unwrap().to_string());
     }
     assert!(answers.windows(2).all(|w| w[0] == w[1]), "greedy answers differ between workers: {answers:?}");
-    let served: Vec<u64> = workers.iter().zip(&before).map(|((_, u), b)| requests_served(u) - b).collect();
+    let served: Vec<u64> = workers.iter().zip(&before).map(|(w, b)| requests_served(&w.url) - b).collect();
     assert_eq!(served, vec![2, 2], "round robin over both workers");
     // The OpenAI API passes through too.
     let reply: Value = client()

@@ -4,20 +4,11 @@
 //! skips with a message without one.
 mod common;
 
+use common::serve::{client, free_port, start, wait_until, Server};
+
 use serde_json::{json, Value};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use std::process::{Command, Stdio};
 
 fn release_checkout() -> Option<PathBuf> {
     let dir = std::env::var_os("ARCANA_SRC").map(PathBuf::from);
@@ -27,22 +18,6 @@ fn release_checkout() -> Option<PathBuf> {
             eprintln!("skipping: set ARCANA_SRC to a checkout of the release (arcana/serve/controller.py) to run the interop test");
             None
         }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -58,8 +33,8 @@ fn our_worker_serves_through_the_release_controller() {
     let logs = tempfile::tempdir().unwrap();
     let port = free_port();
     let controller_url = format!("http://127.0.0.1:{port}");
-    let _controller = Killed(
-        Command::new(&python)
+    let _controller = Server {
+        child: Command::new(&python)
             .args(["-m", "arcana.serve.controller", "--host", "127.0.0.1", "--port", &port.to_string()])
             .env("PYTHONPATH", &src)
             .current_dir(logs.path())
@@ -67,20 +42,15 @@ fn our_worker_serves_through_the_release_controller() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
-    );
-    wait_for("the release's controller", || client().post(format!("{controller_url}/list_models")).send().is_ok());
+        url: controller_url.clone(),
+    };
+    wait_until("the release's controller", 90, || {
+        client().post(format!("{controller_url}/list_models")).send().is_ok()
+    });
 
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_arcana-serve"))
-        .current_dir(dir)
-        .args(["worker", "--model-path", "arcana-cli-tiny-v1", "--port", "0", "--controller-address", &controller_url])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(worker.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let _worker = Killed(worker);
-    wait_for("our worker to register", || {
+    let _worker =
+        start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller_url]);
+    wait_until("our worker to register", 90, || {
         client()
             .post(format!("{controller_url}/list_models"))
             .send()

@@ -6,58 +6,12 @@
 //! the client's stream with an error chunk.
 mod common;
 
+use common::serve::{client, start, start_on, wait_ready, wait_until};
+
 use arcana::serve::protocol::{ChunkSplitter, StreamChunk};
 use serde_json::{json, Value};
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `arcana-serve ARGS --port 0` and waits for the address it prints.
-fn start(dir: &Path, args: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_arcana-serve"))
-        .current_dir(dir)
-        .args(args)
-        .args(["--port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
-    assert!(url.starts_with("http://"), "no address printed: {line:?}");
-    Server { child, url }
-}
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
-}
-
-fn wait_ready(worker: &Server) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(r) = client().get(format!("{}/health", worker.url)).send() {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("worker at {} never became ready", worker.url);
-}
 
 fn chunks(bytes: &[u8]) -> Vec<StreamChunk> {
     let mut splitter = ChunkSplitter::default();
@@ -106,7 +60,7 @@ fn a_greedy_request_through_the_controller_answers_like_the_cli() {
     let Some(dir) = common::cli_fixtures() else { return };
     let controller = start(dir, &["controller"]);
     let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
-    wait_ready(&worker);
+    wait_ready(&worker.url);
     // Registered on load.
     let models: Value = client().post(format!("{}/list_models", controller.url)).send().unwrap().json().unwrap();
     assert_eq!(models, json!({"models": ["arcana-cli-tiny-v1"]}));
@@ -132,7 +86,7 @@ fn a_greedy_request_through_the_controller_answers_like_the_cli() {
 fn bad_requests_get_error_chunks_that_name_the_problem() {
     let Some(dir) = common::cli_fixtures() else { return };
     let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register"]);
-    wait_ready(&worker);
+    wait_ready(&worker.url);
     let mut request = square_request(dir, 4);
     let cases: Vec<(Value, &str)> = vec![
         (json!(["%%% not base64"]), "image 1: not valid base64"),
@@ -173,7 +127,7 @@ fn a_prompt_that_fills_the_context_gets_the_release_reply() {
     value["max_position_embeddings"] = 64.into();
     std::fs::write(&config, value.to_string()).unwrap();
     let worker = start(tmp.path(), &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register"]);
-    wait_ready(&worker);
+    wait_ready(&worker.url);
     let request = square_request(dir, 24);
     let got = generate(&worker.url, &request);
     let prompt = request["prompt"].as_str().unwrap();
@@ -193,7 +147,7 @@ fn requests_past_the_limit_queue_and_a_leaving_client_frees_its_slot() {
         dir,
         &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register", "--limit-model-concurrency", "1"],
     );
-    wait_ready(&worker);
+    wait_ready(&worker.url);
     let url = worker.url.clone();
     // Three at once with one slot: all complete, and the status counted them while they waited.
     let requests: Vec<_> = (0..3)
@@ -240,7 +194,7 @@ fn a_worker_killed_mid_stream_ends_the_stream_with_an_error() {
     let controller = start(dir, &["controller", "--stream-timeout", "30"]);
     let mut worker =
         start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
-    wait_ready(&worker);
+    wait_ready(&worker.url);
     let url = controller.url.clone();
     let body = square_request(dir, 1000);
     let reader = std::thread::spawn(move || {
@@ -261,7 +215,7 @@ fn a_worker_killed_mid_stream_ends_the_stream_with_an_error() {
 fn sigterm_lets_an_answer_in_flight_finish_then_exits() {
     let Some(dir) = common::cli_fixtures() else { return };
     let mut worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register"]);
-    wait_ready(&worker);
+    wait_ready(&worker.url);
     let (url, body) = (worker.url.clone(), square_request(dir, 64));
     let reader = std::thread::spawn(move || {
         let r = client().post(format!("{url}/worker_generate_stream")).json(&body).send().unwrap();
@@ -291,31 +245,8 @@ fn sigterm_lets_an_answer_in_flight_finish_then_exits() {
     assert!(client().get(format!("{}/health", worker.url)).send().is_err(), "still accepting connections");
 }
 
-/// Starts `arcana-serve ARGS` on a given port (for restarts on the same address).
-fn start_on(dir: &Path, args: &[&str], port: u16) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_arcana-serve"))
-        .current_dir(dir)
-        .args(args)
-        .args(["--port", &port.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    Server { child, url: format!("http://127.0.0.1:{port}") }
-}
-
 fn models(controller: &str) -> Value {
     client().post(format!("{controller}/list_models")).send().and_then(|r| r.json()).unwrap_or(Value::Null)
-}
-
-fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out after {seconds} s waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -328,7 +259,7 @@ fn workers_register_again_with_a_restarted_controller() {
         dir,
         &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &url, "--heart-beat-interval", "0.5"],
     );
-    wait_ready(&worker);
+    wait_ready(&worker.url);
     wait_until("the first registration", 10, || models(&url) == json!({"models": ["arcana-cli-tiny-v1"]}));
     drop(controller);
     // A new controller on the same address knows no worker until the next heart beat says exist=false.
@@ -354,8 +285,8 @@ fn a_dead_worker_expires_and_requests_go_to_the_other() {
     ];
     let mut doomed = start(dir, &args);
     let survivor = start(dir, &args);
-    wait_ready(&doomed);
-    wait_ready(&survivor);
+    wait_ready(&doomed.url);
+    wait_ready(&survivor.url);
     let _ = doomed.child.kill();
     let _ = doomed.child.wait();
     // Within two expiry periods the dead worker is gone: every request is answered by the survivor.
@@ -381,7 +312,7 @@ fn a_worker_stopped_with_sigterm_leaves_the_controller_at_once() {
     let url = controller.url.clone();
     let mut worker =
         start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", url.as_str()]);
-    wait_ready(&worker);
+    wait_ready(&worker.url);
     wait_until("the registration", 10, || models(&url) == json!({"models": ["arcana-cli-tiny-v1"]}));
     // SAFETY: plain kill(2) on our own child process.
     assert_eq!(unsafe { libc::kill(worker.child.id() as i32, libc::SIGTERM) }, 0);

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
 
+pub mod serve;
+
 /// A committed parity fixture: `tests/fixtures/parity/<preset>/` (made by `python parity/export.py fixtures`).
 pub fn fixture_dir(preset: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity").join(preset)
