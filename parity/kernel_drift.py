@@ -55,16 +55,6 @@ def reference_files(root):
                 yield f"{preset}/{f}", os.path.join(pdir, f)
 
 
-def stats(a, b):
-    a, b = a.double(), b.double()
-    diff = (a - b).abs().max().item() if a.numel() else 0.0
-    ref_max = b.abs().max().item() if b.numel() else 0.0
-    rel = diff / ref_max if ref_max > 0 else (0.0 if diff == 0 else float("inf"))
-    norms = a.norm().item() * b.norm().item()
-    cos = (a * b).sum().item() / norms if norms > 0 else 1.0
-    return diff, rel, cos
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paths", default=",".join(KERNEL_PATHS), help="comma-separated kernel paths to export")
@@ -92,7 +82,7 @@ def main(argv=None):
                             if not torch.equal(ta, tb):
                                 integer_mismatches.append(f"{na} vs {nb}: {rel_name} {key}")
                             continue
-                        diff, rel, cos = stats(ta, tb)
+                        diff, rel, cos = export._drift(ta, tb)
                         stage = export.tolerance_stage(key)
                         s = per_stage.setdefault(stage, {"max_abs": 0.0, "max_rel": 0.0, "min_cosine": 1.0,
                                                          "worst": ""})
