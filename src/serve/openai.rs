@@ -216,6 +216,12 @@ fn finish_reason(reason: FinishReason) -> &'static str {
     }
 }
 
+/// OpenAI's `usage` object.
+fn usage_json(usage: crate::engine::Usage) -> Value {
+    json!({"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+           "total_tokens": usage.prompt_tokens + usage.completion_tokens})
+}
+
 /// `GET /v1/models` of one worker.
 pub fn models_reply(names: &[String]) -> Json<Value> {
     let created = now();
@@ -324,8 +330,7 @@ async fn whole_completion(
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null,
                          "finish_reason": finish_reason(finish.reason)}],
-            "usage": {"prompt_tokens": finish.usage.prompt_tokens, "completion_tokens": finish.usage.completion_tokens,
-                      "total_tokens": finish.usage.prompt_tokens + finish.usage.completion_tokens},
+            "usage": usage_json(finish.usage),
         }))
         .into_response(),
         Ok(Err(e)) => {
@@ -377,9 +382,7 @@ async fn stream_completion(
                         None,
                     ));
                     if include_usage {
-                        let u = finish.usage;
-                        let usage = json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                                           "total_tokens": u.prompt_tokens + u.completion_tokens});
+                        let usage = usage_json(finish.usage);
                         frames.push(frame(json!([]), Some(usage)));
                     }
                     frames.push("data: [DONE]\n\n".to_string());
