@@ -3,7 +3,7 @@ use crate::config::{resolve_vision_tower, ArcanaConfig, VisionConfig, VisionTowe
 use crate::error::{Error, Result};
 use crate::generate::{decode, DecodeOptions, Decoded, Flow, GenerationConfig, Stepping, TokenChooser};
 use crate::llm::mask::{policies_differ, prefill_visual_mask, MaskPolicy};
-use crate::llm::quant::Quantization;
+use crate::llm::quant::DecoderWeights;
 use crate::llm::{CausalLmOutput, KvCache, LlamaForCausalLM, StepInputs};
 use crate::mm::projector::Projector;
 use crate::mm::splice::{prepare_inputs, Spliced};
@@ -141,20 +141,22 @@ pub struct ArcanaModel {
 impl ArcanaModel {
     /// Loads every part; every tensor of the checkpoint must be used.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
-        Self::load_with_progress(dir, kind, device, |_, _| {})
+        Self::load_with_progress(dir, kind, device, DecoderWeights::default(), |_, _| {})
     }
 
-    /// `load`, calling `progress(tensors loaded, tensors in the checkpoint files)` after each tensor.
+    /// `load`, with the decoder's weights stored as `storage` says, calling
+    /// `progress(tensors loaded, tensors in the checkpoint files)` after each tensor.
     pub fn load_with_progress(
         dir: &Path,
         kind: Kind,
         device: Device,
+        storage: DecoderWeights,
         progress: impl Fn(usize, usize) + 'static,
     ) -> Result<Self> {
         let files = ModelFiles::open(dir)?;
         let loader = files.weight_loader(kind, device)?.with_progress(progress);
         let vision = VisionSide::load(&files, &loader)?;
-        let llm = LlamaForCausalLM::load(&loader.root(), &files.config)?;
+        let llm = LlamaForCausalLM::load_with(&loader.root(), &files.config, storage)?;
         loader.finish()?;
         Ok(Self { files, vision, llm })
     }
@@ -167,11 +169,6 @@ impl ArcanaModel {
     /// Positions the decoder can attend over (prompt, image features and new tokens together).
     pub fn context_length(&self) -> i64 {
         self.files.config.max_position_embeddings
-    }
-
-    /// Quantizes the decoder's projections; returns their size in bytes before and after.
-    pub fn quantize(&mut self, mode: Quantization) -> Result<(usize, usize)> {
-        self.llm.quantize(mode)
     }
 
     /// An empty KV cache for `batch` rows and room for `capacity` positions.

@@ -6,7 +6,6 @@
 //!     arcana-serve all --model-path DIR [--port 7860]    (controller + worker + web in one process)
 use anyhow::{bail, Context};
 use arcana::engine::{Engine, EngineOptions};
-use arcana::llm::quant::Quantization;
 use arcana::mm::conversation::model_name_from_path;
 use arcana::serve::controller::{self, Controller, DispatchMethod};
 use arcana::serve::http;
@@ -135,12 +134,8 @@ struct ModelArgs {
     /// Requests generating at once; more wait in a queue.
     #[arg(long, default_value_t = 5)]
     limit_model_concurrency: usize,
-    /// Weight-only int8 decoder projections.
-    #[arg(long)]
-    load_8bit: bool,
-    /// Weight-only int4 decoder projections.
-    #[arg(long, conflicts_with = "load_8bit")]
-    load_4bit: bool,
+    #[command(flatten)]
+    weights: shared::WeightFlags,
     /// Let the OpenAI API fetch http(s) image URLs (off: only data: URLs are accepted).
     #[arg(long)]
     allow_image_urls: bool,
@@ -210,7 +205,9 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
         bail!("--limit-model-concurrency must be at least 1");
     }
     let device = shared::parse_device(&model.device)?;
-    let kind = shared::default_kind(device);
+    let choice = model.weights.resolve(device)?;
+    let threads = model.weights.threads()?;
+    let kind = choice.kind;
     let weights = shared::weights_folder(&model.model_path, model.model_base.as_deref(), kind)?;
     let model_path = model.model_path.to_string_lossy().into_owned();
     let model_name = match &model.model_name {
@@ -232,11 +229,9 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
     let options = EngineOptions {
         kind,
         device,
-        quantization: match (model.load_8bit, model.load_4bit) {
-            (true, _) => Some(Quantization::Int8),
-            (_, true) => Some(Quantization::Int4),
-            _ => None,
-        },
+        quantization: choice.quantization,
+        merge_lora: choice.merge_lora,
+        threads,
         model_name_path: Some(model_path),
         with_model_base: model.model_base.is_some(),
         ..EngineOptions::default()
@@ -244,7 +239,7 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
     let loading = worker.clone();
     let runtime = tokio::runtime::Handle::current();
     std::thread::spawn(move || {
-        tracing::info!(model = %weights.display(), ?kind, ?device, "loading");
+        tracing::info!(model = %weights.display(), ?kind, ?device, ?threads, "loading");
         match Engine::load(&weights, options).and_then(Engine::spawn) {
             Ok((handle, _thread)) => {
                 loading.set_engine(handle);

@@ -4,13 +4,11 @@ use anyhow::{Context, Result};
 use arcana::chat::{ChatSession, TurnResult};
 use arcana::engine::{Engine, EngineOptions, GenerationParams};
 use arcana::llm::mask::MaskPolicy;
-use arcana::llm::quant::Quantization;
 use arcana::mm::conversation::cli_display_roles;
 use clap::{Parser, ValueEnum};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
-use tch::Kind;
 
 #[path = "shared/mod.rs"]
 mod shared;
@@ -47,15 +45,8 @@ struct Args {
     seed: Option<u64>,
     #[arg(long, default_value_t = 512)]
     max_new_tokens: usize,
-    /// Weights dtype: fp32 (CPU default), fp16 (CUDA default) or bf16.
-    #[arg(long, value_enum)]
-    dtype: Option<DtypeArg>,
-    /// 8-bit weight-only quantization of the decoder's linear layers.
-    #[arg(long, conflicts_with = "load_4bit")]
-    load_8bit: bool,
-    /// 4-bit weight-only quantization of the decoder's linear layers.
-    #[arg(long)]
-    load_4bit: bool,
+    #[command(flatten)]
+    weights: shared::WeightFlags,
     /// One question, answered once, then exit (otherwise the interactive loop; a piped stdin gives one question per line).
     #[arg(long)]
     prompt: Vec<String>,
@@ -68,13 +59,6 @@ struct Args {
     /// Print timings and each turn's prompt and reply.
     #[arg(long)]
     debug: bool,
-}
-
-#[derive(Copy, Clone, Debug, ValueEnum)]
-enum DtypeArg {
-    Fp32,
-    Fp16,
-    Bf16,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -116,12 +100,9 @@ impl Questions {
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = shared::parse_device(&args.device)?;
-    let kind = match args.dtype {
-        Some(DtypeArg::Fp32) => Kind::Float,
-        Some(DtypeArg::Fp16) => Kind::Half,
-        Some(DtypeArg::Bf16) => Kind::BFloat16,
-        None => shared::default_kind(device),
-    };
+    let choice = args.weights.resolve(device)?;
+    let threads = args.weights.threads()?;
+    let (kind, quantization) = (choice.kind, choice.quantization);
     let weights_path = shared::weights_folder(&args.model_path, args.model_base.as_deref(), kind)?;
     let params = GenerationParams {
         temperature: args.temperature,
@@ -136,12 +117,6 @@ fn main() -> Result<()> {
         PolicyArg::Release => MaskPolicy::Release,
         PolicyArg::Image => MaskPolicy::Image,
     };
-    let quantization = match (args.load_8bit, args.load_4bit) {
-        (true, _) => Some(Quantization::Int8),
-        (_, true) => Some(Quantization::Int4),
-        _ => None,
-    };
-
     let load_start = Instant::now();
     eprintln!("Loading {} ({kind:?} on {device:?})...", weights_path.display());
     let show_progress = std::io::stderr().is_terminal();
@@ -150,6 +125,8 @@ fn main() -> Result<()> {
         kind,
         device,
         quantization,
+        merge_lora: choice.merge_lora,
+        threads,
         model_name_path: Some(model_path.clone()),
         with_model_base: args.model_base.is_some(),
         conv_mode: args.conv_mode.clone(),
@@ -166,7 +143,7 @@ fn main() -> Result<()> {
     }
     if let Some(q) = engine.quantized() {
         eprintln!(
-            "Quantized the decoder's projections to {:?}: {:.1} MiB -> {:.1} MiB (MM-LoRA branches kept in {kind:?})",
+            "Decoder projections and lm_head stored as {:?}: {:.1} MiB -> {:.1} MiB (MM-LoRA branches kept in {kind:?})",
             q.mode,
             q.before_bytes as f64 / 1048576.0,
             q.after_bytes as f64 / 1048576.0
@@ -238,6 +215,8 @@ fn main() -> Result<()> {
             "image_file": args.image_file,
             "load_seconds": load_seconds,
             "quantization": quantization.map(|q| format!("{q:?}")),
+            "merge_lora": choice.merge_lora,
+            "threads": engine.threads(),
             "image_preprocess_seconds": preprocess_seconds,
             "turns": turns,
         });

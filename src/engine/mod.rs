@@ -29,7 +29,7 @@ pub use request::{ChatMessage, GenerationParams, ImageInput, Request, RequestInp
 use crate::error::{Error, Result};
 use crate::generate::{DecodeEnd, GenerationConfig, Stepping};
 use crate::llm::mask::MaskPolicy;
-use crate::llm::quant::Quantization;
+use crate::llm::quant::{BaseWeight, DecoderWeights, Quantization};
 use crate::mm::conversation::{
     cli_user_message, model_name_from_path, resolve_conv_mode, template_by_name, ConvModeChoice, Conversation,
 };
@@ -47,8 +47,13 @@ use text::StopText;
 pub struct EngineOptions {
     pub kind: Kind,
     pub device: Device,
-    /// Weight-only quantization of the decoder's projections.
+    /// How the decoder's projections and `lm_head` are stored (int8, int4, fp16 weights).
     pub quantization: Option<Quantization>,
+    /// Fold the MM-LoRA language branch into the base weights at load.
+    pub merge_lora: bool,
+    /// libtorch's intra-op threads on the threads that load and run the engine (libtorch's default when
+    /// none: OMP_NUM_THREADS, else every CPU).
+    pub threads: Option<usize>,
     /// The name the template is chosen from, as the release does (`get_model_name_from_path`); by
     /// default the model folder's path. A checkpoint assembled elsewhere keeps the name the user gave.
     pub model_name_path: Option<String>,
@@ -66,6 +71,8 @@ impl Default for EngineOptions {
             kind: Kind::Float,
             device: Device::Cpu,
             quantization: None,
+            merge_lora: false,
+            threads: None,
             model_name_path: None,
             with_model_base: false,
             conv_mode: None,
@@ -74,7 +81,7 @@ impl Default for EngineOptions {
     }
 }
 
-/// Bytes of the decoder's projections before and after quantization.
+/// Bytes of the decoder's projections and `lm_head`, dense in the compute dtype and as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantizedSize {
     pub mode: Quantization,
@@ -92,6 +99,8 @@ pub struct Engine {
     template: Conversation,
     mask_policy: MaskPolicy,
     quantized: Option<QuantizedSize>,
+    /// Intra-op threads, set again on the engine's own thread (libtorch's setting is per thread).
+    threads: i32,
 }
 
 impl Engine {
@@ -109,14 +118,23 @@ impl Engine {
         let model_name = model_name_from_path(&name_path)?;
         let conv_mode = resolve_conv_mode(&model_name, options.conv_mode.as_deref());
         let template = template_by_name(&conv_mode.chosen)?;
-        let mut model = ArcanaModel::load_with_progress(dir, options.kind, options.device, progress)?;
-        let quantized = match options.quantization {
-            Some(mode) => {
-                let (before_bytes, after_bytes) = model.quantize(mode)?;
-                Some(QuantizedSize { mode, before_bytes, after_bytes })
+        if let Some(threads) = options.threads {
+            let threads = i32::try_from(threads).ok().filter(|&n| n > 0).ok_or_else(|| {
+                Error::InvalidInput(format!("threads: expected 1 to {}, got {threads}", i32::MAX))
+            })?;
+            tch::set_num_threads(threads);
+        }
+        let storage = DecoderWeights { storage: options.quantization, merge_lora: options.merge_lora };
+        let model = ArcanaModel::load_with_progress(dir, options.kind, options.device, storage, progress)?;
+        let quantized = options.quantization.map(|mode| {
+            let dense = options.kind.elt_size_in_bytes();
+            let weights = || model.llm.base_weights();
+            QuantizedSize {
+                mode,
+                before_bytes: weights().map(|w| w.shape().iter().product::<i64>() as usize * dense).sum(),
+                after_bytes: weights().map(BaseWeight::bytes).sum(),
             }
-            None => None,
-        };
+        });
         // Fast or slow as the release's builder chooses, by the model's name.
         let name_path = options.model_name_path.as_deref().map(Path::new).unwrap_or(dir);
         let tokenizer = Tokenizer::for_release(dir, name_path, options.with_model_base)?;
@@ -130,7 +148,13 @@ impl Engine {
             template,
             mask_policy: options.mask_policy,
             quantized,
+            threads: tch::get_num_threads(),
         })
+    }
+
+    /// libtorch's intra-op threads this engine computes with.
+    pub fn threads(&self) -> usize {
+        self.threads as usize
     }
 
     pub fn model(&self) -> &ArcanaModel {

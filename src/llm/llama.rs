@@ -5,6 +5,7 @@ use super::cache::KvCache;
 use super::mask::causal_4d_mask;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
+use super::quant::{BaseWeight, DecoderWeights, Quantization};
 use super::rope::{gather_positions, RotaryEmbedding};
 use crate::config::ArcanaConfig;
 use crate::error::{Error, Result};
@@ -21,11 +22,11 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize) -> Result<Self> {
+    pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize, storage: DecoderWeights) -> Result<Self> {
         let (h, eps) = (config.hidden_size, config.rms_norm_eps);
         Ok(Self {
-            self_attn: Attention::load(&w.pp("self_attn"), config, layer_idx)?,
-            mlp: Mlp::load(&w.pp("mlp"), config)?,
+            self_attn: Attention::load(&w.pp("self_attn"), config, layer_idx, storage)?,
+            mlp: Mlp::load(&w.pp("mlp"), config, storage)?,
             input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), h, eps)?,
             post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), h, eps)?,
         })
@@ -78,10 +79,10 @@ pub struct LlamaModel {
 
 impl LlamaModel {
     /// `w` points at `model`.
-    pub fn load(w: &Weights, config: &ArcanaConfig) -> Result<Self> {
+    pub fn load(w: &Weights, config: &ArcanaConfig, storage: DecoderWeights) -> Result<Self> {
         let embed_tokens = w.pp("embed_tokens").get("weight", &[config.vocab_size, config.hidden_size])?;
         let layers = (0..config.num_hidden_layers as usize)
-            .map(|i| DecoderLayer::load(&w.pp("layers").pp(i), config, i))
+            .map(|i| DecoderLayer::load(&w.pp("layers").pp(i), config, i, storage))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&w.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
         let rotary_emb = RotaryEmbedding::new(config, w.device())?;
@@ -185,7 +186,7 @@ impl LlamaModel {
 #[derive(Debug)]
 pub struct LlamaForCausalLM {
     pub model: LlamaModel,
-    pub lm_head: Linear,
+    pub lm_head: BaseWeight,
 }
 
 /// Logits and the decoder's outputs of one forward.
@@ -198,14 +199,34 @@ pub struct CausalLmOutput {
 impl LlamaForCausalLM {
     /// `w` is the checkpoint's root.
     pub fn load(w: &Weights, config: &ArcanaConfig) -> Result<Self> {
-        let model = LlamaModel::load(&w.pp("model"), config)?;
+        Self::load_with(w, config, DecoderWeights::default())
+    }
+
+    /// `load`, storing the projections (and `lm_head`) as `storage` says. `lm_head` takes int8 where the
+    /// projections take int4: it has no MM-LoRA branch and every logit goes through it.
+    pub fn load_with(w: &Weights, config: &ArcanaConfig, storage: DecoderWeights) -> Result<Self> {
+        let model = LlamaModel::load(&w.pp("model"), config, storage)?;
         let head = w.pp("lm_head");
         let lm_head = if config.tie_word_embeddings && !head.contains("weight") {
             Linear { weight: model.embed_tokens.shallow_clone(), bias: None }
         } else {
             Linear::load(&head, config.hidden_size, config.vocab_size, false)?
         };
+        let lm_head = match storage.storage {
+            Some(Quantization::Int4) => BaseWeight::quantized(lm_head, Quantization::Int8)?,
+            Some(mode) => BaseWeight::quantized(lm_head, mode)?,
+            None => BaseWeight::Dense(lm_head),
+        };
         Ok(Self { model, lm_head })
+    }
+
+    /// The decoder's projections' base weights and `lm_head`.
+    pub fn base_weights(&self) -> impl Iterator<Item = &BaseWeight> {
+        let layers = self.model.layers.iter().flat_map(|layer| {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].map(|p| &p.base)
+        });
+        layers.chain(std::iter::once(&self.lm_head))
     }
 
     pub fn forward(
