@@ -128,6 +128,12 @@ impl VisionSide {
         let projected = self.projector.forward(&vision.features)?;
         Ok(EncodedImages { vision, projected })
     }
+
+    /// The projected features alone (`encode(..).projected`, without the layers nothing reads).
+    pub fn project(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        self.projector.forward(&self.tower.features(pixel_values)?)
+    }
 }
 
 /// The whole model: vision side and the MM-LoRA Llama.
@@ -189,7 +195,7 @@ impl ArcanaModel {
             Some(p) => {
                 let p = if p.dim() == 3 { p.f_unsqueeze(0)? } else { p.shallow_clone() };
                 let (kind, device) = self.kind_and_device();
-                Some(self.vision.encode(&p.f_to_kind(kind)?.f_to_device(device)?)?.projected)
+                Some(self.vision.project(&p.f_to_kind(kind)?.f_to_device(device)?)?)
             }
             None => None,
         };

@@ -187,6 +187,8 @@ impl LlamaModel {
 pub struct LlamaForCausalLM {
     pub model: LlamaModel,
     pub lm_head: BaseWeight,
+    /// Loaded as stored, with nothing merged: computes what the release computes, bit for bit.
+    pub exact: bool,
 }
 
 /// Logits and the decoder's outputs of one forward.
@@ -217,7 +219,8 @@ impl LlamaForCausalLM {
             Some(mode) => BaseWeight::quantized(lm_head, mode)?,
             None => BaseWeight::Dense(lm_head),
         };
-        Ok(Self { model, lm_head })
+        let exact = storage == DecoderWeights::default();
+        Ok(Self { model, lm_head, exact })
     }
 
     /// The decoder's projections' base weights and `lm_head`.
@@ -240,5 +243,25 @@ impl LlamaForCausalLM {
         let decoder = self.model.forward(inputs_embeds, step, cache, keep_layers)?;
         let logits = self.lm_head.forward(&decoder.hidden)?.f_to_kind(Kind::Float)?;
         Ok(CausalLmOutput { logits, decoder })
+    }
+
+    /// The last position's fp32 logits `[B, vocab]`, which decoding reads. Outside the exact mode only
+    /// that row goes through `lm_head`; the exact mode runs every row, as the release does, because
+    /// one row alone takes another GEMM path with other low bits.
+    pub fn next_token_logits(
+        &self,
+        inputs_embeds: &Tensor,
+        step: &StepInputs,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let hidden = self.model.forward(inputs_embeds, step, cache, false)?.hidden;
+        let last = hidden.size()[1] - 1;
+        let logits = if self.exact {
+            self.lm_head.forward(&hidden)?.f_select(1, last)?
+        } else {
+            self.lm_head.forward(&hidden.f_select(1, last)?)?
+        };
+        Ok(logits.f_to_kind(Kind::Float)?)
     }
 }
