@@ -8,18 +8,15 @@
 //!   are quantized to uint8 by the kernel on every call, with one range per call.
 //! - fp16 on CPU: fbgemm's fp16-weight GEMM with fp32 activations and accumulation
 //!   (`fbgemm_linear_fp16_weight_fp32_activation`).
-//! - int8 elsewhere and int4: integers with floating point scales, expanded to the compute dtype on each
-//!   forward. int4 is asymmetric with one scale and zero point per group of `INT4_GROUP` input columns
-//!   (fewer where the width is not a multiple of it): `scale = (max - min) / 15`, two values per byte.
+//! - int4: see [`crate::llm::int4`] (packed codes read directly when decoding on the CPU).
+//! - int8 on other devices: integers with per-row scales, expanded to the compute dtype on each forward.
 //!
 //! None of these is bitsandbytes' LLM.int8() / NF4: results are close to, not equal to, the release's.
 //! MM-LoRA branches, norms, embeddings and the vision side stay in the compute dtype.
 use crate::error::{Error, Result};
 use crate::layers::Linear;
+use crate::llm::int4::Int4Matrix;
 use tch::{Device, Kind, Scalar, Tensor};
-
-/// Input columns sharing one int4 scale (as common 4-bit schemes use).
-pub const INT4_GROUP: i64 = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Quantization {
@@ -45,7 +42,7 @@ pub enum BaseWeight {
     Int8Packed(Int8Packed),
     Fp16Packed(Fp16Packed),
     Int8 { q: Tensor, scale: Tensor, bias: Option<Tensor>, kind: Kind },
-    Int4 { packed: Tensor, scale: Tensor, zero: Tensor, in_dim: i64, group: i64, bias: Option<Tensor>, kind: Kind },
+    Int4(Int4Matrix),
 }
 
 /// An int8 matrix packed inside fbgemm, with its per-row scales.
@@ -103,10 +100,7 @@ impl BaseWeight {
                 let weight = q.f_to_kind(*kind)?.f_mul(scale)?;
                 Ok(x.f_linear(&weight, bias.as_ref())?)
             }
-            Self::Int4 { packed, scale, zero, in_dim, group, bias, kind } => {
-                let weight = unpack_int4(packed, scale, zero, *in_dim, *group, *kind)?;
-                Ok(x.f_linear(&weight, bias.as_ref())?)
-            }
+            Self::Int4(m) => m.forward(x),
         }
     }
 
@@ -117,7 +111,7 @@ impl BaseWeight {
             Self::Int8Packed(w) => w.bytes,
             Self::Fp16Packed(w) => w.bytes,
             Self::Int8 { q, scale, .. } => tensor_bytes(q) + tensor_bytes(scale),
-            Self::Int4 { packed, scale, zero, .. } => tensor_bytes(packed) + tensor_bytes(scale) + tensor_bytes(zero),
+            Self::Int4(m) => m.bytes(),
         }
     }
 
@@ -132,7 +126,7 @@ impl BaseWeight {
             Self::Int8Packed(w) => two(&w.shape),
             Self::Fp16Packed(w) => w.shape,
             Self::Int8 { q, .. } => two(q),
-            Self::Int4 { packed, in_dim, .. } => [packed.size()[0], *in_dim],
+            Self::Int4(m) => m.shape(),
         }
     }
 
@@ -173,22 +167,7 @@ impl BaseWeight {
                     linear.weight.device()
                 )))
             }
-            Quantization::Int4 => {
-                let (out_dim, in_dim) = w.size2()?;
-                let group = [INT4_GROUP, 32, 16, 8, 4, 2].into_iter().find(|g| in_dim % g == 0).ok_or_else(|| {
-                    Error::InvalidInput(format!("--load-4bit needs even input widths; a projection has {in_dim}"))
-                })?;
-                let groups = w.f_view([out_dim, in_dim / group, group])?;
-                let low = groups.f_amin(&[2i64][..], true)?;
-                let high = groups.f_amax(&[2i64][..], true)?;
-                let scale = high.f_sub(&low)?.f_clamp_min(1e-12)?.f_div_scalar(15.0)?;
-                let zero = low.f_div(&scale)?.f_neg()?.f_round()?.f_clamp(0.0, 15.0)?;
-                let q = groups.f_div(&scale)?.f_round()?.f_add(&zero)?.f_clamp(0.0, 15.0)?.f_to_kind(Kind::Uint8)?;
-                let q = q.f_view([out_dim, in_dim / 2, 2])?;
-                let packed = q.f_select(2, 0)?.f_add(&q.f_select(2, 1)?.f_mul_scalar(16)?)?.f_to_kind(Kind::Uint8)?;
-                let zero = zero.f_to_kind(Kind::Uint8)?;
-                Self::Int4 { packed, scale: scale.f_to_kind(kind)?, zero, in_dim, group, bias, kind }
-            }
+            Quantization::Int4 => Self::Int4(Int4Matrix::quantize(Linear { weight: w.f_to_kind(kind)?, bias })?),
         })
     }
 }
@@ -214,16 +193,6 @@ fn pack_int8(w: &Tensor, bias: Option<Tensor>) -> Result<Int8Packed> {
         + tensor_bytes(&row_scale)
         + bias.as_ref().map_or(0, tensor_bytes);
     Ok(Int8Packed { packed, col_offsets, row_scale, shape, zero_bias, bias, bytes })
-}
-
-fn unpack_int4(packed: &Tensor, scale: &Tensor, zero: &Tensor, in_dim: i64, group: i64, kind: Kind) -> Result<Tensor> {
-    let out_dim = packed.size()[0];
-    let wide = packed.f_to_kind(Kind::Int16)?;
-    let low = wide.f_remainder(16)?;
-    let high = wide.f_floor_divide_scalar(16)?;
-    let values = Tensor::f_stack(&[low, high], 2)?.f_view([out_dim, in_dim / group, group])?;
-    let values = values.f_sub(&zero.f_to_kind(Kind::Int16)?)?.f_to_kind(kind)?.f_mul(scale)?;
-    Ok(values.f_view([out_dim, in_dim])?)
 }
 
 #[cfg(test)]
@@ -292,17 +261,5 @@ mod tests {
         assert!(bytes(Quantization::Fp16) <= dense_bytes / 2 + 16 * 4);
         assert!(bytes(Quantization::Int8) * 3 < dense_bytes);
         assert!(bytes(Quantization::Int4) * 4 < dense_bytes);
-    }
-
-    #[test]
-    fn int4_round_trips_exact_grid_values() {
-        // Values k * 0.25 for k in -7..=8: the group's scale is exactly 0.25, so packing loses nothing.
-        let row: Vec<f32> = (0..64).map(|i| ((i % 16) as f32 - 7.0) * 0.25).collect();
-        let weight = Tensor::from_slice(&row).view([1, 64]);
-        let linear = Linear { weight: weight.shallow_clone(), bias: None };
-        let w = BaseWeight::quantized(linear, Quantization::Int4).unwrap();
-        let BaseWeight::Int4 { packed, scale, zero, in_dim, group, kind, .. } = &w else { panic!("int4") };
-        let back = unpack_int4(packed, scale, zero, *in_dim, *group, *kind).unwrap();
-        assert!(back.equal(&weight));
     }
 }
