@@ -9,7 +9,7 @@ use crate::mm::projector::Projector;
 use crate::mm::splice::{prepare_inputs, Spliced};
 use crate::vision::preprocess::{AspectMode, ImagePreprocessor, PreprocessConfig};
 use crate::vision::{VisionOutputs, VisionTower};
-use crate::weights::{is_derived_buffer, Checkpoint, WeightLoader};
+use crate::weights::{is_derived_buffer, Checkpoint, Mappings, WeightLoader};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -142,6 +142,9 @@ pub struct ArcanaModel {
     pub files: ModelFiles,
     pub vision: VisionSide,
     pub llm: LlamaForCausalLM,
+    /// The checkpoint files that weights stored in the compute dtype are read from in place. Declared
+    /// after every tensor so that it is dropped after them.
+    _mappings: Mappings,
 }
 
 impl ArcanaModel {
@@ -160,11 +163,13 @@ impl ArcanaModel {
         progress: impl Fn(usize, usize) + 'static,
     ) -> Result<Self> {
         let files = ModelFiles::open(dir)?;
-        let loader = files.weight_loader(kind, device)?.with_progress(progress);
+        // SAFETY: the mappings go into the model, which drops them after every tensor (field order);
+        // no tensor leaves the model without its data being copied (features and logits are computed).
+        let loader = unsafe { files.weight_loader(kind, device)?.in_place() }.with_progress(progress);
         let vision = VisionSide::load(&files, &loader)?;
         let llm = LlamaForCausalLM::load_with(&loader.root(), &files.config, storage)?;
-        loader.finish()?;
-        Ok(Self { files, vision, llm })
+        let mappings = loader.finish()?;
+        Ok(Self { files, vision, llm, _mappings: mappings })
     }
 
     /// The dtype and device the weights were loaded in.

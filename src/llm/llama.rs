@@ -212,7 +212,9 @@ impl LlamaForCausalLM {
         let lm_head = if config.tie_word_embeddings && !head.contains("weight") {
             Linear { weight: model.embed_tokens.shallow_clone(), bias: None }
         } else {
-            Linear::load(&head, config.hidden_size, config.vocab_size, false)?
+            let shape = [config.vocab_size, config.hidden_size];
+            let weight = if storage.storage.is_some() { head.get_transient("weight", &shape)? } else { head.get("weight", &shape)? };
+            Linear { weight, bias: None }
         };
         let lm_head = match storage.storage {
             Some(Quantization::Int4) => BaseWeight::quantized(lm_head, Quantization::Int8)?,

@@ -68,11 +68,18 @@ impl MmLoraLinear {
         mode: MmLoraMode,
         storage: DecoderWeights,
     ) -> Result<Self> {
-        let mut base = Linear::load(w, in_dim, out_dim, bias)?;
+        let merge = storage.merge_lora && !mode.language_merged;
+        // A weight that is converted here is read as a transient copy: its file pages must not stay mapped.
+        let mut base = if storage.storage.is_some() || merge {
+            let weight = w.get_transient("weight", &[out_dim, in_dim])?;
+            Linear { weight, bias: if bias { Some(w.get("bias", &[out_dim])?) } else { None } }
+        } else {
+            Linear::load(w, in_dim, out_dim, bias)?
+        };
         let (va, vb) = load_pair(w, "V_Slora_A", "V_Slora_B", in_dim, out_dim)?;
         let (la, lb) = load_pair(w, "L_Slora_A", "L_Slora_B", in_dim, out_dim)?;
         let mut language_merged = mode.language_merged;
-        if storage.merge_lora && !language_merged {
+        if merge {
             base.weight = merge_low_rank(&base.weight, &la.weight, &lb.weight, mode.scaling)?;
             language_merged = true;
         }
