@@ -705,6 +705,8 @@ def main(argv=None):
     if rust_modes and not args.checkpoint_only and not os.access(args.binary, os.X_OK):
         fail(f"no arcana binary at {args.binary}; build it with `cargo build --release --bin arcana` "
              f"(scripts/bench.sh does)")
+    if args.image and not os.path.isfile(args.image):
+        fail(f"--image {args.image} does not exist")
     if args.checkpoint and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         fail(f"--checkpoint {args.checkpoint}: no config.json there")
     threads = args.threads or physical_cores()
@@ -724,8 +726,6 @@ def main(argv=None):
 
     if args.image:
         image, image_note = args.image, "given"
-        if not os.path.isfile(image):
-            fail(f"--image {image} does not exist")
     elif args.arcana_src and os.path.isfile(os.path.join(args.arcana_src, "arcana/serve/examples/waterview.jpg")):
         image, image_note = os.path.join(args.arcana_src, "arcana/serve/examples/waterview.jpg"), "the release's"
     else:
