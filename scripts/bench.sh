@@ -8,4 +8,4 @@ bash scripts/setup-python.sh
 source scripts/env.sh
 export PYTHONWARNINGS=ignore
 cargo build --release --quiet --bin arcana
-exec python parity/bench/bench.py "$@"
+ARCANA_BENCH_VIA_SCRIPT=1 exec python parity/bench/bench.py "$@"

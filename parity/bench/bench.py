@@ -777,7 +777,8 @@ def main(argv=None):
 
     shapes = tensor_shapes(checkpoint)
     summary = summarize(runs, modes, workloads, args.repeat, bandwidth, shapes, config)
-    command = "bash scripts/bench.sh " + " ".join(shlex.quote(a) for a in argv)
+    entry = "bash scripts/bench.sh" if os.environ.get("ARCANA_BENCH_VIA_SCRIPT") else "python parity/bench/bench.py"
+    command = " ".join([entry] + [shlex.quote(a) for a in argv])
     size_gb = dir_bytes(checkpoint) / 1e9
     pytorch_impl = next((r.get("implementation") for r in runs if r["mode"] == "pytorch" and "implementation" in r),
                         None)
