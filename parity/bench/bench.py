@@ -39,7 +39,7 @@ sys.path.insert(0, PARITY)
 QUESTION = "What are the things I should be cautious about when I visit here?"  # the release's example
 CONV_MODE = "llava_v1"
 LADDER_QUERIES = 64
-INT4_GROUP = 64  # src/llm/quant.rs
+INT4_GROUP = 64  # src/llm/int4.rs
 CHECKPOINT_LAYOUT = 1  # bump when the generated checkpoint changes, so cached ones are not reused
 
 FULL = dict(vision_hidden=1024, vision_mlp=4096, vision_layers=24, vision_heads=16, image_size=336,
@@ -53,15 +53,18 @@ VOCAB = 32000  # the tokenizer's
 # decode step (unmerged: the release runs the empty visual branch times 0 too); `dense`: bytes per value
 # of lm_head, the embedding row and the norms; `kv`: bytes per KV-cache value. fp16 assumes the cache
 # and lm_head in fp16 too (`--dtype fp16` sets the model's dtype).
+# base: the decoder projections' form; head: lm_head's form (the fast modes store it compactly too, int4
+# mode as int8); lora: the MM-LoRA branches are read at language positions (unmerged); norms, embedding
+# rows and the KV cache stay fp32 in every CPU mode.
 MODES = {
-    "pytorch": dict(label="PyTorch fp32", side="pytorch", base="fp32", lora=True, dense=4, kv=4),
-    "exact": dict(label="arcana exact (fp32)", side="rust", flags=[], base="fp32", lora=True, dense=4, kv=4),
+    "pytorch": dict(label="PyTorch fp32", side="pytorch", base="fp32", head="fp32", lora=True),
+    "exact": dict(label="arcana exact (fp32)", side="rust", flags=[], base="fp32", head="fp32", lora=True),
     "int8": dict(label="arcana int8", side="rust", flags=["--load-8bit", "--merge-lora"], base="int8",
-                 lora=False, dense=4, kv=4),
+                 head="int8", lora=False),
     "fp16": dict(label="arcana fp16 weights", side="rust", flags=["--dtype", "fp16", "--merge-lora"],
-                 base="fp16", lora=False, dense=2, kv=2),
+                 base="fp16", head="fp16", lora=False),
     "int4": dict(label="arcana int4", side="rust", flags=["--load-4bit", "--merge-lora"], base="int4",
-                 lora=False, dense=4, kv=4),
+                 head="int8", lora=False),
 }
 MODE_ORDER = ["pytorch", "exact", "int8", "fp16", "int4"]
 
@@ -264,13 +267,24 @@ def tensor_shapes(checkpoint):
     return shapes
 
 
+def stored_bytes(form, out_dim, in_dim):
+    """Bytes of an [out, in] weight as arcana stores it: int8 with an fp32 scale per row; int4 codes with
+    an fp32 scale and low end per group of INT4_GROUP inputs; fp16 with an fp32 bias vector."""
+    numel = out_dim * in_dim
+    if form == "int8":
+        return numel + out_dim * 4
+    if form == "int4":
+        return numel / 2 + out_dim * (in_dim // INT4_GROUP) * 8
+    if form == "fp16":
+        return numel * 2 + out_dim * 4
+    return numel * 4
+
+
 def decode_bytes(shapes, config, mode, position):
-    """Bytes one decode step must read at `position` cached positions: every decoder projection in the
-    mode's form (int8: + one fp32 scale per row; int4: + an fp32 scale and a uint8 zero point per group
-    of 64 inputs), the MM-LoRA branches when unmerged, norms, one embedding row, lm_head, and the KV cache."""
+    """Bytes one decode step must read at `position` cached positions: every decoder projection and
+    lm_head in the mode's form, the MM-LoRA branches when unmerged, norms, one embedding row, and the
+    KV cache (fp32)."""
     spec = MODES[mode]
-    per_weight = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}[spec["base"]]
-    total = 0.0
     parts = {"projections": 0.0, "lora": 0.0, "lm_head_embedding_norms": 0.0, "kv_cache": 0.0}
     for name, shape in shapes.items():
         if not name.startswith("model.layers.") and name not in ("lm_head.weight", "model.norm.weight"):
@@ -280,29 +294,21 @@ def decode_bytes(shapes, config, mode, position):
             numel *= d
         if "_Slora_" in name:
             if spec["lora"]:
-                parts["lora"] += numel * spec["dense"]
+                parts["lora"] += numel * 4
         elif name.endswith("_proj.weight"):
-            out_dim, in_dim = shape
-            b = numel * per_weight
-            if spec["base"] == "int8":
-                b += out_dim * 4
-            elif spec["base"] == "int4":
-                b += out_dim * (in_dim // INT4_GROUP) * (4 + 1)
-            parts["projections"] += b
+            parts["projections"] += stored_bytes(spec["base"], *shape)
+        elif name == "lm_head.weight":
+            parts["lm_head_embedding_norms"] += stored_bytes(spec["head"], *shape)
         else:
-            parts["lm_head_embedding_norms"] += numel * spec["dense"]
+            parts["lm_head_embedding_norms"] += numel * 4
     hidden = config["hidden_size"]
-    parts["lm_head_embedding_norms"] += hidden * spec["dense"]  # the new token's embedding row
+    parts["lm_head_embedding_norms"] += hidden * 4  # the new token's embedding row
     kv_dim = hidden // config["num_attention_heads"] * config.get("num_key_value_heads",
                                                                   config["num_attention_heads"])
-    parts["kv_cache"] = 2 * config["num_hidden_layers"] * position * kv_dim * spec["kv"]
-    total = sum(parts.values())
-    return total, parts
+    parts["kv_cache"] = 2 * config["num_hidden_layers"] * position * kv_dim * 4
+    return sum(parts.values()), parts
 
 
-# --------------------------------------------------------------------------------------------------------
-# prompts
-# --------------------------------------------------------------------------------------------------------
 def prompt_positions(checkpoint, question, visual_tokens):
     """Prefill positions of a question with the image, in the llava_v1 template."""
     import arcana_ref_conversation as conv
