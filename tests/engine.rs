@@ -251,3 +251,51 @@ fn a_handle_serves_two_threads_and_cancels() {
     drop(handle);
     thread.join().unwrap();
 }
+
+/// Answers `request` alone on the engine itself (no handle): the reference for the batched answers.
+fn solo_ids(engine: &Engine, request: &Request) -> Vec<i64> {
+    answer(engine, request).0.output_ids
+}
+
+#[test]
+fn a_batched_handle_answers_alone_bit_for_bit_and_together_as_alone() {
+    let Some(dir) = cli_fixtures() else { return };
+    let model = dir.join("arcana-cli-tiny-v1");
+    let image = |name: &str| vec![ImageInput::File(dir.join("images").join(name))];
+    let ask = |text: &str, images: Vec<ImageInput>, max_new_tokens: usize| Request {
+        input: RequestInput::Conversation(vec![ChatMessage::user_with_images(text, images.len())]),
+        images,
+        params: greedy(max_new_tokens),
+    };
+    // Prompts of different lengths, with and without an image, ending at different steps: rows join a
+    // running batch, are left-padded, and leave it while others go on.
+    let request = |i: usize| match i {
+        0 => ask(QUESTION, image("square.png"), 24),
+        1 => ask("Describe the picture in one long sentence, please.", image("wide.png"), 9),
+        2 => ask("Hello there", Vec::new(), 17),
+        _ => ask(QUESTION, image("wide.png"), 3),
+    };
+    let expected: Vec<Vec<i64>> = {
+        let engine = load(&model);
+        (0..4).map(|i| solo_ids(&engine, &request(i))).collect()
+    };
+    assert_eq!(expected[0], ids(&expected_turn(dir, "v1-square-greedy")["output_ids"])[1..].to_vec());
+
+    let (handle, thread) = load(&model).spawn_batched(4).unwrap();
+    // One at a time, every request is alone in the batch: the engine's own answer, bit for bit.
+    for (i, expected) in expected.iter().enumerate() {
+        assert_eq!(&handle.complete(request(i)).unwrap().output_ids, expected, "request {i} alone");
+    }
+    // All at once: they decode together. Measured on the cli-tiny checkpoint (cargo test --test engine,
+    // both kernel paths of scripts/test.sh): every answer equals its solo answer.
+    let streams: Vec<_> = (0..4).map(|i| handle.submit(request(i)).unwrap()).collect();
+    for (i, (stream, expected)) in streams.into_iter().zip(&expected).enumerate() {
+        let completion = stream.completion().unwrap();
+        assert_eq!(&completion.output_ids, expected, "request {i} in the batch");
+        let limit = request(i).params.max_new_tokens;
+        let reason = if expected.len() == limit { FinishReason::Length } else { FinishReason::Eos };
+        assert_eq!(completion.finish.reason, reason);
+    }
+    drop(handle);
+    thread.join().unwrap();
+}

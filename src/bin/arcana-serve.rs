@@ -134,6 +134,10 @@ struct ModelArgs {
     /// Requests generating at once; more wait in a queue.
     #[arg(long, default_value_t = 5)]
     limit_model_concurrency: usize,
+    /// Answers decoded together, one forward per token for all of them (continuous batching); default
+    /// the concurrency limit. 1 answers one request at a time, each exactly as the CLI would.
+    #[arg(long)]
+    max_batch: Option<usize>,
     #[command(flatten)]
     weights: shared::WeightFlags,
     /// Let the OpenAI API fetch http(s) image URLs (off: only data: URLs are accepted).
@@ -204,6 +208,10 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
     if model.limit_model_concurrency == 0 {
         bail!("--limit-model-concurrency must be at least 1");
     }
+    let max_batch = model.max_batch.unwrap_or(model.limit_model_concurrency);
+    if max_batch == 0 {
+        bail!("--max-batch must be at least 1");
+    }
     let device = shared::parse_device(&model.device)?;
     let choice = model.weights.resolve(device)?;
     let threads = model.weights.threads()?;
@@ -240,7 +248,7 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
     let runtime = tokio::runtime::Handle::current();
     std::thread::spawn(move || {
         tracing::info!(model = %weights.display(), ?kind, ?device, ?threads, "loading");
-        match Engine::load(&weights, options).and_then(Engine::spawn) {
+        match Engine::load(&weights, options).and_then(|engine| engine.spawn_batched(max_batch)) {
             Ok((handle, _thread)) => {
                 loading.set_engine(handle);
                 tracing::info!("model loaded");

@@ -3,7 +3,6 @@ use super::events::{Completion, CompletionBuilder, Event};
 use super::request::Request;
 use super::Engine;
 use crate::error::{Error, Result};
-use crate::generate::Flow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -22,10 +21,10 @@ impl CancelToken {
     }
 }
 
-struct Job {
-    request: Request,
-    events: Sender<Result<Event>>,
-    cancel: CancelToken,
+pub(super) struct Job {
+    pub request: Request,
+    pub events: Sender<Result<Event>>,
+    pub cancel: CancelToken,
 }
 
 /// Submits requests to the engine thread. Cheap to clone; send one to each thread that needs it.
@@ -40,32 +39,17 @@ pub struct ResponseStream {
     cancel: CancelToken,
 }
 
-pub(super) fn spawn(engine: Engine) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+pub(super) fn spawn(engine: Engine, max_batch: usize) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (jobs, queue) = channel::<Job>();
     let thread = std::thread::Builder::new()
         .name("arcana-engine".into())
-        .spawn(move || serve(engine, queue))
+        .spawn(move || {
+            // libtorch's thread count is per thread: the engine's own, set where it loaded.
+            tch::set_num_threads(engine.threads() as i32);
+            super::batch::serve(&engine, queue, max_batch)
+        })
         .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
     Ok((EngineHandle { jobs }, thread))
-}
-
-fn serve(engine: Engine, queue: Receiver<Job>) {
-    tch::set_num_threads(engine.threads() as i32);
-    for job in queue {
-        let Job { request, events, cancel } = job;
-        let result = engine.generate(&request, |event| {
-            // A dropped stream means nobody reads the answer any more.
-            let delivered = events.send(Ok(event)).is_ok();
-            if delivered && !cancel.is_cancelled() {
-                Flow::Continue
-            } else {
-                Flow::Stop
-            }
-        });
-        if let Err(e) = result {
-            let _ = events.send(Err(e));
-        }
-    }
 }
 
 impl EngineHandle {

@@ -3,19 +3,23 @@
 //!
 //! # Threading
 //!
-//! libtorch tensors may move between threads but not be shared, so one thread owns the [`Engine`] and
-//! answers requests one at a time. Two ways to use it:
+//! libtorch tensors may move between threads but not be shared, so one thread owns the [`Engine`]. Two
+//! ways to use it:
 //!
 //! - On the thread that loaded it: [`Engine::generate`] answers one request, calling back with each
 //!   event; the callback returns [`Flow::Stop`] to cancel between tokens. The CLI does this.
 //! - From many threads: [`Engine::spawn`] moves the engine onto its own thread, fed by a queue, and
 //!   returns an [`EngineHandle`] (`Clone + Send`). [`EngineHandle::submit`] queues a request and returns
 //!   a [`ResponseStream`] that yields its events as they come; [`CancelToken::cancel`] (or dropping the
-//!   stream) stops the answer before its next token. Requests are answered in submission order. The
-//!   thread ends when every handle is dropped.
+//!   stream) stops the answer before its next token. The thread ends when every handle is dropped.
+//!   `spawn` answers one request at a time, in submission order, each exactly as `generate` would;
+//!   [`Engine::spawn_batched`] decodes up to N answers at once in one forward per token (see [`batch`]
+//!   for what that changes in the low bits).
 //!
 //! Sampling draws from libtorch's default generator, which belongs to the process: a request's `seed`
 //! makes its draws reproducible because the engine thread is the only one generating.
+mod answer;
+pub mod batch;
 mod events;
 mod handle;
 mod request;
@@ -27,20 +31,19 @@ pub use handle::{CancelToken, EngineHandle, ResponseStream};
 pub use request::{ChatMessage, GenerationParams, ImageInput, Request, RequestInput, Role};
 
 use crate::error::{Error, Result};
-use crate::generate::{DecodeEnd, GenerationConfig, Stepping};
+use crate::generate::{GenerationConfig, Stepping};
 use crate::llm::mask::MaskPolicy;
 use crate::llm::quant::{BaseWeight, DecoderWeights, Quantization};
 use crate::mm::conversation::{
     cli_user_message, model_name_from_path, resolve_conv_mode, template_by_name, ConvModeChoice, Conversation,
 };
-use crate::mm::prompt::tokenizer_image_token;
 use crate::model::ArcanaModel;
 use crate::tokenizer::Tokenizer;
 use crate::vision::preprocess::ImagePreprocessor;
+use answer::Answer;
 use std::path::Path;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
-use text::StopText;
 
 /// How to load a model folder.
 #[derive(Debug, Clone)]
@@ -119,9 +122,10 @@ impl Engine {
         let conv_mode = resolve_conv_mode(&model_name, options.conv_mode.as_deref());
         let template = template_by_name(&conv_mode.chosen)?;
         if let Some(threads) = options.threads {
-            let threads = i32::try_from(threads).ok().filter(|&n| n > 0).ok_or_else(|| {
-                Error::InvalidInput(format!("threads: expected 1 to {}, got {threads}", i32::MAX))
-            })?;
+            let threads = i32::try_from(threads)
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| Error::InvalidInput(format!("threads: expected 1 to {}, got {threads}", i32::MAX)))?;
             tch::set_num_threads(threads);
         }
         let storage = DecoderWeights { storage: options.quantization, merge_lora: options.merge_lora };
@@ -249,110 +253,45 @@ impl Engine {
         let _guard = tch::no_grad_guard();
         let start = Instant::now();
         let params = &request.params;
-        let chooser = self.generation_config().chooser(params.temperature, params.top_k, params.top_p)?;
-        let prompt = match &request.input {
-            RequestInput::Conversation(messages) => self.render(messages)?,
-            RequestInput::Prompt(prompt) => prompt.clone(),
-        };
-        let input_ids = tokenizer_image_token(&prompt, &self.tokenizer)?;
-        let ids = Tensor::f_from_slice(&input_ids)?.f_view([1, -1])?;
-        let pixels = self.pixel_values(&request.images)?;
-        let inputs = self.model.prepare_inputs(&ids, None, pixels.as_ref())?;
-        let positions = inputs.inputs_embeds.size()[1];
-        let context = self.model.context_length();
-        if positions >= context {
-            return Err(Error::ContextFull { positions, context });
-        }
-        let max_new_tokens = params.max_new_tokens.min((context - positions) as usize);
+        let prepared = self.prepare(request)?;
         let mut completion = CompletionBuilder::default();
         let mut emit = |event: Event| {
             completion.push(&event);
             on_event(event)
         };
-        let prompt_info =
-            PromptInfo { prompt, input_ids, mask_policies_differ: ArcanaModel::mask_policies_differ(&inputs) };
-        let mut cancelled = emit(Event::Started(prompt_info)) == Flow::Stop;
+        let mut answer = Answer::new(self, start, &params.stop, prepared.positions as usize);
+        answer.start(prepared.info, &mut emit);
         if let Some(seed) = params.seed {
             tch::manual_seed(seed as i64);
         }
-
-        let mut stream = self.tokenizer.stream();
-        let mut text = StopText::new(&params.stop);
-        let mut stopped_by_text = false;
-        let mut stream_error = None;
-        let mut first_token_at = None;
-        let mut cache = self.model.new_cache(1, positions + max_new_tokens as i64)?;
-        let decoded = if cancelled || max_new_tokens == 0 {
+        let max_new_tokens = prepared.max_new_tokens;
+        let end = if answer.is_cancelled() || max_new_tokens == 0 {
             None
         } else {
-            let on_step = |next: &[i64]| {
-                first_token_at.get_or_insert_with(Instant::now);
-                let id = next[0];
-                cancelled |= emit(Event::Token(id)) == Flow::Stop;
-                match token_id(id).and_then(|id| stream.push(id)) {
-                    Ok(piece) => {
-                        let (released, stop) = text.push(&piece);
-                        stopped_by_text |= stop;
-                        if !released.is_empty() {
-                            cancelled |= emit(Event::Text(released)) == Flow::Stop;
-                        }
-                    }
-                    Err(e) => stream_error = Some(e),
-                }
-                if cancelled || stopped_by_text || stream_error.is_some() {
-                    Flow::Stop
-                } else {
-                    Flow::Continue
-                }
-            };
-            Some(self.model.decode(
-                &inputs,
-                chooser,
+            let mut cache = self.model.new_cache(1, prepared.positions + max_new_tokens as i64)?;
+            let decoded = self.model.decode(
+                &prepared.inputs,
+                prepared.chooser,
                 self.mask_policy,
                 max_new_tokens,
                 Stepping::Cached(&mut cache),
-                on_step,
-            )?)
+                |next| answer.push(next[0], &mut emit),
+            )?;
+            Some(decoded.end)
         };
-        if let Some(e) = stream_error {
-            return Err(e);
-        }
-        if !stopped_by_text {
-            let (released, stop) = text.push(&stream.finish());
-            stopped_by_text = stop;
-            if !released.is_empty() {
-                emit(Event::Text(released));
-            }
-        }
-        let rest = text.finish();
-        if !rest.is_empty() {
-            emit(Event::Text(rest));
-        }
-        let end = Instant::now();
-        let reason = match decoded.as_ref().map(|d| d.end) {
-            _ if stopped_by_text => FinishReason::Stop,
-            _ if cancelled => FinishReason::Cancelled,
-            Some(DecodeEnd::Eos) => FinishReason::Eos,
-            Some(DecodeEnd::Length) | None => FinishReason::Length,
-            Some(DecodeEnd::Stopped) => FinishReason::Cancelled,
-        };
-        let completion_tokens = decoded.as_ref().map_or(0, |d| d.ids[0].len() - 1);
-        let first = first_token_at.unwrap_or(end);
-        let finish = Finish {
-            reason,
-            usage: Usage { prompt_tokens: positions as usize, completion_tokens },
-            timings: Timings {
-                prefill_seconds: (first - start).as_secs_f64(),
-                decode_seconds: (end - first).as_secs_f64(),
-            },
-        };
-        emit(Event::Finished(finish));
+        answer.finish(end, &mut emit)?;
         completion.finish()
     }
 
-    /// Moves the engine onto its own thread, fed by a queue; see the module docs.
+    /// Moves the engine onto its own thread, fed by a queue, answering one request at a time; see the
+    /// module docs.
     pub fn spawn(self) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
-        handle::spawn(self)
+        handle::spawn(self, 1)
+    }
+
+    /// `spawn`, decoding up to `max_batch` answers at once (continuous batching; see [`batch`]).
+    pub fn spawn_batched(self, max_batch: usize) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+        handle::spawn(self, max_batch.max(1))
     }
 }
 

@@ -74,6 +74,37 @@ fn positions_from_mask(mask: &Tensor) -> Result<Tensor> {
     Ok(pos.f_masked_fill(&mask.f_eq(0)?, 1)?)
 }
 
+/// The first step: every prompt position of `embeds` (positions from the padding `mask`, `[B, L]`
+/// int64), the prompt's visual mask; returns the last position's logits `[B, vocab]`.
+pub fn prefill_step(
+    lm: &LlamaForCausalLM,
+    embeds: &Tensor,
+    mask: &Tensor,
+    visual: &Tensor,
+    cache: Option<&mut KvCache>,
+) -> Result<Tensor> {
+    let step = StepInputs { position_ids: &positions_from_mask(mask)?, attention_mask: Some(mask), visual };
+    lm.next_token_logits(embeds, &step, cache)
+}
+
+/// A cached step of one new token per row (`tokens`); `mask` `[B, past + 1]` already holds the new
+/// tokens' column, `visual` is all false `[B, 1]`. Returns the logits `[B, vocab]`.
+pub fn token_step(
+    lm: &LlamaForCausalLM,
+    tokens: &[i64],
+    mask: &Tensor,
+    visual: &Tensor,
+    cache: &mut KvCache,
+) -> Result<Tensor> {
+    let device = mask.device();
+    let token = Tensor::f_from_slice(tokens)?.f_view([tokens.len() as i64, 1])?.f_to_device(device)?;
+    let token_embeds = lm.model.embed(&token)?;
+    let positions = positions_from_mask(mask)?;
+    let last = positions.f_narrow(1, mask.size()[1] - 1, 1)?;
+    let step = StepInputs { position_ids: &last, attention_mask: Some(mask), visual };
+    lm.next_token_logits(&token_embeds, &step, Some(cache))
+}
+
 /// Decodes from `inputs`; `on_step` sees each step's new ids (one per row) and can stop the loop.
 pub fn decode(
     lm: &LlamaForCausalLM,
@@ -101,9 +132,7 @@ pub fn decode(
         Stepping::Cached(cache) => Some(&mut **cache),
         Stepping::Uncached => None,
     };
-    let prefill =
-        StepInputs { position_ids: &positions_from_mask(&mask)?, attention_mask: Some(&mask), visual: &prompt_visual };
-    let mut logits = lm.next_token_logits(&sequence, &prefill, cache)?;
+    let mut logits = prefill_step(lm, &sequence, &mask, &prompt_visual, cache)?;
     // Generated tokens are language: the release's one-token forward marks nothing visual.
     let token_visual = Tensor::f_zeros([batch, 1], (Kind::Bool, device))?;
     let mut end = DecodeEnd::Length;
@@ -131,16 +160,12 @@ pub fn decode(
         }
         // The new token: its embedding, the mask grown by one column, the next position.
         mask = Tensor::f_cat(&[&mask, &Tensor::f_ones([batch, 1], (Kind::Int64, device))?], 1)?;
-        let token = Tensor::f_from_slice(&next)?.f_view([batch, 1])?.f_to_device(device)?;
-        let token_embeds = lm.model.embed(&token)?;
-        let positions = positions_from_mask(&mask)?;
         logits = match &mut stepping {
-            Stepping::Cached(cache) => {
-                let last = positions.f_narrow(1, mask.size()[1] - 1, 1)?;
-                let step = StepInputs { position_ids: &last, attention_mask: Some(&mask), visual: &token_visual };
-                lm.next_token_logits(&token_embeds, &step, Some(&mut **cache))?
-            }
+            Stepping::Cached(cache) => token_step(lm, &next, &mask, &token_visual, cache)?,
             Stepping::Uncached => {
+                let token = Tensor::f_from_slice(&next)?.f_view([batch, 1])?.f_to_device(device)?;
+                let token_embeds = lm.model.embed(&token)?;
+                let positions = positions_from_mask(&mask)?;
                 sequence = Tensor::f_cat(&[&sequence, &token_embeds], 1)?;
                 let generated = sequence.size()[1] - prompt_len;
                 let visual =

@@ -149,4 +149,72 @@ impl KvCache {
     pub(crate) fn advance(&mut self, new: i64) {
         self.len += new;
     }
+
+    /// The rows of `parts` in one cache, each right-aligned at the longest length: shorter rows are
+    /// left-padded with zeros, which the caller's attention mask hides (zeros, not garbage, because the
+    /// masked weights multiply them). Room for `extra` more positions.
+    pub fn stack_right_aligned(parts: &[&KvCache], extra: i64) -> Result<KvCache> {
+        let first = parts.first().ok_or_else(|| Error::InvalidInput("KV cache: nothing to stack".into()))?;
+        if parts.iter().any(|p| {
+            p.layers.len() != first.layers.len() || p.kv_heads != first.kv_heads || p.head_dim != first.head_dim
+        }) {
+            return Err(Error::InvalidInput("KV cache: stacking caches of different models".into()));
+        }
+        let len = parts.iter().map(|p| p.len).max().unwrap_or(0);
+        let batch = parts.iter().map(|p| p.batch).sum();
+        let capacity = len + extra.max(0);
+        let mut layers = Vec::with_capacity(first.layers.len());
+        for layer in 0..first.layers.len() {
+            let options = (first.kind, first.layers[layer].k.device());
+            let shape = [batch, first.kv_heads, capacity, first.head_dim];
+            let (k, v) = (Tensor::f_zeros(shape, options)?, Tensor::f_zeros(shape, options)?);
+            let mut row = 0;
+            for part in parts {
+                let source = &part.layers[layer];
+                for (target, from) in [(&k, &source.k), (&v, &source.v)] {
+                    let rows = target.f_narrow(0, row, part.batch)?;
+                    rows.f_narrow(2, len - part.len, part.len)?.f_copy_(&from.f_narrow(2, 0, part.len)?)?;
+                }
+                row += part.batch;
+            }
+            layers.push(LayerKv { k, v });
+        }
+        Ok(KvCache {
+            layers,
+            batch,
+            kv_heads: first.kv_heads,
+            head_dim: first.head_dim,
+            kind: first.kind,
+            device: first.device,
+            capacity,
+            len,
+            grow_by: first.grow_by,
+        })
+    }
+
+    /// Keeps the rows `rows` (in that order) and drops the first `trim` positions, which must be padding
+    /// in every kept row.
+    pub fn retain_rows(&mut self, rows: &[i64], trim: i64) -> Result<()> {
+        if rows.is_empty() || rows.iter().any(|&r| r < 0 || r >= self.batch) || !(0..=self.len).contains(&trim) {
+            return Err(Error::InvalidInput(format!(
+                "KV cache: keeping rows {rows:?} of {} and trimming {trim} of {} positions",
+                self.batch, self.len
+            )));
+        }
+        let len = self.len - trim;
+        let capacity = self.capacity - trim;
+        for layer in &mut self.layers {
+            let index = Tensor::f_from_slice(rows)?.f_to_device(layer.k.device())?;
+            let keep = |t: &Tensor| -> Result<Tensor> {
+                let kept = t.f_index_select(0, &index)?.f_narrow(2, trim, capacity)?;
+                Ok(kept.f_contiguous()?)
+            };
+            layer.k = keep(&layer.k)?;
+            layer.v = keep(&layer.v)?;
+        }
+        self.batch = rows.len() as i64;
+        self.len = len;
+        self.capacity = capacity;
+        Ok(())
+    }
 }

@@ -213,7 +213,11 @@ impl LlamaForCausalLM {
             Linear { weight: model.embed_tokens.shallow_clone(), bias: None }
         } else {
             let shape = [config.vocab_size, config.hidden_size];
-            let weight = if storage.storage.is_some() { head.get_transient("weight", &shape)? } else { head.get("weight", &shape)? };
+            let weight = if storage.storage.is_some() {
+                head.get_transient("weight", &shape)?
+            } else {
+                head.get("weight", &shape)?
+            };
             Linear { weight, bias: None }
         };
         let lm_head = match storage.storage {

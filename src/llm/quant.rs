@@ -249,7 +249,8 @@ mod tests {
         let scaled = Linear { weight: &linear.weight * &factors, bias: None };
         let x = Tensor::randn([1, 64], (Kind::Float, Device::Cpu));
         let exact = scaled.forward(&x).unwrap().select(1, 3);
-        let approx = BaseWeight::quantized(copy(&scaled), Quantization::Int8).unwrap().forward(&x).unwrap().select(1, 3);
+        let approx =
+            BaseWeight::quantized(copy(&scaled), Quantization::Int8).unwrap().forward(&x).unwrap().select(1, 3);
         let rel = (&approx - &exact).abs().double_value(&[0]) / exact.abs().double_value(&[0]).max(1e-9);
         assert!(rel < 0.05, "small row relative error {rel}");
     }

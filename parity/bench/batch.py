@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Concurrent streams through the worker's continuous batching: one `arcana-serve worker` per mode on
+the benchmark checkpoint, its OpenAI API asked by N clients at once, against the same requests one at
+a time. Run it through `bash scripts/bench.sh --batch` (builds the binaries), or directly:
+
+    python parity/bench/batch.py [--small] [--streams 8] [--modes exact,int8] [--out FILE]
+
+Each request: the image (as a data: URL), one of N questions, greedy, --new-tokens tokens (streamed).
+Solo: the requests one after another, each alone in the batch. Together: all N submitted at once; the
+worker prefills each as it arrives (one at a time) and decodes every running answer in one forward
+per token. Figures:
+
+- decode tokens/s: tokens that arrived while every stream was decoding (from the last stream's first
+  token to the first stream's last token), per second of that window; solo: each answer's tokens after
+  its first, per second, averaged over the requests.
+- gain: together / solo, the aggregate decode speed-up.
+- same text: answers equal to their solo answer (greedy; the batch's GEMMs sum in another order than
+  one row's, so near-ties may go another way).
+"""
+import argparse
+import base64
+import json
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench  # noqa: E402  (the checkpoint, the machine facts, the image)
+
+QUESTIONS = [
+    bench.QUESTION,
+    "Describe this image in detail.",
+    "What time of day does this look like, and why?",
+    "Is it safe to swim here? Explain.",
+    "What could a photographer do to improve this picture?",
+    "List every object you can see.",
+    "Write a short poem about this place.",
+    "What season is it likely to be?",
+]
+MODES = {"exact": [], "int8": ["--load-8bit", "--merge-lora"], "fp16": ["--dtype", "fp16", "--merge-lora"],
+         "int4": ["--load-4bit", "--merge-lora"]}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url, process, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the worker exited with {process.returncode} while loading")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the worker was not ready after {timeout} s")
+
+
+def stream_answer(url, image_url, question, new_tokens, result):
+    """One streamed chat completion; `result` gets the text and each chunk's arrival time."""
+    body = json.dumps({
+        "messages": [{"role": "user", "content": [{"type": "text", "text": question},
+                                                  {"type": "image_url", "image_url": {"url": image_url}}]}],
+        "temperature": 0, "max_tokens": new_tokens, "stream": True,
+    }).encode()
+    request = urllib.request.Request(url + "/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    result.update(sent=time.perf_counter(), arrivals=[], text="")
+    try:
+        with urllib.request.urlopen(request, timeout=3600) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                choice = (chunk.get("choices") or [{}])[0]
+                delta = choice.get("delta", {}).get("content")
+                if delta:
+                    result["text"] += delta
+                    result["arrivals"].append(time.perf_counter())
+                if choice.get("finish_reason"):
+                    result["finish_reason"] = choice["finish_reason"]
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        result["error"] = str(e)
+
+
+def solo_rate(result):
+    times = result["arrivals"]
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+
+
+def together_rate(results):
+    """Chunks that arrived while every stream was decoding, per second."""
+    start = max(r["arrivals"][0] for r in results)
+    end = min(r["arrivals"][-1] for r in results)
+    if end <= start:
+        return None, 0.0
+    count = sum(1 for r in results for t in r["arrivals"] if start < t <= end)
+    return count / (end - start), end - start
+
+
+def run_mode(mode, args, checkpoint, image_url, threads, env):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [args.serve_binary, "worker", "--no-register", "--port", str(port), "--model-path", checkpoint,
+           "--limit-model-concurrency", str(args.streams), "--threads", str(threads)] + MODES[mode]
+    log = open(os.path.join(args.log_dir, f"batch-worker-{mode}.log"), "w")
+    worker = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    row = {"mode": mode, "command": " ".join(shlex.quote(c) for c in cmd)}
+    try:
+        wait_ready(url, worker, args.timeout)
+        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.streams)]
+        solo = []
+        for q in questions:
+            print(f"batch: {mode}: alone: {q!r}", file=sys.stderr, flush=True)
+            result = {}
+            stream_answer(url, image_url, q, args.new_tokens, result)
+            solo.append(result)
+        print(f"batch: {mode}: {args.streams} streams at once", file=sys.stderr, flush=True)
+        together = [{} for _ in questions]
+        clients = [threading.Thread(target=stream_answer, args=(url, image_url, q, args.new_tokens, r))
+                   for q, r in zip(questions, together)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        errors = [r["error"] for r in solo + together if "error" in r]
+        if errors or any(not r["arrivals"] for r in solo + together):
+            row["error"] = errors[0] if errors else "an answer without text"
+            return row
+        solo_rates = [solo_rate(r) for r in solo]
+        rate, window = together_rate(together)
+        solo_mean = statistics.mean(x for x in solo_rates if x) if any(solo_rates) else None
+        row.update(
+            solo_tokens_per_s=solo_mean,
+            together_tokens_per_s=rate,
+            together_window_s=window,
+            gain=rate / solo_mean if rate and solo_mean else None,
+            same_text=sum(a["text"] == b["text"] for a, b in zip(solo, together)),
+            streams=args.streams,
+            together_wall_s=max(r["arrivals"][-1] for r in together) - min(r["sent"] for r in together),
+            solo_wall_s=sum(r["arrivals"][-1] - r["sent"] for r in solo),
+        )
+        return row
+    except RuntimeError as e:
+        row["error"] = str(e)
+        return row
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        log.close()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="the tiny checkpoint of bench.py --small")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--cache", default=os.environ.get("ARCANA_BENCH_CACHE",
+                                                     os.path.expanduser("~/.cache/arcana/bench")))
+    p.add_argument("--arcana-src", default=None, help="for waterview.jpg (else a stand-in of its size)")
+    p.add_argument("--image", default=None)
+    p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="default the physical cores")
+    p.add_argument("--modes", default="exact,int8", help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--serve-binary", default=os.path.join(bench.REPO, "target", "release", "arcana-serve"))
+    p.add_argument("--timeout", type=int, default=1800, help="seconds for a worker to load")
+    p.add_argument("--out", default=os.path.join(bench.REPO, "bench-results", "batch.json"))
+    args = p.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        bench.fail(f"--modes: choose from {', '.join(MODES)}")
+    if args.streams < 2 or args.new_tokens < 4:
+        bench.fail("--streams must be at least 2 and --new-tokens at least 4")
+    if not os.access(args.serve_binary, os.X_OK):
+        bench.fail(f"no arcana-serve binary at {args.serve_binary}; build it with "
+                   f"`cargo build --release --bin arcana-serve` (scripts/bench.sh --batch does)")
+    threads = args.threads or bench.physical_cores()
+    sizes = bench.SMALL if args.small else bench.FULL
+    checkpoint = os.path.abspath(args.checkpoint) if args.checkpoint else bench.ensure_checkpoint(
+        sizes, 0, args.cache)
+    if args.image:
+        image = args.image
+    elif args.arcana_src and os.path.isfile(os.path.join(args.arcana_src, "arcana/serve/examples/waterview.jpg")):
+        image = os.path.join(args.arcana_src, "arcana/serve/examples/waterview.jpg")
+    else:
+        image = bench.standin_image(args.cache)
+    with open(image, "rb") as f:
+        image_url = "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    args.log_dir = os.path.dirname(os.path.abspath(args.out))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), RUST_LOG="warn")
+
+    facts = bench.machine(threads)
+    facts["loadavg_start"] = bench.loadavg()
+    rows = [run_mode(m, args, checkpoint, image_url, threads, env) for m in modes]
+    facts["loadavg_end"] = bench.loadavg()
+    command = " ".join(["python parity/bench/batch.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
+
+    print(f"\n## {args.streams} concurrent streams vs one at a time: `{command}`\n")
+    print(f"- machine: {facts['cpu']} ({facts['cpu_features']}), {facts['physical_cores']} physical cores, "
+          f"{threads} threads; commit {facts['commit']}; load average {facts['loadavg_start']} -> "
+          f"{facts['loadavg_end']}")
+    print(f"- checkpoint: {checkpoint}; image {os.path.basename(image)}; greedy, {args.new_tokens} new tokens\n")
+    print("| mode | decode tokens/s, alone | decode tokens/s, together | gain | same text as alone |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['mode']} | failed: {r['error']} | | | |")
+        else:
+            print(f"| {r['mode']} | {bench.fmt(r['solo_tokens_per_s'])} | {bench.fmt(r['together_tokens_per_s'])} "
+                  f"| {bench.fmt(r['gain'])}x | {r['same_text']}/{r['streams']} |")
+    with open(args.out, "w") as f:
+        json.dump({"command": command, "machine": facts, "checkpoint": checkpoint, "rows": rows}, f, indent=1)
+    print(f"\nwritten: {args.out}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+//! One answer in progress, the same whether it decodes alone or in a batch: the prompt prepared for the
+//! model, then each new token turned into events (ids, text that never splits a character, stop
+//! strings), and the finish with its reason, usage and timings.
+use super::events::{Event, Finish, FinishReason, PromptInfo, Timings, Usage};
+use super::request::{Request, RequestInput};
+use super::text::StopText;
+use super::Engine;
+use crate::error::{Error, Result};
+use crate::generate::{DecodeEnd, Flow, TokenChooser};
+use crate::mm::prompt::tokenizer_image_token;
+use crate::mm::splice::Spliced;
+use crate::model::ArcanaModel;
+use crate::tokenizer::StreamDecoder;
+use std::time::Instant;
+use tch::Tensor;
+
+/// A request made ready for the model: its prompt spliced with its images, checked against the context.
+pub(super) struct Prepared {
+    pub info: PromptInfo,
+    pub inputs: Spliced,
+    pub chooser: TokenChooser,
+    /// Prompt positions, image features included.
+    pub positions: i64,
+    /// New tokens allowed: the request's, cut to what the context leaves.
+    pub max_new_tokens: usize,
+}
+
+impl Engine {
+    pub(super) fn prepare(&self, request: &Request) -> Result<Prepared> {
+        let params = &request.params;
+        let chooser = self.generation_config().chooser(params.temperature, params.top_k, params.top_p)?;
+        let prompt = match &request.input {
+            RequestInput::Conversation(messages) => self.render(messages)?,
+            RequestInput::Prompt(prompt) => prompt.clone(),
+        };
+        let input_ids = tokenizer_image_token(&prompt, &self.tokenizer)?;
+        let ids = Tensor::f_from_slice(&input_ids)?.f_view([1, -1])?;
+        let pixels = self.pixel_values(&request.images)?;
+        let inputs = self.model.prepare_inputs(&ids, None, pixels.as_ref())?;
+        let positions = inputs.inputs_embeds.size()[1];
+        let context = self.model.context_length();
+        if positions >= context {
+            return Err(Error::ContextFull { positions, context });
+        }
+        let max_new_tokens = params.max_new_tokens.min((context - positions) as usize);
+        let info = PromptInfo { prompt, input_ids, mask_policies_differ: ArcanaModel::mask_policies_differ(&inputs) };
+        Ok(Prepared { info, inputs, chooser, positions, max_new_tokens })
+    }
+}
+
+/// Events of one answer as its tokens come.
+pub(super) struct Answer<'t> {
+    started: Instant,
+    first_token_at: Option<Instant>,
+    stream: StreamDecoder<'t>,
+    text: StopText,
+    prompt_tokens: usize,
+    generated: usize,
+    cancelled: bool,
+    stopped_by_text: bool,
+    error: Option<Error>,
+}
+
+impl<'t> Answer<'t> {
+    pub fn new(engine: &'t Engine, started: Instant, stop: &[String], prompt_tokens: usize) -> Self {
+        Self {
+            started,
+            first_token_at: None,
+            stream: engine.tokenizer.stream(),
+            text: StopText::new(stop),
+            prompt_tokens,
+            generated: 0,
+            cancelled: false,
+            stopped_by_text: false,
+            error: None,
+        }
+    }
+
+    /// Emits `Started`; the caller may cancel at once.
+    pub fn start(&mut self, info: PromptInfo, emit: &mut dyn FnMut(Event) -> Flow) {
+        self.cancelled |= emit(Event::Started(info)) == Flow::Stop;
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled
+    }
+
+    /// A new token: its id and any text it completes. `Stop` once the caller cancelled, a stop string
+    /// was met or the text could not be decoded (reported by `finish`).
+    pub fn push(&mut self, id: i64, emit: &mut dyn FnMut(Event) -> Flow) -> Flow {
+        self.first_token_at.get_or_insert_with(Instant::now);
+        self.generated += 1;
+        self.cancelled |= emit(Event::Token(id)) == Flow::Stop;
+        let piece = u32::try_from(id)
+            .map_err(|_| Error::Tokenizer(format!("id {id} out of range")))
+            .and_then(|id| self.stream.push(id));
+        match piece {
+            Ok(piece) => {
+                let (released, stop) = self.text.push(&piece);
+                self.stopped_by_text |= stop;
+                if !released.is_empty() {
+                    self.cancelled |= emit(Event::Text(released)) == Flow::Stop;
+                }
+            }
+            Err(e) => self.error = Some(e),
+        }
+        if self.cancelled || self.stopped_by_text || self.error.is_some() {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        }
+    }
+
+    /// Flushes the held text and emits `Finished`; `end` is how decoding ended (none if it never ran).
+    pub fn finish(mut self, end: Option<DecodeEnd>, emit: &mut dyn FnMut(Event) -> Flow) -> Result<()> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        if !self.stopped_by_text {
+            let (released, stop) = self.text.push(&self.stream.finish());
+            self.stopped_by_text = stop;
+            if !released.is_empty() {
+                emit(Event::Text(released));
+            }
+        }
+        let rest = self.text.finish();
+        if !rest.is_empty() {
+            emit(Event::Text(rest));
+        }
+        let end_at = Instant::now();
+        let reason = match end {
+            _ if self.stopped_by_text => FinishReason::Stop,
+            _ if self.cancelled => FinishReason::Cancelled,
+            Some(DecodeEnd::Eos) => FinishReason::Eos,
+            Some(DecodeEnd::Length) | None => FinishReason::Length,
+            Some(DecodeEnd::Stopped) => FinishReason::Cancelled,
+        };
+        let first = self.first_token_at.unwrap_or(end_at);
+        let finish = Finish {
+            reason,
+            usage: Usage { prompt_tokens: self.prompt_tokens, completion_tokens: self.generated },
+            timings: Timings {
+                prefill_seconds: (first - self.started).as_secs_f64(),
+                decode_seconds: (end_at - first).as_secs_f64(),
+            },
+        };
+        emit(Event::Finished(finish));
+        Ok(())
+    }
+}
