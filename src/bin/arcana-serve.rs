@@ -129,9 +129,15 @@ struct ModelArgs {
     /// The name clients ask for; default the model folder's name (`checkpoint-N` as parent_checkpoint-N).
     #[arg(long)]
     model_name: Option<String>,
-    /// cpu, cuda, cuda:N.
+    /// cpu, cuda, cuda:N; cuda spreads the model over every visible GPU (the release's device_map="auto").
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Decoder layers per device, e.g. "cuda:0=0-15,cuda:1=16-31" or "cuda:0=0-27,cpu=28-31".
+    #[arg(long, conflicts_with_all = ["device", "max_gpu_memory"])]
+    device_map: Option<String>,
+    /// Memory per device for --device cuda's split over GPUs, e.g. "0:20GiB,1:20GiB" or "13GiB".
+    #[arg(long)]
+    max_gpu_memory: Option<String>,
     /// Requests generating at once; more wait in a queue.
     #[arg(long, default_value_t = 5)]
     limit_model_concurrency: usize,
@@ -209,8 +215,9 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
     if model.limit_model_concurrency == 0 {
         bail!("--limit-model-concurrency must be at least 1");
     }
-    let device = shared::parse_device(&model.device)?;
-    let kind = shared::default_kind(device);
+    let (device, placement) =
+        shared::placement(&model.device, model.device_map.as_deref(), model.max_gpu_memory.as_deref())?;
+    let kind = shared::default_kind_for(device, &placement);
     let weights = shared::weights_folder(&model.model_path, model.model_base.as_deref(), kind)?;
     let model_path = model.model_path.to_string_lossy().into_owned();
     let model_name = match &model.model_name {
@@ -239,13 +246,20 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
         },
         model_name_path: Some(model_path),
         with_model_base: model.model_base.is_some(),
+        placement,
         ..EngineOptions::default()
     };
     let loading = worker.clone();
     let runtime = tokio::runtime::Handle::current();
     std::thread::spawn(move || {
         tracing::info!(model = %weights.display(), ?kind, ?device, "loading");
-        match Engine::load(&weights, options).and_then(Engine::spawn) {
+        let loaded = Engine::load(&weights, options).and_then(|engine| {
+            let (placed, warnings) = shared::describe_plan(engine.plan());
+            placed.into_iter().for_each(|line| tracing::info!("{line}"));
+            warnings.iter().for_each(|w| tracing::warn!("{w}"));
+            engine.spawn()
+        });
+        match loaded {
             Ok((handle, _thread)) => {
                 loading.set_engine(handle);
                 tracing::info!("model loaded");

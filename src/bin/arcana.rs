@@ -27,9 +27,15 @@ struct Args {
     /// Image shown with the first message.
     #[arg(long, alias = "file")]
     image_file: Option<PathBuf>,
-    /// cpu, cuda, cuda:N (mps is not available through libtorch here).
+    /// cpu, cuda (spread over every visible GPU, as the release), cuda:N, or mps where libtorch has it.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Decoder layers per device, e.g. "cuda:0=0-15,cuda:1=16-31" or "cuda:0=0-27,cpu=28-31".
+    #[arg(long, conflicts_with_all = ["device", "max_gpu_memory"])]
+    device_map: Option<String>,
+    /// Memory per device for --device cuda's split over GPUs, e.g. "0:20GiB,1:20GiB" or "13GiB".
+    #[arg(long)]
+    max_gpu_memory: Option<String>,
     /// Conversation template; by default chosen from the model folder's name as the release does.
     #[arg(long)]
     conv_mode: Option<String>,
@@ -115,12 +121,13 @@ impl Questions {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let device = shared::parse_device(&args.device)?;
+    let (device, placement) =
+        shared::placement(&args.device, args.device_map.as_deref(), args.max_gpu_memory.as_deref())?;
     let kind = match args.dtype {
         Some(DtypeArg::Fp32) => Kind::Float,
         Some(DtypeArg::Fp16) => Kind::Half,
         Some(DtypeArg::Bf16) => Kind::BFloat16,
-        None => shared::default_kind(device),
+        None => shared::default_kind_for(device, &placement),
     };
     let weights_path = shared::weights_folder(&args.model_path, args.model_base.as_deref(), kind)?;
     let params = GenerationParams {
@@ -151,6 +158,7 @@ fn main() -> Result<()> {
         device,
         quantization,
         model_name_path: Some(model_path.clone()),
+        placement,
         with_model_base: args.model_base.is_some(),
         conv_mode: args.conv_mode.clone(),
         mask_policy,
@@ -164,6 +172,9 @@ fn main() -> Result<()> {
     if show_progress {
         eprintln!();
     }
+    let (placed, warnings) = shared::describe_plan(engine.plan());
+    placed.into_iter().for_each(|line| eprintln!("{line}"));
+    warnings.iter().for_each(|w| eprintln!("warning: {w}"));
     if let Some(q) = engine.quantized() {
         eprintln!(
             "Quantized the decoder's projections to {:?}: {:.1} MiB -> {:.1} MiB (MM-LoRA branches kept in {kind:?})",

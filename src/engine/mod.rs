@@ -16,6 +16,7 @@
 //!
 //! Sampling draws from libtorch's default generator, which belongs to the process: a request's `seed`
 //! makes its draws reproducible because the engine thread is the only one generating.
+pub mod devices;
 mod events;
 mod handle;
 mod request;
@@ -28,13 +29,15 @@ pub use request::{ChatMessage, GenerationParams, ImageInput, Request, RequestInp
 
 use crate::error::{Error, Result};
 use crate::generate::{DecodeEnd, GenerationConfig, Stepping};
+use crate::llm::llama::DecoderSites;
 use crate::llm::mask::MaskPolicy;
+use crate::llm::placement::{plan_balanced, Placement, Plan};
 use crate::llm::quant::Quantization;
 use crate::mm::conversation::{
     cli_user_message, model_name_from_path, resolve_conv_mode, template_by_name, ConvModeChoice, Conversation,
 };
 use crate::mm::prompt::tokenizer_image_token;
-use crate::model::ArcanaModel;
+use crate::model::{ArcanaModel, ModelFiles};
 use crate::tokenizer::Tokenizer;
 use crate::vision::preprocess::ImagePreprocessor;
 use std::path::Path;
@@ -47,6 +50,8 @@ use text::StopText;
 pub struct EngineOptions {
     pub kind: Kind,
     pub device: Device,
+    /// Spreading the model over devices; with `Placement::Single` everything is on `device`.
+    pub placement: Placement,
     /// Weight-only quantization of the decoder's projections.
     pub quantization: Option<Quantization>,
     /// The name the template is chosen from, as the release does (`get_model_name_from_path`); by
@@ -65,6 +70,7 @@ impl Default for EngineOptions {
         Self {
             kind: Kind::Float,
             device: Device::Cpu,
+            placement: Placement::Single,
             quantization: None,
             model_name_path: None,
             with_model_base: false,
@@ -92,6 +98,8 @@ pub struct Engine {
     template: Conversation,
     mask_policy: MaskPolicy,
     quantized: Option<QuantizedSize>,
+    /// Where the parts went, for a placement other than `Single`.
+    plan: Option<Plan>,
 }
 
 impl Engine {
@@ -109,7 +117,13 @@ impl Engine {
         let model_name = model_name_from_path(&name_path)?;
         let conv_mode = resolve_conv_mode(&model_name, options.conv_mode.as_deref());
         let template = template_by_name(&conv_mode.chosen)?;
-        let mut model = ArcanaModel::load_with_progress(dir, options.kind, options.device, progress)?;
+        let files = ModelFiles::open(dir)?;
+        let plan = plan(&files, &options)?;
+        let sites = match &plan {
+            Some(plan) => DecoderSites::from_plan(plan, options.kind),
+            None => DecoderSites::single(options.kind, options.device, files.config.num_hidden_layers as usize),
+        };
+        let mut model = ArcanaModel::load_on(files, &sites, progress)?;
         let quantized = match options.quantization {
             Some(mode) => {
                 let (before_bytes, after_bytes) = model.quantize(mode)?;
@@ -130,7 +144,14 @@ impl Engine {
             template,
             mask_policy: options.mask_policy,
             quantized,
+            plan,
         })
+    }
+
+    /// Where the parts went (with notes such as layers offloaded to the CPU), unless everything is on
+    /// one device by `Placement::Single`.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
     }
 
     pub fn model(&self) -> &ArcanaModel {
@@ -329,6 +350,22 @@ impl Engine {
     /// Moves the engine onto its own thread, fed by a queue; see the module docs.
     pub fn spawn(self) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
         handle::spawn(self)
+    }
+}
+
+/// The plan a placement asks for: a device map checked against the model's layers, or the balanced map
+/// over the visible GPUs' budgets (sized in the compute dtype; quantization is not counted).
+fn plan(files: &ModelFiles, options: &EngineOptions) -> Result<Option<Plan>> {
+    let num_layers = files.config.num_hidden_layers as usize;
+    match &options.placement {
+        Placement::Single => Ok(None),
+        Placement::Map(map) => map.plan(num_layers).map(Some),
+        Placement::Auto(limits) => {
+            let (budgets, notes) = devices::budgets(limits)?;
+            let mut plan = plan_balanced(&files.part_sizes(options.kind)?, &budgets)?;
+            plan.notes.splice(0..0, notes);
+            Ok(Some(plan))
+        }
     }
 }
 

@@ -1,6 +1,7 @@
-//! Loading glue shared by the `arcana` and `arcana-serve` binaries: device names, the default dtype
-//! per device, and `--model-base` assembly through `arcana-convert`.
+//! Loading glue shared by the `arcana` and `arcana-serve` binaries: device names and placement flags,
+//! the default dtype per device, and `--model-base` assembly through `arcana-convert`.
 use anyhow::{bail, Context, Result};
+use arcana::llm::placement::{LayerMap, MemoryLimits, Place, Placement};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
@@ -8,8 +9,10 @@ pub fn parse_device(name: &str) -> Result<Device> {
     let device = match name {
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda(0),
+        // Apple's GPUs: only libtorch builds for macOS on Apple silicon have the MPS backend.
+        "mps" if tch::utils::has_mps() => Device::Mps,
         "mps" => {
-            bail!("--device mps: this build runs on libtorch for Linux, which has no MPS backend; use cpu or cuda")
+            bail!("--device mps: the linked libtorch has no MPS backend (only libtorch for macOS on Apple silicon has it); use cpu or cuda")
         }
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(index)) => Device::Cuda(index),
@@ -34,6 +37,58 @@ pub fn default_kind(device: Device) -> Kind {
         Kind::Float
     } else {
         Kind::Half
+    }
+}
+
+/// `--device`, `--device-map` and `--max-gpu-memory` as the engine's device (where the vision side and
+/// the embeddings go) and placement. `--device cuda` spreads the model over every visible GPU, as the
+/// release's `device_map="auto"` does; `cuda:N` keeps it on that GPU.
+pub fn placement(device: &str, device_map: Option<&str>, max_gpu_memory: Option<&str>) -> Result<(Device, Placement)> {
+    if let Some(text) = device_map {
+        let map = LayerMap::parse(text).with_context(|| format!("--device-map {text}"))?;
+        for place in map.places() {
+            if let Place::Cuda(index) = place {
+                let count = tch::Cuda::device_count().max(0) as usize;
+                if index >= count {
+                    bail!(
+                        "--device-map {text}: names {place}, but {count} CUDA device(s) are available to this libtorch"
+                    );
+                }
+            }
+        }
+        let first = map.segments.iter().find(|s| s.layers.contains(&0)).or(map.segments.first()).map(|s| s.place);
+        let device = match first {
+            Some(Place::Cuda(index)) => Device::Cuda(index),
+            _ => Device::Cpu,
+        };
+        return Ok((device, Placement::Map(map)));
+    }
+    if let Some(text) = max_gpu_memory {
+        let limits = MemoryLimits::parse(text).with_context(|| format!("--max-gpu-memory {text}"))?;
+        if device != "cuda" {
+            bail!(
+                "--max-gpu-memory spreads the model over every visible GPU: use it with --device cuda (not {device})"
+            );
+        }
+        return Ok((parse_device(device)?, Placement::Auto(limits)));
+    }
+    let parsed = parse_device(device)?;
+    Ok((parsed, if device == "cuda" { Placement::Auto(MemoryLimits::default()) } else { Placement::Single }))
+}
+
+/// The default dtype: fp16 when any part runs on a GPU (CPU parts of such a model compute in fp32).
+pub fn default_kind_for(device: Device, placement: &Placement) -> Kind {
+    match placement {
+        Placement::Map(map) if map.places().iter().any(|p| p.is_cuda()) => Kind::Half,
+        _ => default_kind(device),
+    }
+}
+
+/// The placement's line for the user, and its warnings (layers offloaded to the CPU).
+pub fn describe_plan(plan: Option<&arcana::llm::placement::Plan>) -> (Option<String>, Vec<String>) {
+    match plan {
+        Some(plan) => (Some(format!("placement: {}", plan.describe())), plan.notes.clone()),
+        None => (None, Vec::new()),
     }
 }
 
