@@ -131,7 +131,7 @@ def _init_values(name: str, shape, seed: int, stream: str, hidden_size: int) -> 
 def _vision_config(preset: dict):
     from transformers import CLIPVisionConfig
     cfg = CLIPVisionConfig(
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_channels=3, hidden_act="quick_gelu",
+        image_size=preset.get("image_size", IMAGE_SIZE), patch_size=PATCH_SIZE, num_channels=3, hidden_act="quick_gelu",
         layer_norm_eps=1e-5, projection_dim=preset["clip"]["hidden_size"], **preset["clip"])
     cfg.architectures = ["CLIPWithLadderAdapter"]
     return cfg
@@ -315,27 +315,33 @@ def make_checkpoint(preset_name: str, seed: int, out_dir: str, dtype=None, visio
     vdir = os.path.join(out_dir, VISION_FOLDER)
     os.makedirs(vdir, exist_ok=True)
     vcfg.save_pretrained(vdir)
+    image_size = vcfg.image_size
     CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         do_resize=True, do_center_crop=True, do_rescale=True, rescale_factor=1 / 255,
         do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True, resample=3,
     ).save_pretrained(vdir)
     hidden = preset["llm"]["hidden_size"]
-    vision_shapes = {k: v.shape for k, v in CLIPWithQueryLadder(vcfg).state_dict().items()}
+    # only the shapes are needed: the meta device allocates nothing (full-size presets are gigabytes)
+    with torch.device("meta"):
+        vision_shapes = {k: v.shape for k, v in CLIPWithQueryLadder(vcfg).state_dict().items()}
     folder = {k: _init_tensor(k, s, seed, "vision-folder", hidden).to(tdtype).contiguous()
               for k, s in vision_shapes.items()}
     save_file(folder, os.path.join(vdir, "model.safetensors"), metadata={"format": "pt"})
+    del folder  # gigabytes at full size; the main checkpoint is drawn next
 
     # main checkpoint
     cfg = _main_config(preset, dtype)
     _write_json(os.path.join(out_dir, "config.json"), cfg)
     _write_json(os.path.join(out_dir, "generation_config.json"), GENERATION_CONFIG)
-    model = ArcanaForCausalLM(LlamaConfig.from_dict(cfg), vcfg)
+    with torch.device("meta"):
+        main_shapes = {k: v.shape for k, v in
+                       ArcanaForCausalLM(LlamaConfig.from_dict(cfg), vcfg).state_dict().items()}
     main = {}
-    for k, v in model.state_dict().items():
+    for k, shape in main_shapes.items():
         if k.startswith(VISION_PREFIX):
             continue
-        t = _init_tensor(k, v.shape, seed, "main", hidden)
+        t = _init_tensor(k, shape, seed, "main", hidden)
         if k == "lm_head.weight" and "lm_head_scale" in preset:
             t = t * preset["lm_head_scale"]
         main[k] = t.to(tdtype).contiguous()

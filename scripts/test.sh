@@ -29,6 +29,11 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --workspace
 
+# The benchmark harness end to end at tiny widths (scripts/bench.sh --small without its release build:
+# cargo test has just built the debug binary); its timings are not results, the ids must match.
+echo "== benchmark harness: PyTorch and arcana exact on the --small checkpoint"
+python parity/bench/bench.py --small --binary target/debug/arcana --check --out target/bench-small.json
+
 echo "== parity on checkpoints made with a new seed"
 bash scripts/fresh-parity.sh
 

@@ -5,13 +5,13 @@ use crate::generate::{decode, DecodeOptions, Decoded, Flow, GenerationConfig, St
 use crate::llm::llama::DecoderSites;
 use crate::llm::mask::{policies_differ, prefill_visual_mask, MaskPolicy};
 use crate::llm::placement::PartSizes;
-use crate::llm::quant::Quantization;
+use crate::llm::quant::DecoderWeights;
 use crate::llm::{CausalLmOutput, KvCache, LlamaForCausalLM, StepInputs};
 use crate::mm::projector::Projector;
 use crate::mm::splice::{prepare_inputs, Spliced};
 use crate::vision::preprocess::{AspectMode, ImagePreprocessor, PreprocessConfig};
 use crate::vision::{VisionOutputs, VisionTower};
-use crate::weights::{is_derived_buffer, Checkpoint, WeightLoader};
+use crate::weights::{is_derived_buffer, Checkpoint, Mappings, WeightLoader};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -154,6 +154,12 @@ impl VisionSide {
         let projected = self.projector.forward(&vision.features)?;
         Ok(EncodedImages { vision, projected })
     }
+
+    /// The projected features alone (`encode(..).projected`, without the layers nothing reads).
+    pub fn project(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        self.projector.forward(&self.tower.features(pixel_values)?)
+    }
 }
 
 /// The whole model: vision side and the MM-LoRA Llama.
@@ -162,34 +168,47 @@ pub struct ArcanaModel {
     pub files: ModelFiles,
     pub vision: VisionSide,
     pub llm: LlamaForCausalLM,
+    /// The checkpoint files that weights stored in the compute dtype are read from in place. Declared
+    /// after every tensor so that it is dropped after them.
+    _mappings: Mappings,
 }
 
 impl ArcanaModel {
     /// Loads every part; every tensor of the checkpoint must be used.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
-        Self::load_with_progress(dir, kind, device, |_, _| {})
+        Self::load_with_progress(dir, kind, device, DecoderWeights::default(), |_, _| {})
     }
 
-    /// `load`, calling `progress(tensors loaded, tensors in the checkpoint files)` after each tensor.
+    /// `load`, with the decoder's weights stored as `storage` says, calling
+    /// `progress(tensors loaded, tensors in the checkpoint files)` after each tensor.
     pub fn load_with_progress(
         dir: &Path,
         kind: Kind,
         device: Device,
+        storage: DecoderWeights,
         progress: impl Fn(usize, usize) + 'static,
     ) -> Result<Self> {
         let files = ModelFiles::open(dir)?;
         let sites = DecoderSites::single(kind, device, files.config.num_hidden_layers as usize);
-        Self::load_on(files, &sites, progress)
+        Self::load_on(files, &sites, storage, progress)
     }
 
     /// Loads every part straight to its site: the vision side beside the embeddings (the front), each
     /// decoder layer on its own, norm and lm_head on the head's.
-    pub fn load_on(files: ModelFiles, sites: &DecoderSites, progress: impl Fn(usize, usize) + 'static) -> Result<Self> {
-        let loader = files.weight_loader(sites.front.kind, sites.front.device)?.with_progress(progress);
+    pub fn load_on(
+        files: ModelFiles,
+        sites: &DecoderSites,
+        storage: DecoderWeights,
+        progress: impl Fn(usize, usize) + 'static,
+    ) -> Result<Self> {
+        // SAFETY: the mappings go into the model, which drops them after every tensor (field order);
+        // no tensor leaves the model without its data being copied (features and logits are computed).
+        let loader =
+            unsafe { files.weight_loader(sites.front.kind, sites.front.device)?.in_place() }.with_progress(progress);
         let vision = VisionSide::load(&files, &loader)?;
-        let llm = LlamaForCausalLM::load_on(&loader.root(), &files.config, sites)?;
-        loader.finish()?;
-        Ok(Self { files, vision, llm })
+        let llm = LlamaForCausalLM::load_on(&loader.root(), &files.config, sites, storage)?;
+        let mappings = loader.finish()?;
+        Ok(Self { files, vision, llm, _mappings: mappings })
     }
 
     /// The dtype and device of the front: embeddings and vision side (for a split model, the decoder's
@@ -201,11 +220,6 @@ impl ArcanaModel {
     /// Positions the decoder can attend over (prompt, image features and new tokens together).
     pub fn context_length(&self) -> i64 {
         self.files.config.max_position_embeddings
-    }
-
-    /// Quantizes the decoder's projections; returns their size in bytes before and after.
-    pub fn quantize(&mut self, mode: Quantization) -> Result<(usize, usize)> {
-        self.llm.quantize(mode)
     }
 
     /// An empty KV cache for `batch` rows and room for `capacity` positions.
@@ -226,7 +240,7 @@ impl ArcanaModel {
             Some(p) => {
                 let p = if p.dim() == 3 { p.f_unsqueeze(0)? } else { p.shallow_clone() };
                 let (kind, device) = self.kind_and_device();
-                Some(self.vision.encode(&p.f_to_kind(kind)?.f_to_device(device)?)?.projected)
+                Some(self.vision.project(&p.f_to_kind(kind)?.f_to_device(device)?)?)
             }
             None => None,
         };

@@ -1,17 +1,21 @@
 //! Strict weight loading from safetensors files and sharded folders.
 //!
-//! Files are memory-mapped; each tensor is copied into a libtorch tensor of the requested dtype, then its
-//! pages are dropped from the mapping, so loading peaks near the size of the loaded weights. Every tensor
+//! Files are memory-mapped. By default each tensor is copied into a libtorch tensor of the requested
+//! dtype, then its pages are dropped from the mapping, so loading peaks near the size of the loaded
+//! weights. A loader told to load in place hands out CPU tensors stored in the requested dtype as views
+//! of the mapping (no copy; the pages are shared with the page cache), which the model then keeps
+//! mapped. Every tensor
 //! must be asked for by the model with its exact shape, and every tensor in the files must be used:
 //! `WeightLoader::finish` reports the first one left over. Errors name the tensor and the file.
 use crate::error::{Error, Result};
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::{Advice, MmapMut, MmapOptions, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Display;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -32,7 +36,8 @@ type ProgressReport = Box<dyn Fn(usize, usize)>;
 /// One memory-mapped, validated safetensors file.
 pub struct TensorFile {
     path: PathBuf,
-    mmap: Mmap,
+    /// Private (copy-on-write) so that a stray write into an in-place tensor never reaches the file.
+    mmap: Arc<MmapMut>,
     entries: HashMap<String, Entry>,
     metadata: HashMap<String, String>,
 }
@@ -40,9 +45,9 @@ pub struct TensorFile {
 impl TensorFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the mapping is read-only and private; a file truncated by another process while
-        // mapped is outside what this loader can defend against (as for every mmap-based loader).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // SAFETY: the mapping is private; a file truncated by another process while mapped is outside
+        // what this loader can defend against (as for every mmap-based loader).
+        let mmap = Arc::new(unsafe { MmapOptions::new().map_copy(&file) }.map_err(|e| Error::io(path, e))?);
         let (header_len, metadata) =
             SafeTensors::read_metadata(&mmap).map_err(|e| safetensors_error(path, mmap.len(), e))?;
         let data_start = 8 + header_len;
@@ -54,6 +59,27 @@ impl TensorFile {
             entries.insert(name, Entry { dtype: info.dtype, shape, start: data_start + start, end: data_start + end });
         }
         Ok(Self { path: path.to_path_buf(), mmap, entries, metadata: file_metadata })
+    }
+
+    /// `name` as a view of the mapping when it is stored as `kind` and suitably aligned; none otherwise.
+    /// Its pages are faulted in now, so the first forward does not pay for them.
+    ///
+    /// # Safety
+    /// The tensor reads the mapping: `self.mapping()` must outlive it and every tensor sharing its data.
+    unsafe fn load_in_place(&self, name: &str, kind: Kind) -> Option<Tensor> {
+        let entry = self.entries.get(name)?;
+        let stored = stored_kind(entry.dtype)?;
+        let bytes = &self.mmap[entry.start..entry.end];
+        if stored != kind || bytes.as_ptr().align_offset(kind.elt_size_in_bytes()) != 0 || bytes.is_empty() {
+            return None;
+        }
+        let _ = self.mmap.advise_range(Advice::PopulateRead, entry.start, entry.end - entry.start);
+        let strides = contiguous_strides(&entry.shape);
+        Tensor::f_from_blob(bytes.as_ptr(), &entry.shape, &strides, kind, Device::Cpu).ok()
+    }
+
+    fn mapping(&self) -> Arc<MmapMut> {
+        Arc::clone(&self.mmap)
     }
 
     pub fn path(&self) -> &Path {
@@ -132,6 +158,14 @@ impl TensorFile {
         self.release(entry);
         Ok(tensor)
     }
+}
+
+fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
 }
 
 fn is_float(kind: Kind) -> bool {
@@ -328,6 +362,20 @@ pub struct WeightLoader {
     loaded_bytes: std::cell::Cell<u64>,
     /// Told (tensors loaded, distinct usable tensors in the sources) after each tensor.
     progress: Option<(ProgressReport, usize)>,
+    /// Hand out views of the mappings where the stored dtype is the compute dtype on the CPU.
+    in_place: bool,
+    /// The mappings that in-place tensors read.
+    mapped: RefCell<Vec<Arc<MmapMut>>>,
+}
+
+/// The file mappings that tensors loaded in place read from: to be dropped after every such tensor.
+#[derive(Default)]
+pub struct Mappings(Vec<Arc<MmapMut>>);
+
+impl std::fmt::Debug for Mappings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mappings({} files)", self.0.len())
+    }
 }
 
 impl WeightLoader {
@@ -339,7 +387,20 @@ impl WeightLoader {
             used: RefCell::new(BTreeSet::new()),
             loaded_bytes: std::cell::Cell::new(0),
             progress: None,
+            in_place: false,
+            mapped: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Loads CPU tensors stored in the compute dtype as views of the file mappings (no copy), except
+    /// those asked for with [`Weights::get_transient`].
+    ///
+    /// # Safety
+    /// Those tensors read the mappings: keep the [`Mappings`] that `finish` returns alive longer than
+    /// every tensor from this loader (and every tensor sharing their data).
+    pub unsafe fn in_place(mut self) -> Self {
+        self.in_place = true;
+        self
     }
 
     /// Adds a fallback checkpoint consulted after the earlier ones, its names prefixed by `prefix`.
@@ -410,7 +471,7 @@ impl WeightLoader {
         Ok(source.checkpoint.shape(local).expect("found above").to_vec())
     }
 
-    fn load(&self, name: &str, expected: Option<&[i64]>, kind: Kind, device: Device) -> Result<Tensor> {
+    fn load(&self, name: &str, expected: Option<&[i64]>, kind: Kind, device: Device, transient: bool) -> Result<Tensor> {
         let (source, local) = self.find(name).ok_or_else(|| self.missing(name))?;
         let file = source.checkpoint.file_of(local);
         let found = file.shape(local).expect("found above");
@@ -424,7 +485,20 @@ impl WeightLoader {
                 });
             }
         }
-        let tensor = file.load(local, kind, device)?;
+        // SAFETY: the mapping is recorded here and handed to the caller by `finish`, who keeps it alive
+        // longer than the tensors (the contract of `in_place`).
+        let in_place = self.in_place && !transient && device == Device::Cpu;
+        let in_place = if in_place { unsafe { file.load_in_place(local, kind) } } else { None };
+        let tensor = match in_place {
+            Some(tensor) => {
+                let mut mapped = self.mapped.borrow_mut();
+                if !mapped.iter().any(|m| Arc::ptr_eq(m, &file.mmap)) {
+                    mapped.push(file.mapping());
+                }
+                tensor
+            }
+            None => file.load(local, kind, device)?,
+        };
         self.used.borrow_mut().insert(name.to_string());
         let bytes = tensor.numel() * kind.elt_size_in_bytes();
         self.loaded_bytes.set(self.loaded_bytes.get() + bytes as u64);
@@ -434,13 +508,14 @@ impl WeightLoader {
         Ok(tensor)
     }
 
-    /// Checks that every tensor of every source was used (or overridden by an earlier source).
-    pub fn finish(self) -> Result<()> {
+    /// Checks that every tensor of every source was used (or overridden by an earlier source); returns
+    /// the mappings that in-place tensors read (none unless loading in place).
+    pub fn finish(self) -> Result<Mappings> {
         self.finish_under(&[""])
     }
 
     /// Like `finish`, for a model built in part: only names starting with one of `prefixes` must be used.
-    pub fn finish_under(self, prefixes: &[&str]) -> Result<()> {
+    pub fn finish_under(self, prefixes: &[&str]) -> Result<Mappings> {
         let used = self.used.into_inner();
         for (position, source) in self.sources.iter().enumerate() {
             for local in source.checkpoint.names() {
@@ -461,7 +536,7 @@ impl WeightLoader {
                 });
             }
         }
-        Ok(())
+        Ok(Mappings(self.mapped.into_inner()))
     }
 }
 
@@ -496,12 +571,18 @@ impl<'a> Weights<'a> {
 
     /// The parameter `name`, which must have exactly `shape`.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        self.loader.load(&self.full_name(name), Some(shape), self.kind(), self.device())
+        self.loader.load(&self.full_name(name), Some(shape), self.kind(), self.device(), false)
+    }
+
+    /// `get`, always as a copy whose file pages are dropped at once: for a tensor that is converted
+    /// (quantized, merged) and then dropped, so that its pages do not stay mapped.
+    pub fn get_transient(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        self.loader.load(&self.full_name(name), Some(shape), self.kind(), self.device(), true)
     }
 
     /// The parameter `name` with the shape the checkpoint gives (for sizes the model derives from it).
     pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
-        self.loader.load(&self.full_name(name), None, self.kind(), self.device())
+        self.loader.load(&self.full_name(name), None, self.kind(), self.device(), false)
     }
 
     pub fn shape(&self, name: &str) -> Result<Vec<i64>> {

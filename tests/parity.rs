@@ -68,3 +68,24 @@ fn bfloat16_runs_and_stays_close_to_the_fp32_reference() {
     assert!(report.cosine > 0.999, "{report:?}");
     assert!(!report.bit_identical);
 }
+
+#[test]
+fn features_skip_the_layers_after_the_selected_one_and_keep_every_bit() {
+    // Select layer -2: the last CLIP layer and the last ladder layer feed nothing. Poisoned with NaN,
+    // they must not reach the features; the features must equal the full forward's, bit for bit.
+    use arcana::model::VisionSide;
+    use tch::{Device, Kind};
+    let dir = fixture_dir("vision-d4-sel-2");
+    let reference = arcana::parity::Reference::open(&dir.join("reference.safetensors")).unwrap();
+    let pixels = reference.tensor(arcana::parity::INPUT_PIXEL_VALUES).unwrap();
+    let (_, mut side) = VisionSide::load_standalone(&dir, Kind::Float, Device::Cpu).unwrap();
+    let full = side.encode(&pixels).unwrap().projected;
+    assert!(side.project(&pixels).unwrap().equal(&full));
+    let tower = &mut side.tower;
+    let last_clip = tower.vision_model.layers.last_mut().unwrap();
+    last_clip.layer_norm1.weight = last_clip.layer_norm1.weight.full_like(f64::NAN);
+    let last_ladder = tower.ladder.layers.last_mut().unwrap();
+    last_ladder.layer_norm0.weight = last_ladder.layer_norm0.weight.full_like(f64::NAN);
+    assert!(side.encode(&pixels).unwrap().vision.hidden_states.last().unwrap().isnan().any().int64_value(&[]) == 1);
+    assert!(side.project(&pixels).unwrap().equal(&full));
+}

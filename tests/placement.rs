@@ -9,6 +9,7 @@ use arcana::generate::{Flow, Stepping, TokenChooser};
 use arcana::llm::llama::{DecoderSites, Site};
 use arcana::llm::mask::MaskPolicy;
 use arcana::llm::placement::{LayerMap, Place, Placement, Plan};
+use arcana::llm::quant::DecoderWeights;
 use arcana::mm::splice::Spliced;
 use arcana::model::{ArcanaModel, ModelFiles};
 use arcana::parity::Reference;
@@ -22,7 +23,7 @@ fn files() -> ModelFiles {
 }
 
 fn load(sites: &DecoderSites) -> ArcanaModel {
-    ArcanaModel::load_on(files(), sites, |_, _| {}).unwrap()
+    ArcanaModel::load_on(files(), sites, DecoderWeights::default(), |_, _| {}).unwrap()
 }
 
 fn unsplit() -> ArcanaModel {

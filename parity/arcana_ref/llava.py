@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers.modeling_utils import no_init_weights
 
 from .mmlora import install_mmlora
 from .projector import build_projector
@@ -176,20 +177,25 @@ class ArcanaForCausalLM(LlamaForCausalLM):
 
 
 # ---- checkpoint loading -------------------------------------------------------------------------------
-def read_safetensors_dir(path: str, stem: str = "model") -> dict:
-    """All tensors of `<stem>.safetensors` or of the shards named in `<stem>.safetensors.index.json`."""
+def safetensors_files(path: str, stem: str = "model") -> List[str]:
+    """`<stem>.safetensors`, or the shards named in `<stem>.safetensors.index.json`."""
     single = os.path.join(path, f"{stem}.safetensors")
     index = os.path.join(path, f"{stem}.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
-        tensors = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(load_file(os.path.join(path, shard)))
-        return tensors
+        return [os.path.join(path, shard) for shard in sorted(set(weight_map.values()))]
     if os.path.exists(single):
-        return load_file(single)
+        return [single]
     raise FileNotFoundError(f"no {stem}.safetensors or index in {path}")
+
+
+def read_safetensors_dir(path: str, stem: str = "model") -> dict:
+    """All tensors of `<stem>.safetensors` or of the shards named in `<stem>.safetensors.index.json`."""
+    tensors = {}
+    for file in safetensors_files(path, stem):
+        tensors.update(load_file(file))
+    return tensors
 
 
 def vision_tower_dir(checkpoint: str, config: dict) -> str:
@@ -211,19 +217,30 @@ def load_arcana(checkpoint: str, dtype=torch.float32) -> ArcanaForCausalLM:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        model = ArcanaForCausalLM(config, vision_config)
+        # every parameter is overwritten below: skip the random init (minutes at 7B width)
+        with no_init_weights():
+            model = ArcanaForCausalLM(config, vision_config)
     finally:
         torch.set_default_dtype(previous)
     model.to(dtype)
 
-    state = {}
+    # One file at a time, so that memory peaks at the model plus one file, not twice the model.
+    expected = set(model.state_dict())
+    loaded = set()
+
+    def load(tensors):
+        unexpected = set(tensors) - expected
+        if unexpected:
+            raise ValueError(f"unexpected tensors in checkpoint: {sorted(unexpected)[:8]}")
+        model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+        loaded.update(tensors)
+
     if vdir is not None:
-        folder = read_safetensors_dir(vdir)
-        state.update({VISION_PREFIX + k: v for k, v in folder.items()})
-    state.update(read_safetensors_dir(checkpoint))
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    if unexpected:
-        raise ValueError(f"unexpected tensors in checkpoint: {sorted(unexpected)[:8]}")
+        for file in safetensors_files(vdir):
+            load({VISION_PREFIX + k: v for k, v in load_file(file).items()})
+    for file in safetensors_files(checkpoint):  # after the folder's: its vision tensors override
+        load(load_file(file))
+    missing = expected - loaded
     if missing:
         raise ValueError(f"tensors missing from checkpoint: {sorted(missing)[:8]}")
     gen = os.path.join(checkpoint, "generation_config.json")

@@ -6,7 +6,6 @@
 //!     arcana-serve all --model-path DIR [--port 7860]    (controller + worker + web in one process)
 use anyhow::{bail, Context};
 use arcana::engine::{Engine, EngineOptions};
-use arcana::llm::quant::Quantization;
 use arcana::mm::conversation::model_name_from_path;
 use arcana::serve::controller::{self, Controller, DispatchMethod};
 use arcana::serve::http;
@@ -129,24 +128,13 @@ struct ModelArgs {
     /// The name clients ask for; default the model folder's name (`checkpoint-N` as parent_checkpoint-N).
     #[arg(long)]
     model_name: Option<String>,
-    /// cpu, cuda, cuda:N; cuda spreads the model over every visible GPU (the release's device_map="auto").
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Decoder layers per device, e.g. "cuda:0=0-15,cuda:1=16-31" or "cuda:0=0-27,cpu=28-31".
-    #[arg(long, conflicts_with_all = ["device", "max_gpu_memory"])]
-    device_map: Option<String>,
-    /// Memory per device for --device cuda's split over GPUs, e.g. "0:20GiB,1:20GiB" or "13GiB".
-    #[arg(long)]
-    max_gpu_memory: Option<String>,
+    #[command(flatten)]
+    placement: shared::DeviceFlags,
     /// Requests generating at once; more wait in a queue.
     #[arg(long, default_value_t = 5)]
     limit_model_concurrency: usize,
-    /// Weight-only int8 decoder projections.
-    #[arg(long)]
-    load_8bit: bool,
-    /// Weight-only int4 decoder projections.
-    #[arg(long, conflicts_with = "load_8bit")]
-    load_4bit: bool,
+    #[command(flatten)]
+    weights: shared::WeightFlags,
     /// Let the OpenAI API fetch http(s) image URLs (off: only data: URLs are accepted).
     #[arg(long)]
     allow_image_urls: bool,
@@ -215,9 +203,10 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
     if model.limit_model_concurrency == 0 {
         bail!("--limit-model-concurrency must be at least 1");
     }
-    let (device, placement) =
-        shared::placement(&model.device, model.device_map.as_deref(), model.max_gpu_memory.as_deref())?;
-    let kind = shared::default_kind_for(device, &placement);
+    let (device, placement) = model.placement.resolve()?;
+    let choice = model.weights.resolve(device, &placement)?;
+    let threads = model.weights.threads()?;
+    let kind = choice.kind;
     let weights = shared::weights_folder(&model.model_path, model.model_base.as_deref(), kind)?;
     let model_path = model.model_path.to_string_lossy().into_owned();
     let model_name = match &model.model_name {
@@ -239,11 +228,9 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
     let options = EngineOptions {
         kind,
         device,
-        quantization: match (model.load_8bit, model.load_4bit) {
-            (true, _) => Some(Quantization::Int8),
-            (_, true) => Some(Quantization::Int4),
-            _ => None,
-        },
+        quantization: choice.quantization,
+        merge_lora: choice.merge_lora,
+        threads,
         model_name_path: Some(model_path),
         with_model_base: model.model_base.is_some(),
         placement,
@@ -252,7 +239,7 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
     let loading = worker.clone();
     let runtime = tokio::runtime::Handle::current();
     std::thread::spawn(move || {
-        tracing::info!(model = %weights.display(), ?kind, ?device, "loading");
+        tracing::info!(model = %weights.display(), ?kind, ?device, ?threads, "loading");
         let loaded = Engine::load(&weights, options).and_then(|engine| {
             let (placed, warnings) = shared::describe_plan(engine.plan());
             placed.into_iter().for_each(|line| tracing::info!("{line}"));

@@ -4,13 +4,11 @@ use anyhow::{Context, Result};
 use arcana::chat::{ChatSession, TurnResult};
 use arcana::engine::{Engine, EngineOptions, GenerationParams};
 use arcana::llm::mask::MaskPolicy;
-use arcana::llm::quant::Quantization;
 use arcana::mm::conversation::cli_display_roles;
 use clap::{Parser, ValueEnum};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
-use tch::Kind;
 
 #[path = "shared/mod.rs"]
 mod shared;
@@ -27,15 +25,8 @@ struct Args {
     /// Image shown with the first message.
     #[arg(long, alias = "file")]
     image_file: Option<PathBuf>,
-    /// cpu, cuda (spread over every visible GPU, as the release), cuda:N, or mps where libtorch has it.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Decoder layers per device, e.g. "cuda:0=0-15,cuda:1=16-31" or "cuda:0=0-27,cpu=28-31".
-    #[arg(long, conflicts_with_all = ["device", "max_gpu_memory"])]
-    device_map: Option<String>,
-    /// Memory per device for --device cuda's split over GPUs, e.g. "0:20GiB,1:20GiB" or "13GiB".
-    #[arg(long)]
-    max_gpu_memory: Option<String>,
+    #[command(flatten)]
+    placement: shared::DeviceFlags,
     /// Conversation template; by default chosen from the model folder's name as the release does.
     #[arg(long)]
     conv_mode: Option<String>,
@@ -53,15 +44,8 @@ struct Args {
     seed: Option<u64>,
     #[arg(long, default_value_t = 512)]
     max_new_tokens: usize,
-    /// Weights dtype: fp32 (CPU default), fp16 (CUDA default) or bf16.
-    #[arg(long, value_enum)]
-    dtype: Option<DtypeArg>,
-    /// 8-bit weight-only quantization of the decoder's linear layers.
-    #[arg(long, conflicts_with = "load_4bit")]
-    load_8bit: bool,
-    /// 4-bit weight-only quantization of the decoder's linear layers.
-    #[arg(long)]
-    load_4bit: bool,
+    #[command(flatten)]
+    weights: shared::WeightFlags,
     /// One question, answered once, then exit (otherwise the interactive loop; a piped stdin gives one question per line).
     #[arg(long)]
     prompt: Vec<String>,
@@ -74,13 +58,6 @@ struct Args {
     /// Print timings and each turn's prompt and reply.
     #[arg(long)]
     debug: bool,
-}
-
-#[derive(Copy, Clone, Debug, ValueEnum)]
-enum DtypeArg {
-    Fp32,
-    Fp16,
-    Bf16,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -121,14 +98,10 @@ impl Questions {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let (device, placement) =
-        shared::placement(&args.device, args.device_map.as_deref(), args.max_gpu_memory.as_deref())?;
-    let kind = match args.dtype {
-        Some(DtypeArg::Fp32) => Kind::Float,
-        Some(DtypeArg::Fp16) => Kind::Half,
-        Some(DtypeArg::Bf16) => Kind::BFloat16,
-        None => shared::default_kind_for(device, &placement),
-    };
+    let (device, placement) = args.placement.resolve()?;
+    let choice = args.weights.resolve(device, &placement)?;
+    let threads = args.weights.threads()?;
+    let (kind, quantization) = (choice.kind, choice.quantization);
     let weights_path = shared::weights_folder(&args.model_path, args.model_base.as_deref(), kind)?;
     let params = GenerationParams {
         temperature: args.temperature,
@@ -143,12 +116,6 @@ fn main() -> Result<()> {
         PolicyArg::Release => MaskPolicy::Release,
         PolicyArg::Image => MaskPolicy::Image,
     };
-    let quantization = match (args.load_8bit, args.load_4bit) {
-        (true, _) => Some(Quantization::Int8),
-        (_, true) => Some(Quantization::Int4),
-        _ => None,
-    };
-
     let load_start = Instant::now();
     eprintln!("Loading {} ({kind:?} on {device:?})...", weights_path.display());
     let show_progress = std::io::stderr().is_terminal();
@@ -157,6 +124,8 @@ fn main() -> Result<()> {
         kind,
         device,
         quantization,
+        merge_lora: choice.merge_lora,
+        threads,
         model_name_path: Some(model_path.clone()),
         placement,
         with_model_base: args.model_base.is_some(),
@@ -177,7 +146,7 @@ fn main() -> Result<()> {
     warnings.iter().for_each(|w| eprintln!("warning: {w}"));
     if let Some(q) = engine.quantized() {
         eprintln!(
-            "Quantized the decoder's projections to {:?}: {:.1} MiB -> {:.1} MiB (MM-LoRA branches kept in {kind:?})",
+            "Decoder projections and lm_head stored as {:?}: {:.1} MiB -> {:.1} MiB (MM-LoRA branches kept in {kind:?})",
             q.mode,
             q.before_bytes as f64 / 1048576.0,
             q.after_bytes as f64 / 1048576.0
@@ -249,6 +218,8 @@ fn main() -> Result<()> {
             "image_file": args.image_file,
             "load_seconds": load_seconds,
             "quantization": quantization.map(|q| format!("{q:?}")),
+            "merge_lora": choice.merge_lora,
+            "threads": engine.threads(),
             "image_preprocess_seconds": preprocess_seconds,
             "turns": turns,
         });

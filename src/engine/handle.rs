@@ -50,6 +50,7 @@ pub(super) fn spawn(engine: Engine) -> Result<(EngineHandle, std::thread::JoinHa
 }
 
 fn serve(engine: Engine, queue: Receiver<Job>) {
+    tch::set_num_threads(engine.threads() as i32);
     for job in queue {
         let Job { request, events, cancel } = job;
         let result = engine.generate(&request, |event| {

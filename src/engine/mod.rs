@@ -32,7 +32,7 @@ use crate::generate::{DecodeEnd, GenerationConfig, Stepping};
 use crate::llm::llama::DecoderSites;
 use crate::llm::mask::MaskPolicy;
 use crate::llm::placement::{plan_balanced, Placement, Plan};
-use crate::llm::quant::Quantization;
+use crate::llm::quant::{BaseWeight, DecoderWeights, Quantization};
 use crate::mm::conversation::{
     cli_user_message, model_name_from_path, resolve_conv_mode, template_by_name, ConvModeChoice, Conversation,
 };
@@ -52,8 +52,13 @@ pub struct EngineOptions {
     pub device: Device,
     /// Spreading the model over devices; with `Placement::Single` everything is on `device`.
     pub placement: Placement,
-    /// Weight-only quantization of the decoder's projections.
+    /// How the decoder's projections and `lm_head` are stored (int8, int4, fp16 weights).
     pub quantization: Option<Quantization>,
+    /// Fold the MM-LoRA language branch into the base weights at load.
+    pub merge_lora: bool,
+    /// libtorch's intra-op threads on the threads that load and run the engine (libtorch's default when
+    /// none: OMP_NUM_THREADS, else every CPU).
+    pub threads: Option<usize>,
     /// The name the template is chosen from, as the release does (`get_model_name_from_path`); by
     /// default the model folder's path. A checkpoint assembled elsewhere keeps the name the user gave.
     pub model_name_path: Option<String>,
@@ -72,6 +77,8 @@ impl Default for EngineOptions {
             device: Device::Cpu,
             placement: Placement::Single,
             quantization: None,
+            merge_lora: false,
+            threads: None,
             model_name_path: None,
             with_model_base: false,
             conv_mode: None,
@@ -80,7 +87,7 @@ impl Default for EngineOptions {
     }
 }
 
-/// Bytes of the decoder's projections before and after quantization.
+/// Bytes of the decoder's projections and `lm_head`, dense in the compute dtype and as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantizedSize {
     pub mode: Quantization,
@@ -100,6 +107,8 @@ pub struct Engine {
     quantized: Option<QuantizedSize>,
     /// Where the parts went, for a placement other than `Single`.
     plan: Option<Plan>,
+    /// Intra-op threads, set again on the engine's own thread (libtorch's setting is per thread).
+    threads: i32,
 }
 
 impl Engine {
@@ -117,20 +126,29 @@ impl Engine {
         let model_name = model_name_from_path(&name_path)?;
         let conv_mode = resolve_conv_mode(&model_name, options.conv_mode.as_deref());
         let template = template_by_name(&conv_mode.chosen)?;
+        if let Some(threads) = options.threads {
+            let threads = i32::try_from(threads).ok().filter(|&n| n > 0).ok_or_else(|| {
+                Error::InvalidInput(format!("threads: expected 1 to {}, got {threads}", i32::MAX))
+            })?;
+            tch::set_num_threads(threads);
+        }
         let files = ModelFiles::open(dir)?;
         let plan = plan(&files, &options)?;
         let sites = match &plan {
             Some(plan) => DecoderSites::from_plan(plan, options.kind),
             None => DecoderSites::single(options.kind, options.device, files.config.num_hidden_layers as usize),
         };
-        let mut model = ArcanaModel::load_on(files, &sites, progress)?;
-        let quantized = match options.quantization {
-            Some(mode) => {
-                let (before_bytes, after_bytes) = model.quantize(mode)?;
-                Some(QuantizedSize { mode, before_bytes, after_bytes })
+        let storage = DecoderWeights { storage: options.quantization, merge_lora: options.merge_lora };
+        let model = ArcanaModel::load_on(files, &sites, storage, progress)?;
+        let quantized = options.quantization.map(|mode| {
+            let dense = options.kind.elt_size_in_bytes();
+            let weights = || model.llm.base_weights();
+            QuantizedSize {
+                mode,
+                before_bytes: weights().map(|w| w.shape().iter().product::<i64>() as usize * dense).sum(),
+                after_bytes: weights().map(BaseWeight::bytes).sum(),
             }
-            None => None,
-        };
+        });
         // Fast or slow as the release's builder chooses, by the model's name.
         let name_path = options.model_name_path.as_deref().map(Path::new).unwrap_or(dir);
         let tokenizer = Tokenizer::for_release(dir, name_path, options.with_model_base)?;
@@ -145,6 +163,7 @@ impl Engine {
             mask_policy: options.mask_policy,
             quantized,
             plan,
+            threads: tch::get_num_threads(),
         })
     }
 
@@ -152,6 +171,11 @@ impl Engine {
     /// one device by `Placement::Single`.
     pub fn plan(&self) -> Option<&Plan> {
         self.plan.as_ref()
+    }
+
+    /// libtorch's intra-op threads this engine computes with.
+    pub fn threads(&self) -> usize {
+        self.threads as usize
     }
 
     pub fn model(&self) -> &ArcanaModel {

@@ -103,12 +103,12 @@ pub fn decode(
     };
     let prefill =
         StepInputs { position_ids: &positions_from_mask(&mask)?, attention_mask: Some(&mask), visual: &prompt_visual };
-    let mut logits = lm.forward(&sequence, &prefill, cache, false)?.logits;
+    let mut logits = lm.next_token_logits(&sequence, &prefill, cache)?;
     // Generated tokens are language: the release's one-token forward marks nothing visual.
     let token_visual = Tensor::f_zeros([batch, 1], (Kind::Bool, device))?;
     let mut end = DecodeEnd::Length;
     for step in 0..options.max_new_tokens {
-        let next = options.chooser.choose(&logits.f_select(1, -1)?)?;
+        let next = options.chooser.choose(&logits)?;
         if next.len() != batch as usize {
             return Err(Error::InvalidInput(format!("{} tokens chosen for a batch of {batch}", next.len())));
         }
@@ -138,7 +138,7 @@ pub fn decode(
             Stepping::Cached(cache) => {
                 let last = positions.f_narrow(1, mask.size()[1] - 1, 1)?;
                 let step = StepInputs { position_ids: &last, attention_mask: Some(&mask), visual: &token_visual };
-                lm.forward(&token_embeds, &step, Some(&mut **cache), false)?.logits
+                lm.next_token_logits(&token_embeds, &step, Some(&mut **cache))?
             }
             Stepping::Uncached => {
                 sequence = Tensor::f_cat(&[&sequence, &token_embeds], 1)?;
@@ -146,7 +146,7 @@ pub fn decode(
                 let visual =
                     Tensor::f_cat(&[&prompt_visual, &Tensor::f_zeros([batch, generated], (Kind::Bool, device))?], 1)?;
                 let step = StepInputs { position_ids: &positions, attention_mask: Some(&mask), visual: &visual };
-                lm.forward(&sequence, &step, None, false)?.logits
+                lm.next_token_logits(&sequence, &step, None)?
             }
         };
     }

@@ -1,6 +1,7 @@
 //! `LlamaAttention` (transformers 4.37.2, eager) with MM-LoRA projections.
 use super::cache::KvCache;
 use super::mmlora::MmLoraLinear;
+use super::quant::DecoderWeights;
 use super::rope::apply_rotary;
 use crate::config::ArcanaConfig;
 use crate::error::Result;
@@ -30,15 +31,15 @@ pub fn repeat_kv(x: &Tensor, n_rep: i64) -> Result<Tensor> {
 }
 
 impl Attention {
-    pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize) -> Result<Self> {
+    pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize, storage: DecoderWeights) -> Result<Self> {
         let (h, d) = (config.hidden_size, config.head_dim());
         let (nh, nkv) = (config.num_attention_heads, config.num_kv_heads());
         let (bias, s) = (config.attention_bias, config.mm_lora());
         Ok(Self {
-            q_proj: MmLoraLinear::load(&w.pp("q_proj"), h, nh * d, bias, s)?,
-            k_proj: MmLoraLinear::load(&w.pp("k_proj"), h, nkv * d, bias, s)?,
-            v_proj: MmLoraLinear::load(&w.pp("v_proj"), h, nkv * d, bias, s)?,
-            o_proj: MmLoraLinear::load(&w.pp("o_proj"), nh * d, h, bias, s)?,
+            q_proj: MmLoraLinear::load(&w.pp("q_proj"), h, nh * d, bias, s, storage)?,
+            k_proj: MmLoraLinear::load(&w.pp("k_proj"), h, nkv * d, bias, s, storage)?,
+            v_proj: MmLoraLinear::load(&w.pp("v_proj"), h, nkv * d, bias, s, storage)?,
+            o_proj: MmLoraLinear::load(&w.pp("o_proj"), nh * d, h, bias, s, storage)?,
             num_heads: nh,
             num_key_value_heads: nkv,
             head_dim: d,

@@ -6,6 +6,7 @@ use super::mask::causal_4d_mask;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::placement::{Place, Plan};
+use super::quant::{BaseWeight, DecoderWeights, Quantization};
 use super::rope::{gather_positions, RotaryEmbedding};
 use crate::config::ArcanaConfig;
 use crate::error::{Error, Result};
@@ -62,11 +63,11 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize) -> Result<Self> {
+    pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize, storage: DecoderWeights) -> Result<Self> {
         let (h, eps) = (config.hidden_size, config.rms_norm_eps);
         Ok(Self {
-            self_attn: Attention::load(&w.pp("self_attn"), config, layer_idx)?,
-            mlp: Mlp::load(&w.pp("mlp"), config)?,
+            self_attn: Attention::load(&w.pp("self_attn"), config, layer_idx, storage)?,
+            mlp: Mlp::load(&w.pp("mlp"), config, storage)?,
             input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), h, eps)?,
             post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), h, eps)?,
         })
@@ -129,13 +130,9 @@ struct SiteInputs {
 }
 
 impl LlamaModel {
-    /// `w` points at `model`; every part on `w`'s dtype and device.
-    pub fn load(w: &Weights, config: &ArcanaConfig) -> Result<Self> {
-        Self::load_on(w, config, &DecoderSites::single(w.kind(), w.device(), config.num_hidden_layers as usize))
-    }
-
-    /// `w` points at `model`; each part's weights are loaded straight to its site.
-    pub fn load_on(w: &Weights, config: &ArcanaConfig, sites: &DecoderSites) -> Result<Self> {
+    /// `w` points at `model`; each part's weights are loaded straight to its site, the projections
+    /// stored as `storage` says.
+    pub fn load(w: &Weights, config: &ArcanaConfig, sites: &DecoderSites, storage: DecoderWeights) -> Result<Self> {
         let n = config.num_hidden_layers as usize;
         if sites.layers.len() != n {
             return Err(Error::Placement(format!("{} layer sites for a decoder of {n} layers", sites.layers.len())));
@@ -146,7 +143,7 @@ impl LlamaModel {
         let embed_tokens =
             on(w.pp("embed_tokens"), sites.front).get("weight", &[config.vocab_size, config.hidden_size])?;
         let layers = (0..n)
-            .map(|i| DecoderLayer::load(&on(w.pp("layers").pp(i), sites.layers[i]), config, i))
+            .map(|i| DecoderLayer::load(&on(w.pp("layers").pp(i), sites.layers[i]), config, i, storage))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&on(w.pp("norm"), sites.head), config.hidden_size, config.rms_norm_eps)?;
         let rotary_emb = RotaryEmbedding::new(config, sites.front.device)?;
@@ -275,7 +272,9 @@ impl LlamaModel {
 #[derive(Debug)]
 pub struct LlamaForCausalLM {
     pub model: LlamaModel,
-    pub lm_head: Linear,
+    pub lm_head: BaseWeight,
+    /// Loaded as stored, with nothing merged: computes what the release computes, bit for bit.
+    pub exact: bool,
 }
 
 /// Logits and the decoder's outputs of one forward.
@@ -288,20 +287,44 @@ pub struct CausalLmOutput {
 impl LlamaForCausalLM {
     /// `w` is the checkpoint's root.
     pub fn load(w: &Weights, config: &ArcanaConfig) -> Result<Self> {
-        Self::load_on(w, config, &DecoderSites::single(w.kind(), w.device(), config.num_hidden_layers as usize))
+        Self::load_with(w, config, DecoderWeights::default())
     }
 
-    /// `w` is the checkpoint's root; each part's weights are loaded straight to its site.
-    pub fn load_on(w: &Weights, config: &ArcanaConfig, sites: &DecoderSites) -> Result<Self> {
-        let model = LlamaModel::load_on(&w.pp("model"), config, sites)?;
+    /// `load`, storing the projections (and `lm_head`) as `storage` says. `lm_head` takes int8 where the
+    /// projections take int4: it has no MM-LoRA branch and every logit goes through it.
+    pub fn load_with(w: &Weights, config: &ArcanaConfig, storage: DecoderWeights) -> Result<Self> {
+        let sites = DecoderSites::single(w.kind(), w.device(), config.num_hidden_layers as usize);
+        Self::load_on(w, config, &sites, storage)
+    }
+
+    /// `load_with`, each part's weights loaded straight to its site.
+    pub fn load_on(w: &Weights, config: &ArcanaConfig, sites: &DecoderSites, storage: DecoderWeights) -> Result<Self> {
+        let model = LlamaModel::load(&w.pp("model"), config, sites, storage)?;
         let head = w.pp("lm_head").placed(sites.head.kind, sites.head.device);
         let lm_head = if config.tie_word_embeddings && !head.contains("weight") {
             // Tied to the embeddings: a copy where the head sits on another device.
             Linear { weight: to_site(model.embed_tokens.shallow_clone(), sites.head)?, bias: None }
         } else {
-            Linear::load(&head, config.hidden_size, config.vocab_size, false)?
+            let shape = [config.vocab_size, config.hidden_size];
+            let weight = if storage.storage.is_some() { head.get_transient("weight", &shape)? } else { head.get("weight", &shape)? };
+            Linear { weight, bias: None }
         };
-        Ok(Self { model, lm_head })
+        let lm_head = match storage.storage {
+            Some(Quantization::Int4) => BaseWeight::quantized(lm_head, Quantization::Int8)?,
+            Some(mode) => BaseWeight::quantized(lm_head, mode)?,
+            None => BaseWeight::Dense(lm_head),
+        };
+        let exact = storage == DecoderWeights::default();
+        Ok(Self { model, lm_head, exact })
+    }
+
+    /// The decoder's projections' base weights and `lm_head`.
+    pub fn base_weights(&self) -> impl Iterator<Item = &BaseWeight> {
+        let layers = self.model.layers.iter().flat_map(|layer| {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].map(|p| &p.base)
+        });
+        layers.chain(std::iter::once(&self.lm_head))
     }
 
     pub fn forward(
@@ -315,6 +338,26 @@ impl LlamaForCausalLM {
         let decoder = self.model.forward(inputs_embeds, step, cache, keep_layers)?;
         let logits = self.lm_head.forward(&decoder.hidden)?.f_to_kind(Kind::Float)?;
         Ok(CausalLmOutput { logits, decoder })
+    }
+
+    /// The last position's fp32 logits `[B, vocab]`, which decoding reads. Outside the exact mode only
+    /// that row goes through `lm_head`; the exact mode runs every row, as the release does, because
+    /// one row alone takes another GEMM path with other low bits.
+    pub fn next_token_logits(
+        &self,
+        inputs_embeds: &Tensor,
+        step: &StepInputs,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let hidden = self.model.forward(inputs_embeds, step, cache, false)?.hidden;
+        let last = hidden.size()[1] - 1;
+        let logits = if self.exact {
+            self.lm_head.forward(&hidden)?.f_select(1, last)?
+        } else {
+            self.lm_head.forward(&hidden.f_select(1, last)?)?
+        };
+        Ok(logits.f_to_kind(Kind::Float)?)
     }
 }
 

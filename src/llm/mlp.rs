@@ -1,5 +1,6 @@
 //! `LlamaMLP` with MM-LoRA projections: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
 use super::mmlora::MmLoraLinear;
+use super::quant::DecoderWeights;
 use crate::config::ArcanaConfig;
 use crate::error::Result;
 use crate::weights::Weights;
@@ -13,12 +14,12 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(w: &Weights, config: &ArcanaConfig) -> Result<Self> {
+    pub fn load(w: &Weights, config: &ArcanaConfig, storage: DecoderWeights) -> Result<Self> {
         let (h, i, s) = (config.hidden_size, config.intermediate_size, config.mm_lora());
         Ok(Self {
-            gate_proj: MmLoraLinear::load(&w.pp("gate_proj"), h, i, false, s)?,
-            up_proj: MmLoraLinear::load(&w.pp("up_proj"), h, i, false, s)?,
-            down_proj: MmLoraLinear::load(&w.pp("down_proj"), i, h, false, s)?,
+            gate_proj: MmLoraLinear::load(&w.pp("gate_proj"), h, i, false, s, storage)?,
+            up_proj: MmLoraLinear::load(&w.pp("up_proj"), h, i, false, s, storage)?,
+            down_proj: MmLoraLinear::load(&w.pp("down_proj"), i, h, false, s, storage)?,
         })
     }
 

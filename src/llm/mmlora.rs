@@ -13,9 +13,9 @@
 //! function up to rounding, with no LoRA work for language tokens (every decode step).
 use crate::error::{Error, Result};
 use crate::layers::Linear;
-use crate::llm::quant::BaseWeight;
+use crate::llm::quant::{BaseWeight, DecoderWeights};
 use crate::weights::Weights;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// Field names as the release's attributes (and checkpoint names).
 #[allow(non_snake_case)]
@@ -46,22 +46,49 @@ fn load_pair(w: &Weights, a: &str, b: &str, in_dim: i64, out_dim: i64) -> Result
     Ok((down, up))
 }
 
+/// `W + scale * B @ A` in fp32 (`A`: `[r, in]`, `B`: `[out, r]`): a LoRA update folded into a weight.
+/// `arcana-convert` (`--merge-lora`, adapters) and `merge_low_rank` compute it the same way.
+pub fn add_low_rank(weight: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let (a, b) = (a.f_to_kind(Kind::Float)?, b.f_to_kind(Kind::Float)?);
+    Ok(weight.f_to_kind(Kind::Float)?.f_add(&b.f_matmul(&a)?.f_mul_scalar(scale)?)?)
+}
+
+/// `add_low_rank` rounded once to `W`'s dtype: the language branch merged into the base weight at load.
+pub fn merge_low_rank(weight: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    Ok(add_low_rank(weight, a, b, scale)?.f_to_kind(weight.kind())?)
+}
+
 impl MmLoraLinear {
-    /// `w` points at the projection (`model.layers.N.self_attn.q_proj`).
-    pub fn load(w: &Weights, in_dim: i64, out_dim: i64, bias: bool, mode: MmLoraMode) -> Result<Self> {
-        let base = BaseWeight::Dense(Linear::load(w, in_dim, out_dim, bias)?);
+    /// `w` points at the projection (`model.layers.N.self_attn.q_proj`); `storage` is applied at once.
+    pub fn load(
+        w: &Weights,
+        in_dim: i64,
+        out_dim: i64,
+        bias: bool,
+        mode: MmLoraMode,
+        storage: DecoderWeights,
+    ) -> Result<Self> {
+        let merge = storage.merge_lora && !mode.language_merged;
+        // A weight that is converted here is read as a transient copy: its file pages must not stay mapped.
+        let mut base = if storage.storage.is_some() || merge {
+            let weight = w.get_transient("weight", &[out_dim, in_dim])?;
+            Linear { weight, bias: if bias { Some(w.get("bias", &[out_dim])?) } else { None } }
+        } else {
+            Linear::load(w, in_dim, out_dim, bias)?
+        };
         let (va, vb) = load_pair(w, "V_Slora_A", "V_Slora_B", in_dim, out_dim)?;
         let (la, lb) = load_pair(w, "L_Slora_A", "L_Slora_B", in_dim, out_dim)?;
-        let (scaling, language_merged) = (mode.scaling, mode.language_merged);
+        let mut language_merged = mode.language_merged;
+        if merge {
+            base.weight = merge_low_rank(&base.weight, &la.weight, &lb.weight, mode.scaling)?;
+            language_merged = true;
+        }
+        let base = match storage.storage {
+            Some(q) => BaseWeight::quantized(base, q)?,
+            None => BaseWeight::Dense(base),
+        };
+        let scaling = mode.scaling;
         Ok(Self { base, V_Slora_A: va, V_Slora_B: vb, L_Slora_A: la, L_Slora_B: lb, scaling, language_merged })
-    }
-
-    pub fn rank_visual(&self) -> i64 {
-        self.V_Slora_A.out_dim()
-    }
-
-    pub fn rank_language(&self) -> i64 {
-        self.L_Slora_A.out_dim()
     }
 
     /// `x`: `[B, L, in]`; `visual`: bool `[B, L]`.

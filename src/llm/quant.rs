@@ -1,175 +1,265 @@
-//! Weight-only quantization of the decoder's base projections (`--load-8bit`, `--load-4bit`).
+//! How the decoder's projection weights are kept in memory (`--load-8bit`, `--load-4bit`, fp16 weights on
+//! CPU), chosen at load and applied to each projection as soon as it is read, so that the fp32 decoder
+//! never exists whole in memory.
 //!
-//! Weights are stored as integers with floating point scales and expanded to the compute dtype on each
-//! forward; activations, the MM-LoRA branches, norms, embeddings and `lm_head` stay in the compute dtype.
-//! - int8: symmetric, one scale per output channel (`max |w_row| / 127`).
-//! - int4: asymmetric, one scale and zero point per group of `INT4_GROUP` input columns (fewer where the
-//!   width is not a multiple of it): `scale = (max - min) / 15`, values 0..=15 stored two per byte.
+//! - int8 on CPU: fbgemm's dynamic int8 GEMM (`fbgemm_linear_int8_weight_fp32_activation`, the kernel of
+//!   `torch.quantization.quantize_dynamic`). Weights are symmetric int8 with one scale per output row,
+//!   folded out of the matrix before packing and multiplied back into the output columns; activations
+//!   are quantized to uint8 by the kernel on every call, with one range per call.
+//! - fp16 on CPU: fbgemm's fp16-weight GEMM with fp32 activations and accumulation
+//!   (`fbgemm_linear_fp16_weight_fp32_activation`).
+//! - int4: see [`crate::llm::int4`] (packed codes read directly when decoding on the CPU).
+//! - int8 on other devices: integers with per-row scales, expanded to the compute dtype on each forward.
 //!
-//! This is not bitsandbytes' LLM.int8() / NF4: results are close to, not equal to, the release's.
+//! None of these is bitsandbytes' LLM.int8() / NF4: results are close to, not equal to, the release's.
+//! MM-LoRA branches, norms, embeddings and the vision side stay in the compute dtype.
 use crate::error::{Error, Result};
 use crate::layers::Linear;
-use crate::llm::{LlamaForCausalLM, MmLoraLinear};
-use tch::{Kind, Tensor};
+use crate::llm::int4::Int4Matrix;
+use tch::{Device, Kind, Scalar, Tensor};
 
-/// Input columns sharing one int4 scale (as common 4-bit schemes use).
-pub const INT4_GROUP: i64 = 64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Quantization {
     Int8,
     Int4,
+    /// fp16 weights with fp32 compute (CPU).
+    Fp16,
 }
 
-/// A linear layer's weight, dense or quantized.
+/// What is done to every decoder projection as it is loaded; not stored in the checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecoderWeights {
+    pub storage: Option<Quantization>,
+    /// Fold the language LoRA branch into the base weight (`W + s * L_B L_A`, as `arcana-convert
+    /// --merge-lora` does) before it is stored, so language positions do no LoRA work.
+    pub merge_lora: bool,
+}
+
+/// A linear layer's weight, dense or in a compact form.
 #[derive(Debug)]
 pub enum BaseWeight {
     Dense(Linear),
+    Int8Packed(Int8Packed),
+    Fp16Packed(Fp16Packed),
     Int8 { q: Tensor, scale: Tensor, bias: Option<Tensor>, kind: Kind },
-    Int4 { packed: Tensor, scale: Tensor, zero: Tensor, in_dim: i64, group: i64, bias: Option<Tensor>, kind: Kind },
+    Int4(Int4Matrix),
+}
+
+/// An int8 matrix packed inside fbgemm, with its per-row scales.
+#[derive(Debug)]
+pub struct Int8Packed {
+    /// fbgemm's opaque handle; its bytes live inside fbgemm.
+    packed: Tensor,
+    /// Row sums of the int8 matrix (int32), which the kernel needs for the activations' zero point.
+    col_offsets: Tensor,
+    /// `[out]`: each row's scale, multiplied into the output columns.
+    row_scale: Tensor,
+    /// The kernel reads its weight argument for the sizes only: a zero-stride `[out, in]` stand-in.
+    shape: Tensor,
+    /// The kernel requires a bias; zeros, because the real one is added after the scales.
+    zero_bias: Tensor,
+    bias: Option<Tensor>,
+    bytes: usize,
+}
+
+/// An fp16 matrix packed inside fbgemm.
+#[derive(Debug)]
+pub struct Fp16Packed {
+    packed: Tensor,
+    /// The layer's bias, or zeros (the kernel requires one).
+    bias: Tensor,
+    shape: [i64; 2],
+    bytes: usize,
+}
+
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.numel() * t.kind().elt_size_in_bytes()
 }
 
 impl BaseWeight {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(linear) => linear.forward(x),
+            Self::Int8Packed(w) => {
+                let y = x.f_fbgemm_linear_int8_weight_fp32_activation(
+                    &w.shape,
+                    &w.packed,
+                    &w.col_offsets,
+                    Scalar::float(1.0),
+                    Scalar::int(0),
+                    &w.zero_bias,
+                )?;
+                let y = y.f_mul(&w.row_scale)?;
+                Ok(match &w.bias {
+                    Some(bias) => y.f_add(bias)?,
+                    None => y,
+                })
+            }
+            Self::Fp16Packed(w) => Ok(x.f_fbgemm_linear_fp16_weight_fp32_activation(&w.packed, &w.bias)?),
             Self::Int8 { q, scale, bias, kind } => {
                 let weight = q.f_to_kind(*kind)?.f_mul(scale)?;
                 Ok(x.f_linear(&weight, bias.as_ref())?)
             }
-            Self::Int4 { packed, scale, zero, in_dim, group, bias, kind } => {
-                let weight = unpack_int4(packed, scale, zero, *in_dim, *group, *kind)?;
-                Ok(x.f_linear(&weight, bias.as_ref())?)
-            }
+            Self::Int4(m) => m.forward(x),
         }
     }
 
     /// Bytes held by the weight (and its scales).
     pub fn bytes(&self) -> usize {
-        let size = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
         match self {
-            Self::Dense(l) => size(&l.weight),
-            Self::Int8 { q, scale, .. } => size(q) + size(scale),
-            Self::Int4 { packed, scale, zero, .. } => size(packed) + size(scale) + size(zero),
+            Self::Dense(l) => tensor_bytes(&l.weight),
+            Self::Int8Packed(w) => w.bytes,
+            Self::Fp16Packed(w) => w.bytes,
+            Self::Int8 { q, scale, .. } => tensor_bytes(q) + tensor_bytes(scale),
+            Self::Int4(m) => m.bytes(),
         }
     }
 
-    pub fn quantize(&mut self, mode: Quantization) -> Result<()> {
-        let Self::Dense(linear) = self else {
-            return Err(Error::InvalidInput("the weight is already quantized".into()));
+    /// `[out, in]`.
+    pub fn shape(&self) -> [i64; 2] {
+        let two = |t: &Tensor| {
+            let s = t.size();
+            [s[0], s[1]]
         };
+        match self {
+            Self::Dense(l) => two(&l.weight),
+            Self::Int8Packed(w) => two(&w.shape),
+            Self::Fp16Packed(w) => w.shape,
+            Self::Int8 { q, .. } => two(q),
+            Self::Int4(m) => m.shape(),
+        }
+    }
+
+    /// The dense weight, when it is kept dense.
+    pub fn dense(&self) -> Option<&Linear> {
+        match self {
+            Self::Dense(linear) => Some(linear),
+            _ => None,
+        }
+    }
+
+    /// Stores a dense weight as `mode`; fbgemm's kernels where the weight is fp32 on the CPU.
+    pub fn quantized(linear: Linear, mode: Quantization) -> Result<Self> {
         let kind = linear.weight.kind();
-        let bias = linear.bias.as_ref().map(Tensor::shallow_clone);
+        let on_cpu_fp32 = linear.weight.device() == Device::Cpu && kind == Kind::Float;
+        let bias = linear.bias;
         let w = linear.weight.f_to_kind(Kind::Float)?;
-        *self = match mode {
+        Ok(match mode {
+            Quantization::Int8 if on_cpu_fp32 => Self::Int8Packed(pack_int8(&w, bias)?),
             Quantization::Int8 => {
-                let scale = w.f_abs()?.f_amax(&[1i64][..], true)?.f_clamp_min(1e-12)?.f_div_scalar(127.0)?;
-                let q = w.f_div(&scale)?.f_round()?.f_clamp(-127.0, 127.0)?.f_to_kind(Kind::Int8)?;
+                let (q, scale) = int8_rows(&w)?;
                 Self::Int8 { q, scale: scale.f_to_kind(kind)?, bias, kind }
             }
-            Quantization::Int4 => {
-                let (out_dim, in_dim) = w.size2()?;
-                let group = [INT4_GROUP, 32, 16, 8, 4, 2].into_iter().find(|g| in_dim % g == 0).ok_or_else(|| {
-                    Error::InvalidInput(format!("--load-4bit needs even input widths; a projection has {in_dim}"))
-                })?;
-                let groups = w.f_view([out_dim, in_dim / group, group])?;
-                let low = groups.f_amin(&[2i64][..], true)?;
-                let high = groups.f_amax(&[2i64][..], true)?;
-                let scale = high.f_sub(&low)?.f_clamp_min(1e-12)?.f_div_scalar(15.0)?;
-                let zero = low.f_div(&scale)?.f_neg()?.f_round()?.f_clamp(0.0, 15.0)?;
-                let q = groups.f_div(&scale)?.f_round()?.f_add(&zero)?.f_clamp(0.0, 15.0)?.f_to_kind(Kind::Uint8)?;
-                let q = q.f_view([out_dim, in_dim / 2, 2])?;
-                let packed = q.f_select(2, 0)?.f_add(&q.f_select(2, 1)?.f_mul_scalar(16)?)?.f_to_kind(Kind::Uint8)?;
-                let zero = zero.f_to_kind(Kind::Uint8)?;
-                Self::Int4 { packed, scale: scale.f_to_kind(kind)?, zero, in_dim, group, bias, kind }
+            Quantization::Fp16 if on_cpu_fp32 => {
+                let out_dim = w.size()[0];
+                let bias = match bias {
+                    Some(b) => b,
+                    None => Tensor::f_zeros([out_dim], (Kind::Float, Device::Cpu))?,
+                };
+                let packed = w.f_fbgemm_pack_gemm_matrix_fp16()?;
+                let (bytes, shape) = (w.numel() * 2 + tensor_bytes(&bias), [out_dim, w.size()[1]]);
+                Self::Fp16Packed(Fp16Packed { packed, bias, shape, bytes })
             }
-        };
-        Ok(())
+            Quantization::Fp16 => {
+                return Err(Error::InvalidInput(format!(
+                    "fp16 weights with fp32 compute are a CPU mode (fbgemm); this weight is {kind:?} on {:?}: \
+                     load it with the fp16 dtype instead",
+                    linear.weight.device()
+                )))
+            }
+            Quantization::Int4 => Self::Int4(Int4Matrix::quantize(Linear { weight: w.f_to_kind(kind)?, bias })?),
+        })
     }
 }
 
-fn unpack_int4(packed: &Tensor, scale: &Tensor, zero: &Tensor, in_dim: i64, group: i64, kind: Kind) -> Result<Tensor> {
-    let out_dim = packed.size()[0];
-    let wide = packed.f_to_kind(Kind::Int16)?;
-    let low = wide.f_remainder(16)?;
-    let high = wide.f_floor_divide_scalar(16)?;
-    let values = Tensor::f_stack(&[low, high], 2)?.f_view([out_dim, in_dim / group, group])?;
-    let values = values.f_sub(&zero.f_to_kind(Kind::Int16)?)?.f_to_kind(kind)?.f_mul(scale)?;
-    Ok(values.f_view([out_dim, in_dim])?)
+/// Symmetric int8 rows: `q = round(w / s)` with `s = max |w_row| / 127`; returns `(q, s [out, 1])`.
+fn int8_rows(w: &Tensor) -> Result<(Tensor, Tensor)> {
+    let scale = w.f_abs()?.f_amax(&[1i64][..], true)?.f_clamp_min(1e-12)?.f_div_scalar(127.0)?;
+    let q = w.f_div(&scale)?.f_round()?.f_clamp(-127.0, 127.0)?.f_to_kind(Kind::Int8)?;
+    Ok((q, scale))
 }
 
-impl LlamaForCausalLM {
-    /// Quantizes every decoder projection's base weight in place; returns (bytes before, bytes after).
-    pub fn quantize(&mut self, mode: Quantization) -> Result<(usize, usize)> {
-        let (mut before, mut after) = (0, 0);
-        for layer in &mut self.model.layers {
-            let attn = &mut layer.self_attn;
-            let mlp = &mut layer.mlp;
-            let projections: [&mut MmLoraLinear; 7] = [
-                &mut attn.q_proj,
-                &mut attn.k_proj,
-                &mut attn.v_proj,
-                &mut attn.o_proj,
-                &mut mlp.gate_proj,
-                &mut mlp.up_proj,
-                &mut mlp.down_proj,
-            ];
-            for projection in projections {
-                before += projection.base.bytes();
-                projection.base.quantize(mode)?;
-                after += projection.base.bytes();
-            }
-        }
-        Ok((before, after))
-    }
+fn pack_int8(w: &Tensor, bias: Option<Tensor>) -> Result<Int8Packed> {
+    let (out_dim, in_dim) = w.size2()?;
+    let (q, scale) = int8_rows(w)?;
+    // With weight zero point 0 the kernel's column offsets are the plain row sums.
+    let col_offsets = q.f_sum_dim_intlist(&[1i64][..], false, Kind::Int)?;
+    let packed = q.f_fbgemm_pack_quantized_matrix()?;
+    let row_scale = scale.f_view([out_dim])?;
+    let shape = Tensor::f_zeros([1], (Kind::Float, Device::Cpu))?.f_expand([out_dim, in_dim], false)?;
+    let zero_bias = Tensor::f_zeros([out_dim], (Kind::Float, Device::Cpu))?;
+    let bytes = (out_dim * in_dim) as usize
+        + tensor_bytes(&col_offsets)
+        + tensor_bytes(&row_scale)
+        + bias.as_ref().map_or(0, tensor_bytes);
+    Ok(Int8Packed { packed, col_offsets, row_scale, shape, zero_bias, bias, bytes })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
 
-    fn dense(out_dim: i64, in_dim: i64) -> BaseWeight {
+    fn dense(out_dim: i64, in_dim: i64) -> Linear {
         tch::manual_seed(3);
-        let weight = Tensor::randn([out_dim, in_dim], (Kind::Float, Device::Cpu));
-        BaseWeight::Dense(Linear { weight, bias: None })
+        Linear { weight: Tensor::randn([out_dim, in_dim], (Kind::Float, Device::Cpu)), bias: None }
     }
 
-    fn relative_error(mode: Quantization) -> f64 {
-        let mut w = dense(16, 128);
-        let x = Tensor::randn([2, 5, 128], (Kind::Float, Device::Cpu));
-        let exact = w.forward(&x).unwrap();
-        w.quantize(mode).unwrap();
-        let approx = w.forward(&x).unwrap();
+    fn copy(l: &Linear) -> Linear {
+        Linear { weight: l.weight.copy(), bias: l.bias.as_ref().map(Tensor::copy) }
+    }
+
+    fn relative_error(mode: Quantization, linear: Linear) -> f64 {
+        let x = Tensor::randn([2, 5, linear.weight.size()[1]], (Kind::Float, Device::Cpu));
+        let exact = linear.forward(&x).unwrap();
+        let approx = BaseWeight::quantized(linear, mode).unwrap().forward(&x).unwrap();
+        assert_eq!(approx.size(), exact.size());
         let err = (&approx - &exact).abs().max().double_value(&[]);
         err / exact.abs().max().double_value(&[])
     }
 
     #[test]
-    fn int8_and_int4_stay_close_and_int8_is_closer() {
-        let (e8, e4) = (relative_error(Quantization::Int8), relative_error(Quantization::Int4));
-        assert!(e8 < 0.02, "int8 relative error {e8}");
-        assert!(e4 < 0.2, "int4 relative error {e4}");
-        assert!(e8 < e4);
+    fn every_mode_stays_close_and_fp16_is_closest() {
+        let linear = dense(16, 128);
+        let errors: Vec<f64> = [Quantization::Fp16, Quantization::Int8, Quantization::Int4]
+            .into_iter()
+            .map(|mode| relative_error(mode, copy(&linear)))
+            .collect();
+        // fp16 rounds weights to 11 bits; int8 also quantizes activations to 8 bits per call.
+        assert!(errors[0] < 1e-3, "fp16 relative error {}", errors[0]);
+        assert!(errors[1] < 0.03, "int8 relative error {}", errors[1]);
+        assert!(errors[2] < 0.2, "int4 relative error {}", errors[2]);
+        assert!(errors[0] < errors[1] && errors[1] < errors[2], "{errors:?}");
     }
 
     #[test]
-    fn quantized_weights_are_smaller() {
-        let mut w = dense(16, 128);
-        let dense_bytes = w.bytes();
-        w.quantize(Quantization::Int4).unwrap();
-        assert!(w.bytes() * 4 < dense_bytes, "{} vs {dense_bytes}", w.bytes());
+    fn packed_int8_adds_the_bias_after_the_row_scales() {
+        let mut linear = dense(8, 64);
+        linear.bias = Some(Tensor::randn([8], (Kind::Float, Device::Cpu)) * 100.0);
+        let x = Tensor::zeros([1, 64], (Kind::Float, Device::Cpu));
+        let bias = linear.bias.as_ref().unwrap().copy();
+        let y = BaseWeight::quantized(linear, Quantization::Int8).unwrap().forward(&x).unwrap();
+        assert!(y.view([8]).allclose(&bias, 1e-6, 1e-6, false));
     }
 
     #[test]
-    fn int4_round_trips_exact_grid_values() {
-        // Values k * 0.25 for k in -7..=8: the group's scale is exactly 0.25, so packing loses nothing.
-        let row: Vec<f32> = (0..64).map(|i| ((i % 16) as f32 - 7.0) * 0.25).collect();
-        let weight = Tensor::from_slice(&row).view([1, 64]);
-        let mut w = BaseWeight::Dense(Linear { weight: weight.shallow_clone(), bias: None });
-        w.quantize(Quantization::Int4).unwrap();
-        let BaseWeight::Int4 { packed, scale, zero, in_dim, group, kind, .. } = &w else { panic!("int4") };
-        let back = unpack_int4(packed, scale, zero, *in_dim, *group, *kind).unwrap();
-        assert!(back.equal(&weight));
+    fn packed_int8_keeps_small_rows_accurate() {
+        // Per-row scales: a row 1000x smaller than the others keeps its relative accuracy.
+        let linear = dense(4, 64);
+        let factors = Tensor::from_slice(&[1.0f32, 1.0, 1.0, 1e-3]).view([4, 1]);
+        let scaled = Linear { weight: &linear.weight * &factors, bias: None };
+        let x = Tensor::randn([1, 64], (Kind::Float, Device::Cpu));
+        let exact = scaled.forward(&x).unwrap().select(1, 3);
+        let approx = BaseWeight::quantized(copy(&scaled), Quantization::Int8).unwrap().forward(&x).unwrap().select(1, 3);
+        let rel = (&approx - &exact).abs().double_value(&[0]) / exact.abs().double_value(&[0]).max(1e-9);
+        assert!(rel < 0.05, "small row relative error {rel}");
+    }
+
+    #[test]
+    fn compact_weights_are_smaller() {
+        let bytes = |mode| BaseWeight::quantized(dense(16, 128), mode).unwrap().bytes();
+        let dense_bytes = 16 * 128 * 4;
+        assert!(bytes(Quantization::Fp16) <= dense_bytes / 2 + 16 * 4);
+        assert!(bytes(Quantization::Int8) * 3 < dense_bytes);
+        assert!(bytes(Quantization::Int4) * 4 < dense_bytes);
     }
 }

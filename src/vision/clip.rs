@@ -198,9 +198,15 @@ impl ClipVisionTransformer {
 
     /// The encoder's `hidden_states`: L + 1 tensors, [0] the output of `pre_layrnorm`, [i] that of layer i - 1.
     pub fn hidden_states(&self, pixel_values: &Tensor) -> Result<Vec<Tensor>> {
-        let mut states = Vec::with_capacity(self.layers.len() + 1);
+        self.hidden_states_upto(pixel_values, self.layers.len())
+    }
+
+    /// The embeddings' output and the outputs of the first `layers` layers: what a selected layer needs,
+    /// without running the layers after it.
+    pub fn hidden_states_upto(&self, pixel_values: &Tensor, layers: usize) -> Result<Vec<Tensor>> {
+        let mut states = Vec::with_capacity(layers + 1);
         states.push(self.pre_layrnorm.forward(&self.embeddings.forward(pixel_values)?)?);
-        for layer in &self.layers {
+        for layer in self.layers.iter().take(layers) {
             let next = layer.forward(states.last().expect("starts non-empty"))?;
             states.push(next);
         }

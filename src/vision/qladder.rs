@@ -63,10 +63,15 @@ impl QueryLadder {
 
     /// `ladder_hidden_states`: layer i reads CLIP's `hidden_states[i]`, the input of CLIP layer i.
     pub fn forward(&self, clip_hidden_states: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.forward_upto(clip_hidden_states, self.layers.len())
+    }
+
+    /// The outputs of the first `layers` ladder layers.
+    pub fn forward_upto(&self, clip_hidden_states: &[Tensor], layers: usize) -> Result<Vec<Tensor>> {
         let batch = clip_hidden_states[0].size()[0];
         let mut queries = self.qladder_embeds.f_repeat([batch, 1, 1])?;
-        let mut outputs = Vec::with_capacity(self.layers.len());
-        for (layer, clip_hidden) in self.layers.iter().zip(clip_hidden_states) {
+        let mut outputs = Vec::with_capacity(layers);
+        for (layer, clip_hidden) in self.layers.iter().take(layers).zip(clip_hidden_states) {
             queries = layer.forward(&queries, clip_hidden)?;
             outputs.push(queries.shallow_clone());
         }

@@ -5,7 +5,7 @@ use crate::vision::clip::ClipVisionTransformer;
 use crate::vision::qladder::QueryLadder;
 use crate::weights::Weights;
 use std::path::Path;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// Everything one forward of the tower computes, for parity checks and callers that want the layers.
 pub struct VisionOutputs {
@@ -74,7 +74,47 @@ impl VisionTower {
     }
 
     /// Runs CLIP and the ladder on `[batch, 3, H, W]` pixels; features come back in the pixels' dtype.
+    /// Every CLIP and ladder layer's output and the features, as the parity harness compares them.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<VisionOutputs> {
+        self.check_pixels(pixel_values)?;
+        let hidden_states = self.vision_model.hidden_states(pixel_values)?;
+        let ladder_hidden_states = self.ladder.forward(&hidden_states)?;
+        let features = self.features_from(&hidden_states, &ladder_hidden_states, pixel_values.kind())?;
+        Ok(VisionOutputs { hidden_states, ladder_hidden_states, features })
+    }
+
+    /// The features alone: CLIP and ladder layers after the selected one are not run, as nothing reads
+    /// them (the same values as `forward(..).features`, bit for bit).
+    pub fn features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.check_pixels(pixel_values)?;
+        let (clip_index, ladder_index) = self.selected_indices()?;
+        // Ladder layer i reads CLIP's hidden_states[i], so the ladder never needs more CLIP layers.
+        let hidden_states = self.vision_model.hidden_states_upto(pixel_values, clip_index.max(ladder_index))?;
+        let ladder_hidden_states = self.ladder.forward_upto(&hidden_states, ladder_index + 1)?;
+        self.features_from(&hidden_states, &ladder_hidden_states, pixel_values.kind())
+    }
+
+    /// The selected entries of `hidden_states` (embeddings + one per layer) and `ladder_hidden_states`
+    /// (one per layer), resolved like Python indices.
+    fn selected_indices(&self) -> Result<(usize, usize)> {
+        let layers = self.config.num_hidden_layers as usize;
+        let resolve = |len| {
+            python_index(self.select_layer, len).ok_or_else(|| {
+                Error::InvalidInput(format!("select layer {} outside {len} hidden states", self.select_layer))
+            })
+        };
+        Ok((resolve(layers + 1)?, resolve(layers)?))
+    }
+
+    fn features_from(&self, hidden_states: &[Tensor], ladder_hidden_states: &[Tensor], kind: Kind) -> Result<Tensor> {
+        let (clip_index, ladder_index) = self.selected_indices()?;
+        let clip = &hidden_states[clip_index];
+        let ladder = &ladder_hidden_states[ladder_index];
+        let patches = clip.f_narrow(1, 1, clip.size()[1] - 1)?;
+        Ok(Tensor::f_cat(&[&patches, ladder], 1)?.f_to_kind(kind)?)
+    }
+
+    fn check_pixels(&self, pixel_values: &Tensor) -> Result<()> {
         let size = pixel_values.size();
         let expected = [self.config.num_channels, self.config.image_size, self.config.image_size];
         if size.len() != 4 || size[1..] != expected {
@@ -83,14 +123,7 @@ impl VisionTower {
                 expected[0], expected[1], expected[2]
             )));
         }
-        let hidden_states = self.vision_model.hidden_states(pixel_values)?;
-        let ladder_hidden_states = self.ladder.forward(&hidden_states)?;
-        let clip = &hidden_states[python_index(self.select_layer, hidden_states.len()).expect("checked at load")];
-        let ladder = &ladder_hidden_states
-            [python_index(self.select_layer, ladder_hidden_states.len()).expect("checked at load")];
-        let patches = clip.f_narrow(1, 1, clip.size()[1] - 1)?;
-        let features = Tensor::f_cat(&[&patches, ladder], 1)?.f_to_kind(pixel_values.kind())?;
-        Ok(VisionOutputs { hidden_states, ladder_hidden_states, features })
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! The tensors of a source checkpoint, whatever its form, read one at a time.
 use crate::torch_pickle::{read_state_dict, TensorRef};
 use anyhow::{anyhow, bail, Context, Result};
+use arcana::llm::mmlora::add_low_rank;
 use arcana::weights::{stored_kind, TensorFile};
 use memmap2::Mmap;
 use safetensors::Dtype;
@@ -134,8 +135,7 @@ impl Origin {
             Origin::Merged { base, deltas } => {
                 let mut w = base.load()?.f_to_kind(Kind::Float)?;
                 for d in deltas {
-                    let (a, b) = (d.a.load()?.f_to_kind(Kind::Float)?, d.b.load()?.f_to_kind(Kind::Float)?);
-                    w = w.f_add(&b.f_matmul(&a)?.f_mul_scalar(d.scale)?)?;
+                    w = add_low_rank(&w, &d.a.load()?, &d.b.load()?, d.scale)?;
                 }
                 Ok(w)
             }

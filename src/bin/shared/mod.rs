@@ -1,9 +1,128 @@
 //! Loading glue shared by the `arcana` and `arcana-serve` binaries: device names and placement flags,
-//! the default dtype per device, and `--model-base` assembly through `arcana-convert`.
+//! weight and thread flags, the default dtype per device, and `--model-base` assembly through
+//! `arcana-convert`.
 use anyhow::{bail, Context, Result};
 use arcana::llm::placement::{LayerMap, MemoryLimits, Place, Placement};
+use arcana::llm::quant::Quantization;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
+
+/// Where the model runs: the same flags on the CLI and the worker.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeviceFlags {
+    /// cpu, cuda (spread over every visible GPU, as the release's device_map="auto"), cuda:N, or mps
+    /// where libtorch has it.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Decoder layers per device, e.g. "cuda:0=0-15,cuda:1=16-31" or "cuda:0=0-27,cpu=28-31".
+    #[arg(long, conflicts_with_all = ["device", "max_gpu_memory"])]
+    pub device_map: Option<String>,
+    /// Memory per device for --device cuda's split over GPUs, e.g. "0:20GiB,1:20GiB" or "13GiB".
+    #[arg(long)]
+    pub max_gpu_memory: Option<String>,
+}
+
+impl DeviceFlags {
+    /// The engine's device (where the vision side and the embeddings go) and the placement.
+    pub fn resolve(&self) -> Result<(Device, Placement)> {
+        placement(&self.device, self.device_map.as_deref(), self.max_gpu_memory.as_deref())
+    }
+}
+
+/// How the weights are kept and how many threads compute: the same flags on the CLI and the worker.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WeightFlags {
+    /// Weights dtype: fp32 (CPU default), fp16 (CUDA default) or bf16. On CPU, fp16 keeps the decoder's
+    /// projections in fp16 and computes in fp32 (fbgemm), as libtorch has no fp16 matmul there.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    /// int8 decoder projections and lm_head (on CPU fbgemm's int8 GEMM; activations quantized per call).
+    #[arg(long, conflicts_with = "load_4bit")]
+    pub load_8bit: bool,
+    /// int4 decoder projections (per-group scales), int8 lm_head.
+    #[arg(long)]
+    pub load_4bit: bool,
+    /// Fold the MM-LoRA language branch into the base weights at load: the same function up to
+    /// rounding, with no LoRA work at language positions (every decoded token).
+    #[arg(long)]
+    pub merge_lora: bool,
+    /// Compute threads (default: the machine's physical cores; OMP_NUM_THREADS when set).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Copy, Clone, Debug, clap::ValueEnum)]
+pub enum DtypeArg {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+/// What the weight flags resolve to on a device.
+pub struct WeightChoice {
+    /// The compute (and dense weights') dtype.
+    pub kind: Kind,
+    pub quantization: Option<Quantization>,
+    pub merge_lora: bool,
+}
+
+impl WeightFlags {
+    /// The choice for a model whose front is on `device`, its parts placed by `placement`.
+    pub fn resolve(&self, device: Device, placement: &Placement) -> Result<WeightChoice> {
+        let on_cpu_only = device == Device::Cpu && !uses_cuda(placement);
+        let mut quantization = match (self.load_8bit, self.load_4bit) {
+            (true, _) => Some(Quantization::Int8),
+            (_, true) => Some(Quantization::Int4),
+            _ => None,
+        };
+        let kind = match self.dtype {
+            Some(DtypeArg::Fp32) => Kind::Float,
+            Some(DtypeArg::Fp16) if on_cpu_only => {
+                quantization.get_or_insert(Quantization::Fp16);
+                Kind::Float
+            }
+            Some(DtypeArg::Fp16) => Kind::Half,
+            Some(DtypeArg::Bf16) => Kind::BFloat16,
+            None => default_kind_for(device, placement),
+        };
+        Ok(WeightChoice { kind, quantization, merge_lora: self.merge_lora })
+    }
+
+    /// libtorch's intra-op threads for the engine: `--threads`, else none when OMP_NUM_THREADS is set
+    /// (libtorch reads it itself), else the physical cores.
+    pub fn threads(&self) -> Result<Option<usize>> {
+        match self.threads {
+            Some(0) => bail!("--threads must be at least 1"),
+            Some(n) => Ok(Some(n)),
+            None if std::env::var_os("OMP_NUM_THREADS").is_some() => Ok(None),
+            None => Ok(Some(physical_cores())),
+        }
+    }
+}
+
+/// Distinct (package, core) pairs in /proc/cpuinfo; the logical CPUs where that is not readable.
+fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else { return logical };
+    let mut cores = std::collections::HashSet::new();
+    let mut package = String::new();
+    for line in cpuinfo.lines() {
+        let Some((key, value)) = line.split_once(':') else { continue };
+        match key.trim() {
+            "physical id" => package = value.trim().to_string(),
+            "core id" => {
+                cores.insert((package.clone(), value.trim().to_string()));
+            }
+            _ => {}
+        }
+    }
+    // A process limited to fewer CPUs (taskset, containers) gets no more threads than it may use.
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
+}
 
 pub fn parse_device(name: &str) -> Result<Device> {
     let device = match name {
@@ -43,7 +162,7 @@ pub fn default_kind(device: Device) -> Kind {
 /// `--device`, `--device-map` and `--max-gpu-memory` as the engine's device (where the vision side and
 /// the embeddings go) and placement. `--device cuda` spreads the model over every visible GPU, as the
 /// release's `device_map="auto"` does; `cuda:N` keeps it on that GPU.
-pub fn placement(device: &str, device_map: Option<&str>, max_gpu_memory: Option<&str>) -> Result<(Device, Placement)> {
+fn placement(device: &str, device_map: Option<&str>, max_gpu_memory: Option<&str>) -> Result<(Device, Placement)> {
     if let Some(text) = device_map {
         let map = LayerMap::parse(text).with_context(|| format!("--device-map {text}"))?;
         for place in map.places() {
@@ -78,10 +197,15 @@ pub fn placement(device: &str, device_map: Option<&str>, max_gpu_memory: Option<
 
 /// The default dtype: fp16 when any part runs on a GPU (CPU parts of such a model compute in fp32).
 pub fn default_kind_for(device: Device, placement: &Placement) -> Kind {
-    match placement {
-        Placement::Map(map) if map.places().iter().any(|p| p.is_cuda()) => Kind::Half,
-        _ => default_kind(device),
+    if uses_cuda(placement) {
+        Kind::Half
+    } else {
+        default_kind(device)
     }
+}
+
+fn uses_cuda(placement: &Placement) -> bool {
+    matches!(placement, Placement::Map(map) if map.places().iter().any(|p| p.is_cuda()))
 }
 
 /// The placement's line for the user, and its warnings (layers offloaded to the CPU).
