@@ -406,7 +406,7 @@ def parse_input_ids(spec: str):
 class ReleaseModel:
     """Uniform access to the release's own model (imported from a checkout of the release)."""
 
-    def __init__(self, checkpoint: str, src: str, sliced_mask: bool = False):
+    def __init__(self, checkpoint: str, src: str, sliced_mask: bool = False, dtype=torch.float32, device="cpu"):
         sys.path.insert(0, os.path.abspath(src))
         from arcana.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
         if sliced_mask:
@@ -416,7 +416,9 @@ class ReleaseModel:
         if not os.path.isabs(tower):
             # the release resolves the tower path against the working directory
             cfg.mm_vision_tower = os.path.join(os.path.abspath(checkpoint), tower)
-        self.model = LlavaLlamaForCausalLM.from_pretrained(checkpoint, config=cfg, torch_dtype=torch.float32)
+        self.model = LlavaLlamaForCausalLM.from_pretrained(checkpoint, config=cfg, torch_dtype=dtype)
+        self.model.get_model().get_vision_tower().to(device=device, dtype=dtype)
+        self.model.to(device)
         self.model.eval()
 
     @staticmethod
@@ -447,10 +449,10 @@ class ReleaseModel:
 
 
 class RefModel:
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str, dtype=torch.float32, device="cpu"):
         sys.path.insert(0, HERE)
         from arcana_ref.llava import load_arcana
-        self.model = load_arcana(checkpoint)
+        self.model = load_arcana(checkpoint, dtype).to(device)
 
     def vision(self, pixel_values):
         tower = self.model.model.vision_tower
@@ -462,7 +464,10 @@ class RefModel:
 
 
 def run_reference(checkpoint, out, seed=0, batch=1, input_ids=None, case=None, new_tokens=16,
-                  arcana_src=None, command=None, preset=None, release_sliced_mask=False):
+                  arcana_src=None, command=None, preset=None, release_sliced_mask=False, device="cpu",
+                  dtype="fp32"):
+    """With `device`/`dtype` the model runs there in that dtype (weights cast from the checkpoint, pixels
+    cast from the fp32 draw as the release's CLI casts them); inputs are saved as drawn, outputs on the CPU."""
     import transformers
     with open(os.path.join(checkpoint, "config.json")) as f:
         cfg = json.load(f)
@@ -471,7 +476,9 @@ def run_reference(checkpoint, out, seed=0, batch=1, input_ids=None, case=None, n
     image_size = vcfg["image_size"]
     has_llm = cfg["num_hidden_layers"] > 0
 
-    ref = ReleaseModel(checkpoint, arcana_src, release_sliced_mask) if arcana_src else RefModel(checkpoint)
+    tdtype = DTYPES[dtype]
+    ref = (ReleaseModel(checkpoint, arcana_src, release_sliced_mask, tdtype, device) if arcana_src
+           else RefModel(checkpoint, tdtype, device))
     model = ref.model
     tensors = {}
     meta = {
@@ -484,6 +491,9 @@ def run_reference(checkpoint, out, seed=0, batch=1, input_ids=None, case=None, n
                            + (" (visual mask sliced)" if release_sliced_mask else "")) if arcana_src
         else "parity/arcana_ref",
         "visual_tokens_per_image": str((image_size // vcfg["patch_size"]) ** 2 + 64),
+        "device": device + (f" ({torch.cuda.get_device_name(torch.device(device))})" if device.startswith("cuda")
+                            else ""),
+        "dtype": dtype,
         **provenance.machine(),
     }
 
@@ -504,10 +514,15 @@ def run_reference(checkpoint, out, seed=0, batch=1, input_ids=None, case=None, n
     pixel_values = torch.randn(n_images, 3, image_size, image_size, dtype=torch.float64).float() \
         if n_images > 0 else None
 
+    # what the model is fed: on its device, pixels in its dtype (the saved inputs stay as drawn)
+    pixels_in = pixel_values.to(device=device, dtype=tdtype) if pixel_values is not None else None
+    ids_in = ids.to(device) if ids is not None else None
+    mask_in = mask.to(device) if mask is not None else None
+
     with torch.no_grad():
         if pixel_values is not None:
             tensors["input.pixel_values"] = pixel_values
-            vout, features = ref.vision(pixel_values)
+            vout, features = ref.vision(pixels_in)
             for i, h in enumerate(vout.hidden_states):
                 tensors[f"vision.hidden_states.{i}"] = h
             for i, q in enumerate(vout.ladder_hidden_states):
@@ -521,11 +536,11 @@ def run_reference(checkpoint, out, seed=0, batch=1, input_ids=None, case=None, n
             if mask is not None:
                 tensors["input.attention_mask"] = mask
             if pixel_values is not None:
-                _, _, splice_mask, _, embeds, _ = ref.splice(ids, mask, pixel_values)
+                _, _, splice_mask, _, embeds, _ = ref.splice(ids_in, mask_in, pixels_in)
                 if splice_mask is not None:
                     tensors["splice.attention_mask"] = splice_mask
             else:
-                embeds = model.model.embed_tokens(ids)
+                embeds = model.model.embed_tokens(ids_in)
             tensors["inputs_embeds"] = embeds
             prefill_len = embeds.shape[1]
             meta["prefill_len"] = str(prefill_len)
@@ -540,7 +555,7 @@ def run_reference(checkpoint, out, seed=0, batch=1, input_ids=None, case=None, n
             hooks.append(model.model.norm.register_forward_hook(
                 lambda m, a, o: captured.__setitem__("llm.norm", o)))
             try:
-                logits = model(input_ids=ids, attention_mask=mask, images=pixel_values, use_cache=False,
+                logits = model(input_ids=ids_in, attention_mask=mask_in, images=pixels_in, use_cache=False,
                                return_dict=True).logits
             finally:
                 for h in hooks:
@@ -548,12 +563,12 @@ def run_reference(checkpoint, out, seed=0, batch=1, input_ids=None, case=None, n
             tensors.update(captured)
             tensors["logits"] = logits.float()
 
-            greedy = model.generate(ids, images=pixel_values, attention_mask=mask, do_sample=False,
+            greedy = model.generate(ids_in, images=pixels_in, attention_mask=mask_in, do_sample=False,
                                     num_beams=1, max_new_tokens=new_tokens, use_cache=True)
             tensors["greedy.ids"] = greedy
             meta["new_tokens"] = str(new_tokens)
 
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_file(tensors, out, metadata=meta)
     return tensors, meta
@@ -745,6 +760,9 @@ def main(argv=None):
                     help="with --arcana-src: give the release's SLoRA the visual mask sliced to the sequence "
                          "length, so prefills shorter than 675 positions run instead of raising")
     rf.add_argument("--preset", default=None, help="recorded in the metadata")
+    rf.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the reference runs")
+    rf.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="the dtype the reference runs in (weights cast from the checkpoint's)")
 
     fx = sub.add_parser("fixtures", help="(re)create or --check tests/fixtures/parity/<preset>/")
     fx.add_argument("--root", default=DEFAULT_FIXTURES)
@@ -767,7 +785,7 @@ def main(argv=None):
     elif args.cmd == "reference":
         run_reference(args.checkpoint, args.out, seed=args.seed, batch=args.batch, input_ids=args.input_ids,
                       case=args.case, new_tokens=args.new_tokens, arcana_src=args.arcana_src, preset=args.preset,
-                      release_sliced_mask=args.release_sliced_mask)
+                      release_sliced_mask=args.release_sliced_mask, device=args.device, dtype=args.dtype)
     elif args.cmd == "fixtures":
         presets = args.preset or FIXTURE_PRESETS
         rel_root = os.path.relpath(os.path.abspath(args.root), REPO)

@@ -44,6 +44,10 @@ pub enum Error {
     #[error("prompt: the prompt takes {positions} positions (image features included), which leaves no room in the model's context of {context}")]
     ContextFull { positions: i64, context: i64 },
 
+    /// A device map, memory budget or placement that cannot be used.
+    #[error("device placement: {0}")]
+    Placement(String),
+
     #[error("invalid input: {0}")]
     InvalidInput(String),
 

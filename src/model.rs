@@ -2,7 +2,9 @@
 use crate::config::{resolve_vision_tower, ArcanaConfig, VisionConfig, VisionTowerSource};
 use crate::error::{Error, Result};
 use crate::generate::{decode, DecodeOptions, Decoded, Flow, GenerationConfig, Stepping, TokenChooser};
+use crate::llm::llama::DecoderSites;
 use crate::llm::mask::{policies_differ, prefill_visual_mask, MaskPolicy};
+use crate::llm::placement::PartSizes;
 use crate::llm::quant::DecoderWeights;
 use crate::llm::{CausalLmOutput, KvCache, LlamaForCausalLM, StepInputs};
 use crate::mm::projector::Projector;
@@ -86,6 +88,30 @@ impl ModelFiles {
     }
 }
 
+impl ModelFiles {
+    /// Bytes of each part's weights in `kind`, from the checkpoint's shapes (nothing is read): the vision
+    /// side and embeddings, each decoder layer, norm and lm_head (counting a tied lm_head once more).
+    pub fn part_sizes(&self, kind: Kind) -> Result<PartSizes> {
+        let n = self.config.num_hidden_layers as usize;
+        let bytes = kind.elt_size_in_bytes() as u64;
+        let numels = self.weight_loader(kind, Device::Cpu)?.numels();
+        let mut sizes = PartSizes { front: 0, layers: vec![0; n], head: 0 };
+        for (name, &numel) in &numels {
+            let size = numel.max(0) as u64 * bytes;
+            let layer = name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+            match layer {
+                Some(i) if i < n => sizes.layers[i] += size,
+                _ if name.starts_with("model.norm.") || name.starts_with("lm_head.") => sizes.head += size,
+                _ => sizes.front += size,
+            }
+        }
+        if self.config.tie_word_embeddings && !numels.contains_key("lm_head.weight") {
+            sizes.head += numels.get("model.embed_tokens.weight").copied().unwrap_or(0).max(0) as u64 * bytes;
+        }
+        Ok(sizes)
+    }
+}
+
 /// Vision tower and projector: pixels to the language model's embedding space.
 #[derive(Debug)]
 pub struct VisionSide {
@@ -163,16 +189,30 @@ impl ArcanaModel {
         progress: impl Fn(usize, usize) + 'static,
     ) -> Result<Self> {
         let files = ModelFiles::open(dir)?;
+        let sites = DecoderSites::single(kind, device, files.config.num_hidden_layers as usize);
+        Self::load_on(files, &sites, storage, progress)
+    }
+
+    /// Loads every part straight to its site: the vision side beside the embeddings (the front), each
+    /// decoder layer on its own, norm and lm_head on the head's.
+    pub fn load_on(
+        files: ModelFiles,
+        sites: &DecoderSites,
+        storage: DecoderWeights,
+        progress: impl Fn(usize, usize) + 'static,
+    ) -> Result<Self> {
         // SAFETY: the mappings go into the model, which drops them after every tensor (field order);
         // no tensor leaves the model without its data being copied (features and logits are computed).
-        let loader = unsafe { files.weight_loader(kind, device)?.in_place() }.with_progress(progress);
+        let loader =
+            unsafe { files.weight_loader(sites.front.kind, sites.front.device)?.in_place() }.with_progress(progress);
         let vision = VisionSide::load(&files, &loader)?;
-        let llm = LlamaForCausalLM::load_with(&loader.root(), &files.config, storage)?;
+        let llm = LlamaForCausalLM::load_on(&loader.root(), &files.config, sites, storage)?;
         let mappings = loader.finish()?;
         Ok(Self { files, vision, llm, _mappings: mappings })
     }
 
-    /// The dtype and device the weights were loaded in.
+    /// The dtype and device of the front: embeddings and vision side (for a split model, the decoder's
+    /// other parts are in `self.llm.model.sites`).
     pub fn kind_and_device(&self) -> (Kind, Device) {
         (self.llm.model.embed_tokens.kind(), self.llm.model.embed_tokens.device())
     }

@@ -399,7 +399,7 @@ impl WeightLoader {
     /// Those tensors read the mappings: keep the [`Mappings`] that `finish` returns alive longer than
     /// every tensor from this loader (and every tensor sharing their data).
     pub unsafe fn in_place(mut self) -> Self {
-        self.in_place = self.device == Device::Cpu;
+        self.in_place = true;
         self
     }
 
@@ -435,7 +435,20 @@ impl WeightLoader {
     }
 
     pub fn root(&self) -> Weights<'_> {
-        Weights { loader: self, prefix: String::new() }
+        Weights { loader: self, prefix: String::new(), site: None }
+    }
+
+    /// Model-side names and element counts of every tensor the sources offer (an earlier source's tensor
+    /// hides a later one of the same name), before any is loaded: what the placement planner sizes.
+    pub fn numels(&self) -> BTreeMap<String, i64> {
+        let mut numels = BTreeMap::new();
+        for source in &self.sources {
+            for local in source.checkpoint.names().filter(|n| !(source.ignorable)(n)) {
+                let numel = source.checkpoint.shape(local).map_or(0, |s| s.iter().product());
+                numels.entry(format!("{}{}", source.prefix, local)).or_insert(numel);
+            }
+        }
+        numels
     }
 
     fn find<'n>(&self, name: &'n str) -> Option<(&Source, &'n str)> {
@@ -458,7 +471,14 @@ impl WeightLoader {
         Ok(source.checkpoint.shape(local).expect("found above").to_vec())
     }
 
-    fn load(&self, name: &str, expected: Option<&[i64]>, transient: bool) -> Result<Tensor> {
+    fn load(
+        &self,
+        name: &str,
+        expected: Option<&[i64]>,
+        kind: Kind,
+        device: Device,
+        transient: bool,
+    ) -> Result<Tensor> {
         let (source, local) = self.find(name).ok_or_else(|| self.missing(name))?;
         let file = source.checkpoint.file_of(local);
         let found = file.shape(local).expect("found above");
@@ -474,7 +494,8 @@ impl WeightLoader {
         }
         // SAFETY: the mapping is recorded here and handed to the caller by `finish`, who keeps it alive
         // longer than the tensors (the contract of `in_place`).
-        let in_place = if self.in_place && !transient { unsafe { file.load_in_place(local, self.kind) } } else { None };
+        let in_place = self.in_place && !transient && device == Device::Cpu;
+        let in_place = if in_place { unsafe { file.load_in_place(local, kind) } } else { None };
         let tensor = match in_place {
             Some(tensor) => {
                 let mut mapped = self.mapped.borrow_mut();
@@ -483,10 +504,10 @@ impl WeightLoader {
                 }
                 tensor
             }
-            None => file.load(local, self.kind, self.device)?,
+            None => file.load(local, kind, device)?,
         };
         self.used.borrow_mut().insert(name.to_string());
-        let bytes = tensor.numel() * self.kind.elt_size_in_bytes();
+        let bytes = tensor.numel() * kind.elt_size_in_bytes();
         self.loaded_bytes.set(self.loaded_bytes.get() + bytes as u64);
         if let Some((report, total)) = &self.progress {
             report(self.used.borrow().len(), *total);
@@ -531,13 +552,20 @@ impl WeightLoader {
 pub struct Weights<'a> {
     loader: &'a WeightLoader,
     prefix: String,
+    /// Dtype and device for the tensors under this prefix, where they differ from the loader's.
+    site: Option<(Kind, Device)>,
 }
 
 impl<'a> Weights<'a> {
     /// The sub-module `name` (a field name or a layer index).
     pub fn pp(&self, name: impl Display) -> Weights<'a> {
         let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
-        Weights { loader: self.loader, prefix }
+        Weights { loader: self.loader, prefix, site: self.site }
+    }
+
+    /// The same position, its tensors loaded in `kind` on `device` (a decoder layer placed on another device).
+    pub fn placed(&self, kind: Kind, device: Device) -> Weights<'a> {
+        Weights { loader: self.loader, prefix: self.prefix.clone(), site: Some((kind, device)) }
     }
 
     fn full_name(&self, name: &str) -> String {
@@ -550,18 +578,18 @@ impl<'a> Weights<'a> {
 
     /// The parameter `name`, which must have exactly `shape`.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        self.loader.load(&self.full_name(name), Some(shape), false)
+        self.loader.load(&self.full_name(name), Some(shape), self.kind(), self.device(), false)
     }
 
     /// `get`, always as a copy whose file pages are dropped at once: for a tensor that is converted
     /// (quantized, merged) and then dropped, so that its pages do not stay mapped.
     pub fn get_transient(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        self.loader.load(&self.full_name(name), Some(shape), true)
+        self.loader.load(&self.full_name(name), Some(shape), self.kind(), self.device(), true)
     }
 
     /// The parameter `name` with the shape the checkpoint gives (for sizes the model derives from it).
     pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
-        self.loader.load(&self.full_name(name), None, false)
+        self.loader.load(&self.full_name(name), None, self.kind(), self.device(), false)
     }
 
     pub fn shape(&self, name: &str) -> Result<Vec<i64>> {
@@ -573,10 +601,10 @@ impl<'a> Weights<'a> {
     }
 
     pub fn kind(&self) -> Kind {
-        self.loader.kind
+        self.site.map_or(self.loader.kind, |(kind, _)| kind)
     }
 
     pub fn device(&self) -> Device {
-        self.loader.device
+        self.site.map_or(self.loader.device, |(_, device)| device)
     }
 }

@@ -135,6 +135,64 @@ fn contradictory_or_impossible_flags_are_refused() {
 }
 
 #[test]
+fn a_decoder_split_over_two_cpu_placements_answers_like_the_unsplit_model() {
+    let Some(dir) = fixtures() else { return };
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--model-path",
+            "arcana-cli-tiny-v1",
+            "--image-file",
+            "images/square.png",
+            "--prompt",
+            "What is in this image?",
+            "--prompt",
+            "And then?",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = arcana(dir, &args);
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (value, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (whole, _) = run(&[]);
+    let (split, stderr) = run(&["--device-map", "cpu=0-0,cpu=1-1"]);
+    assert!(stderr.contains("placement: cpu=0-1"), "{stderr}");
+    let turns = |v: &Value| v["turns"].as_array().unwrap().clone();
+    assert_eq!(turns(&whole).len(), 2);
+    for (a, b) in turns(&whole).iter().zip(&turns(&split)) {
+        assert!(a["output_ids"].as_array().unwrap().len() > 4, "{a}");
+        assert_eq!(a["output_ids"], b["output_ids"]);
+        assert_eq!(a["text"], b["text"]);
+    }
+}
+
+#[test]
+fn malformed_or_impossible_device_maps_and_memory_limits_are_refused() {
+    let Some(dir) = fixtures() else { return };
+    let model = ["--model-path", "arcana-cli-tiny-v1", "--prompt", "hi", "--temperature", "0"];
+    for (flags, expected) in [
+        (&["--device-map", "cpu=0-0"][..], "layer(s) 1 of 0-1 on no device"),
+        (&["--device-map", "cpu=0-1,cpu=1-1"][..], "places layer 1 twice"),
+        (&["--device-map", "cpu=0-2"][..], "names layer 2, but the model's layers are 0-1"),
+        (&["--device-map", "gpu=0-1"][..], "unknown device `gpu`"),
+        (&["--device-map", "cpu:0-1"][..], "expected DEVICE=FIRST-LAST"),
+        (&["--device-map", "cuda:99=0-1"][..], "names cuda:99, but"),
+        (&["--device-map", "cpu=0-1", "--device", "cpu"][..], "cannot be used with"),
+        (&["--max-gpu-memory", "0:20XB", "--device", "cuda"][..], "unknown unit `XB`"),
+        (&["--max-gpu-memory", "0:20GiB"][..], "use it with --device cuda"),
+    ] {
+        let args: Vec<&str> = model.iter().chain(flags).copied().collect();
+        let err = failure(dir, &args);
+        assert!(err.contains(expected), "{flags:?}: {err}");
+    }
+}
+
+#[test]
 fn a_projector_checkpoint_with_model_base_answers_like_the_full_one() {
     let Some(dir) = fixtures() else { return };
     if !Path::new(env!("CARGO_BIN_EXE_arcana")).with_file_name("arcana-convert").is_file() {

@@ -83,6 +83,21 @@ fn a_greedy_request_through_the_controller_answers_like_the_cli() {
 }
 
 #[test]
+fn a_worker_with_its_decoder_split_over_two_placements_answers_like_the_cli() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let worker = start(
+        dir,
+        &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register", "--device-map", "cpu=0-0,cpu=1-1"],
+    );
+    wait_ready(&worker.url);
+    let turn = expected_first_turn(dir, "v1-square-greedy");
+    let got = generate(&worker.url, &square_request(dir, 24));
+    let last = got.last().unwrap();
+    assert_eq!(last.error_code, 0, "{got:?}");
+    assert_eq!(&last.text[turn["prompt"].as_str().unwrap().len()..], turn["text"].as_str().unwrap());
+}
+
+#[test]
 fn bad_requests_get_error_chunks_that_name_the_problem() {
     let Some(dir) = common::cli_fixtures() else { return };
     let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register"]);

@@ -100,7 +100,8 @@ class ArcanaForCausalLM(LlamaForCausalLM):
                     feats = image_features[image_idx]
                     image_idx += 1
                     parts.append(feats)
-                    part_labels.append(torch.full((feats.shape[0],), IGNORE_INDEX, dtype=label_chunks[i].dtype))
+                    part_labels.append(torch.full((feats.shape[0],), IGNORE_INDEX, dtype=label_chunks[i].dtype,
+                                                  device=label_chunks[i].device))
             new_embeds.append(torch.cat(parts))
             new_labels.append(torch.cat(part_labels))
 
@@ -112,9 +113,10 @@ class ArcanaForCausalLM(LlamaForCausalLM):
         max_len = max(e.shape[0] for e in new_embeds)
         bsz = len(new_embeds)
         padded = []
-        labels_padded = torch.full((bsz, max_len), IGNORE_INDEX, dtype=new_labels[0].dtype)
-        out_mask = torch.zeros((bsz, max_len), dtype=attention_mask.dtype)
-        out_positions = torch.zeros((bsz, max_len), dtype=position_ids.dtype)
+        # on the inputs' device, as the release builds them
+        labels_padded = torch.full((bsz, max_len), IGNORE_INDEX, dtype=new_labels[0].dtype, device=new_labels[0].device)
+        out_mask = torch.zeros((bsz, max_len), dtype=attention_mask.dtype, device=attention_mask.device)
+        out_positions = torch.zeros((bsz, max_len), dtype=position_ids.dtype, device=position_ids.device)
         left = getattr(self.config, "tokenizer_padding_side", "right") == "left"
         for i, (e, lab) in enumerate(zip(new_embeds, new_labels)):
             n = e.shape[0]
@@ -124,13 +126,13 @@ class ArcanaForCausalLM(LlamaForCausalLM):
                 if n > 0:
                     labels_padded[i, -n:] = lab
                     out_mask[i, -n:] = True
-                    out_positions[i, -n:] = torch.arange(0, n, dtype=out_positions.dtype)
+                    out_positions[i, -n:] = torch.arange(0, n, dtype=out_positions.dtype, device=out_positions.device)
             else:
                 padded.append(torch.cat((e, pad), dim=0))
                 if n > 0:
                     labels_padded[i, :n] = lab
                     out_mask[i, :n] = True
-                    out_positions[i, :n] = torch.arange(0, n, dtype=out_positions.dtype)
+                    out_positions[i, :n] = torch.arange(0, n, dtype=out_positions.dtype, device=out_positions.device)
         inputs_embeds = torch.stack(padded, dim=0)
 
         out_labels = None if given_labels is None else labels_padded

@@ -173,16 +173,16 @@ def measure_bandwidth(threads, megabytes, repeats=7):
 # --------------------------------------------------------------------------------------------------------
 # checkpoint
 # --------------------------------------------------------------------------------------------------------
-def checkpoint_name(sizes, seed):
+def checkpoint_name(sizes, seed, dtype="fp32"):
     # "v1" in the name: the release's CLI (and arcana) pick the llava_v1 template from the folder name
     return ("arcana-v1-bench"
             f"-clip{sizes['vision_hidden']}x{sizes['vision_mlp']}x{sizes['vision_layers']}h{sizes['vision_heads']}"
             f"-img{sizes['image_size']}"
             f"-llm{sizes['llm_hidden']}x{sizes['llm_mlp']}x{sizes['llm_layers']}h{sizes['llm_heads']}"
-            f"-fp32-s{seed}-l{CHECKPOINT_LAYOUT}")
+            f"-{dtype}-s{seed}-l{CHECKPOINT_LAYOUT}")
 
 
-def register_preset(sizes):
+def register_preset(sizes, dtype="fp32"):
     import export
     name = "bench-" + "-".join(str(sizes[k]) for k in sorted(sizes))
     export.PRESETS[name] = dict(
@@ -193,7 +193,7 @@ def register_preset(sizes):
                  num_hidden_layers=sizes["llm_layers"], num_attention_heads=sizes["llm_heads"],
                  num_key_value_heads=sizes["llm_heads"], vocab_size=VOCAB),
         # two shards as the 7B uploads; lm_head scaled as in cli-tiny so greedy choices have margins
-        dtype="fp32", vision_in_main=False, shards=2, tokenizer=True, fixture=False, lm_head_scale=4.0)
+        dtype=dtype, vision_in_main=False, shards=2, tokenizer=True, fixture=False, lm_head_scale=4.0)
     return name
 
 
@@ -201,7 +201,7 @@ def make_checkpoint_main(spec_json, out):
     """Child process: writes the checkpoint (its memory goes back to the system when it exits)."""
     import export
     spec = json.loads(spec_json)
-    preset = register_preset(spec["sizes"])
+    preset = register_preset(spec["sizes"], spec.get("dtype", "fp32"))
     export.make_checkpoint(preset, spec["seed"], out, tokenizer_model=spec["tokenizer_model"])
     return 0
 
@@ -210,9 +210,9 @@ def dir_bytes(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def ensure_checkpoint(sizes, seed, cache):
+def ensure_checkpoint(sizes, seed, cache, dtype="fp32"):
     import export
-    path = os.path.join(cache, checkpoint_name(sizes, seed))
+    path = os.path.join(cache, checkpoint_name(sizes, seed, dtype))
     if os.path.isfile(os.path.join(path, "config.json")):
         print(f"bench: reusing checkpoint {path}", file=sys.stderr)
         return path
@@ -229,7 +229,7 @@ def ensure_checkpoint(sizes, seed, cache):
     shutil.rmtree(partial, ignore_errors=True)
     print(f"bench: making checkpoint {path} (about {need / 1e9:.1f} GB; once)", file=sys.stderr)
     t0 = time.perf_counter()
-    spec = json.dumps({"sizes": sizes, "seed": seed, "tokenizer_model": tokenizer_model})
+    spec = json.dumps({"sizes": sizes, "seed": seed, "tokenizer_model": tokenizer_model, "dtype": dtype})
     rc = subprocess.run([sys.executable, os.path.abspath(__file__), "_make-checkpoint", spec, partial]).returncode
     if rc != 0:
         shutil.rmtree(partial, ignore_errors=True)
@@ -429,6 +429,8 @@ def run_mode(mode, ctx, question, workload):
                "--conv-mode", CONV_MODE, "--threads", str(ctx["threads"]), "--out", out_file]
         if ctx["arcana_src"]:
             cmd += ["--arcana-src", ctx["arcana_src"]]
+        if ctx["device"] != "cpu" or ctx["dtype"] != "fp32":
+            cmd += ["--device", ctx["device"], "--dtype", ctx["dtype"]]
     else:
         out_file = None
         cmd = [ctx["binary"], "--model-path", ctx["checkpoint"], "--image-file", ctx["image"], "--prompt", question,
@@ -436,6 +438,8 @@ def run_mode(mode, ctx, question, workload):
         if ctx["rust_threads_flag"]:
             cmd += ["--threads", str(ctx["threads"])]
         cmd += spec["flags"]
+        if ctx["device"] != "cpu" or ctx["dtype"] != "fp32":
+            cmd += ["--device", ctx["device"], "--dtype", ctx["dtype"]]
     res = ctx["launcher"].run(cmd, ctx["env"], ctx["timeout"])
     rc, stdout, stderr, wall, rss, timed_out = (res["rc"], res["stdout"], res["stderr"], res["wall"], res["rss"],
                                                 res["timed_out"])
@@ -674,6 +678,10 @@ def parse_args(argv):
     p.add_argument("--image", default=None,
                    help="default: waterview.jpg from --arcana-src, else a generated stand-in of its size")
     p.add_argument("--threads", type=int, default=None, help="both sides; default the physical cores")
+    p.add_argument("--device", default="cpu", help="both sides: cpu, cuda or cuda:N (GPU runs: modes pytorch,exact)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="both sides' compute dtype")
+    p.add_argument("--checkpoint-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="the made checkpoint's dtype on disk (fp16 halves a 7B-shaped one)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--long-extra-tokens", type=int, default=800,
                    help="text added to the question for the long prompt (positions)")
@@ -720,7 +728,7 @@ def main(argv=None):
     base = SMALL if args.small else FULL
     sizes = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
     checkpoint = (os.path.abspath(args.checkpoint) if args.checkpoint
-                  else ensure_checkpoint(sizes, args.seed, args.cache))
+                  else ensure_checkpoint(sizes, args.seed, args.cache, args.checkpoint_dtype))
     if args.checkpoint_only:
         print(checkpoint)
         return 0
@@ -758,7 +766,8 @@ def main(argv=None):
 
     ctx = dict(checkpoint=checkpoint, image=image, new_tokens=args.new_tokens, threads=threads, env=env,
                arcana_src=os.path.abspath(args.arcana_src) if args.arcana_src else None, binary=args.binary,
-               rust_threads_flag=rust_threads_flag, timeout=args.timeout, launcher=launcher)
+               rust_threads_flag=rust_threads_flag, timeout=args.timeout, launcher=launcher, device=args.device,
+               dtype=args.dtype)
     floor = launcher.run(["/bin/true"] if os.path.exists("/bin/true") else [sys.executable, "-c", ""], env, 60)["rss"]
     runs = []
     t_start = time.perf_counter()

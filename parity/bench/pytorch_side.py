@@ -120,6 +120,8 @@ def main(argv=None):
     p.add_argument("--conv-mode", default="llava_v1")
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--arcana-src", default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     for path, what in ((args.model_path, "--model-path"), (args.image_file, "--image-file")):
@@ -137,6 +139,16 @@ def main(argv=None):
     side = Side(args.arcana_src)
     load_seconds = side.load(args.model_path, args.conv_mode)
     model, tokenizer = side.model, side.tokenizer
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if args.device != "cpu" or dtype != torch.float32:
+        # as the release's builder: the whole model, vision tower included, on the device in the dtype
+        t0 = time.perf_counter()
+        model.to(device=args.device, dtype=dtype)
+        model.get_vision_tower().to(device=args.device, dtype=dtype)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        load_seconds += time.perf_counter() - t0
+        side.implementation = side.implementation.replace("fp32, CPU", f"{args.dtype}, {args.device}")
 
     arrivals = []
 
@@ -156,12 +168,12 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     image = Image.open(args.image_file).convert("RGB")
-    pixel_values = side.process(image).to(dtype=torch.float32)
+    pixel_values = side.process(image).to(device=args.device, dtype=dtype)
     preprocess_seconds = time.perf_counter() - t0
 
     t_request = time.perf_counter()
     prompt = side.render(args.prompt)
-    input_ids = side.ids(prompt)
+    input_ids = side.ids(prompt).to(args.device)
     with torch.inference_mode():
         output = model.generate(input_ids, images=pixel_values, image_sizes=[image.size], do_sample=False,
                                 temperature=0.0, max_new_tokens=args.max_new_tokens,

@@ -2,9 +2,10 @@
 //! tensor in forward order, how far it is from the reference. Exits non-zero when a tensor is over
 //! tolerance or missing.
 use anyhow::Context;
+use arcana::llm::placement::LayerMap;
 use arcana::parity::{
-    check, describe_machine, first_failure, kernel_path_differences, this_machine, Reference, StageBounds, Status,
-    TensorReport, Tolerance,
+    check_on, describe_machine, first_failure, kernel_path_differences, this_machine, Reference, RunOn, StageBounds,
+    Status, TensorReport, Tolerance,
 };
 use clap::Parser;
 use std::path::PathBuf;
@@ -27,9 +28,39 @@ struct Args {
     /// machine: float tensors within their stage's max rel / cosine bounds, ids exact.
     #[arg(long)]
     tolerances: Option<PathBuf>,
+    /// Float tensors need at least this cosine similarity, ids exact (GPU runs: 0.9999).
+    #[arg(long, conflicts_with_all = ["tolerances", "max_abs"])]
+    min_cosine: Option<f64>,
+    /// Where the Rust model runs: cpu, cuda or cuda:N (as the reference's `--device`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// The dtype the Rust model runs in (as the reference's `--dtype`).
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "fp16", "bf16"])]
+    dtype: String,
+    /// Decoder layers per device, e.g. "cuda:0=0-0,cpu=1-1" (instead of --device).
+    #[arg(long, conflicts_with = "device")]
+    device_map: Option<String>,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+fn run_on(args: &Args) -> anyhow::Result<RunOn> {
+    let kind = match args.dtype.as_str() {
+        "fp16" => tch::Kind::Half,
+        "bf16" => tch::Kind::BFloat16,
+        _ => tch::Kind::Float,
+    };
+    let device = match args.device.as_str() {
+        "cpu" => tch::Device::Cpu,
+        "cuda" => tch::Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(index)) => tch::Device::Cuda(index),
+            _ => anyhow::bail!("--device {other}: expected cpu, cuda or cuda:N"),
+        },
+    };
+    let map = args.device_map.as_deref().map(LayerMap::parse).transpose()?;
+    Ok(RunOn { kind, device, map })
 }
 
 fn print_table(reports: &[TensorReport]) {
@@ -55,14 +86,16 @@ fn print_table(reports: &[TensorReport]) {
 
 fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    let tolerance = match (&args.tolerances, args.max_abs) {
-        (Some(path), _) => Tolerance::Stages(StageBounds::load(path)?),
-        (None, Some(max_abs)) => Tolerance::MaxAbs(max_abs),
-        (None, None) => Tolerance::BitIdentical,
+    let tolerance = match (&args.tolerances, args.max_abs, args.min_cosine) {
+        (Some(path), _, _) => Tolerance::Stages(StageBounds::load(path)?),
+        (None, Some(max_abs), _) => Tolerance::MaxAbs(max_abs),
+        (None, None, Some(min)) => Tolerance::MinCosine(min),
+        (None, None, None) => Tolerance::BitIdentical,
     };
+    let run = run_on(&args)?;
     let made_on = Reference::open(&args.reference)?.machine();
     let here = this_machine();
-    let reports = check(&args.checkpoint, &args.reference, &tolerance)
+    let reports = check_on(&args.checkpoint, &args.reference, &tolerance, &run)
         .with_context(|| format!("checking {} against {}", args.checkpoint.display(), args.reference.display()))?;
     let failure = first_failure(&reports);
     let path_differences = if made_on.is_empty() { vec![] } else { kernel_path_differences(&made_on, &here) };
@@ -73,6 +106,8 @@ fn main() -> anyhow::Result<ExitCode> {
             "tolerance": tolerance.to_string(),
             "reference_machine": made_on,
             "this_machine": here,
+            "device": args.device_map.clone().unwrap_or_else(|| args.device.clone()),
+            "dtype": args.dtype,
             "kernel_path_differences": path_differences,
             "tensors": reports,
             "first_failure": failure.map(|r| &r.name),

@@ -128,9 +128,8 @@ struct ModelArgs {
     /// The name clients ask for; default the model folder's name (`checkpoint-N` as parent_checkpoint-N).
     #[arg(long)]
     model_name: Option<String>,
-    /// cpu, cuda, cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    placement: shared::DeviceFlags,
     /// Requests generating at once; more wait in a queue.
     #[arg(long, default_value_t = 5)]
     limit_model_concurrency: usize,
@@ -212,8 +211,8 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
     if max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
-    let device = shared::parse_device(&model.device)?;
-    let choice = model.weights.resolve(device)?;
+    let (device, placement) = model.placement.resolve()?;
+    let choice = model.weights.resolve(device, &placement)?;
     let threads = model.weights.threads()?;
     let kind = choice.kind;
     let weights = shared::weights_folder(&model.model_path, model.model_base.as_deref(), kind)?;
@@ -242,13 +241,20 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
         threads,
         model_name_path: Some(model_path),
         with_model_base: model.model_base.is_some(),
+        placement,
         ..EngineOptions::default()
     };
     let loading = worker.clone();
     let runtime = tokio::runtime::Handle::current();
     std::thread::spawn(move || {
         tracing::info!(model = %weights.display(), ?kind, ?device, ?threads, "loading");
-        match Engine::load(&weights, options).and_then(|engine| engine.spawn_batched(max_batch)) {
+        let loaded = Engine::load(&weights, options).and_then(|engine| {
+            let (placed, warnings) = shared::describe_plan(engine.plan());
+            placed.into_iter().for_each(|line| tracing::info!("{line}"));
+            warnings.iter().for_each(|w| tracing::warn!("{w}"));
+            engine.spawn_batched(max_batch)
+        });
+        match loaded {
             Ok((handle, _thread)) => {
                 loading.set_engine(handle);
                 tracing::info!("model loaded");

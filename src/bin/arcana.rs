@@ -25,9 +25,8 @@ struct Args {
     /// Image shown with the first message.
     #[arg(long, alias = "file")]
     image_file: Option<PathBuf>,
-    /// cpu, cuda, cuda:N (mps is not available through libtorch here).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    placement: shared::DeviceFlags,
     /// Conversation template; by default chosen from the model folder's name as the release does.
     #[arg(long)]
     conv_mode: Option<String>,
@@ -99,8 +98,8 @@ impl Questions {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let device = shared::parse_device(&args.device)?;
-    let choice = args.weights.resolve(device)?;
+    let (device, placement) = args.placement.resolve()?;
+    let choice = args.weights.resolve(device, &placement)?;
     let threads = args.weights.threads()?;
     let (kind, quantization) = (choice.kind, choice.quantization);
     let weights_path = shared::weights_folder(&args.model_path, args.model_base.as_deref(), kind)?;
@@ -128,6 +127,7 @@ fn main() -> Result<()> {
         merge_lora: choice.merge_lora,
         threads,
         model_name_path: Some(model_path.clone()),
+        placement,
         with_model_base: args.model_base.is_some(),
         conv_mode: args.conv_mode.clone(),
         mask_policy,
@@ -141,6 +141,9 @@ fn main() -> Result<()> {
     if show_progress {
         eprintln!();
     }
+    let (placed, warnings) = shared::describe_plan(engine.plan());
+    placed.into_iter().for_each(|line| eprintln!("{line}"));
+    warnings.iter().for_each(|w| eprintln!("warning: {w}"));
     if let Some(q) = engine.quantized() {
         eprintln!(
             "Decoder projections and lm_head stored as {:?}: {:.1} MiB -> {:.1} MiB (MM-LoRA branches kept in {kind:?})",

@@ -20,6 +20,7 @@
 //! makes its draws reproducible because the engine thread is the only one generating.
 mod answer;
 pub mod batch;
+pub mod devices;
 mod events;
 mod handle;
 mod request;
@@ -32,12 +33,14 @@ pub use request::{ChatMessage, GenerationParams, ImageInput, Request, RequestInp
 
 use crate::error::{Error, Result};
 use crate::generate::{GenerationConfig, Stepping};
+use crate::llm::llama::DecoderSites;
 use crate::llm::mask::MaskPolicy;
+use crate::llm::placement::{plan_balanced, Placement, Plan};
 use crate::llm::quant::{BaseWeight, DecoderWeights, Quantization};
 use crate::mm::conversation::{
     cli_user_message, model_name_from_path, resolve_conv_mode, template_by_name, ConvModeChoice, Conversation,
 };
-use crate::model::ArcanaModel;
+use crate::model::{ArcanaModel, ModelFiles};
 use crate::tokenizer::Tokenizer;
 use crate::vision::preprocess::ImagePreprocessor;
 use answer::Answer;
@@ -50,6 +53,8 @@ use tch::{Device, Kind, Tensor};
 pub struct EngineOptions {
     pub kind: Kind,
     pub device: Device,
+    /// Spreading the model over devices; with `Placement::Single` everything is on `device`.
+    pub placement: Placement,
     /// How the decoder's projections and `lm_head` are stored (int8, int4, fp16 weights).
     pub quantization: Option<Quantization>,
     /// Fold the MM-LoRA language branch into the base weights at load.
@@ -73,6 +78,7 @@ impl Default for EngineOptions {
         Self {
             kind: Kind::Float,
             device: Device::Cpu,
+            placement: Placement::Single,
             quantization: None,
             merge_lora: false,
             threads: None,
@@ -102,6 +108,8 @@ pub struct Engine {
     template: Conversation,
     mask_policy: MaskPolicy,
     quantized: Option<QuantizedSize>,
+    /// Where the parts went, for a placement other than `Single`.
+    plan: Option<Plan>,
     /// Intra-op threads, set again on the engine's own thread (libtorch's setting is per thread).
     threads: i32,
 }
@@ -128,8 +136,14 @@ impl Engine {
                 .ok_or_else(|| Error::InvalidInput(format!("threads: expected 1 to {}, got {threads}", i32::MAX)))?;
             tch::set_num_threads(threads);
         }
+        let files = ModelFiles::open(dir)?;
+        let plan = plan(&files, &options)?;
+        let sites = match &plan {
+            Some(plan) => DecoderSites::from_plan(plan, options.kind),
+            None => DecoderSites::single(options.kind, options.device, files.config.num_hidden_layers as usize),
+        };
         let storage = DecoderWeights { storage: options.quantization, merge_lora: options.merge_lora };
-        let model = ArcanaModel::load_with_progress(dir, options.kind, options.device, storage, progress)?;
+        let model = ArcanaModel::load_on(files, &sites, storage, progress)?;
         let quantized = options.quantization.map(|mode| {
             let dense = options.kind.elt_size_in_bytes();
             let weights = || model.llm.base_weights();
@@ -152,8 +166,15 @@ impl Engine {
             template,
             mask_policy: options.mask_policy,
             quantized,
+            plan,
             threads: tch::get_num_threads(),
         })
+    }
+
+    /// Where the parts went (with notes such as layers offloaded to the CPU), unless everything is on
+    /// one device by `Placement::Single`.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
     }
 
     /// libtorch's intra-op threads this engine computes with.
@@ -292,6 +313,22 @@ impl Engine {
     /// `spawn`, decoding up to `max_batch` answers at once (continuous batching; see [`batch`]).
     pub fn spawn_batched(self, max_batch: usize) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
         handle::spawn(self, max_batch.max(1))
+    }
+}
+
+/// The plan a placement asks for: a device map checked against the model's layers, or the balanced map
+/// over the visible GPUs' budgets (sized in the compute dtype; quantization is not counted).
+fn plan(files: &ModelFiles, options: &EngineOptions) -> Result<Option<Plan>> {
+    let num_layers = files.config.num_hidden_layers as usize;
+    match &options.placement {
+        Placement::Single => Ok(None),
+        Placement::Map(map) => map.plan(num_layers).map(Some),
+        Placement::Auto(limits) => {
+            let (budgets, notes) = devices::budgets(limits)?;
+            let mut plan = plan_balanced(&files.part_sizes(options.kind)?, &budgets)?;
+            plan.notes.splice(0..0, notes);
+            Ok(Some(plan))
+        }
     }
 }
 

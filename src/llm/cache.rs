@@ -14,6 +14,9 @@ pub const DEFAULT_GROW_BY: i64 = 256;
 struct LayerKv {
     k: Tensor,
     v: Tensor,
+    /// Where this layer computes: its keys and values stay beside its weights.
+    kind: Kind,
+    device: Device,
 }
 
 #[derive(Debug)]
@@ -22,8 +25,6 @@ pub struct KvCache {
     batch: i64,
     kv_heads: i64,
     head_dim: i64,
-    kind: Kind,
-    device: Device,
     capacity: i64,
     len: i64,
     grow_by: i64,
@@ -41,25 +42,26 @@ impl KvCache {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
+        Self::with_sites(&vec![(kind, device); num_layers], batch, kv_heads, head_dim, capacity)
+    }
+
+    /// An empty cache whose layer `i` keeps its keys and values in `sites[i]` (dtype, device): a decoder
+    /// split over devices keeps each layer's cache on that layer's device.
+    pub fn with_sites(
+        sites: &[(Kind, Device)],
+        batch: i64,
+        kv_heads: i64,
+        head_dim: i64,
+        capacity: i64,
+    ) -> Result<Self> {
         if batch <= 0 || kv_heads <= 0 || head_dim <= 0 || capacity < 0 {
             return Err(Error::InvalidInput(format!(
                 "KV cache: batch {batch}, kv heads {kv_heads}, head_dim {head_dim}, capacity {capacity}"
             )));
         }
-        let mut cache = Self {
-            layers: Vec::with_capacity(num_layers),
-            batch,
-            kv_heads,
-            head_dim,
-            kind,
-            device,
-            capacity: 0,
-            len: 0,
-            grow_by: DEFAULT_GROW_BY,
-        };
-        for _ in 0..num_layers {
-            cache.layers.push(LayerKv { k: Tensor::new(), v: Tensor::new() });
-        }
+        let layers = sites.iter().map(|&(kind, device)| LayerKv { k: Tensor::new(), v: Tensor::new(), kind, device });
+        let mut cache =
+            Self { layers: layers.collect(), batch, kv_heads, head_dim, capacity: 0, len: 0, grow_by: DEFAULT_GROW_BY };
         cache.reallocate(capacity)?;
         Ok(cache)
     }
@@ -99,8 +101,8 @@ impl KvCache {
     fn reallocate(&mut self, capacity: i64) -> Result<()> {
         let shape = [self.batch, self.kv_heads, capacity, self.head_dim];
         for layer in &mut self.layers {
-            let k = Tensor::f_empty(shape, (self.kind, self.device))?;
-            let v = Tensor::f_empty(shape, (self.kind, self.device))?;
+            let k = Tensor::f_empty(shape, (layer.kind, layer.device))?;
+            let v = Tensor::f_empty(shape, (layer.kind, layer.device))?;
             if self.len > 0 {
                 k.f_narrow(2, 0, self.len)?.f_copy_(&layer.k.f_narrow(2, 0, self.len)?)?;
                 v.f_narrow(2, 0, self.len)?.f_copy_(&layer.v.f_narrow(2, 0, self.len)?)?;
@@ -165,7 +167,8 @@ impl KvCache {
         let capacity = len + extra.max(0);
         let mut layers = Vec::with_capacity(first.layers.len());
         for layer in 0..first.layers.len() {
-            let options = (first.kind, first.layers[layer].k.device());
+            let site = &first.layers[layer];
+            let options = (site.kind, site.device);
             let shape = [batch, first.kv_heads, capacity, first.head_dim];
             let (k, v) = (Tensor::f_zeros(shape, options)?, Tensor::f_zeros(shape, options)?);
             let mut row = 0;
@@ -177,15 +180,13 @@ impl KvCache {
                 }
                 row += part.batch;
             }
-            layers.push(LayerKv { k, v });
+            layers.push(LayerKv { k, v, kind: site.kind, device: site.device });
         }
         Ok(KvCache {
             layers,
             batch,
             kv_heads: first.kv_heads,
             head_dim: first.head_dim,
-            kind: first.kind,
-            device: first.device,
             capacity,
             len,
             grow_by: first.grow_by,

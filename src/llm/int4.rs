@@ -163,7 +163,10 @@ impl Packed<'_> {
 fn dot_codes(codes: &[u8], x_low: &[f32], x_high: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if codes.len().is_multiple_of(8) && std::arch::is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if codes.len().is_multiple_of(8)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU has AVX2 and FMA; the slices are as long as `codes`, a multiple of 8.
             return unsafe { dot_codes_avx2(codes, x_low, x_high) };
         }

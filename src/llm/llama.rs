@@ -5,13 +5,54 @@ use super::cache::KvCache;
 use super::mask::causal_4d_mask;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
+use super::placement::{Place, Plan};
 use super::quant::{BaseWeight, DecoderWeights, Quantization};
 use super::rope::{gather_positions, RotaryEmbedding};
 use crate::config::ArcanaConfig;
 use crate::error::{Error, Result};
 use crate::layers::Linear;
 use crate::weights::Weights;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+
+/// Where a part of the decoder keeps its weights and computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Site {
+    pub kind: Kind,
+    pub device: Device,
+}
+
+/// The sites of the decoder's parts: the front (token embeddings; the vision side loads beside them),
+/// each layer, and the head (final norm, lm_head).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecoderSites {
+    pub front: Site,
+    pub layers: Vec<Site>,
+    pub head: Site,
+}
+
+impl DecoderSites {
+    pub fn single(kind: Kind, device: Device, num_layers: usize) -> Self {
+        let site = Site { kind, device };
+        Self { front: site, layers: vec![site; num_layers], head: site }
+    }
+
+    /// A plan's devices with the model's dtype, except that an fp16 model computes its CPU parts in fp32
+    /// when it also runs on a GPU: libtorch 2.0.1 has no fp16 matmul on the CPU. Widening fp16 weights to
+    /// fp32 is exact; the hidden states are rounded back to fp16 where they return to a GPU.
+    pub fn from_plan(plan: &Plan, kind: Kind) -> Self {
+        let widen = kind == Kind::Half && plan.uses_cuda();
+        let site = |place: Place| match place {
+            Place::Cpu => Site { kind: if widen { Kind::Float } else { kind }, device: Device::Cpu },
+            Place::Cuda(index) => Site { kind, device: Device::Cuda(index) },
+        };
+        Self { front: site(plan.front), layers: plan.layers.iter().map(|&p| site(p)).collect(), head: site(plan.head) }
+    }
+
+    /// Whether any part sits elsewhere than the front.
+    pub fn is_split(&self) -> bool {
+        self.head != self.front || self.layers.iter().any(|&s| s != self.front)
+    }
+}
 
 #[derive(Debug)]
 pub struct DecoderLayer {
@@ -75,17 +116,37 @@ pub struct LlamaModel {
     pub rotary_emb: RotaryEmbedding,
     pub num_key_value_heads: i64,
     pub head_dim: i64,
+    /// Where each part computes (one site for an unsplit model).
+    pub sites: DecoderSites,
+}
+
+/// What every layer on one site reads besides the hidden states, made once per forward and site.
+struct SiteInputs {
+    site: Site,
+    mask: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    visual: Tensor,
 }
 
 impl LlamaModel {
-    /// `w` points at `model`.
-    pub fn load(w: &Weights, config: &ArcanaConfig, storage: DecoderWeights) -> Result<Self> {
-        let embed_tokens = w.pp("embed_tokens").get("weight", &[config.vocab_size, config.hidden_size])?;
-        let layers = (0..config.num_hidden_layers as usize)
-            .map(|i| DecoderLayer::load(&w.pp("layers").pp(i), config, i, storage))
+    /// `w` points at `model`; each part's weights are loaded straight to its site, the projections
+    /// stored as `storage` says.
+    pub fn load(w: &Weights, config: &ArcanaConfig, sites: &DecoderSites, storage: DecoderWeights) -> Result<Self> {
+        let n = config.num_hidden_layers as usize;
+        if sites.layers.len() != n {
+            return Err(Error::Placement(format!("{} layer sites for a decoder of {n} layers", sites.layers.len())));
+        }
+        fn on<'a>(w: Weights<'a>, site: Site) -> Weights<'a> {
+            w.placed(site.kind, site.device)
+        }
+        let embed_tokens =
+            on(w.pp("embed_tokens"), sites.front).get("weight", &[config.vocab_size, config.hidden_size])?;
+        let layers = (0..n)
+            .map(|i| DecoderLayer::load(&on(w.pp("layers").pp(i), sites.layers[i]), config, i, storage))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(&w.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
-        let rotary_emb = RotaryEmbedding::new(config, w.device())?;
+        let norm = RmsNorm::load(&on(w.pp("norm"), sites.head), config.hidden_size, config.rms_norm_eps)?;
+        let rotary_emb = RotaryEmbedding::new(config, sites.front.device)?;
         Ok(Self {
             embed_tokens,
             layers,
@@ -93,6 +154,7 @@ impl LlamaModel {
             rotary_emb,
             num_key_value_heads: config.num_kv_heads(),
             head_dim: config.head_dim(),
+            sites: sites.clone(),
         })
     }
 
@@ -113,15 +175,26 @@ impl LlamaModel {
 
     /// An empty cache fitting this decoder.
     pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
-        KvCache::new(
-            self.layers.len(),
-            batch,
-            self.num_key_value_heads,
-            self.head_dim,
-            capacity,
-            self.embed_tokens.kind(),
-            self.embed_tokens.device(),
-        )
+        let sites: Vec<(Kind, Device)> = self.sites.layers.iter().map(|s| (s.kind, s.device)).collect();
+        KvCache::with_sites(&sites, batch, self.num_key_value_heads, self.head_dim, capacity)
+    }
+
+    /// The mask, rotary tables and visual mask for the layers on `site`: made on the front (where the
+    /// inputs are), then moved, so that every site sees the same values in its own dtype.
+    fn site_inputs(&self, site: Site, step: &StepInputs, b: i64, l: i64, past: i64) -> Result<SiteInputs> {
+        let front = self.sites.front.device;
+        let attention_mask = step.attention_mask.map(|m| m.f_to_device(site.device)).transpose()?;
+        let mask = causal_4d_mask(attention_mask.as_ref(), b, l, past, site.kind, site.device)?;
+        // Every layer's rotary module returns the same tables for the same kv length; gathered once.
+        let (cos, sin) = self.rotary_emb.cos_sin(past + l, site.kind, front)?;
+        let (cos, sin) = (gather_positions(&cos, step.position_ids)?, gather_positions(&sin, step.position_ids)?);
+        Ok(SiteInputs {
+            site,
+            mask,
+            cos: cos.f_to_device(site.device)?,
+            sin: sin.f_to_device(site.device)?,
+            visual: step.visual.f_to_device(site.device)?,
+        })
     }
 
     /// `LlamaModel.forward(inputs_embeds=...)`; with a cache, positions continue after the cached ones.
@@ -162,16 +235,29 @@ impl LlamaModel {
             }
             None => 0,
         };
-        let kind = inputs_embeds.kind();
-        let device = inputs_embeds.device();
-        let mask = causal_4d_mask(step.attention_mask, b, l, past, kind, device)?;
-        // Every layer's rotary module returns the same tables for the same kv length; gathered once.
-        let (cos, sin) = self.rotary_emb.cos_sin(past + l, kind, device)?;
-        let (cos, sin) = (gather_positions(&cos, step.position_ids)?, gather_positions(&sin, step.position_ids)?);
+        let mut prepared: Vec<SiteInputs> = Vec::new();
         let mut h = inputs_embeds.shallow_clone();
         let mut layers = Vec::new();
-        for layer in &self.layers {
-            h = layer.forward(&h, step.visual, &cos, &sin, mask.as_ref(), cache.as_deref_mut())?;
+        for (layer, &site) in self.layers.iter().zip(&self.sites.layers) {
+            let index = match prepared.iter().position(|p| p.site == site) {
+                Some(index) => index,
+                None => {
+                    prepared.push(self.site_inputs(site, step, b, l, past)?);
+                    prepared.len() - 1
+                }
+            };
+            let inputs = &prepared[index];
+            // A layer computes where its weights are, so the hidden states follow the layers from device
+            // to device (as accelerate's hooks move a module's inputs for the release's device_map).
+            h = to_site(h, site)?;
+            h = layer.forward(
+                &h,
+                &inputs.visual,
+                &inputs.cos,
+                &inputs.sin,
+                inputs.mask.as_ref(),
+                cache.as_deref_mut(),
+            )?;
             if keep_layers {
                 layers.push(h.shallow_clone());
             }
@@ -179,7 +265,7 @@ impl LlamaModel {
         if let Some(c) = cache {
             c.advance(l);
         }
-        Ok(LlamaOutput { layers, hidden: self.norm.forward(&h)? })
+        Ok(LlamaOutput { layers, hidden: self.norm.forward(&to_site(h, self.sites.head)?)? })
     }
 }
 
@@ -207,10 +293,17 @@ impl LlamaForCausalLM {
     /// `load`, storing the projections (and `lm_head`) as `storage` says. `lm_head` takes int8 where the
     /// projections take int4: it has no MM-LoRA branch and every logit goes through it.
     pub fn load_with(w: &Weights, config: &ArcanaConfig, storage: DecoderWeights) -> Result<Self> {
-        let model = LlamaModel::load(&w.pp("model"), config, storage)?;
-        let head = w.pp("lm_head");
+        let sites = DecoderSites::single(w.kind(), w.device(), config.num_hidden_layers as usize);
+        Self::load_on(w, config, &sites, storage)
+    }
+
+    /// `load_with`, each part's weights loaded straight to its site.
+    pub fn load_on(w: &Weights, config: &ArcanaConfig, sites: &DecoderSites, storage: DecoderWeights) -> Result<Self> {
+        let model = LlamaModel::load(&w.pp("model"), config, sites, storage)?;
+        let head = w.pp("lm_head").placed(sites.head.kind, sites.head.device);
         let lm_head = if config.tie_word_embeddings && !head.contains("weight") {
-            Linear { weight: model.embed_tokens.shallow_clone(), bias: None }
+            // Tied to the embeddings: a copy where the head sits on another device.
+            Linear { weight: to_site(model.embed_tokens.shallow_clone(), sites.head)?, bias: None }
         } else {
             let shape = [config.vocab_size, config.hidden_size];
             let weight = if storage.storage.is_some() {
@@ -270,4 +363,10 @@ impl LlamaForCausalLM {
         };
         Ok(logits.f_to_kind(Kind::Float)?)
     }
+}
+
+/// `t` on `site`'s device and dtype; the same tensor where it is already there.
+fn to_site(t: Tensor, site: Site) -> Result<Tensor> {
+    let t = if t.device() == site.device { t } else { t.f_to_device(site.device)? };
+    Ok(if t.kind() == site.kind { t } else { t.f_to_kind(site.kind)? })
 }

@@ -7,6 +7,7 @@ pub mod mask;
 pub mod mlp;
 pub mod mmlora;
 pub mod norm;
+pub mod placement;
 pub mod quant;
 pub mod rope;
 

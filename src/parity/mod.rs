@@ -9,8 +9,11 @@ pub use machine::{describe as describe_machine, kernel_path_differences, this_ma
 pub use tolerance::{stage_of, StageBound, StageBounds, Tolerance};
 
 use crate::error::{Error, Result};
+use crate::llm::llama::DecoderSites;
 use crate::llm::mask::MaskPolicy;
-use crate::model::{ArcanaModel, VisionSide};
+use crate::llm::placement::LayerMap;
+use crate::llm::quant::DecoderWeights;
+use crate::model::{ArcanaModel, ModelFiles, VisionSide};
 use crate::weights::TensorFile;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -101,6 +104,7 @@ pub fn compare(name: &str, ours: &Tensor, reference: &Tensor, tolerance: &Tolera
                 Some(bound) if floats => report.max_rel_diff <= bound.max_rel && report.cosine >= bound.min_cosine,
                 _ => false,
             },
+            Tolerance::MinCosine(min) => floats && report.cosine >= *min,
         };
     report.status = if within { Status::Ok } else { Status::OverTolerance };
     Ok(report)
@@ -186,7 +190,11 @@ pub fn language_tensors(model: &ArcanaModel, reference: &Reference) -> Result<Ve
     let pixels =
         if reference.contains(INPUT_PIXEL_VALUES) { Some(reference.tensor(INPUT_PIXEL_VALUES)?) } else { None };
     let mut out = match &pixels {
-        Some(p) => vision_tensors(&model.vision, p)?,
+        Some(p) => {
+            // Cast as the release's CLI casts the pixels for the model (a no-op on CPU fp32).
+            let (kind, device) = model.kind_and_device();
+            vision_tensors(&model.vision, &p.f_to_kind(kind)?.f_to_device(device)?)?
+        }
         None => Vec::new(),
     };
     let inputs = model.prepare_inputs(&input_ids, mask.as_ref(), pixels.as_ref())?;
@@ -206,12 +214,38 @@ pub fn language_tensors(model: &ArcanaModel, reference: &Reference) -> Result<Ve
     Ok(out)
 }
 
+/// Where the Rust model runs for a comparison: dtype, device, and optionally a decoder split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOn {
+    pub kind: Kind,
+    pub device: Device,
+    /// Decoder layers per device; the front and head follow the first and last layer.
+    pub map: Option<LayerMap>,
+}
+
+impl Default for RunOn {
+    fn default() -> Self {
+        Self { kind: Kind::Float, device: Device::Cpu, map: None }
+    }
+}
+
 /// Loads the model in `checkpoint` (fp32, CPU) and runs it on the reference's inputs: the named tensors
 /// the reference expects. A reference with `input.input_ids` runs the whole model (every checkpoint
 /// tensor must be used); one with only pixels runs the vision side.
 pub fn outputs(checkpoint: &Path, reference: &Reference) -> Result<Vec<(String, Tensor)>> {
+    outputs_on(checkpoint, reference, &RunOn::default())
+}
+
+/// `outputs` with the model loaded as `run` says.
+pub fn outputs_on(checkpoint: &Path, reference: &Reference, run: &RunOn) -> Result<Vec<(String, Tensor)>> {
     if reference.contains(INPUT_INPUT_IDS) {
-        let model = ArcanaModel::load(checkpoint, Kind::Float, Device::Cpu)?;
+        let files = ModelFiles::open(checkpoint)?;
+        let n = files.config.num_hidden_layers as usize;
+        let sites = match &run.map {
+            Some(map) => DecoderSites::from_plan(&map.plan(n)?, run.kind),
+            None => DecoderSites::single(run.kind, run.device, n),
+        };
+        let model = ArcanaModel::load_on(files, &sites, DecoderWeights::default(), |_, _| {})?;
         return language_tensors(&model, reference);
     }
     if !reference.contains(INPUT_PIXEL_VALUES) {
@@ -220,14 +254,21 @@ pub fn outputs(checkpoint: &Path, reference: &Reference) -> Result<Vec<(String, 
             reference.path().display()
         )));
     }
-    let (_, side) = VisionSide::load_standalone(checkpoint, Kind::Float, Device::Cpu)?;
-    vision_tensors(&side, &reference.tensor(INPUT_PIXEL_VALUES)?)
+    let (_, side) = VisionSide::load_standalone(checkpoint, run.kind, run.device)?;
+    // Cast as the release's CLI casts the pixels for the model.
+    let pixels = reference.tensor(INPUT_PIXEL_VALUES)?.f_to_kind(run.kind)?.f_to_device(run.device)?;
+    vision_tensors(&side, &pixels)
 }
 
 /// Runs `checkpoint` on the reference's inputs and compares every expected tensor, in forward order.
 pub fn check(checkpoint: &Path, reference: &Path, tolerance: &Tolerance) -> Result<Vec<TensorReport>> {
+    check_on(checkpoint, reference, tolerance, &RunOn::default())
+}
+
+/// `check` with the model loaded as `run` says.
+pub fn check_on(checkpoint: &Path, reference: &Path, tolerance: &Tolerance, run: &RunOn) -> Result<Vec<TensorReport>> {
     let reference = Reference::open(reference)?;
-    let ours = outputs(checkpoint, &reference)?;
+    let ours = outputs_on(checkpoint, &reference, run)?;
     let mut reports = Vec::new();
     for name in reference.expected_names() {
         let expected = reference.tensor(&name)?;

@@ -67,6 +67,9 @@ pub enum Tolerance {
     /// Float tensors within their stage's bounds, everything else (ids, masks, unlisted stages) exact:
     /// for references made on another machine.
     Stages(StageBounds),
+    /// Float tensors with at least this cosine similarity, everything else exact: for GPU runs, where
+    /// cuBLAS may choose other kernels than PyTorch did.
+    MinCosine(f64),
 }
 
 impl std::fmt::Display for Tolerance {
@@ -75,6 +78,7 @@ impl std::fmt::Display for Tolerance {
             Tolerance::BitIdentical => write!(f, "bit-identical required"),
             Tolerance::MaxAbs(m) => write!(f, "max|diff| <= {m:e}"),
             Tolerance::Stages(b) => write!(f, "per-stage bounds for {} stages, ids exact", b.stages.len()),
+            Tolerance::MinCosine(c) => write!(f, "float tensors cosine >= {c}, ids exact"),
         }
     }
 }

@@ -1,9 +1,33 @@
-//! Loading glue shared by the `arcana` and `arcana-serve` binaries: device names, weight and thread
-//! flags, the default dtype per device, and `--model-base` assembly through `arcana-convert`.
+//! Loading glue shared by the `arcana` and `arcana-serve` binaries: device names and placement flags,
+//! weight and thread flags, the default dtype per device, and `--model-base` assembly through
+//! `arcana-convert`.
 use anyhow::{bail, Context, Result};
+use arcana::llm::placement::{LayerMap, MemoryLimits, Place, Placement};
 use arcana::llm::quant::Quantization;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
+
+/// Where the model runs: the same flags on the CLI and the worker.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeviceFlags {
+    /// cpu, cuda (spread over every visible GPU, as the release's device_map="auto"), cuda:N, or mps
+    /// where libtorch has it.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Decoder layers per device, e.g. "cuda:0=0-15,cuda:1=16-31" or "cuda:0=0-27,cpu=28-31".
+    #[arg(long, conflicts_with_all = ["device", "max_gpu_memory"])]
+    pub device_map: Option<String>,
+    /// Memory per device for --device cuda's split over GPUs, e.g. "0:20GiB,1:20GiB" or "13GiB".
+    #[arg(long)]
+    pub max_gpu_memory: Option<String>,
+}
+
+impl DeviceFlags {
+    /// The engine's device (where the vision side and the embeddings go) and the placement.
+    pub fn resolve(&self) -> Result<(Device, Placement)> {
+        placement(&self.device, self.device_map.as_deref(), self.max_gpu_memory.as_deref())
+    }
+}
 
 /// How the weights are kept and how many threads compute: the same flags on the CLI and the worker.
 #[derive(clap::Args, Debug, Clone)]
@@ -43,7 +67,9 @@ pub struct WeightChoice {
 }
 
 impl WeightFlags {
-    pub fn resolve(&self, device: Device) -> Result<WeightChoice> {
+    /// The choice for a model whose front is on `device`, its parts placed by `placement`.
+    pub fn resolve(&self, device: Device, placement: &Placement) -> Result<WeightChoice> {
+        let on_cpu_only = device == Device::Cpu && !uses_cuda(placement);
         let mut quantization = match (self.load_8bit, self.load_4bit) {
             (true, _) => Some(Quantization::Int8),
             (_, true) => Some(Quantization::Int4),
@@ -51,13 +77,13 @@ impl WeightFlags {
         };
         let kind = match self.dtype {
             Some(DtypeArg::Fp32) => Kind::Float,
-            Some(DtypeArg::Fp16) if device == Device::Cpu => {
+            Some(DtypeArg::Fp16) if on_cpu_only => {
                 quantization.get_or_insert(Quantization::Fp16);
                 Kind::Float
             }
             Some(DtypeArg::Fp16) => Kind::Half,
             Some(DtypeArg::Bf16) => Kind::BFloat16,
-            None => default_kind(device),
+            None => default_kind_for(device, placement),
         };
         Ok(WeightChoice { kind, quantization, merge_lora: self.merge_lora })
     }
@@ -102,8 +128,10 @@ pub fn parse_device(name: &str) -> Result<Device> {
     let device = match name {
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda(0),
+        // Apple's GPUs: only libtorch builds for macOS on Apple silicon have the MPS backend.
+        "mps" if tch::utils::has_mps() => Device::Mps,
         "mps" => {
-            bail!("--device mps: this build runs on libtorch for Linux, which has no MPS backend; use cpu or cuda")
+            bail!("--device mps: the linked libtorch has no MPS backend (only libtorch for macOS on Apple silicon has it); use cpu or cuda")
         }
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(index)) => Device::Cuda(index),
@@ -128,6 +156,63 @@ pub fn default_kind(device: Device) -> Kind {
         Kind::Float
     } else {
         Kind::Half
+    }
+}
+
+/// `--device`, `--device-map` and `--max-gpu-memory` as the engine's device (where the vision side and
+/// the embeddings go) and placement. `--device cuda` spreads the model over every visible GPU, as the
+/// release's `device_map="auto"` does; `cuda:N` keeps it on that GPU.
+fn placement(device: &str, device_map: Option<&str>, max_gpu_memory: Option<&str>) -> Result<(Device, Placement)> {
+    if let Some(text) = device_map {
+        let map = LayerMap::parse(text).with_context(|| format!("--device-map {text}"))?;
+        for place in map.places() {
+            if let Place::Cuda(index) = place {
+                let count = tch::Cuda::device_count().max(0) as usize;
+                if index >= count {
+                    bail!(
+                        "--device-map {text}: names {place}, but {count} CUDA device(s) are available to this libtorch"
+                    );
+                }
+            }
+        }
+        let first = map.segments.iter().find(|s| s.layers.contains(&0)).or(map.segments.first()).map(|s| s.place);
+        let device = match first {
+            Some(Place::Cuda(index)) => Device::Cuda(index),
+            _ => Device::Cpu,
+        };
+        return Ok((device, Placement::Map(map)));
+    }
+    if let Some(text) = max_gpu_memory {
+        let limits = MemoryLimits::parse(text).with_context(|| format!("--max-gpu-memory {text}"))?;
+        if device != "cuda" {
+            bail!(
+                "--max-gpu-memory spreads the model over every visible GPU: use it with --device cuda (not {device})"
+            );
+        }
+        return Ok((parse_device(device)?, Placement::Auto(limits)));
+    }
+    let parsed = parse_device(device)?;
+    Ok((parsed, if device == "cuda" { Placement::Auto(MemoryLimits::default()) } else { Placement::Single }))
+}
+
+/// The default dtype: fp16 when any part runs on a GPU (CPU parts of such a model compute in fp32).
+pub fn default_kind_for(device: Device, placement: &Placement) -> Kind {
+    if uses_cuda(placement) {
+        Kind::Half
+    } else {
+        default_kind(device)
+    }
+}
+
+fn uses_cuda(placement: &Placement) -> bool {
+    matches!(placement, Placement::Map(map) if map.places().iter().any(|p| p.is_cuda()))
+}
+
+/// The placement's line for the user, and its warnings (layers offloaded to the CPU).
+pub fn describe_plan(plan: Option<&arcana::llm::placement::Plan>) -> (Option<String>, Vec<String>) {
+    match plan {
+        Some(plan) => (Some(format!("placement: {}", plan.describe())), plan.notes.clone()),
+        None => (None, Vec::new()),
     }
 }
 
