@@ -65,7 +65,7 @@ fn decode_time(lm: &LlamaForCausalLM, prompt: i64) -> anyhow::Result<f64> {
     let mut cache = lm.model.new_cache(1, prompt + STEPS as i64 + 8)?;
     let embeds = Tensor::randn([1, prompt, HIDDEN], (Kind::Float, Device::Cpu));
     let positions = Tensor::arange(prompt, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-    let visual = arcana::llm::release_visual_mask(1, prompt, Device::Cpu)?;
+    let visual = arcana::mm::visual_span::release_visual_mask(1, prompt, Device::Cpu)?;
     let step = StepInputs { position_ids: &positions, attention_mask: None, visual: &visual };
     lm.forward(&embeds, &step, Some(&mut cache), false)?;
     let language = Tensor::zeros([1, 1], (Kind::Bool, Device::Cpu));

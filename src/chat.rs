@@ -3,7 +3,7 @@
 //! way the release stores it (`tokenizer.decode(output_ids).strip()`, special tokens included).
 use crate::engine::{ChatMessage, Engine, Event, Flow, GenerationParams, ImageInput, Request, RequestInput};
 use crate::error::Result;
-use crate::mm::conversation::strip_python_whitespace;
+use crate::prompt::conversation::strip_python_whitespace;
 use tch::Tensor;
 
 /// What one turn produced, with its timings.

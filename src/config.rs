@@ -1,10 +1,12 @@
 //! Model configuration: the release's `config.json` and the vision tower's CLIP config.
 //!
 //! Defaults are the ones the release (and transformers 4.37.2) falls back to when a field is absent.
-//! Unknown fields are tolerated; impossible values are rejected by `validate` with the field's name.
+//! Unknown fields are tolerated. Named choices (activations, projector, rope scaling, feature selection,
+//! aspect mode) are parsed into enums as the file is read, so an unknown value is an error naming its
+//! field; impossible numbers are rejected by `validate` with the field's name.
 use crate::error::{Error, Result};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// The hub id whose CLIP config is embedded, so a checkpoint naming it needs no download.
@@ -14,8 +16,90 @@ pub const CLIP_VIT_L_336: &str = "openai/clip-vit-large-patch14-336";
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct RopeScaling {
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: RopeScalingKind,
     pub factor: f64,
+}
+
+/// Implements `TryFrom<String>` for a config enum from its accepted spellings; `$expected` ends the error.
+macro_rules! config_choice {
+    ($ty:ident, $expected:literal, { $($name:literal => $value:expr),+ $(,)? }) => {
+        impl TryFrom<String> for $ty {
+            type Error = String;
+            fn try_from(value: String) -> std::result::Result<Self, String> {
+                match value.as_str() {
+                    $($name => Ok($value),)+
+                    _ => Err(format!("unsupported value `{value}` ({})", $expected)),
+                }
+            }
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum RopeScalingKind {
+    Linear,
+    Dynamic,
+}
+config_choice!(RopeScalingKind, "expected linear or dynamic", { "linear" => Self::Linear, "dynamic" => Self::Dynamic });
+
+/// The decoder MLP's `hidden_act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum DecoderActivation {
+    Silu,
+}
+config_choice!(DecoderActivation, "the release's Llama uses silu", { "silu" => Self::Silu });
+
+/// CLIP's `hidden_act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", rename_all = "snake_case")]
+pub enum Activation {
+    /// `x * sigmoid(1.702 * x)` (transformers' QuickGELUActivation).
+    QuickGelu,
+    /// Exact (erf) GELU.
+    Gelu,
+}
+config_choice!(Activation, "expected quick_gelu or gelu", { "quick_gelu" => Self::QuickGelu, "gelu" => Self::Gelu });
+
+/// `mm_vision_select_feature`: the release's `feature_select` raises for anything but `patch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum SelectFeature {
+    /// The patch tokens, without CLS.
+    Patch,
+}
+config_choice!(SelectFeature, "the release supports only `patch`", { "patch" => Self::Patch });
+
+/// The model config's `image_aspect_ratio`, as the release's `process_images` branches on it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Option<String>")]
+pub enum AspectMode {
+    /// `"pad"`: expand to a square filled with the mean color before the processor runs.
+    Pad,
+    /// Anything else (or no value): the processor runs on the image as it is.
+    #[default]
+    Plain,
+}
+
+impl TryFrom<Option<String>> for AspectMode {
+    type Error = String;
+    /// `"anyres"` is refused: its patch grid is not implemented.
+    fn try_from(value: Option<String>) -> std::result::Result<Self, String> {
+        match value.as_deref() {
+            Some("pad") => Ok(Self::Pad),
+            Some("anyres") => Err("\"anyres\" is not supported (only \"pad\" and plain resizing are)".into()),
+            _ => Ok(Self::Plain),
+        }
+    }
+}
+
+impl AspectMode {
+    /// The mode a config value names (what reading `config.json` does).
+    pub fn from_image_aspect_ratio(value: Option<&str>) -> Result<Self> {
+        Self::try_from(value.map(str::to_string))
+            .map_err(|message| Error::InvalidInput(format!("image_aspect_ratio {message}")))
+    }
 }
 
 /// The release's `config.json` (LlavaLlamaConfig = LlamaConfig + `mm_*` fields).
@@ -56,7 +140,7 @@ pub struct ArcanaConfig {
     pub attention_bias: bool,
     /// The decoder MLP's activation; the release's Llama uses `silu`.
     #[serde(default = "defaults::hidden_act")]
-    pub hidden_act: String,
+    pub hidden_act: DecoderActivation,
     /// transformers' tensor-parallel emulation; only 1 (the release's value) is supported.
     #[serde(default = "defaults::pretraining_tp")]
     pub pretraining_tp: i64,
@@ -64,18 +148,18 @@ pub struct ArcanaConfig {
     pub mm_hidden_size: i64,
     /// The release's projector builder defaults to `linear`.
     #[serde(default = "defaults::mm_projector_type")]
-    pub mm_projector_type: String,
+    pub mm_projector_type: ProjectorKind,
     #[serde(default = "defaults::mm_vision_select_layer")]
     pub mm_vision_select_layer: i64,
     #[serde(default = "defaults::mm_vision_select_feature")]
-    pub mm_vision_select_feature: String,
+    pub mm_vision_select_feature: SelectFeature,
     #[serde(default)]
     pub mm_vision_tower: Option<String>,
     /// Older uploads spell it `vision_tower`; the release reads either.
     #[serde(default)]
     pub vision_tower: Option<String>,
     #[serde(default)]
-    pub image_aspect_ratio: Option<String>,
+    pub image_aspect_ratio: AspectMode,
     #[serde(default)]
     pub mm_use_im_start_end: bool,
     #[serde(default)]
@@ -92,7 +176,8 @@ pub struct ArcanaConfig {
 }
 
 /// Which projector maps vision features to the language model's width.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
 pub enum ProjectorKind {
     Linear,
     /// `mlpNx_gelu`: N linear layers with exact GELU between them.
@@ -117,6 +202,14 @@ impl ProjectorKind {
     }
 }
 
+impl TryFrom<String> for ProjectorKind {
+    type Error = String;
+    fn try_from(value: String) -> std::result::Result<Self, String> {
+        Self::parse(&value)
+            .ok_or_else(|| format!("unknown projector type `{value}` (expected linear, mlpNx_gelu or identity)"))
+    }
+}
+
 impl ArcanaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let config: Self = read_json(path)?;
@@ -133,7 +226,7 @@ impl ArcanaConfig {
     }
 
     pub fn projector_kind(&self) -> ProjectorKind {
-        ProjectorKind::parse(&self.mm_projector_type).expect("validated at load")
+        self.mm_projector_type
     }
 
     /// The vision tower's name or path as the release reads it.
@@ -143,11 +236,6 @@ impl ArcanaConfig {
 
     pub fn lora_scaling(&self) -> f64 {
         self.mm_lora_scaling.unwrap_or(2.0)
-    }
-
-    /// How the decoder's MM-LoRA projections apply their branches.
-    pub fn mm_lora(&self) -> crate::llm::MmLoraMode {
-        crate::llm::MmLoraMode { scaling: self.lora_scaling(), language_merged: self.mm_lora_language_merged }
     }
 
     pub fn validate(&self, path: &Path) -> Result<()> {
@@ -192,40 +280,12 @@ impl ArcanaConfig {
             return Err(bad("rope_theta", format!("must be positive, got {}", self.rope_theta)));
         }
         if let Some(scaling) = &self.rope_scaling {
-            if scaling.kind != "linear" && scaling.kind != "dynamic" {
-                return Err(bad(
-                    "rope_scaling",
-                    format!("unknown type `{}` (expected linear or dynamic)", scaling.kind),
-                ));
-            }
             if scaling.factor.is_nan() || scaling.factor <= 1.0 {
                 return Err(bad("rope_scaling", format!("factor must be > 1, got {}", scaling.factor)));
             }
         }
-        if self.hidden_act != "silu" {
-            return Err(bad(
-                "hidden_act",
-                format!("unsupported activation `{}` (the release's Llama uses silu)", self.hidden_act),
-            ));
-        }
         if self.pretraining_tp != 1 {
             return Err(bad("pretraining_tp", format!("only 1 is supported, got {}", self.pretraining_tp)));
-        }
-        if ProjectorKind::parse(&self.mm_projector_type).is_none() {
-            return Err(bad(
-                "mm_projector_type",
-                format!(
-                    "unknown projector type `{}` (expected linear, mlpNx_gelu or identity)",
-                    self.mm_projector_type
-                ),
-            ));
-        }
-        if self.mm_vision_select_feature != "patch" {
-            // The release's feature_select raises for anything but `patch`.
-            return Err(bad(
-                "mm_vision_select_feature",
-                format!("unsupported value `{}` (the release supports only `patch`)", self.mm_vision_select_feature),
-            ));
         }
         if self.projector_kind() == ProjectorKind::Identity && self.mm_hidden_size != self.hidden_size {
             return Err(bad(
@@ -260,7 +320,7 @@ pub struct VisionConfig {
     #[serde(default = "defaults::clip_layer_norm_eps")]
     pub layer_norm_eps: f64,
     #[serde(default = "defaults::clip_hidden_act")]
-    pub hidden_act: String,
+    pub hidden_act: Activation,
 }
 
 /// A CLIP config file is either a CLIPVisionConfig or a full CLIPConfig holding one.
@@ -294,7 +354,7 @@ impl VisionConfig {
             image_size: 336,
             patch_size: 14,
             layer_norm_eps: 1e-5,
-            hidden_act: "quick_gelu".into(),
+            hidden_act: Activation::QuickGelu,
         }
     }
 
@@ -325,12 +385,6 @@ impl VisionConfig {
             return Err(bad(
                 "patch_size",
                 format!("image_size {} is not divisible by patch_size {}", self.image_size, self.patch_size),
-            ));
-        }
-        if crate::vision::clip::Activation::parse(&self.hidden_act).is_none() {
-            return Err(bad(
-                "hidden_act",
-                format!("unsupported activation `{}` (expected quick_gelu or gelu)", self.hidden_act),
             ));
         }
         Ok(())
@@ -438,8 +492,8 @@ mod defaults {
     pub fn rms_norm_eps() -> f64 {
         1e-6
     }
-    pub fn hidden_act() -> String {
-        "silu".into()
+    pub fn hidden_act() -> super::DecoderActivation {
+        super::DecoderActivation::Silu
     }
     pub fn pretraining_tp() -> i64 {
         1
@@ -462,14 +516,14 @@ mod defaults {
     pub fn mm_hidden_size() -> i64 {
         1024
     }
-    pub fn mm_projector_type() -> String {
-        "linear".into()
+    pub fn mm_projector_type() -> super::ProjectorKind {
+        super::ProjectorKind::Linear
     }
     pub fn mm_vision_select_layer() -> i64 {
         -2
     }
-    pub fn mm_vision_select_feature() -> String {
-        "patch".into()
+    pub fn mm_vision_select_feature() -> super::SelectFeature {
+        super::SelectFeature::Patch
     }
     pub fn clip_hidden_size() -> i64 {
         768
@@ -495,8 +549,8 @@ mod defaults {
     pub fn clip_layer_norm_eps() -> f64 {
         1e-5
     }
-    pub fn clip_hidden_act() -> String {
-        "quick_gelu".into()
+    pub fn clip_hidden_act() -> super::Activation {
+        super::Activation::QuickGelu
     }
 }
 

@@ -10,6 +10,7 @@ pub mod llm;
 pub mod mm;
 pub mod model;
 pub mod parity;
+pub mod prompt;
 pub mod serve;
 pub mod tokenizer;
 pub mod vision;

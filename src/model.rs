@@ -3,13 +3,13 @@ use crate::config::{resolve_vision_tower, ArcanaConfig, VisionConfig, VisionTowe
 use crate::error::{Error, Result};
 use crate::generate::{decode, DecodeOptions, Decoded, Flow, GenerationConfig, Stepping, TokenChooser};
 use crate::llm::llama::DecoderSites;
-use crate::llm::mask::{policies_differ, prefill_visual_mask, MaskPolicy};
 use crate::llm::placement::PartSizes;
 use crate::llm::quant::DecoderWeights;
 use crate::llm::{CausalLmOutput, KvCache, LlamaForCausalLM, StepInputs};
 use crate::mm::projector::Projector;
 use crate::mm::splice::{prepare_inputs, Spliced};
-use crate::vision::preprocess::{AspectMode, ImagePreprocessor, PreprocessConfig};
+use crate::mm::visual_span::{policies_differ, prefill_visual_mask, MaskPolicy};
+use crate::vision::preprocess::{ImagePreprocessor, PreprocessConfig};
 use crate::vision::{VisionOutputs, VisionTower};
 use crate::weights::{is_derived_buffer, Checkpoint, Mappings, WeightLoader};
 use std::path::{Path, PathBuf};
@@ -65,12 +65,12 @@ impl ModelFiles {
     /// The image processor the release pairs with this vision tower: the tower folder's
     /// `preprocessor_config.json` when it has one, else CLIP ViT-L/14-336's, and the config's aspect mode.
     pub fn image_preprocessor(&self) -> Result<ImagePreprocessor> {
-        let aspect = self.config.image_aspect_ratio.as_deref();
+        let aspect = self.config.image_aspect_ratio;
         match &self.vision_source {
             VisionTowerSource::Folder(folder) if folder.join("preprocessor_config.json").is_file() => {
                 ImagePreprocessor::from_files(&folder.join("preprocessor_config.json"), aspect)
             }
-            _ => Ok(ImagePreprocessor::new(PreprocessConfig::default(), AspectMode::from_image_aspect_ratio(aspect)?)),
+            _ => Ok(ImagePreprocessor::new(PreprocessConfig::default(), aspect)),
         }
     }
 

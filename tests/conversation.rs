@@ -4,11 +4,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 
-use arcana::mm::conversation::{
+use arcana::prompt::conversation::{
     cli_display_roles, cli_user_message, model_name_from_path, resolve_conv_mode, template_by_name,
     template_for_model_name, CliChat, Conversation, SeparatorStyle, TEMPLATE_NAMES,
 };
-use arcana::mm::prompt::{
+use arcana::prompt::image_tokens::{
     image_token_positions, splice_image_chunks, tokenizer_image_token, TextEncoder, IMAGE_TOKEN_INDEX,
 };
 use arcana::{Error, Result};

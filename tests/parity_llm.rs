@@ -7,8 +7,8 @@
 mod common;
 
 use arcana::generate::{Flow, Stepping, TokenChooser};
-use arcana::llm::mask::{policies_differ, MaskPolicy};
 use arcana::mm::splice::{pad_rows, splice};
+use arcana::mm::visual_span::{policies_differ, MaskPolicy};
 use arcana::model::ArcanaModel;
 use arcana::parity::{check, first_failure, Reference, StageBounds, Status};
 use common::{assert_matches_fixture, fixture_dir};

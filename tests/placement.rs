@@ -7,10 +7,10 @@ mod common;
 
 use arcana::generate::{Flow, Stepping, TokenChooser};
 use arcana::llm::llama::{DecoderSites, Site};
-use arcana::llm::mask::MaskPolicy;
 use arcana::llm::placement::{LayerMap, Place, Placement, Plan};
 use arcana::llm::quant::DecoderWeights;
 use arcana::mm::splice::Spliced;
+use arcana::mm::visual_span::MaskPolicy;
 use arcana::model::{ArcanaModel, ModelFiles};
 use arcana::parity::Reference;
 use common::fixture_dir;

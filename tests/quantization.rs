@@ -19,7 +19,7 @@ fn logits(model: &ArcanaModel, reference: &Reference) -> Tensor {
     let ids = reference.tensor("input.input_ids").unwrap();
     let pixels = reference.tensor("input.pixel_values").unwrap();
     let inputs = model.prepare_inputs(&ids, None, Some(&pixels)).unwrap();
-    model.prefill(&inputs, arcana::llm::MaskPolicy::Release, false).unwrap().logits
+    model.prefill(&inputs, arcana::mm::visual_span::MaskPolicy::Release, false).unwrap().logits
 }
 
 struct Drift {

@@ -6,7 +6,7 @@
 //!     arcana-serve all --model-path DIR [--port 7860]    (controller + worker + web in one process)
 use anyhow::{bail, Context};
 use arcana::engine::{Engine, EngineOptions};
-use arcana::mm::conversation::model_name_from_path;
+use arcana::prompt::conversation::model_name_from_path;
 use arcana::serve::controller::{self, Controller, DispatchMethod};
 use arcana::serve::http;
 use arcana::serve::protocol::{HEART_BEAT_EXPIRATION, WORKER_HEART_BEAT_INTERVAL};

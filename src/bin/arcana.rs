@@ -3,8 +3,8 @@
 use anyhow::{Context, Result};
 use arcana::chat::{ChatSession, TurnResult};
 use arcana::engine::{Engine, EngineOptions, GenerationParams};
-use arcana::llm::mask::MaskPolicy;
-use arcana::mm::conversation::cli_display_roles;
+use arcana::mm::visual_span::MaskPolicy;
+use arcana::prompt::conversation::cli_display_roles;
 use clap::{Parser, ValueEnum};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;

@@ -39,17 +39,11 @@ pub struct ResponseStream {
     cancel: CancelToken,
 }
 
-pub(super) fn spawn(engine: Engine, max_batch: usize) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
-    let (jobs, queue) = channel::<Job>();
-    let thread = std::thread::Builder::new()
-        .name("arcana-engine".into())
-        .spawn(move || {
-            // libtorch's thread count is per thread: the engine's own, set where it loaded.
-            tch::set_num_threads(engine.threads() as i32);
-            super::batch::serve(&engine, queue, max_batch)
-        })
-        .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
-    Ok((EngineHandle { jobs }, thread))
+impl EngineHandle {
+    /// A handle feeding `jobs`, which the engine thread serves.
+    pub(super) fn new(jobs: Sender<Job>) -> Self {
+        Self { jobs }
+    }
 }
 
 impl EngineHandle {

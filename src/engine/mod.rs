@@ -34,13 +34,13 @@ pub use request::{ChatMessage, GenerationParams, ImageInput, Request, RequestInp
 use crate::error::{Error, Result};
 use crate::generate::{GenerationConfig, Stepping};
 use crate::llm::llama::DecoderSites;
-use crate::llm::mask::MaskPolicy;
 use crate::llm::placement::{plan_balanced, Placement, Plan};
 use crate::llm::quant::{BaseWeight, DecoderWeights, Quantization};
-use crate::mm::conversation::{
+use crate::mm::visual_span::MaskPolicy;
+use crate::model::{ArcanaModel, ModelFiles};
+use crate::prompt::conversation::{
     cli_user_message, model_name_from_path, resolve_conv_mode, template_by_name, ConvModeChoice, Conversation,
 };
-use crate::model::{ArcanaModel, ModelFiles};
 use crate::tokenizer::Tokenizer;
 use crate::vision::preprocess::ImagePreprocessor;
 use answer::Answer;
@@ -307,12 +307,21 @@ impl Engine {
     /// Moves the engine onto its own thread, fed by a queue, answering one request at a time; see the
     /// module docs.
     pub fn spawn(self) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
-        handle::spawn(self, 1)
+        self.spawn_batched(1)
     }
 
     /// `spawn`, decoding up to `max_batch` answers at once (continuous batching; see [`batch`]).
     pub fn spawn_batched(self, max_batch: usize) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
-        handle::spawn(self, max_batch.max(1))
+        let (jobs, queue) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("arcana-engine".into())
+            .spawn(move || {
+                // libtorch's thread count is per thread: the engine's own, set where it loaded.
+                tch::set_num_threads(self.threads);
+                batch::serve(&self, queue, max_batch.max(1))
+            })
+            .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
+        Ok((EngineHandle::new(jobs), thread))
     }
 }
 

@@ -13,9 +13,9 @@ pub use chooser::TokenChooser;
 pub use config::GenerationConfig;
 
 use crate::error::{Error, Result};
-use crate::llm::mask::{prefill_visual_mask, MaskPolicy};
 use crate::llm::{KvCache, LlamaForCausalLM, StepInputs};
 use crate::mm::splice::Spliced;
+use crate::mm::visual_span::{prefill_visual_mask, MaskPolicy};
 use tch::{Kind, Tensor};
 
 /// Whether decoding goes on after a step.

@@ -1,6 +1,6 @@
 //! `LlamaAttention` (transformers 4.37.2, eager) with MM-LoRA projections.
 use super::cache::KvCache;
-use super::mmlora::MmLoraLinear;
+use super::mmlora::{MmLoraLinear, MmLoraMode};
 use super::quant::DecoderWeights;
 use super::rope::apply_rotary;
 use crate::config::ArcanaConfig;
@@ -34,7 +34,7 @@ impl Attention {
     pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize, storage: DecoderWeights) -> Result<Self> {
         let (h, d) = (config.hidden_size, config.head_dim());
         let (nh, nkv) = (config.num_attention_heads, config.num_kv_heads());
-        let (bias, s) = (config.attention_bias, config.mm_lora());
+        let (bias, s) = (config.attention_bias, MmLoraMode::from_config(config));
         Ok(Self {
             q_proj: MmLoraLinear::load(&w.pp("q_proj"), h, nh * d, bias, s, storage)?,
             k_proj: MmLoraLinear::load(&w.pp("k_proj"), h, nkv * d, bias, s, storage)?,

@@ -1,5 +1,5 @@
 //! `LlamaMLP` with MM-LoRA projections: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
-use super::mmlora::MmLoraLinear;
+use super::mmlora::{MmLoraLinear, MmLoraMode};
 use super::quant::DecoderWeights;
 use crate::config::ArcanaConfig;
 use crate::error::Result;
@@ -15,7 +15,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn load(w: &Weights, config: &ArcanaConfig, storage: DecoderWeights) -> Result<Self> {
-        let (h, i, s) = (config.hidden_size, config.intermediate_size, config.mm_lora());
+        let (h, i, s) = (config.hidden_size, config.intermediate_size, MmLoraMode::from_config(config));
         Ok(Self {
             gate_proj: MmLoraLinear::load(&w.pp("gate_proj"), h, i, false, s, storage)?,
             up_proj: MmLoraLinear::load(&w.pp("up_proj"), h, i, false, s, storage)?,

@@ -11,6 +11,7 @@
 //! With the language branch merged (`arcana-convert --merge-lora`, `W' = W + s * L_B L_A`), language
 //! positions take `x W'^T` alone and visual ones `x W'^T + s * (V_B V_A x - L_B L_A x)`: the same
 //! function up to rounding, with no LoRA work for language tokens (every decode step).
+use crate::config::ArcanaConfig;
 use crate::error::{Error, Result};
 use crate::layers::Linear;
 use crate::llm::quant::{BaseWeight, DecoderWeights};
@@ -36,6 +37,12 @@ pub struct MmLoraLinear {
 pub struct MmLoraMode {
     pub scaling: f64,
     pub language_merged: bool,
+}
+
+impl MmLoraMode {
+    pub fn from_config(config: &ArcanaConfig) -> Self {
+        Self { scaling: config.lora_scaling(), language_merged: config.mm_lora_language_merged }
+    }
 }
 
 /// A LoRA down/up pair whose rank the checkpoint decides.

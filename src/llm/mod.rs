@@ -13,5 +13,4 @@ pub mod rope;
 
 pub use cache::KvCache;
 pub use llama::{CausalLmOutput, DecoderLayer, LlamaForCausalLM, LlamaModel, LlamaOutput, StepInputs};
-pub use mask::{release_visual_mask, MaskPolicy};
 pub use mmlora::{MmLoraLinear, MmLoraMode};

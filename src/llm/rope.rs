@@ -2,7 +2,7 @@
 //!
 //! The cos/sin caches are built at construction over `max_position_embeddings` and rebuilt, as upstream,
 //! whenever a forward needs more positions than cached (dynamic NTK then also changes `inv_freq`, and keeps it).
-use crate::config::ArcanaConfig;
+use crate::config::{ArcanaConfig, RopeScalingKind};
 use crate::error::{Error, Result};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
@@ -45,9 +45,10 @@ impl RotaryEmbedding {
     pub fn new(config: &ArcanaConfig, device: Device) -> Result<Self> {
         let scaling = match &config.rope_scaling {
             None => RopeScaling::None,
-            Some(s) if s.kind == "linear" => RopeScaling::Linear(s.factor),
-            Some(s) if s.kind == "dynamic" => RopeScaling::Dynamic(s.factor),
-            Some(s) => return Err(Error::InvalidInput(format!("unknown rope_scaling type `{}`", s.kind))),
+            Some(s) => match s.kind {
+                RopeScalingKind::Linear => RopeScaling::Linear(s.factor),
+                RopeScalingKind::Dynamic => RopeScaling::Dynamic(s.factor),
+            },
         };
         let dim = config.head_dim();
         let inv = inv_freq(config.rope_theta, dim, Device::Cpu)?;

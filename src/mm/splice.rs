@@ -1,9 +1,9 @@
 //! The release's `prepare_inputs_labels_for_multimodal` (`model/llava_arch.py`) at inference: every
 //! [`IMAGE_TOKEN_INDEX`] becomes that image's projected features, text ids are embedded, rows are cut to
 //! `tokenizer_model_max_length` and right-padded with zeros, and a new padding mask is built.
-use super::prompt::IMAGE_TOKEN_INDEX;
 use crate::error::{Error, Result};
 use crate::llm::LlamaModel;
+use crate::prompt::image_tokens::IMAGE_TOKEN_INDEX;
 use std::ops::Range;
 use tch::{Kind, Tensor};
 

@@ -10,9 +10,9 @@ pub use tolerance::{stage_of, StageBound, StageBounds, Tolerance};
 
 use crate::error::{Error, Result};
 use crate::llm::llama::DecoderSites;
-use crate::llm::mask::MaskPolicy;
 use crate::llm::placement::LayerMap;
 use crate::llm::quant::DecoderWeights;
+use crate::mm::visual_span::MaskPolicy;
 use crate::model::{ArcanaModel, ModelFiles, VisionSide};
 use crate::weights::TensorFile;
 use std::path::Path;

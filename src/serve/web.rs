@@ -14,7 +14,7 @@
 //! "NETWORK ERROR DUE TO HIGH TRAFFIC" text; an empty model list is explained and re-fetched until a
 //! worker registers; `?model=` also works with `--model-list-mode reload`; the stop string follows the
 //! release's web server (`sep` for Single/Mpt, `sep2` otherwise).
-use crate::mm::conversation::{strip_python_whitespace, template_by_name, Conversation, SeparatorStyle};
+use crate::prompt::conversation::{strip_python_whitespace, template_by_name, Conversation, SeparatorStyle};
 use crate::serve::http::{json_error, JsonBody};
 use crate::serve::protocol::{error_code, ChunkSplitter, ModelList, ModelQuery, StreamChunk, WorkerAddress};
 use crate::vision::resample::resize_bicubic;

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::fast::{config_added_tokens, FastTokenizer};
 use super::llama::{SpecialToken, TokenizerOptions};
 use super::Tokenizer;
-use crate::mm::conversation::model_name_from_path;
+use crate::prompt::conversation::model_name_from_path;
 use crate::{Error, Result};
 
 const MODEL_FILE: &str = "tokenizer.model";

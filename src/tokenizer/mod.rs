@@ -158,3 +158,14 @@ impl Tokenizer {
         }
     }
 }
+
+/// What `tokenizer_image_token` reads: `tokenizer(text).input_ids`, BOS included.
+impl crate::prompt::image_tokens::TextEncoder for Tokenizer {
+    fn encode_with_bos(&self, text: &str) -> Result<Vec<i64>> {
+        Ok(self.encode(text).into_iter().map(i64::from).collect())
+    }
+
+    fn bos_id(&self) -> i64 {
+        Tokenizer::bos_id(self).map(i64::from).unwrap_or(1)
+    }
+}

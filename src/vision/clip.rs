@@ -6,24 +6,9 @@ use crate::layers::{LayerNorm, Linear};
 use crate::weights::Weights;
 use tch::Tensor;
 
-/// CLIP's `hidden_act`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `x * sigmoid(1.702 * x)` (transformers' QuickGELUActivation).
-    QuickGelu,
-    /// Exact (erf) GELU.
-    Gelu,
-}
+pub use crate::config::Activation;
 
 impl Activation {
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "quick_gelu" => Some(Self::QuickGelu),
-            "gelu" => Some(Self::Gelu),
-            _ => None,
-        }
-    }
-
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::QuickGelu => x.f_mul(&x.f_mul_scalar(1.702)?.f_sigmoid()?)?,
@@ -98,7 +83,7 @@ impl ClipMlp {
         Ok(Self {
             fc1: Linear::load(&w.pp("fc1"), config.hidden_size, config.intermediate_size, true)?,
             fc2: Linear::load(&w.pp("fc2"), config.intermediate_size, config.hidden_size, true)?,
-            activation: Activation::parse(&config.hidden_act).expect("validated with the config"),
+            activation: config.hidden_act,
         })
     }
 

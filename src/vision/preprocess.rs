@@ -12,27 +12,7 @@ pub use super::decode::{decode_rgb, load_rgb, DEFAULT_MAX_PIXELS};
 use super::resample::{resize_bicubic_window, Window};
 use crate::{Error, Result};
 
-/// The model config's `image_aspect_ratio`, as `process_images` branches on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AspectMode {
-    /// `"pad"`: expand to a square filled with the mean color before the processor runs.
-    Pad,
-    /// Anything else (or no value): the processor runs on the image as it is.
-    Plain,
-}
-
-impl AspectMode {
-    /// `"anyres"` is refused: its patch grid is not implemented.
-    pub fn from_image_aspect_ratio(value: Option<&str>) -> Result<Self> {
-        match value {
-            Some("pad") => Ok(Self::Pad),
-            Some("anyres") => Err(Error::InvalidInput(
-                "image_aspect_ratio \"anyres\" is not supported (only \"pad\" and plain resizing are)".into(),
-            )),
-            _ => Ok(Self::Plain),
-        }
-    }
-}
+pub use crate::config::AspectMode;
 
 /// What `size` asks of the resize step (`CLIPImageProcessor.resize`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,11 +219,8 @@ impl ImagePreprocessor {
     }
 
     /// From the vision tower's `preprocessor_config.json` and the model config's `image_aspect_ratio`.
-    pub fn from_files(preprocessor_config: &Path, image_aspect_ratio: Option<&str>) -> Result<Self> {
-        Ok(Self::new(
-            PreprocessConfig::from_json_file(preprocessor_config)?,
-            AspectMode::from_image_aspect_ratio(image_aspect_ratio)?,
-        ))
+    pub fn from_files(preprocessor_config: &Path, aspect: AspectMode) -> Result<Self> {
+        Ok(Self::new(PreprocessConfig::from_json_file(preprocessor_config)?, aspect))
     }
 
     pub fn with_max_pixels(mut self, max_pixels: u64) -> Self {

@@ -22,7 +22,9 @@ pub struct VisionTower {
     pub vision_model: ClipVisionTransformer,
     pub ladder: QueryLadder,
     pub config: VisionConfig,
-    select_layer: i64,
+    /// `mm_vision_select_layer` resolved at load: the entry of CLIP's hidden states (embeddings + one
+    /// per layer) and of the ladder's outputs (one per layer) that the features take.
+    selected: (usize, usize),
 }
 
 /// Resolves a Python index into a sequence of `len` items.
@@ -37,9 +39,8 @@ impl VisionTower {
     pub fn load(w: &Weights, config: &VisionConfig, model: &ArcanaConfig, config_path: &Path) -> Result<Self> {
         let layers = config.num_hidden_layers as usize;
         // The index must be valid for both CLIP's L + 1 hidden states and the ladder's L outputs.
-        let valid = python_index(model.mm_vision_select_layer, layers + 1).is_some()
-            && python_index(model.mm_vision_select_layer, layers).is_some();
-        if !valid {
+        let select = model.mm_vision_select_layer;
+        let Some(selected) = python_index(select, layers + 1).zip(python_index(select, layers)) else {
             return Err(Error::Config {
                 path: config_path.to_path_buf(),
                 field: "mm_vision_select_layer".into(),
@@ -49,7 +50,7 @@ impl VisionTower {
                     layers as i64 - 1
                 ),
             });
-        }
+        };
         if model.mm_hidden_size != config.hidden_size {
             return Err(Error::Config {
                 path: config_path.to_path_buf(),
@@ -64,7 +65,7 @@ impl VisionTower {
             vision_model: ClipVisionTransformer::load(&w.pp("vision_model"), config)?,
             ladder: QueryLadder::load(w, config)?,
             config: config.clone(),
-            select_layer: model.mm_vision_select_layer,
+            selected,
         })
     }
 
@@ -87,27 +88,15 @@ impl VisionTower {
     /// them (the same values as `forward(..).features`, bit for bit).
     pub fn features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.check_pixels(pixel_values)?;
-        let (clip_index, ladder_index) = self.selected_indices()?;
+        let (clip_index, ladder_index) = self.selected;
         // Ladder layer i reads CLIP's hidden_states[i], so the ladder never needs more CLIP layers.
         let hidden_states = self.vision_model.hidden_states_upto(pixel_values, clip_index.max(ladder_index))?;
         let ladder_hidden_states = self.ladder.forward_upto(&hidden_states, ladder_index + 1)?;
         self.features_from(&hidden_states, &ladder_hidden_states, pixel_values.kind())
     }
 
-    /// The selected entries of `hidden_states` (embeddings + one per layer) and `ladder_hidden_states`
-    /// (one per layer), resolved like Python indices.
-    fn selected_indices(&self) -> Result<(usize, usize)> {
-        let layers = self.config.num_hidden_layers as usize;
-        let resolve = |len| {
-            python_index(self.select_layer, len).ok_or_else(|| {
-                Error::InvalidInput(format!("select layer {} outside {len} hidden states", self.select_layer))
-            })
-        };
-        Ok((resolve(layers + 1)?, resolve(layers)?))
-    }
-
     fn features_from(&self, hidden_states: &[Tensor], ladder_hidden_states: &[Tensor], kind: Kind) -> Result<Tensor> {
-        let (clip_index, ladder_index) = self.selected_indices()?;
+        let (clip_index, ladder_index) = self.selected;
         let clip = &hidden_states[clip_index];
         let ladder = &ladder_hidden_states[ladder_index];
         let patches = clip.f_narrow(1, 1, clip.size()[1] - 1)?;

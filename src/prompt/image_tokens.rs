@@ -50,13 +50,3 @@ pub fn splice_image_chunks(chunk_ids: &[Vec<i64>], bos_id: i64, image_token_inde
 pub fn image_token_positions(ids: &[i64]) -> Vec<usize> {
     ids.iter().enumerate().filter(|(_, &id)| id == IMAGE_TOKEN_INDEX).map(|(i, _)| i).collect()
 }
-
-impl TextEncoder for crate::tokenizer::Tokenizer {
-    fn encode_with_bos(&self, text: &str) -> Result<Vec<i64>> {
-        Ok(self.encode(text).into_iter().map(i64::from).collect())
-    }
-
-    fn bos_id(&self) -> i64 {
-        crate::tokenizer::Tokenizer::bos_id(self).map(i64::from).unwrap_or(1)
-    }
-}

@@ -1,7 +1,7 @@
 //! What the release's `serve/cli.py` does around the templates: template choice from the model's name,
 //! the image marker in the first message, the open reply slot, and the stop string.
 use super::{template_by_name, Conversation};
-use crate::mm::prompt::{DEFAULT_IMAGE_TOKEN, DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN};
+use crate::prompt::image_tokens::{DEFAULT_IMAGE_TOKEN, DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN};
 use crate::{Error, Result};
 
 /// serve/cli.py's template for a model name (from [`model_name_from_path`]); the first match wins.

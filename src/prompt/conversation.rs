@@ -11,7 +11,7 @@ pub use cli::{
 };
 pub use templates::{template_by_name, TEMPLATE_NAMES};
 
-use crate::mm::prompt::DEFAULT_IMAGE_TOKEN;
+use crate::prompt::image_tokens::DEFAULT_IMAGE_TOKEN;
 use crate::{Error, Result};
 
 /// How messages are joined (`SeparatorStyle` of the release).
