@@ -208,6 +208,7 @@ impl ArcanaModel {
         let vision = VisionSide::load(&files, &loader)?;
         let llm = LlamaForCausalLM::load_on(&loader.root(), &files.config, sites, storage)?;
         let mappings = loader.finish()?;
+        release_free_heap();
         Ok(Self { files, vision, llm, _mappings: mappings })
     }
 
@@ -299,5 +300,15 @@ impl ArcanaModel {
                 Flow::Continue
             })?;
         decoded.ids_tensor()
+    }
+}
+
+/// Converting weights at load (quantizing, merging LoRA) frees many temporaries; glibc keeps freed heap
+/// memory for reuse unless asked, which would count against the process for as long as it runs.
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns unused heap pages to the system.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -62,18 +62,20 @@ impl TensorFile {
     }
 
     /// `name` as a view of the mapping when it is stored as `kind` and suitably aligned; none otherwise.
-    /// Its pages are faulted in now, so the first forward does not pay for them.
+    /// With `prefetch` its pages are faulted in now, so the first forward does not pay for them.
     ///
     /// # Safety
     /// The tensor reads the mapping: `self.mapping()` must outlive it and every tensor sharing its data.
-    unsafe fn load_in_place(&self, name: &str, kind: Kind) -> Option<Tensor> {
+    unsafe fn load_in_place(&self, name: &str, kind: Kind, prefetch: bool) -> Option<Tensor> {
         let entry = self.entries.get(name)?;
         let stored = stored_kind(entry.dtype)?;
         let bytes = &self.mmap[entry.start..entry.end];
         if stored != kind || bytes.as_ptr().align_offset(kind.elt_size_in_bytes()) != 0 || bytes.is_empty() {
             return None;
         }
-        let _ = self.mmap.advise_range(Advice::PopulateRead, entry.start, entry.end - entry.start);
+        if prefetch {
+            let _ = self.mmap.advise_range(Advice::PopulateRead, entry.start, entry.end - entry.start);
+        }
         let strides = contiguous_strides(&entry.shape);
         Tensor::f_from_blob(bytes.as_ptr(), &entry.shape, &strides, kind, Device::Cpu).ok()
     }
@@ -477,7 +479,7 @@ impl WeightLoader {
         expected: Option<&[i64]>,
         kind: Kind,
         device: Device,
-        transient: bool,
+        residency: Residency,
     ) -> Result<Tensor> {
         let (source, local) = self.find(name).ok_or_else(|| self.missing(name))?;
         let file = source.checkpoint.file_of(local);
@@ -494,8 +496,9 @@ impl WeightLoader {
         }
         // SAFETY: the mapping is recorded here and handed to the caller by `finish`, who keeps it alive
         // longer than the tensors (the contract of `in_place`).
-        let in_place = self.in_place && !transient && device == Device::Cpu;
-        let in_place = if in_place { unsafe { file.load_in_place(local, kind) } } else { None };
+        let in_place = self.in_place && residency != Residency::Transient && device == Device::Cpu;
+        let prefetch = residency == Residency::Prefetched;
+        let in_place = if in_place { unsafe { file.load_in_place(local, kind, prefetch) } } else { None };
         let tensor = match in_place {
             Some(tensor) => {
                 let mut mapped = self.mapped.borrow_mut();
@@ -547,6 +550,17 @@ impl WeightLoader {
     }
 }
 
+/// How a tensor loaded in place stays in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Residency {
+    /// A view of the mapping, its pages read at load.
+    Prefetched,
+    /// A view of the mapping, its pages read on first use.
+    Lazy,
+    /// A copy, its file pages dropped at once.
+    Transient,
+}
+
 /// A position in the model's parameter tree, named like the PyTorch module path.
 #[derive(Clone)]
 pub struct Weights<'a> {
@@ -578,18 +592,24 @@ impl<'a> Weights<'a> {
 
     /// The parameter `name`, which must have exactly `shape`.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        self.loader.load(&self.full_name(name), Some(shape), self.kind(), self.device(), false)
+        self.loader.load(&self.full_name(name), Some(shape), self.kind(), self.device(), Residency::Prefetched)
+    }
+
+    /// `get` for a table read a few rows at a time (token embeddings): loaded in place, its pages are
+    /// read when a row is first used instead of all at load.
+    pub fn get_sparse(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        self.loader.load(&self.full_name(name), Some(shape), self.kind(), self.device(), Residency::Lazy)
     }
 
     /// `get`, always as a copy whose file pages are dropped at once: for a tensor that is converted
     /// (quantized, merged) and then dropped, so that its pages do not stay mapped.
     pub fn get_transient(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        self.loader.load(&self.full_name(name), Some(shape), self.kind(), self.device(), true)
+        self.loader.load(&self.full_name(name), Some(shape), self.kind(), self.device(), Residency::Transient)
     }
 
     /// The parameter `name` with the shape the checkpoint gives (for sizes the model derives from it).
     pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
-        self.loader.load(&self.full_name(name), None, self.kind(), self.device(), false)
+        self.loader.load(&self.full_name(name), None, self.kind(), self.device(), Residency::Prefetched)
     }
 
     pub fn shape(&self, name: &str) -> Result<Vec<i64>> {

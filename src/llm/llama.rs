@@ -141,7 +141,7 @@ impl LlamaModel {
             w.placed(site.kind, site.device)
         }
         let embed_tokens =
-            on(w.pp("embed_tokens"), sites.front).get("weight", &[config.vocab_size, config.hidden_size])?;
+            on(w.pp("embed_tokens"), sites.front).get_sparse("weight", &[config.vocab_size, config.hidden_size])?;
         let layers = (0..n)
             .map(|i| DecoderLayer::load(&on(w.pp("layers").pp(i), sites.layers[i]), config, i, storage))
             .collect::<Result<Vec<_>>>()?;

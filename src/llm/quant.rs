@@ -173,9 +173,21 @@ impl BaseWeight {
 }
 
 /// Symmetric int8 rows: `q = round(w / s)` with `s = max |w_row| / 127`; returns `(q, s [out, 1])`.
+/// Computed a block of rows at a time, so the float temporaries stay small beside a large matrix
+/// (lm_head) that is being converted while the checkpoint streams in.
 fn int8_rows(w: &Tensor) -> Result<(Tensor, Tensor)> {
-    let scale = w.f_abs()?.f_amax(&[1i64][..], true)?.f_clamp_min(1e-12)?.f_div_scalar(127.0)?;
-    let q = w.f_div(&scale)?.f_round()?.f_clamp(-127.0, 127.0)?.f_to_kind(Kind::Int8)?;
+    const BLOCK: i64 = 512;
+    let (rows, cols) = w.size2()?;
+    let q = Tensor::f_empty([rows, cols], (Kind::Int8, w.device()))?;
+    let scale = Tensor::f_empty([rows, 1], (w.kind(), w.device()))?;
+    for start in (0..rows).step_by(BLOCK as usize) {
+        let n = BLOCK.min(rows - start);
+        let block = w.f_narrow(0, start, n)?;
+        let s = block.f_abs()?.f_amax(&[1i64][..], true)?.f_clamp_min(1e-12)?.f_div_scalar(127.0)?;
+        let codes = block.f_div(&s)?.f_round()?.f_clamp(-127.0, 127.0)?.f_to_kind(Kind::Int8)?;
+        q.f_narrow(0, start, n)?.f_copy_(&codes)?;
+        scale.f_narrow(0, start, n)?.f_copy_(&s)?;
+    }
     Ok((q, scale))
 }
 
