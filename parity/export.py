@@ -491,11 +491,13 @@ def run_reference(checkpoint, out, seed=0, batch=1, input_ids=None, case=None, n
                            + (" (visual mask sliced)" if release_sliced_mask else "")) if arcana_src
         else "parity/arcana_ref",
         "visual_tokens_per_image": str((image_size // vcfg["patch_size"]) ** 2 + 64),
-        "device": device + (f" ({torch.cuda.get_device_name(torch.device(device))})" if device.startswith("cuda")
-                            else ""),
-        "dtype": dtype,
         **provenance.machine(),
     }
+    if device != "cpu" or dtype != "fp32":
+        # only off the default, so the committed CPU fp32 fixtures keep their metadata
+        meta["device"] = device + (f" ({torch.cuda.get_device_name(torch.device(device))})"
+                                   if device.startswith("cuda") else "")
+        meta["dtype"] = dtype
 
     if has_llm:
         if input_ids is not None:

@@ -2,7 +2,8 @@
 //! expiry, both dispatch rules, the proxied NUL-delimited stream and its failures, bad requests; and
 //! the `arcana-serve controller` binary answering on a port it picked. Workers here are small axum
 //! servers that speak the release's worker protocol with canned replies.
-use arcana::serve::controller::{router, Controller, DispatchMethod};
+use arcana::serve::controller::{Controller, DispatchMethod};
+use arcana::serve::controller_app;
 use arcana::serve::http;
 use arcana::serve::protocol::{ChunkSplitter, StreamChunk, WorkerStatus};
 use axum::body::Body;
@@ -18,7 +19,7 @@ async fn spawn(app: Router) -> String {
 }
 
 async fn spawn_controller(controller: Controller) -> String {
-    spawn(router(controller)).await
+    spawn(controller_app(controller)).await
 }
 
 /// A worker that streams `chunks` (cumulative texts), then, if `die`, breaks the connection.

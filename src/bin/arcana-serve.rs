@@ -11,7 +11,7 @@ use arcana::serve::controller::{self, Controller, DispatchMethod};
 use arcana::serve::http;
 use arcana::serve::protocol::{HEART_BEAT_EXPIRATION, WORKER_HEART_BEAT_INTERVAL};
 use arcana::serve::web::{self, ModelListMode, WebConfig, WebServer};
-use arcana::serve::worker::{self, Worker, WorkerConfig};
+use arcana::serve::worker::{Worker, WorkerConfig};
 use clap::{Parser, Subcommand};
 use std::future::Future;
 use std::path::PathBuf;
@@ -196,8 +196,9 @@ async fn start_controller(args: &ControllerArgs) -> anyhow::Result<(String, Serv
     controller::spawn_expiry(controller.clone());
     println!("controller listening on http://{addr}");
     tracing::info!(%addr, ?dispatch, "controller started");
-    let serving =
-        async move { http::serve(listener, controller::router(controller)).await.context("serving the controller") };
+    let serving = async move {
+        http::serve(listener, arcana::serve::controller_app(controller)).await.context("serving the controller")
+    };
     Ok((format!("http://{addr}"), Box::pin(serving)))
 }
 
@@ -274,7 +275,8 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
     println!("worker listening on http://{addr}");
     tracing::info!(%addr, model_name, "worker started");
     Ok(Box::pin(async move {
-        let served = http::serve(listener, worker::router(worker.clone())).await.context("serving the worker");
+        let served =
+            http::serve(listener, arcana::serve::worker_app(worker.clone())).await.context("serving the worker");
         // Shutting down: leave the controller's list now rather than after the heart-beat expiry.
         worker.unregister().await;
         served

@@ -315,9 +315,9 @@ fn async_stream(
     .flatten()
 }
 
-/// The controller's HTTP routes (the release's, plus `/health` and the OpenAI-compatible API routed by
-/// `model`).
-pub fn router(controller: Controller) -> Router {
+/// The controller's own HTTP routes: the release's and `/health` (the server adds the OpenAI-compatible
+/// API, see [`super::controller_app`]).
+pub fn routes(controller: Controller) -> Router {
     Router::new()
         .route("/register_worker", post(register_worker))
         .route("/refresh_all_workers", post(refresh_all_workers))
@@ -328,15 +328,6 @@ pub fn router(controller: Controller) -> Router {
         .route("/worker_generate_stream", post(worker_generate_stream))
         .route("/worker_get_status", post(worker_get_status))
         .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
-        .route(
-            "/v1/models",
-            get(|State(c): State<Controller>| async move { super::openai::models_reply(&c.list_models()) }),
-        )
-        .route(
-            "/v1/chat/completions",
-            post(|State(c): State<Controller>, body| super::openai::route_chat_completions(c, body)),
-        )
-        .fallback(|| async { json_error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(controller)
 }
 

@@ -9,3 +9,20 @@ pub mod openai;
 pub mod protocol;
 pub mod web;
 pub mod worker;
+
+use axum::http::StatusCode;
+use axum::Router;
+
+/// The worker's HTTP server: the release's routes and the OpenAI-compatible API.
+pub fn worker_app(worker: worker::Worker) -> Router {
+    worker::routes(worker.clone()).merge(openai::worker_routes(worker)).fallback(not_found)
+}
+
+/// The controller's HTTP server: the release's routes and the OpenAI-compatible API routed by `model`.
+pub fn controller_app(controller: controller::Controller) -> Router {
+    controller::routes(controller.clone()).merge(openai::controller_routes(controller)).fallback(not_found)
+}
+
+async fn not_found() -> axum::response::Response {
+    http::json_error(StatusCode::NOT_FOUND, "no such endpoint")
+}

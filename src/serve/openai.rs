@@ -2,14 +2,17 @@
 //! server-sent events or not) and, routed by `model`, through the controller. Messages are rendered
 //! with the model's template as the CLI does; images come as `data:` URLs (remote URLs only with
 //! `--allow-image-urls`). Errors use OpenAI's `{"error": {"message", "type", "param", "code"}}` shape.
+use super::controller::Controller;
 use super::worker::{decode_base64_image, receiver_stream, Worker};
 use crate::engine::{ChatMessage, Event, FinishReason, GenerationParams, ImageInput, Request, RequestInput, Role};
 use crate::error::Error;
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -407,10 +410,7 @@ async fn stream_completion(
 
 /// `POST /v1/chat/completions` on the controller: routed to a worker serving `model`, its reply
 /// (JSON or event stream) passed through as it comes.
-pub async fn route_chat_completions(
-    controller: super::controller::Controller,
-    body: Result<Json<Value>, JsonRejection>,
-) -> Response {
+pub async fn route_chat_completions(controller: Controller, body: Result<Json<Value>, JsonRejection>) -> Response {
     let Json(body) = match body {
         Ok(body) => body,
         Err(rejection) => return rejected(&rejection),
@@ -442,4 +442,27 @@ pub async fn route_chat_completions(
             openai_error(StatusCode::BAD_GATEWAY, &format!("worker at {worker} unreachable: {e}"), "server_error", None)
         }
     }
+}
+
+/// The OpenAI-compatible API on a worker: its one model, answered by its engine.
+pub fn worker_routes(worker: Worker) -> Router {
+    Router::new()
+        .route("/v1/models", get(|State(w): State<Worker>| async move { models_reply(&[w.model_name().to_string()]) }))
+        .route(
+            "/v1/chat/completions",
+            post(|State(w): State<Worker>, body| async move {
+                let (allow, client) = w.image_fetching();
+                chat_completions(w, allow, client, body).await
+            }),
+        )
+        .with_state(worker)
+}
+
+/// The OpenAI-compatible API on the controller: every registered model, each request routed to a
+/// worker of the `model` it names.
+pub fn controller_routes(controller: Controller) -> Router {
+    Router::new()
+        .route("/v1/models", get(|State(c): State<Controller>| async move { models_reply(&c.list_models()) }))
+        .route("/v1/chat/completions", post(|State(c): State<Controller>, body| route_chat_completions(c, body)))
+        .with_state(controller)
 }

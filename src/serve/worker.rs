@@ -8,7 +8,7 @@
 //! - the context budget counts every image position, the 64 ladder tokens included;
 //! - error chunks carry the cause ("image 1: not a recognised image format ...") rather than the one
 //!   "NETWORK ERROR" text; codes are the release's.
-use super::http::{json_error, JsonBody};
+use super::http::JsonBody;
 use super::protocol::STATUS_TIMEOUT;
 use super::protocol::{error_code, HeartBeat, HeartBeatReply, RegisterWorker, StreamChunk, WorkerStatus};
 use crate::engine::{EngineHandle, Event, GenerationParams, ImageInput, Request, RequestInput};
@@ -298,28 +298,22 @@ pub fn decode_base64_image(text: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD.decode(compact).map_err(|e| format!("not valid base64: {e}"))
 }
 
-/// Worker routes: the release's two endpoints, `/health`, `/metrics` and the OpenAI-compatible API.
-pub fn router(worker: Worker) -> Router {
+/// The worker's own routes: the release's two endpoints, `/health` and `/metrics` (the server adds the
+/// OpenAI-compatible API, see [`super::worker_app`]).
+pub fn routes(worker: Worker) -> Router {
     Router::new()
         .route("/worker_generate_stream", post(generate_stream))
         .route("/worker_get_status", post(get_status))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route(
-            "/v1/models",
-            get(|State(w): State<Worker>| async move {
-                super::openai::models_reply(std::slice::from_ref(&w.config.model_name))
-            }),
-        )
-        .route(
-            "/v1/chat/completions",
-            post(|State(w): State<Worker>, body| async move {
-                let (allow, client) = (w.config.allow_image_urls, w.client.clone());
-                super::openai::chat_completions(w, allow, client, body).await
-            }),
-        )
-        .fallback(|| async { json_error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(worker)
+}
+
+impl Worker {
+    /// Whether the OpenAI API may fetch http(s) image URLs, and the client it fetches them with.
+    pub fn image_fetching(&self) -> (bool, reqwest::Client) {
+        (self.config.allow_image_urls, self.client.clone())
+    }
 }
 
 async fn get_status(State(w): State<Worker>) -> Json<WorkerStatus> {
