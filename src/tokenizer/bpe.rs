@@ -5,7 +5,7 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
 use super::proto::PieceType;
-use super::sentencepiece::{SentencePiece, TokenId};
+use super::proto::TokenId;
 
 #[derive(Debug, Clone, Copy)]
 struct Symbol {
@@ -44,8 +44,20 @@ impl Ord for Candidate {
     }
 }
 
-struct Merger<'a> {
-    sp: &'a SentencePiece,
+/// What merging reads of a model's vocabulary (sentencepiece's `PieceToId`, scores and piece types).
+pub(crate) trait Vocabulary {
+    /// The id of `piece`, the unknown id when it has none.
+    fn piece_to_id(&self, piece: &str) -> TokenId;
+    fn kind(&self, id: TokenId) -> Option<PieceType>;
+    /// The id of `piece` when merges may produce it.
+    fn mergeable_id(&self, piece: &str) -> Option<TokenId>;
+    fn score(&self, id: TokenId) -> f32;
+    /// The length of the user-defined piece that `text` starts with, if any.
+    fn user_defined_prefix(&self, text: &str) -> Option<usize>;
+}
+
+struct Merger<'a, V: Vocabulary + ?Sized> {
+    sp: &'a V,
     text: &'a str,
     symbols: Vec<Symbol>,
     agenda: BinaryHeap<Candidate>,
@@ -53,7 +65,7 @@ struct Merger<'a> {
     unmerge: HashMap<&'a str, (&'a str, &'a str)>,
 }
 
-impl<'a> Merger<'a> {
+impl<'a, V: Vocabulary + ?Sized> Merger<'a, V> {
     fn piece(&self, i: usize) -> &'a str {
         let s = self.symbols[i];
         &self.text[s.start..s.start + s.len]
@@ -93,7 +105,7 @@ impl<'a> Merger<'a> {
 
 /// Encodes `normalized` into pieces with their ids (`PieceToId`, so unknown pieces get the unknown
 /// id). Empty input gives no pieces.
-pub(crate) fn merge<'a>(sp: &'a SentencePiece, normalized: &'a str) -> Vec<(&'a str, TokenId)> {
+pub(crate) fn merge<'a, V: Vocabulary + ?Sized>(sp: &'a V, normalized: &'a str) -> Vec<(&'a str, TokenId)> {
     let mut symbols = Vec::with_capacity(normalized.len());
     let mut pos = 0;
     while pos < normalized.len() {

@@ -275,3 +275,54 @@ pub(crate) fn config_added_tokens(
     tokens.sort_by_key(|(index, _)| *index);
     Ok(tokens.into_iter().map(|(_, token)| token).collect())
 }
+
+/// The fast tokenizer's stream. Its byte-fallback decoder turns a whole run of byte tokens into
+/// U+FFFD when any byte of the run is invalid, so a run can change until it ends: text is released
+/// up to the last token that is neither a byte token nor skipped (a skipped special token joins the
+/// runs on its sides). Each push decodes the ids before that point again; generation lengths keep
+/// that cheap.
+#[derive(Debug, Clone)]
+pub(crate) struct FastStream<'t> {
+    tokenizer: &'t FastTokenizer,
+    ids: Vec<TokenId>,
+    /// How many ids end in a token that a later id cannot change.
+    settled: usize,
+    released: String,
+}
+
+impl<'t> FastStream<'t> {
+    pub(crate) fn new(tokenizer: &'t FastTokenizer) -> Self {
+        FastStream { tokenizer, ids: Vec::new(), settled: 0, released: String::new() }
+    }
+
+    pub(crate) fn push(&mut self, id: TokenId) -> Result<String> {
+        self.tokenizer.check_id(id)?;
+        self.ids.push(id);
+        if self.tokenizer.is_special(id) || self.tokenizer.is_byte_token(id) {
+            return Ok(String::new());
+        }
+        self.settled = self.ids.len();
+        if self.tokenizer.clean_up_enabled() {
+            return Ok(String::new());
+        }
+        let text = self.tokenizer.decode_raw(&self.ids[..self.settled])?;
+        // Text that does not extend what was released waits for `finish`.
+        match text.strip_prefix(self.released.as_str()) {
+            Some(new) if !new.is_empty() => {
+                let new = new.to_string();
+                self.released.push_str(&new);
+                Ok(new)
+            }
+            _ => Ok(String::new()),
+        }
+    }
+
+    pub(crate) fn finish(self) -> String {
+        // The ids were checked on push, so decoding them again cannot fail.
+        let text = self.tokenizer.decode(&self.ids).unwrap_or_default();
+        match text.strip_prefix(self.released.as_str()) {
+            Some(rest) => rest.to_string(),
+            None => String::new(),
+        }
+    }
+}

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::sentencepiece::{PieceDecoder, SentencePiece, TokenId, SPACE_SYMBOL};
-use super::stream::SlowStream;
 use crate::{Error, Result};
 
 /// A token that is split out of the text before SentencePiece sees it (transformers' `AddedToken`
@@ -356,4 +355,56 @@ fn py_lstrip(s: &str) -> &str {
 
 fn py_rstrip(s: &str) -> &str {
     s.trim_end_matches(py_isspace)
+}
+
+/// The slow tokenizer's stream: SentencePiece pieces decoded as they come.
+#[derive(Debug, Clone)]
+pub(crate) struct SlowStream<'t> {
+    tokenizer: &'t LlamaTokenizer,
+    pieces: PieceDecoder<'t>,
+    seen_first: bool,
+    held: String,
+}
+
+impl<'t> SlowStream<'t> {
+    pub(crate) fn new(tokenizer: &'t LlamaTokenizer) -> Self {
+        SlowStream { tokenizer, pieces: tokenizer.new_piece_decoder(), seen_first: false, held: String::new() }
+    }
+
+    /// Adds one id; returns the text that is now final (often empty). Special tokens add nothing.
+    /// An id outside the vocabulary is an error and leaves the decoder as it was.
+    pub fn push(&mut self, id: TokenId) -> Result<String> {
+        let piece = self.tokenizer.piece_of(id)?;
+        if self.tokenizer.is_special(id) {
+            return Ok(String::new());
+        }
+        let mut out = String::new();
+        if self.seen_first {
+            self.pieces.push_piece(piece, &mut out);
+        } else {
+            // transformers strips U+2581 from the first kept token before SentencePiece decodes.
+            self.seen_first = true;
+            self.pieces.push_piece(piece.strip_prefix(SPACE_SYMBOL).unwrap_or(piece), &mut out);
+        }
+        Ok(self.release(out))
+    }
+
+    /// Ends the sequence: bytes that never completed a character come out as U+FFFD.
+    pub fn finish(mut self) -> String {
+        let mut out = String::new();
+        self.pieces.finish(&mut out);
+        if self.tokenizer.clean_up_enabled() {
+            self.held.push_str(&out);
+            return self.tokenizer.clean_up(std::mem::take(&mut self.held));
+        }
+        out
+    }
+
+    fn release(&mut self, out: String) -> String {
+        if self.tokenizer.clean_up_enabled() {
+            self.held.push_str(&out);
+            return String::new();
+        }
+        out
+    }
 }

@@ -1,6 +1,9 @@
 //! A minimal reader for SentencePiece's `ModelProto` (proto2 wire format), limited to the fields
 //! that change how text is encoded or decoded. Unknown fields are skipped, as protobuf requires.
 
+/// A piece's index in the model's vocabulary.
+pub type TokenId = u32;
+
 /// Piece types, numbered as in `sentencepiece_model.proto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PieceType {

@@ -8,7 +8,7 @@ use super::proto::{parse_model_proto, ModelType, PieceType};
 use super::utf8_bytes::{next_char, ByteChar};
 use crate::{Error, Result};
 
-pub type TokenId = u32;
+pub use super::proto::TokenId;
 
 /// What to do with U+0020, as `NormalizerSpec` says.
 pub(crate) const SPACE_SYMBOL: &str = "\u{2581}";
@@ -383,5 +383,27 @@ impl<'a> PieceDecoder<'a> {
     /// Ends the text: pending bytes that never completed a character become U+FFFD.
     pub(crate) fn finish(&mut self, out: &mut String) {
         self.drain_bytes(true, out);
+    }
+}
+
+impl bpe::Vocabulary for SentencePiece {
+    fn piece_to_id(&self, piece: &str) -> TokenId {
+        SentencePiece::piece_to_id(self, piece)
+    }
+
+    fn kind(&self, id: TokenId) -> Option<PieceType> {
+        SentencePiece::kind(self, id)
+    }
+
+    fn mergeable_id(&self, piece: &str) -> Option<TokenId> {
+        SentencePiece::mergeable_id(self, piece)
+    }
+
+    fn score(&self, id: TokenId) -> f32 {
+        SentencePiece::score(self, id)
+    }
+
+    fn user_defined_prefix(&self, text: &str) -> Option<usize> {
+        SentencePiece::user_defined_prefix(self, text)
     }
 }
