@@ -196,12 +196,7 @@ def main(argv=None):
     sizes = bench.SMALL if args.small else bench.FULL
     checkpoint = os.path.abspath(args.checkpoint) if args.checkpoint else bench.ensure_checkpoint(
         sizes, 0, args.cache)
-    if args.image:
-        image = args.image
-    elif args.arcana_src and os.path.isfile(os.path.join(args.arcana_src, "arcana/serve/examples/waterview.jpg")):
-        image = os.path.join(args.arcana_src, "arcana/serve/examples/waterview.jpg")
-    else:
-        image = bench.standin_image(args.cache)
+    image, _ = bench.choose_image(args.image, args.arcana_src, args.cache)
     with open(image, "rb") as f:
         image_url = "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

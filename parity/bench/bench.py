@@ -662,6 +662,19 @@ def standin_image(cache):
     return path
 
 
+def choose_image(given, arcana_src, cache):
+    """The workload's image and where it came from: `given`, else waterview.jpg from the release's
+    checkout, else the generated stand-in."""
+    if given:
+        return os.path.abspath(given), "given"
+    waterview = os.path.join(arcana_src or "", "arcana/serve/examples/waterview.jpg")
+    if arcana_src and os.path.isfile(waterview):
+        return os.path.abspath(waterview), "the release's"
+    note = "generated stand-in for waterview.jpg (1000x667; the release's photo is not shipped)"
+    print(f"bench: {note}; pass --image or --arcana-src for the photo", file=sys.stderr)
+    return os.path.abspath(standin_image(cache)), note
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny widths (336-pixel image kept): a smoke test")
@@ -738,15 +751,7 @@ def main(argv=None):
         vconfig = json.load(f)
     visual_tokens = (vconfig["image_size"] // vconfig["patch_size"]) ** 2 + LADDER_QUERIES
 
-    if args.image:
-        image, image_note = args.image, "given"
-    elif args.arcana_src and os.path.isfile(os.path.join(args.arcana_src, "arcana/serve/examples/waterview.jpg")):
-        image, image_note = os.path.join(args.arcana_src, "arcana/serve/examples/waterview.jpg"), "the release's"
-    else:
-        image = standin_image(args.cache)
-        image_note = "generated stand-in for waterview.jpg (1000x667; the release's photo is not shipped)"
-        print(f"bench: {image_note}; pass --image or --arcana-src for the photo", file=sys.stderr)
-    image = os.path.abspath(image)
+    image, image_note = choose_image(args.image, args.arcana_src, args.cache)
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     rust_threads_flag = False

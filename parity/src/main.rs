@@ -2,7 +2,7 @@
 //! tensor in forward order, how far it is from the reference. Exits non-zero when a tensor is over
 //! tolerance or missing.
 use anyhow::Context;
-use arcana::llm::placement::LayerMap;
+use arcana::llm::placement::{LayerMap, Place};
 use arcana::parity::{
     check_on, describe_machine, first_failure, kernel_path_differences, this_machine, Reference, RunOn, StageBounds,
     Status, TensorReport, Tolerance,
@@ -51,14 +51,7 @@ fn run_on(args: &Args) -> anyhow::Result<RunOn> {
         "bf16" => tch::Kind::BFloat16,
         _ => tch::Kind::Float,
     };
-    let device = match args.device.as_str() {
-        "cpu" => tch::Device::Cpu,
-        "cuda" => tch::Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(index)) => tch::Device::Cuda(index),
-            _ => anyhow::bail!("--device {other}: expected cpu, cuda or cuda:N"),
-        },
-    };
+    let device = Place::parse(&args.device).with_context(|| format!("--device {}", args.device))?.into();
     let map = args.device_map.as_deref().map(LayerMap::parse).transpose()?;
     Ok(RunOn { kind, device, map })
 }

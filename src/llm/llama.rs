@@ -43,7 +43,7 @@ impl DecoderSites {
         let widen = kind == Kind::Half && plan.uses_cuda();
         let site = |place: Place| match place {
             Place::Cpu => Site { kind: if widen { Kind::Float } else { kind }, device: Device::Cpu },
-            Place::Cuda(index) => Site { kind, device: Device::Cuda(index) },
+            Place::Cuda(_) => Site { kind, device: place.into() },
         };
         Self { front: site(plan.front), layers: plan.layers.iter().map(|&p| site(p)).collect(), head: site(plan.head) }
     }

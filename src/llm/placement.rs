@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
+use tch::Device;
 
 /// How a model is spread over devices.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,6 +50,15 @@ impl Place {
 
     pub fn is_cuda(self) -> bool {
         matches!(self, Place::Cuda(_))
+    }
+}
+
+impl From<Place> for Device {
+    fn from(place: Place) -> Self {
+        match place {
+            Place::Cpu => Device::Cpu,
+            Place::Cuda(index) => Device::Cuda(index),
+        }
     }
 }
 

@@ -133,10 +133,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
         "mps" => {
             bail!("--device mps: the linked libtorch has no MPS backend (only libtorch for macOS on Apple silicon has it); use cpu or cuda")
         }
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(index)) => Device::Cuda(index),
-            _ => bail!("--device {other}: expected cpu, cuda or cuda:N"),
-        },
+        other => Place::parse(other).with_context(|| format!("--device {other}"))?.into(),
     };
     if let Device::Cuda(index) = device {
         let count = tch::Cuda::device_count() as usize;
@@ -176,10 +173,7 @@ fn placement(device: &str, device_map: Option<&str>, max_gpu_memory: Option<&str
             }
         }
         let first = map.segments.iter().find(|s| s.layers.contains(&0)).or(map.segments.first()).map(|s| s.place);
-        let device = match first {
-            Some(Place::Cuda(index)) => Device::Cuda(index),
-            _ => Device::Cpu,
-        };
+        let device = first.map_or(Device::Cpu, Device::from);
         return Ok((device, Placement::Map(map)));
     }
     if let Some(text) = max_gpu_memory {
