@@ -469,40 +469,48 @@ impl Worker {
             let Ok(slot) = worker.slots.clone().acquire_owned().await else { return };
             let admitted = std::time::Instant::now();
             let metrics = worker.metrics.clone();
-            let answered = tokio::task::spawn_blocking(move || {
-                let stream = match engine.submit(request) {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        forward(Err(e));
-                        return false;
-                    }
-                };
-                let cancel = stream.cancel_token();
-                let mut first_token = true;
-                for event in stream {
-                    let failed = event.is_err();
-                    if let Ok(Event::Token(_)) = &event {
-                        metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                        if std::mem::take(&mut first_token) {
-                            record_ttft(&metrics, admitted.elapsed().as_secs_f64());
+            let finished = tokio::task::spawn_blocking(move || {
+                let answered = (|| {
+                    let stream = match engine.submit(request) {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            forward(Err(e));
+                            return false;
+                        }
+                    };
+                    let cancel = stream.cancel_token();
+                    let mut first_token = true;
+                    for event in stream {
+                        let failed = event.is_err();
+                        if let Ok(Event::Token(_)) = &event {
+                            metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                            if std::mem::take(&mut first_token) {
+                                record_ttft(&metrics, admitted.elapsed().as_secs_f64());
+                            }
+                        }
+                        if !forward(event) {
+                            cancel.cancel();
+                            return true;
+                        }
+                        if failed {
+                            return false;
                         }
                     }
-                    if !forward(event) {
-                        cancel.cancel();
-                        return true;
-                    }
-                    if failed {
-                        return false;
-                    }
+                    true
+                })();
+                if !answered {
+                    metrics.failed_requests.fetch_add(1, Ordering::Relaxed);
                 }
-                true
+                // Dropping `forward` ends the client's stream: the request leaves the queue and frees its
+                // slot first, so a client that has read the whole answer no longer sees it queued.
+                drop(slot);
+                drop(queued);
+                drop(forward);
             })
             .await;
-            if !matches!(answered, Ok(true)) {
+            if finished.is_err() {
                 worker.metrics.failed_requests.fetch_add(1, Ordering::Relaxed);
             }
-            drop(slot);
-            drop(queued);
             worker.heart_beat().await;
         });
     }
