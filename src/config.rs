@@ -460,11 +460,27 @@ fn require_whole_heads(path: &Path, hidden_size: i64, num_heads: i64) -> Result<
     Ok(())
 }
 
-pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+/// Reads a JSON file into `T`; errors name the file and, for a field of the wrong type, the field.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
     parse_json_value(path, value)
+}
+
+/// A JSON file holding one object, or `None` when there is no such file.
+pub fn read_json_object(path: &Path) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    match read_json(path)? {
+        serde_json::Value::Object(map) => Ok(Some(map)),
+        _ => Err(Error::Config {
+            path: path.to_path_buf(),
+            field: "<root>".into(),
+            message: "expected a JSON object".into(),
+        }),
+    }
 }
 
 /// Deserializes with the failing field's path in the error (serde_path_to_error).

@@ -20,6 +20,65 @@ use tch::{Device, Kind, Tensor};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+pub const TORCH_SINGLE_FILE: &str = "pytorch_model.bin";
+pub const TORCH_SHARD_INDEX: &str = "pytorch_model.bin.index.json";
+/// The projector that pretraining saves alone.
+pub const PROJECTOR_FILE: &str = "mm_projector.bin";
+/// The files of LoRA training output beside the PEFT adapter.
+pub const NON_LORA_FILE: &str = "non_lora_trainables.bin";
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+
+/// The forms of the folders that the release's `load_pretrained_model` (arcana/model/builder.py)
+/// loads, told apart by their files as it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FolderForm {
+    /// LoRA training output (a PEFT adapter and `non_lora_trainables.bin`): loaded over a base model.
+    LoraTrainingOutput,
+    /// `model.safetensors` or its shard index.
+    Safetensors,
+    /// `pytorch_model.bin` or its shard index.
+    PytorchBin,
+    /// `mm_projector.bin` alone (pretraining output): loaded over a base model.
+    ProjectorOnly,
+    /// None of these files.
+    NoWeights,
+}
+
+impl FolderForm {
+    pub fn of(dir: &Path) -> Self {
+        let has = |name: &str| dir.join(name).is_file();
+        if has(ADAPTER_CONFIG_FILE) || has(NON_LORA_FILE) {
+            FolderForm::LoraTrainingOutput
+        } else if has(SHARD_INDEX) || has(SINGLE_FILE) {
+            FolderForm::Safetensors
+        } else if has(TORCH_SHARD_INDEX) || has(TORCH_SINGLE_FILE) {
+            FolderForm::PytorchBin
+        } else if has(PROJECTOR_FILE) {
+            FolderForm::ProjectorOnly
+        } else {
+            FolderForm::NoWeights
+        }
+    }
+
+    /// Whether `dir` holds a whole checkpoint, in safetensors or PyTorch files, whatever else it holds.
+    pub fn has_checkpoint(dir: &Path) -> bool {
+        [SHARD_INDEX, SINGLE_FILE, TORCH_SHARD_INDEX, TORCH_SINGLE_FILE].iter().any(|name| dir.join(name).is_file())
+    }
+
+    /// What to do with a folder of this form, for the error that it holds no safetensors checkpoint.
+    fn conversion_hint(self) -> Option<&'static str> {
+        match self {
+            FolderForm::Safetensors | FolderForm::NoWeights => None,
+            FolderForm::PytorchBin => {
+                Some("it holds a PyTorch checkpoint; convert it with `arcana-convert --input DIR --output NEW_DIR`")
+            }
+            FolderForm::LoraTrainingOutput | FolderForm::ProjectorOnly => Some(
+                "it holds training output that loads over its base model; pass `--model-base BASE`, or convert it \
+                 with `arcana-convert --input DIR --model-base BASE --output NEW_DIR`",
+            ),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -238,11 +297,12 @@ impl Checkpoint {
         if single.is_file() {
             return Self::from_files(vec![TensorFile::open(&single)?]);
         }
+        let hint = FolderForm::of(dir).conversion_hint().map(|h| format!(": {h}")).unwrap_or_default();
         Err(Error::Io {
             path: dir.to_path_buf(),
             source: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                format!("no {SINGLE_FILE} or {SHARD_INDEX} in this folder"),
+                format!("no {SINGLE_FILE} or {SHARD_INDEX} in this folder{hint}"),
             ),
         })
     }

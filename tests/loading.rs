@@ -113,6 +113,22 @@ fn a_shard_index_naming_a_missing_file_is_reported() {
     assert!(text.contains("model-00002-of-00002.safetensors") && text.contains("does not exist"), "{text}");
 }
 
+/// The release's other folder forms are named with what to do: a PyTorch checkpoint is converted,
+/// training output (a projector alone, or LoRA) needs its base model.
+#[test]
+fn a_folder_in_another_release_form_says_how_to_load_it() {
+    for (file, wanted) in [
+        ("pytorch_model.bin", "arcana-convert --input DIR --output NEW_DIR"),
+        ("mm_projector.bin", "--model-base BASE"),
+        ("non_lora_trainables.bin", "--model-base BASE"),
+    ] {
+        let tmp = damaged_copy();
+        std::fs::rename(tmp.path().join(MAIN_FILE), tmp.path().join(file)).unwrap();
+        let text = error_text(tmp.path());
+        assert!(text.contains("no model.safetensors") && text.contains(wanted), "{file}: {text}");
+    }
+}
+
 #[test]
 fn a_malformed_config_names_the_file() {
     let tmp = damaged_copy();

@@ -15,6 +15,8 @@ use arcana::vision::preprocess::{
 use arcana::Error;
 use serde_json::Value;
 
+mod common;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess")
 }
@@ -78,6 +80,32 @@ fn fixture_config_is_the_default() {
     let parsed = PreprocessConfig::from_json(json, Path::new("expected.json")).unwrap();
     assert_eq!(parsed, PreprocessConfig::default());
     assert_eq!(parsed.pad_color(), [122, 116, 104]);
+}
+
+/// Saves the processor of `argv[1]` (a preprocessor_config.json) with `save_pretrained` into `argv[2]`.
+const SAVE_PRETRAINED: &str = r#"
+import sys
+from transformers import CLIPImageProcessor
+CLIPImageProcessor.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
+"#;
+
+#[test]
+fn to_json_writes_what_transformers_saves_and_reads_back() {
+    let exact = PreprocessConfig { size: ResizeTarget::Exact { height: 224, width: 300 }, ..Default::default() };
+    for config in [PreprocessConfig::default(), exact] {
+        let json = config.to_json();
+        assert_eq!(PreprocessConfig::from_json(&json, Path::new("to_json")).unwrap(), config);
+        let Some(python) = common::python_with_torch() else { continue };
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("preprocessor_config.json"), json.to_string()).unwrap();
+        let saved = tmp.path().join("saved");
+        let out = std::process::Command::new(python).args(["-c", SAVE_PRETRAINED]).arg(tmp.path()).arg(&saved).output();
+        let out = out.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let theirs: Value =
+            serde_json::from_slice(&std::fs::read(saved.join("preprocessor_config.json")).unwrap()).unwrap();
+        assert_eq!(json, theirs, "{config:?}");
+    }
 }
 
 #[test]

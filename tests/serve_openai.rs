@@ -12,12 +12,7 @@ use std::process::Command;
 
 /// Python with the `openai` package, or a skip message.
 fn python_with_openai() -> Option<std::path::PathBuf> {
-    let python = common::python_with_torch()?;
-    let ok = Command::new(&python).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("skipping: the `openai` package is missing (run scripts/setup-python.sh)");
-    }
-    ok.then_some(python)
+    common::python_with("torch, openai")
 }
 
 const CLIENT_SCRIPT: &str = r#"

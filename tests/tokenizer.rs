@@ -9,6 +9,8 @@ use arcana::tokenizer::{SentencePiece, TokenId, Tokenizer, TokenizerKind, Tokeni
 use arcana::Error;
 use serde_json::Value;
 
+mod common;
+
 const MODELS: [(&str, &str); 2] =
     [("llama2", "llama2-tokenizer.model"), ("mistral", "mistral-7b-v0.1-tokenizer.model")];
 
@@ -326,24 +328,8 @@ fn corrupt_model_file_is_an_error_naming_it() {
 
 // ---- The fast tokenizer (tokenizer.json) against transformers 4.37.2's `LlamaTokenizerFast` ----
 
-/// The project's Python environment with transformers (`scripts/setup-python.sh`), if there is one.
 fn python_with_transformers() -> Option<PathBuf> {
-    let venv = std::env::var_os("ARCANA_VENV")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1")))?;
-    let python = venv.join("bin/python");
-    let ok = std::process::Command::new(&python)
-        .args(["-c", "import transformers, sentencepiece, tokenizers"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        println!(
-            "skipping: no Python environment with transformers at {} (run scripts/setup-python.sh)",
-            venv.display()
-        );
-    }
-    ok.then_some(python)
+    common::python_with("transformers, sentencepiece, tokenizers")
 }
 
 /// A model from ../shared, else (Mistral) the copy that scripts/setup-python.sh downloads.

@@ -4,13 +4,13 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use serde_json::Value;
 use tokenizers::models::ModelWrapper;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer as CoreTokenizer};
 
 use super::llama::{SpecialToken, TokenizerOptions};
 use super::sentencepiece::TokenId;
+use super::settings::TokenizerSettings;
 use crate::{Error, Result};
 
 /// A token of `added_tokens_decoder` in tokenizer_config.json, with every flag `AddedToken` has.
@@ -235,45 +235,23 @@ fn bos_eos_template(
     builder.build().map_err(|e| e.to_string())
 }
 
-/// The `added_tokens_decoder` entries of tokenizer_config.json in id order (`AddedToken(**entry)`).
-pub(crate) fn config_added_tokens(
-    config: &serde_json::Map<String, Value>,
-    path: &Path,
-) -> Result<Vec<ConfigAddedToken>> {
-    let field = "added_tokens_decoder";
-    let Some(value) = config.get(field) else {
-        return Ok(Vec::new());
-    };
-    let bad = |message: String| Error::Config { path: path.into(), field: field.into(), message };
-    let entries = value.as_object().ok_or_else(|| bad("expected an object".into()))?;
-    let mut tokens = Vec::new();
-    for (id, entry) in entries {
-        let index: u64 = id.parse().map_err(|_| bad(format!("key {id:?} is not a token id")))?;
-        let flag = |key: &str, default: bool| match entry.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(_) => Err(bad(format!("entry {id}: `{key}` must be a boolean"))),
-        };
-        let content = entry
-            .get("content")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad(format!("entry {id}: expected a `content` string")))?;
-        let special = flag("special", false)?;
-        tokens.push((
-            index,
-            ConfigAddedToken {
-                content: content.to_string(),
-                lstrip: flag("lstrip", false)?,
-                rstrip: flag("rstrip", false)?,
-                single_word: flag("single_word", false)?,
-                // `AddedToken`'s default: special tokens are matched in the raw text.
-                normalized: flag("normalized", !special)?,
-                special,
-            },
-        ));
-    }
-    tokens.sort_by_key(|(index, _)| *index);
-    Ok(tokens.into_iter().map(|(_, token)| token).collect())
+/// The `added_tokens_decoder` entries of tokenizer_config.json in id order, with `AddedToken`'s
+/// defaults for the fields an entry leaves out.
+pub(crate) fn config_added_tokens(settings: &TokenizerSettings) -> Vec<ConfigAddedToken> {
+    let added = settings.added_tokens_decoder.iter().map(|(_, token)| {
+        let fields = token.fields();
+        let special = fields.special.unwrap_or(false);
+        ConfigAddedToken {
+            content: token.content.clone(),
+            lstrip: fields.lstrip.unwrap_or(false),
+            rstrip: fields.rstrip.unwrap_or(false),
+            single_word: fields.single_word.unwrap_or(false),
+            // Special tokens are matched in the raw text.
+            normalized: fields.normalized.unwrap_or(!special),
+            special,
+        }
+    });
+    added.collect()
 }
 
 /// The fast tokenizer's stream. Its byte-fallback decoder turns a whole run of byte tokens into

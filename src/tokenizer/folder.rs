@@ -3,97 +3,27 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use serde_json::Value;
-
 use super::fast::{config_added_tokens, FastTokenizer};
 use super::llama::{SpecialToken, TokenizerOptions};
+use super::settings::{config_error, TokenizerSettings, WrittenToken};
 use super::Tokenizer;
 use crate::prompt::conversation::model_name_from_path;
 use crate::{Error, Result};
 
 const MODEL_FILE: &str = "tokenizer.model";
 const FAST_FILE: &str = "tokenizer.json";
-const CONFIG_FILE: &str = "tokenizer_config.json";
-const SPECIAL_TOKENS_FILE: &str = "special_tokens_map.json";
-const NAMED_TOKENS: [&str; 4] = ["bos_token", "eos_token", "unk_token", "pad_token"];
 
-fn read_json(path: &Path) -> Result<Option<serde_json::Map<String, Value>>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(path, e)),
-    };
-    match serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })? {
-        Value::Object(map) => Ok(Some(map)),
-        _ => Err(config_error(path, "<root>", "expected a JSON object")),
+/// The token the slow tokenizer matches in text: strip flags as written (absent is false).
+fn special_token(token: &WrittenToken, path: &Path, field: &str) -> Result<SpecialToken> {
+    let fields = token.fields();
+    if fields.single_word == Some(true) {
+        return Err(config_error(path, field, "single_word tokens are not supported"));
     }
-}
-
-fn config_error(path: &Path, field: &str, message: &str) -> Error {
-    Error::Config { path: path.into(), field: field.into(), message: message.into() }
-}
-
-fn flag(map: &serde_json::Map<String, Value>, key: &str, path: &Path, field: &str) -> Result<bool> {
-    match map.get(key) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(config_error(path, field, &format!("`{key}` must be a boolean"))),
-    }
-}
-
-/// A token written as `"<s>"` or as `{"content": "<s>", "lstrip": false, ...}`; `null` is none.
-fn parse_token(value: &Value, path: &Path, field: &str) -> Result<Option<SpecialToken>> {
-    match value {
-        Value::Null => Ok(None),
-        Value::String(s) => Ok(Some(SpecialToken::new(s.clone()))),
-        Value::Object(map) => {
-            if flag(map, "single_word", path, field)? {
-                return Err(config_error(path, field, "single_word tokens are not supported"));
-            }
-            let content = map
-                .get("content")
-                .and_then(Value::as_str)
-                .ok_or_else(|| config_error(path, field, "expected a `content` string"))?;
-            Ok(Some(SpecialToken {
-                content: content.to_string(),
-                lstrip: flag(map, "lstrip", path, field)?,
-                rstrip: flag(map, "rstrip", path, field)?,
-            }))
-        }
-        _ => Err(config_error(path, field, "expected a string, an object or null")),
-    }
-}
-
-fn bool_field(map: &serde_json::Map<String, Value>, key: &str, path: &Path) -> Result<Option<bool>> {
-    match map.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(config_error(path, key, "expected a boolean")),
-    }
-}
-
-/// Applies one JSON file's special-token fields to `options`; returns the named ones it set.
-fn apply_tokens(
-    map: &serde_json::Map<String, Value>,
-    path: &Path,
-    options: &mut TokenizerOptions,
-) -> Result<Vec<&'static str>> {
-    let mut set = Vec::new();
-    for key in NAMED_TOKENS {
-        let Some(value) = map.get(key) else { continue };
-        *named_slot(options, key) = parse_token(value, path, key)?;
-        set.push(key);
-    }
-    if let Some(value) = map.get("additional_special_tokens") {
-        let list =
-            value.as_array().ok_or_else(|| config_error(path, "additional_special_tokens", "expected a list"))?;
-        options.additional_special_tokens = list
-            .iter()
-            .map(|v| parse_token(v, path, "additional_special_tokens"))
-            .filter_map(Result::transpose)
-            .collect::<Result<_>>()?;
-    }
-    Ok(set)
+    Ok(SpecialToken {
+        content: token.content.clone(),
+        lstrip: fields.lstrip.unwrap_or(false),
+        rstrip: fields.rstrip.unwrap_or(false),
+    })
 }
 
 fn named_slot<'o>(options: &'o mut TokenizerOptions, key: &str) -> &'o mut Option<SpecialToken> {
@@ -105,33 +35,23 @@ fn named_slot<'o>(options: &'o mut TokenizerOptions, key: &str) -> &'o mut Optio
     }
 }
 
-/// `added_tokens_decoder` gives its strip flags to the special tokens that the config names, as
+/// `added_tokens_decoder` gives its strip flags to the special tokens that the configs name, as
 /// `from_pretrained` does; a named token left at its default keeps plain flags (transformers 4.37.2
 /// re-adds the default over the declared entry). Entries that are not special tokens would be
 /// tokens beyond the SentencePiece vocabulary or non-special added tokens: not implemented here.
-fn apply_added_tokens(
-    map: &serde_json::Map<String, Value>,
-    path: &Path,
-    named_in_config: &[&str],
-    options: &mut TokenizerOptions,
-) -> Result<()> {
-    let field = "added_tokens_decoder";
-    let Some(value) = map.get(field) else {
-        return Ok(());
-    };
-    let entries = value.as_object().ok_or_else(|| config_error(path, field, "expected an object"))?;
+fn apply_added_tokens(settings: &TokenizerSettings, options: &mut TokenizerOptions) -> Result<()> {
+    let (path, field) = (&settings.config_path, "added_tokens_decoder");
     let mut declared: HashMap<String, SpecialToken> = HashMap::new();
-    for (id, entry) in entries {
-        let token = parse_token(entry, path, field)?
-            .ok_or_else(|| config_error(path, field, &format!("entry {id} is null")))?;
-        if entry.get("special").and_then(Value::as_bool) == Some(false) {
+    for (_, entry) in &settings.added_tokens_decoder {
+        let token = special_token(entry, path, field)?;
+        if entry.fields().special == Some(false) {
             let message = format!("non-special added token {:?} is not supported", token.content);
             return Err(config_error(path, field, &message));
         }
         declared.insert(token.content.clone(), token);
     }
-    for key in named_in_config {
-        if let Some(slot) = named_slot(options, key) {
+    for named in &settings.named {
+        if let Some(slot) = named_slot(options, named.key) {
             if let Some(t) = declared.get(&slot.content) {
                 *slot = t.clone();
             }
@@ -180,28 +100,28 @@ impl TokenizerKind {
     }
 }
 
-/// The options both classes read from `tokenizer_config.json` and `special_tokens_map.json` (the
-/// latter wins, as in transformers), with the config itself for what only one class reads.
-fn read_options(dir: &Path) -> Result<(TokenizerOptions, serde_json::Map<String, Value>, Vec<&'static str>)> {
-    let config_path = dir.join(CONFIG_FILE);
-    let map_path = dir.join(SPECIAL_TOKENS_FILE);
+/// The options both classes take from the folder's configs.
+fn read_options(settings: &TokenizerSettings) -> Result<TokenizerOptions> {
     let mut options = TokenizerOptions::default();
-    let config = read_json(&config_path)?.unwrap_or_default();
-    if let Some(v) = bool_field(&config, "add_bos_token", &config_path)? {
+    if let Some(v) = settings.add_bos_token {
         options.add_bos_token = v;
     }
-    if let Some(v) = bool_field(&config, "add_eos_token", &config_path)? {
+    if let Some(v) = settings.add_eos_token {
         options.add_eos_token = v;
     }
-    options.legacy = bool_field(&config, "legacy", &config_path)?;
-    if let Some(v) = bool_field(&config, "clean_up_tokenization_spaces", &config_path)? {
+    options.legacy = settings.legacy;
+    if let Some(v) = settings.clean_up_tokenization_spaces {
         options.clean_up_tokenization_spaces = v;
     }
-    let mut named = apply_tokens(&config, &config_path, &mut options)?;
-    if let Some(special_map) = read_json(&map_path)? {
-        named.extend(apply_tokens(&special_map, &map_path, &mut options)?);
+    for named in &settings.named {
+        *named_slot(&mut options, named.key) =
+            named.token.as_ref().map(|t| special_token(t, &named.path, named.key)).transpose()?;
     }
-    Ok((options, config, named))
+    if let Some((path, tokens)) = &settings.additional_special_tokens {
+        options.additional_special_tokens =
+            tokens.iter().map(|t| special_token(t, path, "additional_special_tokens")).collect::<Result<_>>()?;
+    }
+    Ok(options)
 }
 
 impl Tokenizer {
@@ -239,15 +159,15 @@ impl Tokenizer {
             ),
             _ => {}
         }
-        let (mut options, config, named) = read_options(dir)?;
-        let config_path = dir.join(CONFIG_FILE);
+        let settings = TokenizerSettings::read(dir)?;
+        let mut options = read_options(&settings)?;
         match kind {
             TokenizerKind::Slow => {
-                apply_added_tokens(&config, &config_path, &named, &mut options)?;
+                apply_added_tokens(&settings, &mut options)?;
                 Tokenizer::from_model_file(&dir.join(MODEL_FILE), options)
             }
             TokenizerKind::Fast => {
-                let added = config_added_tokens(&config, &config_path)?;
+                let added = config_added_tokens(&settings);
                 FastTokenizer::from_file(&dir.join(FAST_FILE), &options, &added).map(Tokenizer::from)
             }
         }

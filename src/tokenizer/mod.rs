@@ -12,6 +12,7 @@ mod folder;
 mod llama;
 mod proto;
 mod sentencepiece;
+mod settings;
 mod stream;
 mod utf8_bytes;
 
@@ -21,6 +22,7 @@ pub use fast::{ConfigAddedToken, FastTokenizer};
 pub use folder::TokenizerKind;
 pub use llama::{LlamaTokenizer, SpecialToken, TokenizerOptions};
 pub use sentencepiece::{SentencePiece, TokenId};
+pub use settings::{AddedTokenFields, NamedToken, TokenizerSettings, WrittenToken};
 pub use stream::StreamDecoder;
 
 use crate::Result;

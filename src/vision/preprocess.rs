@@ -66,10 +66,31 @@ impl Default for PreprocessConfig {
 
 impl PreprocessConfig {
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let json: Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+        let json: Value = crate::config::read_json(path)?;
         Self::from_json(&json, path)
+    }
+
+    /// The `preprocessor_config.json` that `CLIPImageProcessor.save_pretrained` writes for these
+    /// settings (bicubic resampling, RGB conversion).
+    pub fn to_json(&self) -> Value {
+        let size = match self.size {
+            ResizeTarget::ShortestEdge(edge) => serde_json::json!({ "shortest_edge": edge }),
+            ResizeTarget::Exact { height, width } => serde_json::json!({ "height": height, "width": width }),
+        };
+        serde_json::json!({
+            "crop_size": { "height": self.crop_height, "width": self.crop_width },
+            "do_center_crop": self.do_center_crop,
+            "do_convert_rgb": true,
+            "do_normalize": self.do_normalize,
+            "do_rescale": self.do_rescale,
+            "do_resize": self.do_resize,
+            "image_mean": self.image_mean,
+            "image_processor_type": "CLIPImageProcessor",
+            "image_std": self.image_std,
+            "resample": RESAMPLE_BICUBIC,
+            "rescale_factor": self.rescale_factor,
+            "size": size,
+        })
     }
 
     /// Reads the fields as `CLIPImageProcessor.__init__` does; a missing field takes the class default

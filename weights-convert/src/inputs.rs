@@ -7,7 +7,10 @@ use crate::tokenizer_json;
 use anyhow::{anyhow, bail, Context, Result};
 use arcana::config::{resolve_vision_tower, VisionConfig, VisionTowerSource};
 use arcana::model::VISION_TOWER_PREFIX;
+use arcana::vision::preprocess::PreprocessConfig;
+use arcana::weights::{FolderForm, PROJECTOR_FILE};
 use safetensors::Dtype;
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tch::Kind;
 
@@ -19,9 +22,9 @@ const TOKENIZER_FILES: [&str; 5] =
 
 pub struct ConvertModel {
     pub tensors: TensorSet,
-    config: serde_json::Value,
-    vision_config: serde_json::Value,
-    preprocessor_config: serde_json::Value,
+    config: Value,
+    vision_config: Value,
+    preprocessor_config: Value,
     /// Folders searched, in order, for tokenizer and generation files.
     side_file_dirs: Vec<PathBuf>,
     /// `--merge-lora` folded the language branch into the base weights.
@@ -31,32 +34,12 @@ pub struct ConvertModel {
 /// The config key telling the model that `--merge-lora` was applied.
 pub const LANGUAGE_MERGED: &str = "mm_lora_language_merged";
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+fn read_json(path: &Path) -> Result<Value> {
+    Ok(arcana::config::read_json(path)?)
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+fn write_json(path: &Path, value: &Value) -> Result<()> {
     std::fs::write(path, serde_json::to_vec_pretty(value)?).with_context(|| format!("writing {}", path.display()))
-}
-
-/// transformers' CLIPImageProcessor settings of `openai/clip-vit-large-patch14-336`.
-fn default_preprocessor_config() -> serde_json::Value {
-    serde_json::json!({
-        "crop_size": {"height": 336, "width": 336},
-        "do_center_crop": true, "do_convert_rgb": true, "do_normalize": true, "do_rescale": true, "do_resize": true,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_processor_type": "CLIPImageProcessor",
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "resample": 3, "rescale_factor": 0.00392156862745098,
-        "size": {"shortest_edge": 336}
-    })
-}
-
-fn has_weights(dir: &Path) -> bool {
-    ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
-        .iter()
-        .any(|f| dir.join(f).is_file())
 }
 
 pub fn gather(input: &Path, model_base: Option<&Path>, merge_lora: bool) -> Result<ConvertModel> {
@@ -70,8 +53,9 @@ pub fn gather(input: &Path, model_base: Option<&Path>, merge_lora: bool) -> Resu
     if merge_lora && parsed.mm_lora_language_merged {
         bail!("{}: `{LANGUAGE_MERGED}` is already true; --merge-lora would merge twice", config_path.display());
     }
-    let training_output = lora::is_training_output(input);
-    let projector_only = !training_output && input.join("mm_projector.bin").is_file() && !has_weights(input);
+    let form = FolderForm::of(input);
+    let training_output = form == FolderForm::LoraTrainingOutput;
+    let projector_only = form == FolderForm::ProjectorOnly;
     let mut tensors = TensorSet::default();
     let mut side_file_dirs = vec![input.to_path_buf()];
     let mut vision_search = vec![input.to_path_buf()];
@@ -85,19 +69,18 @@ pub fn gather(input: &Path, model_base: Option<&Path>, merge_lora: bool) -> Resu
         input.to_path_buf()
     };
 
-    let tower_name = config["mm_vision_tower"]
-        .as_str()
-        .or(config["vision_tower"].as_str())
-        .ok_or_else(|| anyhow!("{}: no `mm_vision_tower`", config_path.display()))?
-        .to_string();
+    let tower_name =
+        parsed.vision_tower_name().ok_or_else(|| anyhow!("{}: no `mm_vision_tower`", config_path.display()))?;
+    // The model folder, then the base: each error lists the places it tried.
+    let mut tried = Vec::new();
     let source = vision_search
         .iter()
-        .find_map(|dir| resolve_vision_tower(dir, &tower_name).ok())
-        .ok_or_else(|| anyhow!("{}: cannot find vision tower `{tower_name}`", config_path.display()))?;
+        .find_map(|dir| resolve_vision_tower(dir, tower_name).map_err(|e| tried.push(e.to_string())).ok())
+        .ok_or_else(|| anyhow!("{}", tried.join("\n")))?;
     let (vision_config, preprocessor_config) = match &source {
         VisionTowerSource::Folder(folder) => {
             // Vision folder first: the main checkpoint's copies override it, as in the release.
-            if has_weights(folder) {
+            if FolderForm::has_checkpoint(folder) {
                 tensors.add_checkpoint(folder, VISION_TOWER_PREFIX)?;
             }
             let vision_path = folder.join("config.json");
@@ -105,16 +88,17 @@ pub fn gather(input: &Path, model_base: Option<&Path>, merge_lora: bool) -> Resu
             let raw = read_json(&vision_path)?;
             let vision = raw.get("vision_config").cloned().unwrap_or(raw);
             let pre_path = folder.join("preprocessor_config.json");
-            let pre = if pre_path.is_file() { read_json(&pre_path)? } else { default_preprocessor_config() };
+            // transformers' CLIPImageProcessor settings of `openai/clip-vit-large-patch14-336` otherwise.
+            let pre = if pre_path.is_file() { read_json(&pre_path)? } else { PreprocessConfig::default().to_json() };
             (vision, pre)
         }
         VisionTowerSource::Embedded(_) => {
-            (serde_json::to_value(VisionConfig::clip_vit_large_patch14_336())?, default_preprocessor_config())
+            (serde_json::to_value(VisionConfig::clip_vit_large_patch14_336())?, PreprocessConfig::default().to_json())
         }
     };
     tensors.add_checkpoint(&weights_dir, "")?;
     if projector_only {
-        let path = input.join("mm_projector.bin");
+        let path = input.join(PROJECTOR_FILE);
         for (name, tensor) in read_checkpoint(&path)? {
             // The release casts the projector to fp16 before loading it into the fp16 base model.
             tensors.tensors.insert(name, tensor.rounded_through(Kind::Half, Dtype::F16));

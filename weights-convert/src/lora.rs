@@ -2,22 +2,16 @@
 //! `--model-base`), and `--merge-lora`, which folds MM-LoRA's language branch into the base weights.
 //! Every merge is `W + scale * B @ A` in fp32, rounded once to the output dtype.
 use crate::source::{read_checkpoint, LowRank, SourceTensor, TensorSet};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
+use arcana::weights::{ADAPTER_CONFIG_FILE, NON_LORA_FILE};
 use safetensors::Dtype;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::Kind;
-
-pub const NON_LORA: &str = "non_lora_trainables.bin";
-pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 /// PEFT prefers the safetensors file when both exist.
 const ADAPTER_FILES: [&str; 2] = ["adapter_model.safetensors", "adapter_model.bin"];
 /// Prefix of every key PEFT saves for a `PeftModelForCausalLM`.
 const PEFT_PREFIX: &str = "base_model.model.";
-
-pub fn is_training_output(dir: &Path) -> bool {
-    dir.join(ADAPTER_CONFIG).is_file() || dir.join(NON_LORA).is_file()
-}
 
 /// The fields of PEFT's `LoraConfig` that decide the merge.
 struct AdapterConfig {
@@ -31,9 +25,7 @@ struct AdapterConfig {
 
 impl AdapterConfig {
     fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+        let v: serde_json::Value = arcana::config::read_json(path)?;
         let bad = |msg: String| anyhow!("{}: {msg}", path.display());
         if let Some(kind) = v["peft_type"].as_str().filter(|k| *k != "LORA") {
             return Err(bad(format!("peft_type `{kind}`; only LORA adapters can be merged")));
@@ -86,9 +78,9 @@ fn non_lora_names(raw: Vec<(String, SourceTensor)>) -> Vec<(String, SourceTensor
 
 /// Adds `non_lora_trainables.bin` over the base and merges the adapter into the matching weights.
 pub fn apply_training_output(tensors: &mut TensorSet, input: &Path) -> Result<()> {
-    let non_lora = input.join(NON_LORA);
+    let non_lora = input.join(NON_LORA_FILE);
     if !non_lora.is_file() {
-        bail!("{}: has {ADAPTER_CONFIG} but no {NON_LORA}", input.display());
+        bail!("{}: has {ADAPTER_CONFIG_FILE} but no {NON_LORA_FILE}", input.display());
     }
     for (name, tensor) in non_lora_names(read_checkpoint(&non_lora)?) {
         if let Some(old) = tensors.tensors.get(&name).filter(|old| old.shape != tensor.shape) {
@@ -103,9 +95,9 @@ pub fn apply_training_output(tensors: &mut TensorSet, input: &Path) -> Result<()
         // The release loads them into its fp16 model, which rounds them to fp16.
         tensors.tensors.insert(name, tensor.rounded_through(Kind::Half, Dtype::F16));
     }
-    let config_path = input.join(ADAPTER_CONFIG);
+    let config_path = input.join(ADAPTER_CONFIG_FILE);
     if !config_path.is_file() {
-        bail!("{}: has {NON_LORA} but no {ADAPTER_CONFIG}", input.display());
+        bail!("{}: has {NON_LORA_FILE} but no {ADAPTER_CONFIG_FILE}", input.display());
     }
     let config = AdapterConfig::read(&config_path)?;
     let adapter = ADAPTER_FILES
@@ -163,7 +155,7 @@ fn merge_adapter(tensors: &mut TensorSet, config: &AdapterConfig, adapter: &Path
         }
         let weight_name = format!("{module}.weight");
         let weight = tensors.tensors.remove(&weight_name).ok_or_else(|| {
-            anyhow!("{file}: `{a_key}` names module `{module}`, which the model does not have (no `{weight_name}` in the base or {NON_LORA})")
+            anyhow!("{file}: `{a_key}` names module `{module}`, which the model does not have (no `{weight_name}` in the base or {NON_LORA_FILE})")
         })?;
         let (w, r) = (&weight.shape, config.r);
         let ok = w.len() == 2 && a.shape == [r, w[1]] && b.shape == [w[0], r];

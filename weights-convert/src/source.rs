@@ -2,7 +2,7 @@
 use crate::torch_pickle::{read_state_dict, TensorRef};
 use anyhow::{anyhow, bail, Context, Result};
 use arcana::llm::mmlora::add_low_rank;
-use arcana::weights::{stored_kind, TensorFile};
+use arcana::weights::{stored_kind, TensorFile, SHARD_INDEX, SINGLE_FILE, TORCH_SHARD_INDEX, TORCH_SINGLE_FILE};
 use memmap2::Mmap;
 use safetensors::Dtype;
 use std::collections::{BTreeMap, HashMap};
@@ -196,15 +196,10 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
-    for (index, single) in
-        [("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")]
-    {
+    for (index, single) in [(SHARD_INDEX, SINGLE_FILE), (TORCH_SHARD_INDEX, TORCH_SINGLE_FILE)] {
         let index_path = path.join(index);
         if index_path.is_file() {
-            let text =
-                std::fs::read_to_string(&index_path).with_context(|| format!("reading {}", index_path.display()))?;
-            let parsed: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index_path.display()))?;
+            let parsed: serde_json::Value = arcana::config::read_json(&index_path)?;
             let map = parsed["weight_map"]
                 .as_object()
                 .ok_or_else(|| anyhow!("{}: no `weight_map` object", index_path.display()))?;
@@ -225,7 +220,7 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
             return Ok(vec![path.join(single)]);
         }
     }
-    bail!("{}: no model.safetensors, pytorch_model.bin or their shard index", path.display())
+    bail!("{}: no {SINGLE_FILE}, {TORCH_SINGLE_FILE} or their shard index", path.display())
 }
 
 /// Every tensor of a checkpoint; a tensor present in two shards is an error naming both.

@@ -2,9 +2,8 @@
 //! transformers 4.37.2 saves after converting the slow Llama tokenizer (`LlamaConverter`, then
 //! `LlamaTokenizerFast`'s post-processor and the special tokens of `tokenizer_config.json`).
 use anyhow::{Context, Result};
-use arcana::tokenizer::SentencePiece;
+use arcana::tokenizer::{SentencePiece, TokenizerSettings, WrittenToken};
 use serde::{Serialize, Serializer};
-use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -132,41 +131,22 @@ struct Options {
     flags: [Flags; 3],
 }
 
-fn read_object(path: &Path) -> Result<Option<Map<String, Value>>> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    match serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))? {
-        Value::Object(map) => Ok(Some(map)),
-        _ => anyhow::bail!("{}: expected a JSON object", path.display()),
-    }
-}
-
-/// An `AddedToken` as a config writes it: its content and flags. Only fully spelled-out flags are
-/// taken, since transformers fills missing ones differently by context.
-fn parse_token(path: &Path, key: &str, value: &Value, needs_type: bool) -> Result<Option<(String, Flags)>> {
-    let map = match value {
-        Value::Null => return Ok(None),
-        Value::String(s) => return Ok(Some((s.clone(), Flags::default()))),
-        Value::Object(map) => map,
-        _ => return unsupported(path, format!("`{key}` is neither a string nor an object")),
+/// A token's content and flags as a config writes them. Only fully spelled-out flags are taken,
+/// since transformers fills missing ones differently by context.
+fn spelled_out(path: &Path, key: &str, token: &WrittenToken, needs_type: bool) -> Result<(String, Flags)> {
+    let Some(fields) = token.fields else {
+        return Ok((token.content.clone(), Flags::default()));
     };
     // transformers refuses a special token written as a dict without `__type` in tokenizer_config.json.
-    if needs_type && map.get("__type").and_then(Value::as_str) != Some("AddedToken") {
+    if needs_type && !fields.typed {
         return unsupported(path, format!("`{key}` is an object without `\"__type\": \"AddedToken\"`"));
     }
-    let flag = |name: &str| map.get(name).and_then(Value::as_bool);
-    let (Some(content), Some(single_word), Some(lstrip), Some(rstrip), Some(normalized)) = (
-        map.get("content").and_then(Value::as_str),
-        flag("single_word"),
-        flag("lstrip"),
-        flag("rstrip"),
-        flag("normalized"),
-    ) else {
-        return unsupported(path, format!("`{key}` lacks `content` or one of its four flags"));
+    let (Some(single_word), Some(lstrip), Some(rstrip), Some(normalized)) =
+        (fields.single_word, fields.lstrip, fields.rstrip, fields.normalized)
+    else {
+        return unsupported(path, format!("`{key}` lacks one of its four flags"));
     };
-    Ok(Some((content.to_string(), Flags { single_word, lstrip, rstrip, normalized })))
+    Ok((token.content.clone(), Flags { single_word, lstrip, rstrip, normalized }))
 }
 
 fn reserved_index(path: &Path, key: &str, content: &str) -> Result<usize> {
@@ -177,73 +157,51 @@ fn reserved_index(path: &Path, key: &str, content: &str) -> Result<usize> {
 }
 
 fn read_options(dir: &Path) -> Result<Options> {
-    let config_path = dir.join("tokenizer_config.json");
-    let map_path = dir.join("special_tokens_map.json");
-    let config = read_object(&config_path)?.unwrap_or_default();
-    let bool_or = |key: &str, default: bool| -> Result<bool> {
-        match config.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(_) => anyhow::bail!("{}: `{key}` must be a boolean", config_path.display()),
-        }
-    };
-    let (add_bos, add_eos) = (bool_or("add_bos_token", true)?, bool_or("add_eos_token", false)?);
+    let settings = TokenizerSettings::read(dir)?;
+    let config_path = &settings.config_path;
+    let (add_bos, add_eos) = (settings.add_bos_token.unwrap_or(true), settings.add_eos_token.unwrap_or(false));
     if dir.join("added_tokens.json").is_file() {
         return unsupported(&dir.join("added_tokens.json"), "added tokens are not reproduced".into());
     }
-    // Tokens the configs name; special_tokens_map.json overrides tokenizer_config.json.
+    if let Some((path, tokens)) = &settings.additional_special_tokens {
+        if !tokens.is_empty() {
+            return unsupported(path, "additional special tokens are not reproduced".into());
+        }
+    }
+    // `LlamaTokenizer`'s defaults, then the tokens the configs name.
     let mut named: BTreeMap<&str, Option<(String, Flags)>> =
         [("unk_token", Some("<unk>")), ("bos_token", Some("<s>")), ("eos_token", Some("</s>")), ("pad_token", None)]
             .into_iter()
             .map(|(k, v)| (k, v.map(|c| (c.to_string(), Flags::default()))))
             .collect();
-    let mut declared_by_config = Vec::new();
-    for (path, map, needs_type) in
-        [(&config_path, Some(config.clone()), true), (&map_path, read_object(&map_path)?, false)]
-    {
-        let Some(map) = map else { continue };
-        if map.get("additional_special_tokens").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
-            return unsupported(path, "additional special tokens are not reproduced".into());
-        }
-        for (key, slot) in named.iter_mut() {
-            if let Some(value) = map.get(*key) {
-                *slot = parse_token(path, key, value, needs_type)?;
-                declared_by_config.push(*key);
-            }
-        }
+    for n in &settings.named {
+        let needs_type = n.path == *config_path;
+        named.insert(n.key, n.token.as_ref().map(|t| spelled_out(&n.path, n.key, t, needs_type)).transpose()?);
     }
     // `added_tokens_decoder` gives its flags to the tokens the configs name (transformers re-adds
     // unnamed defaults with plain flags over it).
     let mut decoder_flags = HashMap::new();
-    if let Some(entries) = config.get("added_tokens_decoder") {
-        let Some(entries) = entries.as_object() else {
-            anyhow::bail!("{}: `added_tokens_decoder` must be an object", config_path.display());
-        };
-        for (id, entry) in entries {
-            let key = format!("added_tokens_decoder.{id}");
-            let Some((content, flags)) = parse_token(&config_path, &key, entry, false)? else { continue };
-            let index = reserved_index(&config_path, &key, &content)?;
-            if id != &index.to_string() || entry.get("special").and_then(Value::as_bool) != Some(true) {
-                return unsupported(
-                    &config_path,
-                    format!("`{key}` is not the special token {content:?} at id {index}"),
-                );
-            }
-            decoder_flags.insert(content, flags);
+    for (id, entry) in &settings.added_tokens_decoder {
+        let key = format!("added_tokens_decoder.{id}");
+        let (content, flags) = spelled_out(config_path, &key, entry, false)?;
+        let index = reserved_index(config_path, &key, &content)?;
+        if *id != index as u64 || entry.fields().special != Some(true) {
+            return unsupported(config_path, format!("`{key}` is not the special token {content:?} at id {index}"));
         }
+        decoder_flags.insert(content, flags);
     }
     let mut flags: [Option<Flags>; 3] = [None; 3];
     let mut index_of = HashMap::new();
     for (key, slot) in &named {
         let Some((content, own)) = slot else { continue };
-        let i = reserved_index(&config_path, key, content)?;
+        let i = reserved_index(config_path, key, content)?;
         let f = match decoder_flags.get(content) {
-            Some(d) if declared_by_config.contains(key) => *d,
+            Some(d) if settings.named(key).is_some() => *d,
             _ => *own,
         };
         // Which of two differing flag sets transformers keeps depends on the order it adds them.
         if flags[i].is_some_and(|prev| prev != f) {
-            return unsupported(&config_path, format!("{content:?} is named twice with different flags"));
+            return unsupported(config_path, format!("{content:?} is named twice with different flags"));
         }
         flags[i] = Some(f);
         index_of.insert(*key, i);
@@ -251,7 +209,7 @@ fn read_options(dir: &Path) -> Result<Options> {
     let bos = index_of.get("bos_token").copied();
     let eos = index_of.get("eos_token").copied();
     if (add_bos && bos.is_none()) || (add_eos && eos.is_none()) {
-        return unsupported(&config_path, "BOS/EOS is to be added but not named".into());
+        return unsupported(config_path, "BOS/EOS is to be added but not named".into());
     }
     Ok(Options { add_bos, add_eos, bos, eos, flags: flags.map(Option::unwrap_or_default) })
 }

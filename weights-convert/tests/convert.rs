@@ -6,22 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use tch::{Device, Kind, Tensor};
 
-fn fixture(preset: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/parity").join(preset)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
+#[path = "../../tests/common/files.rs"]
+mod common;
 
 fn convert(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_arcana-convert")).args(args).output().unwrap()
@@ -54,28 +40,13 @@ fn assert_no_staging_left(dir: &Path) {
 /// The converted folder computes exactly what the original fixture folder computes (same machine, so
 /// bit for bit), on the committed reference's inputs.
 fn assert_vision_parity(converted: &Path, preset: &str) {
-    let reference = Reference::open(&fixture(preset).join("reference.safetensors")).unwrap();
-    let original = outputs(&fixture(preset), &reference).unwrap();
+    let reference = Reference::open(&common::fixture_dir(preset).join("reference.safetensors")).unwrap();
+    let original = outputs(&common::fixture_dir(preset), &reference).unwrap();
     let ours = outputs(converted, &reference).unwrap();
     assert_eq!(ours.len(), original.len(), "{preset}");
     for ((name, a), (_, b)) in ours.iter().zip(&original) {
         let report = compare(name, a, b, &Tolerance::BitIdentical).unwrap();
         assert!(report.bit_identical, "{preset}: {report:?}");
-    }
-}
-
-/// A Python with torch (the project's environment, as `scripts/env.sh` sets it up), if there is one.
-fn python_with_torch() -> Option<PathBuf> {
-    let venv = std::env::var_os("ARCANA_VENV")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1")))?;
-    let python = venv.join("bin/python");
-    let ok = Command::new(&python).args(["-c", "import torch"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if ok {
-        Some(python)
-    } else {
-        eprintln!("skipping: no Python environment with torch at {} (run scripts/setup-python.sh)", venv.display());
-        None
     }
 }
 
@@ -110,7 +81,7 @@ fn safetensors_folders_round_trip_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     for preset in ["vision-d4-sel-2", "vision-d3-sel-1", "vision-linear"] {
         let out = tmp.path().join(preset);
-        convert_ok(&fixture(preset), &out, &["--dtype", "fp32"]);
+        convert_ok(&common::fixture_dir(preset), &out, &["--dtype", "fp32"]);
         assert_vision_parity(&out, preset);
         assert!(out.join("arcana-manifest.json").is_file() && out.join("vision_tower/config.json").is_file());
     }
@@ -120,7 +91,7 @@ fn safetensors_folders_round_trip_bit_identically() {
 fn small_shards_and_half_precision_outputs_load() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    convert_ok(&fixture("vision-d3-sel-1"), &out, &["--dtype", "fp16", "--max-shard-mb", "0"]);
+    convert_ok(&common::fixture_dir("vision-d3-sel-1"), &out, &["--dtype", "fp16", "--max-shard-mb", "0"]);
     assert!(out.join("model.safetensors.index.json").is_file());
     // fp16 source, fp16 output: loading as fp32 gives the fixture's exact values.
     assert_vision_parity(&out, "vision-d3-sel-1");
@@ -128,11 +99,11 @@ fn small_shards_and_half_precision_outputs_load() {
 
 #[test]
 fn pytorch_bin_checkpoints_round_trip_bit_identically() {
-    let Some(python) = python_with_torch() else { return };
+    let Some(python) = common::python_with_torch() else { return };
     let tmp = tempfile::tempdir().unwrap();
     for (preset, shards) in [("vision-d4-sel-2", "1"), ("vision-d3-sel-1", "2")] {
         let input = tmp.path().join(format!("{preset}-bin"));
-        copy_dir(&fixture(preset), &input);
+        common::copy_dir(&common::fixture_dir(preset), &input);
         run_python(&python, TO_BIN, &[&input, Path::new(shards)]);
         run_python(&python, TO_BIN, &[&input.join("clip-qladder-tiny"), Path::new("1")]);
         let out = tmp.path().join(format!("{preset}-out"));
@@ -143,12 +114,12 @@ fn pytorch_bin_checkpoints_round_trip_bit_identically() {
 
 #[test]
 fn a_projector_checkpoint_with_a_base_round_trips() {
-    let Some(python) = python_with_torch() else { return };
+    let Some(python) = common::python_with_torch() else { return };
     // fp16 weights: the release's cast of mm_projector.bin to fp16 changes nothing, so parity holds.
     let preset = "vision-d3-sel-1";
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
-    copy_dir(&fixture(preset), &base);
+    common::copy_dir(&common::fixture_dir(preset), &base);
     let projector_only = tmp.path().join("projector");
     std::fs::create_dir_all(&projector_only).unwrap();
     std::fs::copy(base.join("config.json"), projector_only.join("config.json")).unwrap();
@@ -173,10 +144,10 @@ save_file({k: (v + 1 if k in p else v) for k, v in sd.items()}, os.path.join(bas
 
 #[test]
 fn a_pickle_with_a_foreign_global_is_refused_without_running_it() {
-    let Some(python) = python_with_torch() else { return };
+    let Some(python) = common::python_with_torch() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("input");
-    copy_dir(&fixture("vision-d4-sel-2"), &input);
+    common::copy_dir(&common::fixture_dir("vision-d4-sel-2"), &input);
     let marker = tmp.path().join("executed");
     let script = r#"
 import os, sys, torch
@@ -197,7 +168,7 @@ torch.save(sd, os.path.join(sys.argv[1], "pytorch_model.bin"))
 fn a_truncated_shard_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("input");
-    copy_dir(&fixture("vision-linear"), &input);
+    common::copy_dir(&common::fixture_dir("vision-linear"), &input);
     let shard = input.join("model-00002-of-00002.safetensors");
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
@@ -209,17 +180,28 @@ fn a_truncated_shard_is_named() {
 fn an_index_naming_a_missing_shard_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("input");
-    copy_dir(&fixture("vision-linear"), &input);
+    common::copy_dir(&common::fixture_dir("vision-linear"), &input);
     std::fs::remove_file(input.join("model-00002-of-00002.safetensors")).unwrap();
     let err = convert_err(&input, &tmp.path().join("out"));
     assert!(err.contains("model-00002-of-00002.safetensors") && err.contains("does not exist"), "{err}");
 }
 
 #[test]
+fn a_missing_vision_tower_names_every_place_tried() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("input");
+    common::copy_dir(&common::fixture_dir("vision-linear"), &input);
+    set_json(&input.join("config.json"), "mm_vision_tower", "/training/machine/clip-absent".into());
+    let err = convert_err(&input, &tmp.path().join("out"));
+    let inside = input.join("clip-absent").display().to_string();
+    assert!(err.contains("/training/machine/clip-absent") && err.contains(&inside), "{err}");
+}
+
+#[test]
 fn the_same_tensor_in_two_shards_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("input");
-    copy_dir(&fixture("vision-linear"), &input);
+    common::copy_dir(&common::fixture_dir("vision-linear"), &input);
     let first = input.join("model-00001-of-00002.safetensors");
     let second = input.join("model-00002-of-00002.safetensors");
     let mut tensors = Tensor::read_safetensors(&second).unwrap();
@@ -253,7 +235,7 @@ fn overlapping_or_out_of_range_offsets_are_refused() {
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let input = tmp.path().join("input");
-        copy_dir(&fixture("vision-d4-sel-2"), &input);
+        common::copy_dir(&common::fixture_dir("vision-d4-sel-2"), &input);
         write_raw_safetensors(&input.join("model.safetensors"), header, data_len);
         let err = convert_err(&input, &tmp.path().join("out"));
         assert!(err.contains("model.safetensors") && err.contains(expect), "{err}");
@@ -264,7 +246,7 @@ fn overlapping_or_out_of_range_offsets_are_refused() {
 fn an_unsupported_dtype_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("input");
-    copy_dir(&fixture("vision-d4-sel-2"), &input);
+    common::copy_dir(&common::fixture_dir("vision-d4-sel-2"), &input);
     write_raw_safetensors(
         &input.join("model.safetensors"),
         r#"{"model.norm.weight":{"dtype":"U16","shape":[4],"data_offsets":[0,8]}}"#,
@@ -280,11 +262,15 @@ fn an_existing_output_is_kept_without_force_and_replaced_with_it() {
     let out = tmp.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("keep"), "x").unwrap();
-    let refused =
-        convert(&["--input", fixture("vision-d4-sel-2").to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let refused = convert(&[
+        "--input",
+        common::fixture_dir("vision-d4-sel-2").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("--force"));
     assert!(out.join("keep").is_file());
-    convert_ok(&fixture("vision-d4-sel-2"), &out, &["--force", "--dtype", "fp32"]);
+    convert_ok(&common::fixture_dir("vision-d4-sel-2"), &out, &["--force", "--dtype", "fp32"]);
     assert!(!out.join("keep").exists());
     assert_vision_parity(&out, "vision-d4-sel-2");
 }
@@ -295,7 +281,7 @@ fn an_interrupted_run_leaves_no_partial_folder() {
     // target complete or absent, never partial, and no staging folder behind.
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("input");
-    copy_dir(&fixture("vision-d4-sel-2"), &input);
+    common::copy_dir(&common::fixture_dir("vision-d4-sel-2"), &input);
     let main = input.join("model.safetensors");
     let mut tensors = Tensor::read_safetensors(&main).unwrap();
     for i in 0..50 {
@@ -322,10 +308,6 @@ fn an_interrupted_run_leaves_no_partial_folder() {
 // ---------------------------------------------------------------------------------------------------
 // LoRA training output over --model-base, and --merge-lora
 // ---------------------------------------------------------------------------------------------------
-
-fn export_py() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../parity/export.py")
-}
 
 fn run_python_out(python: &Path, script: &str, args: &[&Path]) -> String {
     let out = Command::new(python).arg("-c").arg(script).args(args).output().unwrap();
@@ -394,7 +376,7 @@ print(f"release fp16 merge vs fp32 merge rounded to fp16: {changed}/{total} merg
 /// Builds the LoRA form over a copy of lm-mha; returns (base, lora, expected).
 fn lora_inputs(python: &Path, tmp: &Path, format: &str) -> (PathBuf, PathBuf, PathBuf) {
     let base = tmp.join("base");
-    copy_dir(&fixture("lm-mha"), &base);
+    common::copy_dir(&common::fixture_dir("lm-mha"), &base);
     let (lora, expected) = (tmp.join(format!("lora-{format}")), tmp.join(format!("expected-{format}")));
     let report = run_python_out(python, MAKE_LORA, &[&base, &lora, &expected, Path::new(format)]);
     println!("{report}");
@@ -414,7 +396,7 @@ fn assert_all_bit_identical(reports: &[arcana::parity::TensorReport], what: &str
 
 #[test]
 fn lora_training_output_merges_like_python() {
-    let Some(python) = python_with_torch() else { return };
+    let Some(python) = common::python_with_torch() else { return };
     for format in ["safetensors", "bin"] {
         let tmp = tempfile::tempdir().unwrap();
         let (base, lora, expected) = lora_inputs(&python, tmp.path(), format);
@@ -432,7 +414,7 @@ fn lora_training_output_merges_like_python() {
         // And the converted folder gives the PyTorch reference's logits and greedy ids on the merged weights.
         let reference = tmp.path().join("reference.safetensors");
         let status = Command::new(&python)
-            .arg(export_py())
+            .arg(common::export_py())
             .args([
                 "reference",
                 "--checkpoint",
@@ -474,7 +456,7 @@ fn convert_err_with_base(input: &Path, base: &Path, output: &Path) -> String {
 
 #[test]
 fn bad_lora_adapters_are_named() {
-    let Some(python) = python_with_torch() else { return };
+    let Some(python) = common::python_with_torch() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let (base, lora, _) = lora_inputs(&python, tmp.path(), "safetensors");
     let out = tmp.path().join("out");
@@ -516,7 +498,7 @@ fn bad_lora_adapters_are_named() {
 fn merge_lora_folds_the_language_branch() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
-    convert_ok(&fixture("lm-mha"), &out, &["--dtype", "fp32", "--merge-lora"]);
+    convert_ok(&common::fixture_dir("lm-mha"), &out, &["--dtype", "fp32", "--merge-lora"]);
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["mm_lora_language_merged"], true);
@@ -524,7 +506,7 @@ fn merge_lora_folds_the_language_branch() {
     let source: std::collections::BTreeMap<String, Tensor> =
         ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
             .iter()
-            .flat_map(|f| tensors_of(&fixture("lm-mha").join(f)))
+            .flat_map(|f| tensors_of(&common::fixture_dir("lm-mha").join(f)))
             .collect();
     let merged = tensors_of(&out.join("model.safetensors"));
     let mut projections = 0;
@@ -543,8 +525,8 @@ fn merge_lora_folds_the_language_branch() {
     // 80 fp32 ulps of the largest logit), is the fp32 rounding of W' carried through two layers, with room.
     // Against the unmerged model run here (same machine and kernels), so only the merge moves bits.
     for file in ["reference.safetensors", "reference.text.safetensors"] {
-        let reference = Reference::open(&fixture("lm-mha").join(file)).unwrap();
-        let unmerged = outputs(&fixture("lm-mha"), &reference).unwrap();
+        let reference = Reference::open(&common::fixture_dir("lm-mha").join(file)).unwrap();
+        let unmerged = outputs(&common::fixture_dir("lm-mha"), &reference).unwrap();
         let reports: Vec<_> = outputs(&out, &reference)
             .unwrap()
             .iter()
@@ -578,7 +560,7 @@ fn merge_lora_without_mm_lora_tensors_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let out = convert(&[
         "--input",
-        fixture("vision-d4-sel-2").to_str().unwrap(),
+        common::fixture_dir("vision-d4-sel-2").to_str().unwrap(),
         "--output",
         tmp.path().join("o").to_str().unwrap(),
         "--merge-lora",

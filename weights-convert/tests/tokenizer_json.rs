@@ -4,27 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/parity/vision-linear")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
+#[path = "../../tests/common/files.rs"]
+mod common;
 
 /// The tiny checkpoint fixture plus `tokenizer.model` (when given) and `tokenizer_config.json`.
 fn input_with(tmp: &Path, model: Option<&Path>, config: &serde_json::Value) -> PathBuf {
     let input = tmp.join("input");
-    copy_dir(&fixture(), &input);
+    common::copy_dir(&common::fixture_dir("vision-linear"), &input);
     if let Some(model) = model {
         std::fs::copy(model, input.join("tokenizer.model")).unwrap();
     }
@@ -41,23 +27,6 @@ fn convert(input: &Path, output: &Path) -> (bool, String) {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "{stderr}");
     (out.status.success(), stderr)
-}
-
-fn python_with_transformers() -> Option<PathBuf> {
-    let venv = std::env::var_os("ARCANA_VENV")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arcana/venv-torch-2.0.1")))?;
-    let python = venv.join("bin/python");
-    let ok = Command::new(&python).args(["-c", "import transformers, sentencepiece"]).output();
-    if ok.map(|o| o.status.success()).unwrap_or(false) {
-        Some(python)
-    } else {
-        eprintln!(
-            "skipping: no Python environment with transformers at {} (run scripts/setup-python.sh)",
-            venv.display()
-        );
-        None
-    }
 }
 
 fn mistral_model() -> Option<PathBuf> {
@@ -135,7 +104,9 @@ fn configs() -> [serde_json::Value; 2] {
 
 #[test]
 fn mistral_tokenizer_json_equals_transformers() {
-    let (Some(python), Some(model)) = (python_with_transformers(), mistral_model()) else { return };
+    let (Some(python), Some(model)) = (common::python_with("transformers, sentencepiece"), mistral_model()) else {
+        return;
+    };
     for config in configs() {
         assert_matches_transformers(&python, &model, config);
     }
@@ -148,7 +119,7 @@ fn llama2_tokenizer_json_equals_transformers() {
         eprintln!("skipping: {} is not on this machine", model.display());
         return;
     }
-    let Some(python) = python_with_transformers() else { return };
+    let Some(python) = common::python_with("transformers, sentencepiece") else { return };
     for config in configs() {
         assert_matches_transformers(&python, model, config);
     }
@@ -166,16 +137,48 @@ fn a_corrupt_tokenizer_model_is_named() {
     assert!(stderr.contains(&named), "the error does not name {named}: {stderr}");
 }
 
+/// Configurations whose tokenizer.json this converter does not reproduce, with what the message names.
 #[test]
-fn a_token_outside_the_reproduced_set_writes_no_tokenizer_json() {
+fn a_configuration_outside_the_reproduced_set_writes_no_tokenizer_json() {
+    let Some(model) = mistral_model() else { return };
+    let flags = serde_json::json!({"lstrip": false, "normalized": false, "rstrip": false, "single_word": false});
+    let token = |content: &str, extra: serde_json::Value| {
+        let mut t = flags.clone();
+        t["content"] = content.into();
+        t.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        t
+    };
+    let cases = [
+        (serde_json::json!({"pad_token": "<pad>"}), "<pad>"),
+        (serde_json::json!({"bos_token": token("<s>", serde_json::json!({}))}), "__type"),
+        (serde_json::json!({"bos_token": {"__type": "AddedToken", "content": "<s>"}}), "four flags"),
+        (serde_json::json!({"additional_special_tokens": ["<s>"]}), "additional special tokens"),
+        (
+            serde_json::json!({"added_tokens_decoder": {"1": token("</s>", serde_json::json!({"special": true}))}}),
+            "at id 2",
+        ),
+    ];
+    for (config, named) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let input = input_with(tmp.path(), Some(&model), &config);
+        let output = tmp.path().join("converted");
+        let (ok, stderr) = convert(&input, &output);
+        assert!(ok, "conversion failed ({config}): {stderr}");
+        assert!(!output.join("tokenizer.json").exists() && output.join("tokenizer.model").is_file(), "{config}");
+        assert!(stderr.contains("not writing tokenizer.json") && stderr.contains(named), "{config}: {stderr}");
+    }
+}
+
+#[test]
+fn a_malformed_tokenizer_config_is_an_error_naming_it() {
     let Some(model) = mistral_model() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let input = input_with(tmp.path(), Some(&model), &serde_json::json!({"pad_token": "<pad>"}));
+    let config = serde_json::json!({"added_tokens_decoder": {"one": {"content": "<s>"}}});
+    let input = input_with(tmp.path(), Some(&model), &config);
     let output = tmp.path().join("converted");
     let (ok, stderr) = convert(&input, &output);
-    assert!(ok, "conversion failed: {stderr}");
-    assert!(!output.join("tokenizer.json").exists() && output.join("tokenizer.model").is_file());
-    assert!(stderr.contains("not writing tokenizer.json") && stderr.contains("<pad>"), "{stderr}");
+    assert!(!ok && !output.exists(), "a malformed tokenizer_config.json was accepted: {stderr}");
+    assert!(stderr.contains("tokenizer_config.json") && stderr.contains("added_tokens_decoder"), "{stderr}");
 }
 
 #[test]
