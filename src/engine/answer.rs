@@ -7,6 +7,7 @@ use super::text::StopText;
 use super::Engine;
 use crate::error::{Error, Result};
 use crate::generate::{DecodeEnd, Flow, TokenChooser};
+use crate::llm::KvCache;
 use crate::mm::splice::Spliced;
 use crate::model::ArcanaModel;
 use crate::prompt::image_tokens::tokenizer_image_token;
@@ -15,7 +16,7 @@ use std::time::Instant;
 use tch::Tensor;
 
 /// A request made ready for the model: its prompt spliced with its images, checked against the context.
-pub(super) struct Prepared {
+struct Prepared {
     pub info: PromptInfo,
     pub inputs: Spliced,
     pub chooser: TokenChooser,
@@ -25,8 +26,47 @@ pub(super) struct Prepared {
     pub max_new_tokens: usize,
 }
 
+/// A request whose answer has started (its `Started` event sent): over already (cancelled at once, or
+/// no new token asked for), or ready to decode.
+pub(super) enum Begun<'t> {
+    Over(Answer<'t>),
+    Decode(Decoding<'t>),
+}
+
+/// What decoding an answer needs: its prompt, token chooser and limit, and a cache sized for the
+/// prompt and every new token.
+pub(super) struct Decoding<'t> {
+    pub answer: Answer<'t>,
+    pub inputs: Spliced,
+    pub chooser: TokenChooser,
+    pub max_new_tokens: usize,
+    pub cache: KvCache,
+}
+
 impl Engine {
-    pub(super) fn prepare(&self, request: &Request) -> Result<Prepared> {
+    /// Starts the answer to `request`, alone or in a batch: prepares the prompt, emits `Started`,
+    /// seeds the generator when the request has a seed, and makes its cache.
+    pub(super) fn begin(
+        &self,
+        request: &Request,
+        started: Instant,
+        emit: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<Begun<'_>> {
+        let Prepared { info, inputs, chooser, positions, max_new_tokens } = self.prepare(request)?;
+        let params = &request.params;
+        let mut answer = Answer::new(self, started, &params.stop, positions as usize);
+        answer.start(info, emit);
+        if answer.is_cancelled() || max_new_tokens == 0 {
+            return Ok(Begun::Over(answer));
+        }
+        if let Some(seed) = params.seed {
+            tch::manual_seed(seed as i64);
+        }
+        let cache = self.model.new_cache(1, positions + max_new_tokens as i64)?;
+        Ok(Begun::Decode(Decoding { answer, inputs, chooser, max_new_tokens, cache }))
+    }
+
+    fn prepare(&self, request: &Request) -> Result<Prepared> {
         let params = &request.params;
         let chooser = self.generation_config().chooser(params.temperature, params.top_k, params.top_p)?;
         let prompt = match &request.input {

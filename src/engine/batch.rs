@@ -10,14 +10,13 @@
 //! order than one row alone: the low bits differ, so a near-tie can go another way than solo.
 //! Sampling draws from the process's one generator in step order, so a seeded request is reproducible
 //! when it runs alone.
-use super::answer::{Answer, Prepared};
+use super::answer::{Answer, Begun, Decoding};
 use super::events::Event;
 use super::handle::Job;
 use super::Engine;
 use crate::error::{Error, Result};
-use crate::generate::{prefill_step, token_step, DecodeEnd, Flow, TokenChooser};
+use crate::generate::{prefill, token_step, DecodeEnd, Flow, TokenChooser};
 use crate::llm::KvCache;
-use crate::mm::visual_span::prefill_visual_mask;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::Instant;
 use tch::{Kind, Tensor};
@@ -61,11 +60,15 @@ impl Row<'_> {
     }
 
     fn finish(self, end: Option<DecodeEnd>) {
-        let Row { job, answer, .. } = self;
-        let finished = answer.finish(end, &mut Self::emit(&job));
-        if let Err(e) = finished {
-            let _ = job.events.send(Err(e));
-        }
+        finish(self.job, self.answer, end);
+    }
+}
+
+/// Sends an answer's last events, or its error, to its requester.
+fn finish(job: Job, answer: Answer, end: Option<DecodeEnd>) {
+    let finished = answer.finish(end, &mut Row::emit(&job));
+    if let Err(e) = finished {
+        let _ = job.events.send(Err(e));
     }
 }
 
@@ -115,35 +118,23 @@ pub(super) fn serve(engine: &Engine, queue: Receiver<Job>, max_batch: usize) {
 
 /// Prefills `job` alone and, unless it is already over, adds it to the batch.
 fn admit<'e>(engine: &'e Engine, batch: &mut Batch<'e>, job: Job) -> Result<()> {
-    let started = Instant::now();
-    let prepared = match engine.prepare(&job.request) {
-        Ok(prepared) => prepared,
+    let begun = engine.begin(&job.request, Instant::now(), &mut Row::emit(&job));
+    let Decoding { answer, inputs, chooser, max_new_tokens, mut cache } = match begun {
+        Ok(Begun::Decode(decoding)) => decoding,
+        Ok(Begun::Over(answer)) => {
+            finish(job, answer, None);
+            return Ok(());
+        }
         Err(e) => {
             let _ = job.events.send(Err(e));
             return Ok(());
         }
     };
-    let Prepared { info, inputs, chooser, positions, max_new_tokens } = prepared;
-    let params = &job.request.params;
-    let mut answer = Answer::new(engine, started, &params.stop, positions as usize);
-    answer.start(info, &mut Row::emit(&job));
-    if answer.is_cancelled() || max_new_tokens == 0 {
-        Row { job, answer, chooser, last_token: 0, remaining: 0 }.finish(None);
-        return Ok(());
-    }
-    if let Some(seed) = params.seed {
-        tch::manual_seed(seed as i64);
-    }
     let model = engine.model();
-    let lm = &model.llm;
-    let mut cache = model.new_cache(1, positions + max_new_tokens as i64)?;
-    let device = inputs.inputs_embeds.device();
-    let mask = inputs.attention_mask.f_to_kind(Kind::Int64)?.f_to_device(device)?;
-    let visual = prefill_visual_mask(engine.mask_policy, &inputs.image_spans, positions, device)?;
-    let first = match prefill_step(lm, &inputs.inputs_embeds, &mask, &visual, Some(&mut cache))
-        .and_then(|logits| chooser.choose(&logits))
-    {
-        Ok(ids) => ids[0],
+    let prefilled = prefill(&model.llm, &inputs, engine.mask_policy, Some(&mut cache))
+        .and_then(|p| Ok((chooser.choose(&p.logits)?[0], p.mask)));
+    let (first, mask) = match prefilled {
+        Ok(first) => first,
         Err(e) => {
             let _ = job.events.send(Err(e));
             return Ok(());

@@ -43,7 +43,7 @@ use crate::prompt::conversation::{
 };
 use crate::tokenizer::Tokenizer;
 use crate::vision::preprocess::ImagePreprocessor;
-use answer::Answer;
+use answer::{Begun, Decoding};
 use std::path::Path;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -272,35 +272,25 @@ impl Engine {
     /// cancels the answer before its next token (the `Finished` event still comes).
     pub fn generate(&self, request: &Request, mut on_event: impl FnMut(Event) -> Flow) -> Result<Completion> {
         let _guard = tch::no_grad_guard();
-        let start = Instant::now();
-        let params = &request.params;
-        let prepared = self.prepare(request)?;
         let mut completion = CompletionBuilder::default();
         let mut emit = |event: Event| {
             completion.push(&event);
             on_event(event)
         };
-        let mut answer = Answer::new(self, start, &params.stop, prepared.positions as usize);
-        answer.start(prepared.info, &mut emit);
-        if let Some(seed) = params.seed {
-            tch::manual_seed(seed as i64);
+        match self.begin(request, Instant::now(), &mut emit)? {
+            Begun::Over(answer) => answer.finish(None, &mut emit)?,
+            Begun::Decode(Decoding { mut answer, inputs, chooser, max_new_tokens, mut cache }) => {
+                let decoded = self.model.decode(
+                    &inputs,
+                    chooser,
+                    self.mask_policy,
+                    max_new_tokens,
+                    Stepping::Cached(&mut cache),
+                    |next| answer.push(next[0], &mut emit),
+                )?;
+                answer.finish(Some(decoded.end), &mut emit)?;
+            }
         }
-        let max_new_tokens = prepared.max_new_tokens;
-        let end = if answer.is_cancelled() || max_new_tokens == 0 {
-            None
-        } else {
-            let mut cache = self.model.new_cache(1, prepared.positions + max_new_tokens as i64)?;
-            let decoded = self.model.decode(
-                &prepared.inputs,
-                prepared.chooser,
-                self.mask_policy,
-                max_new_tokens,
-                Stepping::Cached(&mut cache),
-                |next| answer.push(next[0], &mut emit),
-            )?;
-            Some(decoded.end)
-        };
-        answer.finish(end, &mut emit)?;
         completion.finish()
     }
 

@@ -74,17 +74,29 @@ fn positions_from_mask(mask: &Tensor) -> Result<Tensor> {
     Ok(pos.f_masked_fill(&mask.f_eq(0)?, 1)?)
 }
 
-/// The first step: every prompt position of `embeds` (positions from the padding `mask`, `[B, L]`
-/// int64), the prompt's visual mask; returns the last position's logits `[B, vocab]`.
-pub fn prefill_step(
+/// A prompt after its first step: the last position's logits `[B, vocab]`, and the padding mask
+/// (int64, on the inputs' device) and visual mask of its positions, which the later steps extend.
+pub struct Prefilled {
+    pub logits: Tensor,
+    pub mask: Tensor,
+    pub visual: Tensor,
+}
+
+/// The first step: every prompt position of `inputs`, positions from its padding mask, the visual
+/// mask of `policy`; fills `cache` when given.
+pub fn prefill(
     lm: &LlamaForCausalLM,
-    embeds: &Tensor,
-    mask: &Tensor,
-    visual: &Tensor,
+    inputs: &Spliced,
+    policy: MaskPolicy,
     cache: Option<&mut KvCache>,
-) -> Result<Tensor> {
-    let step = StepInputs { position_ids: &positions_from_mask(mask)?, attention_mask: Some(mask), visual };
-    lm.next_token_logits(embeds, &step, cache)
+) -> Result<Prefilled> {
+    let s = inputs.inputs_embeds.size();
+    let device = inputs.inputs_embeds.device();
+    let visual = prefill_visual_mask(policy, &inputs.image_spans, s[1], device)?;
+    let mask = inputs.attention_mask.f_to_kind(Kind::Int64)?.f_to_device(device)?;
+    let step = StepInputs { position_ids: &positions_from_mask(&mask)?, attention_mask: Some(&mask), visual: &visual };
+    let logits = lm.next_token_logits(&inputs.inputs_embeds, &step, cache)?;
+    Ok(Prefilled { logits, mask, visual })
 }
 
 /// A cached step of one new token per row (`tokens`); `mask` `[B, past + 1]` already holds the new
@@ -121,10 +133,6 @@ pub fn decode(
     let (batch, prompt_len) = (s[0], s[1]);
     let device = inputs.inputs_embeds.device();
     let pad = options.generation.pad();
-    let prompt_visual = prefill_visual_mask(options.policy, &inputs.image_spans, prompt_len, device)?;
-    let mut mask = inputs.attention_mask.f_to_kind(Kind::Int64)?.f_to_device(device)?;
-    // Uncached steps re-run this whole sequence; cached steps only ever run the prompt from it.
-    let mut sequence = inputs.inputs_embeds.shallow_clone();
     let mut ids: Vec<Vec<i64>> = vec![vec![options.generation.bos_token_id]; batch as usize];
     let mut unfinished = vec![true; batch as usize];
 
@@ -132,7 +140,9 @@ pub fn decode(
         Stepping::Cached(cache) => Some(&mut **cache),
         Stepping::Uncached => None,
     };
-    let mut logits = prefill_step(lm, &sequence, &mask, &prompt_visual, cache)?;
+    let Prefilled { mut logits, mut mask, visual: prompt_visual } = prefill(lm, inputs, options.policy, cache)?;
+    // Uncached steps re-run this whole sequence.
+    let mut sequence = inputs.inputs_embeds.shallow_clone();
     // Generated tokens are language: the release's one-token forward marks nothing visual.
     let token_visual = Tensor::f_zeros([batch, 1], (Kind::Bool, device))?;
     let mut end = DecodeEnd::Length;
