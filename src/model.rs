@@ -1,10 +1,12 @@
 //! A release-layout model folder and the parts of the model built from it.
 use crate::config::{resolve_vision_tower, ArcanaConfig, VisionConfig, VisionTowerSource};
 use crate::error::{Error, Result};
-use crate::generate::{decode, DecodeOptions, Decoded, Flow, GenerationConfig, Stepping, TokenChooser};
+use crate::generate::{
+    decode, prefill, token_step, DecodeOptions, Decoded, Flow, GenerationConfig, Prefilled, Stepping, TokenChooser,
+};
 use crate::llm::llama::DecoderSites;
 use crate::llm::placement::PartSizes;
-use crate::llm::quant::DecoderWeights;
+use crate::llm::quant::{BaseWeight, DecoderWeights};
 use crate::llm::{CausalLmOutput, KvCache, LlamaForCausalLM, StepInputs};
 use crate::mm::projector::Projector;
 use crate::mm::splice::{prepare_inputs, Spliced};
@@ -218,6 +220,16 @@ impl ArcanaModel {
         (self.llm.model.embed_tokens.kind(), self.llm.model.embed_tokens.device())
     }
 
+    /// The model folder's parsed files: config, generation config, vision tower.
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
+    }
+
+    /// The decoder's projection weights and lm_head, in their stored forms.
+    pub fn base_weights(&self) -> impl Iterator<Item = &BaseWeight> {
+        self.llm.base_weights()
+    }
+
     /// Positions the decoder can attend over (prompt, image features and new tokens together).
     pub fn context_length(&self) -> i64 {
         self.files.config.max_position_embeddings
@@ -288,6 +300,16 @@ impl ArcanaModel {
     ) -> Result<Decoded> {
         let options = DecodeOptions { generation: self.generation_config(), chooser, policy, max_new_tokens };
         decode(&self.llm, inputs, &options, stepping, on_step)
+    }
+
+    /// A decoding's first step on `inputs`, filling `cache`; see [`crate::generate::prefill`].
+    pub fn first_step(&self, inputs: &Spliced, policy: MaskPolicy, cache: &mut KvCache) -> Result<Prefilled> {
+        prefill(&self.llm, inputs, policy, Some(cache))
+    }
+
+    /// A cached step of one token per row; see [`crate::generate::token_step`].
+    pub fn token_step(&self, tokens: &[i64], mask: &Tensor, visual: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        token_step(&self.llm, tokens, mask, visual, cache)
     }
 
     /// Greedy ids `[B, 1 + n]` as the release's `generate(do_sample=False)`, with a fresh cache sized

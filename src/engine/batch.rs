@@ -15,7 +15,7 @@ use super::events::Event;
 use super::handle::Job;
 use super::Engine;
 use crate::error::{Error, Result};
-use crate::generate::{prefill, token_step, DecodeEnd, Flow, TokenChooser};
+use crate::generate::{DecodeEnd, Flow, TokenChooser};
 use crate::llm::KvCache;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::Instant;
@@ -131,7 +131,8 @@ fn admit<'e>(engine: &'e Engine, batch: &mut Batch<'e>, job: Job) -> Result<()> 
         }
     };
     let model = engine.model();
-    let prefilled = prefill(&model.llm, &inputs, engine.mask_policy, Some(&mut cache))
+    let prefilled = model
+        .first_step(&inputs, engine.mask_policy, &mut cache)
         .and_then(|p| Ok((chooser.choose(&p.logits)?[0], p.mask)));
     let (first, mask) = match prefilled {
         Ok(first) => first,
@@ -185,7 +186,7 @@ fn step(engine: &Engine, batch: &mut Batch) -> Result<()> {
     batch.mask = Tensor::f_cat(&[&batch.mask, &ones], 1)?;
     let tokens: Vec<i64> = batch.rows.iter().map(|r| r.last_token).collect();
     let visual = Tensor::f_zeros([rows, 1], (Kind::Bool, device))?;
-    let logits = token_step(&model.llm, &tokens, &batch.mask, &visual, cache)?;
+    let logits = model.token_step(&tokens, &batch.mask, &visual, cache)?;
     let eos = &model.generation_config().eos_token_ids;
     let mut ended = Vec::new();
     for (i, row) in batch.rows.iter_mut().enumerate() {

@@ -146,7 +146,7 @@ impl Engine {
         let model = ArcanaModel::load_on(files, &sites, storage, progress)?;
         let quantized = options.quantization.map(|mode| {
             let dense = options.kind.elt_size_in_bytes();
-            let weights = || model.llm.base_weights();
+            let weights = || model.base_weights();
             QuantizedSize {
                 mode,
                 before_bytes: weights().map(|w| w.shape().iter().product::<i64>() as usize * dense).sum(),
@@ -156,7 +156,7 @@ impl Engine {
         // Fast or slow as the release's builder chooses, by the model's name.
         let name_path = options.model_name_path.as_deref().map(Path::new).unwrap_or(dir);
         let tokenizer = Tokenizer::for_release(dir, name_path, options.with_model_base)?;
-        let images = model.files.image_preprocessor()?;
+        let images = model.files().image_preprocessor()?;
         Ok(Self {
             model,
             tokenizer,
@@ -224,7 +224,7 @@ impl Engine {
         }
         let mut conversation = self.template.clone();
         let [user, assistant] = conversation.roles.clone();
-        let start_end = self.model.files.config.mm_use_im_start_end;
+        let start_end = self.model.files().config.mm_use_im_start_end;
         for message in messages {
             match message.role {
                 Role::System => conversation.system = message.text.clone(),
