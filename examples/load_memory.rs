@@ -4,6 +4,7 @@
 //!     python parity/bench/make_load_checkpoint.py --out /tmp/arcana-load-bench
 //!     cargo run --release --example load_memory -- /tmp/arcana-load-bench
 use arcana::model::{ModelFiles, VisionSide, PROJECTOR_PREFIX, VISION_TOWER_PREFIX};
+use arcana::quant::LinearStorage;
 use std::path::PathBuf;
 use tch::{Device, Kind};
 
@@ -27,7 +28,7 @@ fn main() -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let files = ModelFiles::open(&dir)?;
     let loader = files.weight_loader(Kind::Float, Device::Cpu)?;
-    let side = VisionSide::load(&files, &loader)?;
+    let side = VisionSide::load(&files, &loader, LinearStorage::Dense)?;
     let weights = loader.loaded_bytes();
     loader.finish_under(&[VISION_TOWER_PREFIX, PROJECTOR_PREFIX])?;
     let elapsed = start.elapsed();

@@ -11,6 +11,7 @@ pub mod mm;
 pub mod model;
 pub mod parity;
 pub mod prompt;
+pub mod quant;
 pub mod serve;
 pub mod tokenizer;
 pub mod vision;

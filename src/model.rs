@@ -6,11 +6,11 @@ use crate::generate::{
 };
 use crate::llm::llama::DecoderSites;
 use crate::llm::placement::PartSizes;
-use crate::llm::quant::{BaseWeight, DecoderWeights};
 use crate::llm::{CausalLmOutput, KvCache, LlamaForCausalLM, StepInputs};
 use crate::mm::projector::Projector;
 use crate::mm::splice::{prepare_inputs, Spliced};
 use crate::mm::visual_span::{policies_differ, prefill_visual_mask, MaskPolicy};
+use crate::quant::{BaseWeight, LinearStorage, WeightForms};
 use crate::vision::preprocess::{ImagePreprocessor, PreprocessConfig};
 use crate::vision::{VisionOutputs, VisionTower};
 use crate::weights::{is_derived_buffer, Checkpoint, Mappings, WeightLoader};
@@ -129,13 +129,15 @@ pub struct EncodedImages {
 }
 
 impl VisionSide {
-    pub fn load(files: &ModelFiles, loader: &WeightLoader) -> Result<Self> {
+    /// The vision side with its linear layers stored as `linears` says.
+    pub fn load(files: &ModelFiles, loader: &WeightLoader, linears: LinearStorage) -> Result<Self> {
         let root = loader.root();
         let tower = VisionTower::load(
             &root.pp("model").pp("vision_tower").pp("vision_tower"),
             &files.vision_config,
             &files.config,
             &files.config_path,
+            linears,
         )?;
         let projector = Projector::load(&root.pp("model").pp("mm_projector"), &files.config)?;
         Ok(Self { tower, projector })
@@ -145,7 +147,7 @@ impl VisionSide {
     pub fn load_standalone(dir: &Path, kind: Kind, device: Device) -> Result<(ModelFiles, Self)> {
         let files = ModelFiles::open(dir)?;
         let loader = files.weight_loader(kind, device)?;
-        let side = Self::load(&files, &loader)?;
+        let side = Self::load(&files, &loader, LinearStorage::Dense)?;
         loader.finish_under(&[VISION_TOWER_PREFIX, PROJECTOR_PREFIX])?;
         Ok((files, side))
     }
@@ -178,7 +180,7 @@ pub struct ArcanaModel {
 impl ArcanaModel {
     /// Loads every part; every tensor of the checkpoint must be used.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
-        Self::load_with_progress(dir, kind, device, DecoderWeights::default(), |_, _| {})
+        Self::load_with_progress(dir, kind, device, WeightForms::default(), |_, _| {})
     }
 
     /// `load`, with the decoder's weights stored as `storage` says, calling
@@ -187,7 +189,7 @@ impl ArcanaModel {
         dir: &Path,
         kind: Kind,
         device: Device,
-        storage: DecoderWeights,
+        storage: WeightForms,
         progress: impl Fn(usize, usize) + 'static,
     ) -> Result<Self> {
         let files = ModelFiles::open(dir)?;
@@ -200,14 +202,14 @@ impl ArcanaModel {
     pub fn load_on(
         files: ModelFiles,
         sites: &DecoderSites,
-        storage: DecoderWeights,
+        storage: WeightForms,
         progress: impl Fn(usize, usize) + 'static,
     ) -> Result<Self> {
         // SAFETY: the mappings go into the model, which drops them after every tensor (field order);
         // no tensor leaves the model without its data being copied (features and logits are computed).
         let loader =
             unsafe { files.weight_loader(sites.front.kind, sites.front.device)?.in_place() }.with_progress(progress);
-        let vision = VisionSide::load(&files, &loader)?;
+        let vision = VisionSide::load(&files, &loader, storage.vision)?;
         let llm = LlamaForCausalLM::load_on(&loader.root(), &files.config, sites, storage)?;
         let mappings = loader.finish()?;
         release_free_heap();

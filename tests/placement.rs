@@ -8,11 +8,11 @@ mod common;
 use arcana::generate::{Flow, Stepping, TokenChooser};
 use arcana::llm::llama::{DecoderSites, Site};
 use arcana::llm::placement::{LayerMap, Place, Placement, Plan};
-use arcana::llm::quant::DecoderWeights;
 use arcana::mm::splice::Spliced;
 use arcana::mm::visual_span::MaskPolicy;
 use arcana::model::{ArcanaModel, ModelFiles};
 use arcana::parity::Reference;
+use arcana::quant::WeightForms;
 use common::fixture_dir;
 use tch::{Device, Kind, Tensor};
 
@@ -23,7 +23,7 @@ fn files() -> ModelFiles {
 }
 
 fn load(sites: &DecoderSites) -> ArcanaModel {
-    ArcanaModel::load_on(files(), sites, DecoderWeights::default(), |_, _| {}).unwrap()
+    ArcanaModel::load_on(files(), sites, WeightForms::default(), |_, _| {}).unwrap()
 }
 
 fn unsplit() -> ArcanaModel {

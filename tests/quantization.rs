@@ -5,13 +5,13 @@
 //! Gaussian weights, where a quantization step is a larger share of a weight's spread than in trained ones.
 mod common;
 
-use arcana::llm::quant::{DecoderWeights, Quantization};
-use arcana::model::ArcanaModel;
+use arcana::model::{ArcanaModel, ModelFiles, VisionSide};
 use arcana::parity::{compare, Reference, Tolerance};
+use arcana::quant::{BaseWeight, LinearStorage, Quantization, WeightForms};
 use common::fixture_dir;
 use tch::{Device, Kind, Tensor};
 
-fn load(storage: DecoderWeights) -> ArcanaModel {
+fn load(storage: WeightForms) -> ArcanaModel {
     ArcanaModel::load_with_progress(&fixture_dir("lm-mha"), Kind::Float, Device::Cpu, storage, |_, _| {}).unwrap()
 }
 
@@ -28,7 +28,7 @@ struct Drift {
     bytes: usize,
 }
 
-fn drift(storage: DecoderWeights, exact: &Tensor, reference: &Reference) -> Drift {
+fn drift(storage: WeightForms, exact: &Tensor, reference: &Reference) -> Drift {
     let model = load(storage);
     let got = logits(&model, reference);
     let report = compare("logits", &got, exact, &Tolerance::BitIdentical).unwrap();
@@ -51,17 +51,17 @@ fn drift(storage: DecoderWeights, exact: &Tensor, reference: &Reference) -> Drif
 #[test]
 fn compact_weight_modes_stay_close_to_fp32_and_save_memory() {
     let reference = Reference::open(&fixture_dir("lm-mha").join("reference.safetensors")).unwrap();
-    let fp32 = load(DecoderWeights::default());
+    let fp32 = load(WeightForms::default());
     let exact = logits(&fp32, &reference);
     let dense_bytes: usize = fp32.llm.base_weights().map(|w| w.bytes()).sum();
 
-    let merged = drift(DecoderWeights { storage: None, merge_lora: true }, &exact, &reference);
+    let merged = drift(WeightForms { merge_lora: true, ..Default::default() }, &exact, &reference);
     // Merging is exact up to fp32 rounding of `W + s * B A`.
     assert!(merged.cosine > 0.999_999_9, "merged fp32 cosine {}", merged.cosine);
     assert_eq!(merged.top1, 1.0);
 
     for merge_lora in [false, true] {
-        let mode = |q| DecoderWeights { storage: Some(q), merge_lora };
+        let mode = |q| WeightForms { storage: Some(q), merge_lora, ..Default::default() };
         let fp16 = drift(mode(Quantization::Fp16), &exact, &reference);
         let int8 = drift(mode(Quantization::Int8), &exact, &reference);
         let int4 = drift(mode(Quantization::Int4), &exact, &reference);
@@ -83,4 +83,34 @@ fn compact_weight_modes_stay_close_to_fp32_and_save_memory() {
         assert!(int8.bytes * 3 < dense_bytes, "int8 {} of {dense_bytes}", int8.bytes);
         assert!(int4.bytes < int8.bytes, "int4 {} vs int8 {}", int4.bytes, int8.bytes);
     }
+}
+
+/// The vision side's linears kept in fp16 (`LinearStorage::Fp16`, what the CLI's compact modes use on
+/// CPU) against fp32, on the vision-d4-sel-2 fixture, whose fp32 weights are not fp16 values.
+#[test]
+fn fp16_vision_linears_stay_close_to_fp32_and_halve_their_memory() {
+    let dir = fixture_dir("vision-d4-sel-2");
+    let reference = Reference::open(&dir.join("reference.safetensors")).unwrap();
+    let pixels = reference.tensor("input.pixel_values").unwrap();
+    let load = |linears| {
+        let files = ModelFiles::open(&dir).unwrap();
+        let loader = files.weight_loader(Kind::Float, Device::Cpu).unwrap();
+        VisionSide::load(&files, &loader, linears).unwrap()
+    };
+    let (dense, fp16) = (load(LinearStorage::Dense), load(LinearStorage::Fp16));
+    let exact = dense.encode(&pixels).unwrap().projected;
+    let got = fp16.encode(&pixels).unwrap().projected;
+    let report = compare("projected", &got, &exact, &Tolerance::BitIdentical).unwrap();
+    let bytes = |side: &VisionSide| side.tower.linears().map(BaseWeight::bytes).sum::<usize>();
+    let (dense_bytes, fp16_bytes) = (bytes(&dense), bytes(&fp16));
+    println!(
+        "fp16 vision linears: projected features cosine {:.9}, max rel {:.3e}; linears {fp16_bytes} of {dense_bytes} bytes",
+        report.cosine, report.max_rel_diff
+    );
+    assert!(!report.bit_identical, "fp16 storage changed nothing: the weights were fp16 values already");
+    // Measured (`cargo test --test quantization -- --nocapture`): cosine 0.999999952, max rel 3.4e-4.
+    assert!(report.cosine > 0.999_99, "cosine {}", report.cosine);
+    // Weights in fp16 (dense counts weights only) plus each layer's fp32 bias, which the kernel holds.
+    let biases: usize = fp16.tower.linears().map(|w| w.shape()[0] as usize * 4).sum();
+    assert_eq!(fp16_bytes, dense_bytes / 2 + biases);
 }

@@ -239,6 +239,7 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
         device,
         quantization: choice.quantization,
         merge_lora: choice.merge_lora,
+        vision_linears: choice.vision_linears,
         threads,
         model_name_path: Some(model_path),
         with_model_base: model.model_base.is_some(),

@@ -5,6 +5,7 @@ use arcana::chat::{ChatSession, TurnResult};
 use arcana::engine::{Engine, EngineOptions, GenerationParams};
 use arcana::mm::visual_span::MaskPolicy;
 use arcana::prompt::conversation::cli_display_roles;
+use arcana::quant::LinearStorage;
 use clap::{Parser, ValueEnum};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -125,6 +126,7 @@ fn main() -> Result<()> {
         device,
         quantization,
         merge_lora: choice.merge_lora,
+        vision_linears: choice.vision_linears,
         threads,
         model_name_path: Some(model_path.clone()),
         placement,
@@ -219,6 +221,7 @@ fn main() -> Result<()> {
             "load_seconds": load_seconds,
             "quantization": quantization.map(|q| format!("{q:?}")),
             "merge_lora": choice.merge_lora,
+            "vision_fp16": choice.vision_linears == LinearStorage::Fp16,
             "threads": engine.threads(),
             "image_preprocess_seconds": preprocess_seconds,
             "turns": turns,

@@ -35,12 +35,12 @@ use crate::error::{Error, Result};
 use crate::generate::{GenerationConfig, Stepping};
 use crate::llm::llama::DecoderSites;
 use crate::llm::placement::{plan_balanced, Placement, Plan};
-use crate::llm::quant::{BaseWeight, DecoderWeights, Quantization};
 use crate::mm::visual_span::MaskPolicy;
 use crate::model::{ArcanaModel, ModelFiles};
 use crate::prompt::conversation::{
     cli_user_message, model_name_from_path, resolve_conv_mode, template_by_name, ConvModeChoice, Conversation,
 };
+use crate::quant::{BaseWeight, LinearStorage, Quantization, WeightForms};
 use crate::tokenizer::Tokenizer;
 use crate::vision::preprocess::ImagePreprocessor;
 use answer::{Begun, Decoding};
@@ -59,6 +59,8 @@ pub struct EngineOptions {
     pub quantization: Option<Quantization>,
     /// Fold the MM-LoRA language branch into the base weights at load.
     pub merge_lora: bool,
+    /// How the vision side's linear layers are stored (fp16 weights on the CPU).
+    pub vision_linears: LinearStorage,
     /// libtorch's intra-op threads on the threads that load and run the engine (libtorch's default when
     /// none: OMP_NUM_THREADS, else every CPU).
     pub threads: Option<usize>,
@@ -81,6 +83,7 @@ impl Default for EngineOptions {
             placement: Placement::Single,
             quantization: None,
             merge_lora: false,
+            vision_linears: LinearStorage::Dense,
             threads: None,
             model_name_path: None,
             with_model_base: false,
@@ -142,7 +145,11 @@ impl Engine {
             Some(plan) => DecoderSites::from_plan(plan, options.kind),
             None => DecoderSites::single(options.kind, options.device, files.config.num_hidden_layers as usize),
         };
-        let storage = DecoderWeights { storage: options.quantization, merge_lora: options.merge_lora };
+        let storage = WeightForms {
+            storage: options.quantization,
+            merge_lora: options.merge_lora,
+            vision: options.vision_linears,
+        };
         let model = ArcanaModel::load_on(files, &sites, storage, progress)?;
         let quantized = options.quantization.map(|mode| {
             let dense = options.kind.elt_size_in_bytes();

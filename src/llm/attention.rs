@@ -1,10 +1,10 @@
 //! `LlamaAttention` (transformers 4.37.2, eager) with MM-LoRA projections.
 use super::cache::KvCache;
 use super::mmlora::{MmLoraLinear, MmLoraMode};
-use super::quant::DecoderWeights;
 use super::rope::apply_rotary;
 use crate::config::ArcanaConfig;
 use crate::error::Result;
+use crate::quant::WeightForms;
 use crate::weights::Weights;
 use tch::{Kind, Tensor};
 
@@ -31,7 +31,7 @@ pub fn repeat_kv(x: &Tensor, n_rep: i64) -> Result<Tensor> {
 }
 
 impl Attention {
-    pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize, storage: DecoderWeights) -> Result<Self> {
+    pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize, storage: WeightForms) -> Result<Self> {
         let (h, d) = (config.hidden_size, config.head_dim());
         let (nh, nkv) = (config.num_attention_heads, config.num_kv_heads());
         let (bias, s) = (config.attention_bias, MmLoraMode::from_config(config));

@@ -6,11 +6,11 @@ use super::mask::causal_4d_mask;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::placement::{Place, Plan};
-use super::quant::{BaseWeight, DecoderWeights, Quantization};
 use super::rope::{gather_positions, RotaryEmbedding};
 use crate::config::ArcanaConfig;
 use crate::error::{Error, Result};
 use crate::layers::Linear;
+use crate::quant::{BaseWeight, Quantization, WeightForms};
 use crate::weights::Weights;
 use tch::{Device, Kind, Tensor};
 
@@ -63,7 +63,7 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize, storage: DecoderWeights) -> Result<Self> {
+    pub fn load(w: &Weights, config: &ArcanaConfig, layer_idx: usize, storage: WeightForms) -> Result<Self> {
         let (h, eps) = (config.hidden_size, config.rms_norm_eps);
         Ok(Self {
             self_attn: Attention::load(&w.pp("self_attn"), config, layer_idx, storage)?,
@@ -132,7 +132,7 @@ struct SiteInputs {
 impl LlamaModel {
     /// `w` points at `model`; each part's weights are loaded straight to its site, the projections
     /// stored as `storage` says.
-    pub fn load(w: &Weights, config: &ArcanaConfig, sites: &DecoderSites, storage: DecoderWeights) -> Result<Self> {
+    pub fn load(w: &Weights, config: &ArcanaConfig, sites: &DecoderSites, storage: WeightForms) -> Result<Self> {
         let n = config.num_hidden_layers as usize;
         if sites.layers.len() != n {
             return Err(Error::Placement(format!("{} layer sites for a decoder of {n} layers", sites.layers.len())));
@@ -287,18 +287,18 @@ pub struct CausalLmOutput {
 impl LlamaForCausalLM {
     /// `w` is the checkpoint's root.
     pub fn load(w: &Weights, config: &ArcanaConfig) -> Result<Self> {
-        Self::load_with(w, config, DecoderWeights::default())
+        Self::load_with(w, config, WeightForms::default())
     }
 
     /// `load`, storing the projections (and `lm_head`) as `storage` says. `lm_head` takes int8 where the
     /// projections take int4: it has no MM-LoRA branch and every logit goes through it.
-    pub fn load_with(w: &Weights, config: &ArcanaConfig, storage: DecoderWeights) -> Result<Self> {
+    pub fn load_with(w: &Weights, config: &ArcanaConfig, storage: WeightForms) -> Result<Self> {
         let sites = DecoderSites::single(w.kind(), w.device(), config.num_hidden_layers as usize);
         Self::load_on(w, config, &sites, storage)
     }
 
     /// `load_with`, each part's weights loaded straight to its site.
-    pub fn load_on(w: &Weights, config: &ArcanaConfig, sites: &DecoderSites, storage: DecoderWeights) -> Result<Self> {
+    pub fn load_on(w: &Weights, config: &ArcanaConfig, sites: &DecoderSites, storage: WeightForms) -> Result<Self> {
         let model = LlamaModel::load(&w.pp("model"), config, sites, storage)?;
         let head = w.pp("lm_head").placed(sites.head.kind, sites.head.device);
         let lm_head = if config.tie_word_embeddings && !head.contains("weight") {
@@ -318,7 +318,7 @@ impl LlamaForCausalLM {
             Some(mode) => BaseWeight::quantized(lm_head, mode)?,
             None => BaseWeight::Dense(lm_head),
         };
-        let exact = storage == DecoderWeights::default();
+        let exact = storage == WeightForms::default();
         Ok(Self { model, lm_head, exact })
     }
 

@@ -1,8 +1,8 @@
 //! `LlamaMLP` with MM-LoRA projections: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
 use super::mmlora::{MmLoraLinear, MmLoraMode};
-use super::quant::DecoderWeights;
 use crate::config::ArcanaConfig;
 use crate::error::Result;
+use crate::quant::WeightForms;
 use crate::weights::Weights;
 use tch::Tensor;
 
@@ -14,7 +14,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(w: &Weights, config: &ArcanaConfig, storage: DecoderWeights) -> Result<Self> {
+    pub fn load(w: &Weights, config: &ArcanaConfig, storage: WeightForms) -> Result<Self> {
         let (h, i, s) = (config.hidden_size, config.intermediate_size, MmLoraMode::from_config(config));
         Ok(Self {
             gate_proj: MmLoraLinear::load(&w.pp("gate_proj"), h, i, false, s, storage)?,

@@ -14,7 +14,7 @@
 use crate::config::ArcanaConfig;
 use crate::error::{Error, Result};
 use crate::layers::Linear;
-use crate::llm::quant::{BaseWeight, DecoderWeights};
+use crate::quant::{BaseWeight, WeightForms};
 use crate::weights::Weights;
 use tch::{Kind, Tensor};
 
@@ -73,7 +73,7 @@ impl MmLoraLinear {
         out_dim: i64,
         bias: bool,
         mode: MmLoraMode,
-        storage: DecoderWeights,
+        storage: WeightForms,
     ) -> Result<Self> {
         let merge = storage.merge_lora && !mode.language_merged;
         // A weight that is converted here is read as a transient copy: its file pages must not stay mapped.

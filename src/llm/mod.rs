@@ -1,14 +1,12 @@
 //! Language side: LLaMA decoder (transformers 4.37.2, eager) with MM-LoRA projections and its KV cache.
 pub mod attention;
 pub mod cache;
-pub mod int4;
 pub mod llama;
 pub mod mask;
 pub mod mlp;
 pub mod mmlora;
 pub mod norm;
 pub mod placement;
-pub mod quant;
 pub mod rope;
 
 pub use cache::KvCache;

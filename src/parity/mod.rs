@@ -11,9 +11,9 @@ pub use tolerance::{stage_of, StageBound, StageBounds, Tolerance};
 use crate::error::{Error, Result};
 use crate::llm::llama::DecoderSites;
 use crate::llm::placement::LayerMap;
-use crate::llm::quant::DecoderWeights;
 use crate::mm::visual_span::MaskPolicy;
 use crate::model::{ArcanaModel, ModelFiles, VisionSide};
+use crate::quant::WeightForms;
 use crate::weights::TensorFile;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -245,7 +245,7 @@ pub fn outputs_on(checkpoint: &Path, reference: &Reference, run: &RunOn) -> Resu
             Some(map) => DecoderSites::from_plan(&map.plan(n)?, run.kind),
             None => DecoderSites::single(run.kind, run.device, n),
         };
-        let model = ArcanaModel::load_on(files, &sites, DecoderWeights::default(), |_, _| {})?;
+        let model = ArcanaModel::load_on(files, &sites, WeightForms::default(), |_, _| {})?;
         return language_tensors(&model, reference);
     }
     if !reference.contains(INPUT_PIXEL_VALUES) {

@@ -2,7 +2,8 @@
 //! Module and field names follow the PyTorch state dict (`vision_model.encoder.layers.N.self_attn.q_proj`).
 use crate::config::VisionConfig;
 use crate::error::Result;
-use crate::layers::{LayerNorm, Linear};
+use crate::layers::LayerNorm;
+use crate::quant::{BaseWeight, LinearStorage};
 use crate::weights::Weights;
 use tch::Tensor;
 
@@ -21,24 +22,25 @@ impl Activation {
 /// (queries from the ladder, keys and values from CLIP's hidden states), which the release computes the same way.
 #[derive(Debug)]
 pub struct ClipAttention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub out_proj: Linear,
+    pub q_proj: BaseWeight,
+    pub k_proj: BaseWeight,
+    pub v_proj: BaseWeight,
+    pub out_proj: BaseWeight,
     num_heads: i64,
     head_dim: i64,
     scale: f64,
 }
 
 impl ClipAttention {
-    pub fn load(w: &Weights, config: &VisionConfig) -> Result<Self> {
+    pub fn load(w: &Weights, config: &VisionConfig, linears: LinearStorage) -> Result<Self> {
         let dim = config.hidden_size;
         let head_dim = config.head_dim();
+        let projection = |name: &str| BaseWeight::load(&w.pp(name), dim, dim, true, linears);
         Ok(Self {
-            q_proj: Linear::load(&w.pp("q_proj"), dim, dim, true)?,
-            k_proj: Linear::load(&w.pp("k_proj"), dim, dim, true)?,
-            v_proj: Linear::load(&w.pp("v_proj"), dim, dim, true)?,
-            out_proj: Linear::load(&w.pp("out_proj"), dim, dim, true)?,
+            q_proj: projection("q_proj")?,
+            k_proj: projection("k_proj")?,
+            v_proj: projection("v_proj")?,
+            out_proj: projection("out_proj")?,
             num_heads: config.num_attention_heads,
             head_dim,
             // Python's `head_dim**-0.5`.
@@ -50,6 +52,11 @@ impl ClipAttention {
     fn split_heads(&self, x: &Tensor, batch: i64) -> Result<Tensor> {
         let heads = x.f_view([batch, -1, self.num_heads, self.head_dim])?.f_transpose(1, 2)?.f_contiguous()?;
         Ok(heads.f_view([batch * self.num_heads, -1, self.head_dim])?)
+    }
+
+    /// q, k, v and out projections.
+    pub fn linears(&self) -> [&BaseWeight; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.out_proj]
     }
 
     pub fn forward(&self, q_in: &Tensor, kv_in: &Tensor) -> Result<Tensor> {
@@ -73,16 +80,17 @@ impl ClipAttention {
 /// `CLIPMLP`: `fc2(act(fc1(x)))`.
 #[derive(Debug)]
 pub struct ClipMlp {
-    pub fc1: Linear,
-    pub fc2: Linear,
+    pub fc1: BaseWeight,
+    pub fc2: BaseWeight,
     activation: Activation,
 }
 
 impl ClipMlp {
-    pub fn load(w: &Weights, config: &VisionConfig) -> Result<Self> {
+    pub fn load(w: &Weights, config: &VisionConfig, linears: LinearStorage) -> Result<Self> {
+        let (dim, inner) = (config.hidden_size, config.intermediate_size);
         Ok(Self {
-            fc1: Linear::load(&w.pp("fc1"), config.hidden_size, config.intermediate_size, true)?,
-            fc2: Linear::load(&w.pp("fc2"), config.intermediate_size, config.hidden_size, true)?,
+            fc1: BaseWeight::load(&w.pp("fc1"), dim, inner, true, linears)?,
+            fc2: BaseWeight::load(&w.pp("fc2"), inner, dim, true, linears)?,
             activation: config.hidden_act,
         })
     }
@@ -102,12 +110,12 @@ pub struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    pub fn load(w: &Weights, config: &VisionConfig) -> Result<Self> {
+    pub fn load(w: &Weights, config: &VisionConfig, linears: LinearStorage) -> Result<Self> {
         let (dim, eps) = (config.hidden_size, config.layer_norm_eps);
         Ok(Self {
-            self_attn: ClipAttention::load(&w.pp("self_attn"), config)?,
+            self_attn: ClipAttention::load(&w.pp("self_attn"), config, linears)?,
             layer_norm1: LayerNorm::load(&w.pp("layer_norm1"), dim, eps)?,
-            mlp: ClipMlp::load(&w.pp("mlp"), config)?,
+            mlp: ClipMlp::load(&w.pp("mlp"), config, linears)?,
             layer_norm2: LayerNorm::load(&w.pp("layer_norm2"), dim, eps)?,
         })
     }
@@ -168,10 +176,10 @@ pub struct ClipVisionTransformer {
 
 impl ClipVisionTransformer {
     /// `w` points at `vision_model`.
-    pub fn load(w: &Weights, config: &VisionConfig) -> Result<Self> {
+    pub fn load(w: &Weights, config: &VisionConfig, linears: LinearStorage) -> Result<Self> {
         let (dim, eps) = (config.hidden_size, config.layer_norm_eps);
         let layers = (0..config.num_hidden_layers)
-            .map(|i| ClipEncoderLayer::load(&w.pp("encoder").pp("layers").pp(i), config))
+            .map(|i| ClipEncoderLayer::load(&w.pp("encoder").pp("layers").pp(i), config, linears))
             .collect::<Result<_>>()?;
         Ok(Self {
             embeddings: ClipVisionEmbeddings::load(&w.pp("embeddings"), config)?,

@@ -3,6 +3,7 @@
 use crate::config::VisionConfig;
 use crate::error::Result;
 use crate::layers::LayerNorm;
+use crate::quant::LinearStorage;
 use crate::vision::clip::{ClipAttention, ClipMlp};
 use crate::weights::Weights;
 use tch::Tensor;
@@ -18,13 +19,13 @@ pub struct LadderLayer {
 }
 
 impl LadderLayer {
-    pub fn load(w: &Weights, config: &VisionConfig) -> Result<Self> {
+    pub fn load(w: &Weights, config: &VisionConfig, linears: LinearStorage) -> Result<Self> {
         let (dim, eps) = (config.hidden_size, config.layer_norm_eps);
         Ok(Self {
             layer_norm0: LayerNorm::load(&w.pp("layer_norm0"), dim, eps)?,
-            cross_attn: ClipAttention::load(&w.pp("cross_attn"), config)?,
+            cross_attn: ClipAttention::load(&w.pp("cross_attn"), config, linears)?,
             layer_norm1: LayerNorm::load(&w.pp("layer_norm1"), dim, eps)?,
-            mlp: ClipMlp::load(&w.pp("mlp"), config)?,
+            mlp: ClipMlp::load(&w.pp("mlp"), config, linears)?,
             layer_norm2: LayerNorm::load(&w.pp("layer_norm2"), dim, eps)?,
         })
     }
@@ -47,12 +48,12 @@ pub struct QueryLadder {
 
 impl QueryLadder {
     /// `w` points at the vision tower (`model.vision_tower.vision_tower`).
-    pub fn load(w: &Weights, config: &VisionConfig) -> Result<Self> {
+    pub fn load(w: &Weights, config: &VisionConfig, linears: LinearStorage) -> Result<Self> {
         let shape = w.shape("qladder_embeds")?;
         let queries = if shape.len() == 3 { shape[1] } else { -1 };
         let qladder_embeds = w.get("qladder_embeds", &[1, queries, config.hidden_size])?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| LadderLayer::load(&w.pp("LadderAdapters").pp(i), config))
+            .map(|i| LadderLayer::load(&w.pp("LadderAdapters").pp(i), config, linears))
             .collect::<Result<_>>()?;
         Ok(Self { qladder_embeds, layers })
     }

@@ -1,6 +1,7 @@
 //! The release's vision tower (`clip_encoder_qladder.py`): CLIP + Query Ladder and the feature selection.
 use crate::config::{ArcanaConfig, VisionConfig};
 use crate::error::{Error, Result};
+use crate::quant::{BaseWeight, LinearStorage};
 use crate::vision::clip::ClipVisionTransformer;
 use crate::vision::qladder::QueryLadder;
 use crate::weights::Weights;
@@ -36,7 +37,13 @@ fn python_index(index: i64, len: usize) -> Option<usize> {
 
 impl VisionTower {
     /// `w` points at `model.vision_tower.vision_tower`; `config_path` names the file for error messages.
-    pub fn load(w: &Weights, config: &VisionConfig, model: &ArcanaConfig, config_path: &Path) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        config: &VisionConfig,
+        model: &ArcanaConfig,
+        config_path: &Path,
+        linears: LinearStorage,
+    ) -> Result<Self> {
         let layers = config.num_hidden_layers as usize;
         // The index must be valid for both CLIP's L + 1 hidden states and the ladder's L outputs.
         let select = model.mm_vision_select_layer;
@@ -62,11 +69,18 @@ impl VisionTower {
             });
         }
         Ok(Self {
-            vision_model: ClipVisionTransformer::load(&w.pp("vision_model"), config)?,
-            ladder: QueryLadder::load(w, config)?,
+            vision_model: ClipVisionTransformer::load(&w.pp("vision_model"), config, linears)?,
+            ladder: QueryLadder::load(w, config, linears)?,
             config: config.clone(),
             selected,
         })
+    }
+
+    /// Every linear layer of CLIP and the ladder, in their stored forms.
+    pub fn linears(&self) -> impl Iterator<Item = &BaseWeight> {
+        let clip = self.vision_model.layers.iter().map(|l| (&l.self_attn, &l.mlp));
+        let ladder = self.ladder.layers.iter().map(|l| (&l.cross_attn, &l.mlp));
+        clip.chain(ladder).flat_map(|(attention, mlp)| attention.linears().into_iter().chain([&mlp.fc1, &mlp.fc2]))
     }
 
     /// Visual tokens per image: patches plus ladder queries (576 + 64 for the release).

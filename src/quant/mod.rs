@@ -8,15 +8,19 @@
 //!   are quantized to uint8 by the kernel on every call, with one range per call.
 //! - fp16 on CPU: fbgemm's fp16-weight GEMM with fp32 activations and accumulation
 //!   (`fbgemm_linear_fp16_weight_fp32_activation`).
-//! - int4: see [`crate::llm::int4`] (packed codes read directly when decoding on the CPU).
+//! - int4: see [`crate::quant::int4`] (packed codes read directly when decoding on the CPU).
 //! - int8 on other devices: integers with per-row scales, expanded to the compute dtype on each forward.
 //!
 //! None of these is bitsandbytes' LLM.int8() / NF4: results are close to, not equal to, the release's.
-//! MM-LoRA branches, norms, embeddings and the vision side stay in the compute dtype.
+//! MM-LoRA branches, norms and embeddings stay in the compute dtype; the vision side's linear weights
+//! can be kept in fp16 the same way ([`LinearStorage::Fp16`]).
 use crate::error::{Error, Result};
 use crate::layers::Linear;
-use crate::llm::int4::Int4Matrix;
+use crate::weights::Weights;
+use int4::Int4Matrix;
 use tch::{Device, Kind, Scalar, Tensor};
+
+pub mod int4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Quantization {
@@ -26,13 +30,27 @@ pub enum Quantization {
     Fp16,
 }
 
-/// What is done to every decoder projection as it is loaded; not stored in the checkpoint.
+/// What is done to the weights as they are loaded; not stored in the checkpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DecoderWeights {
+pub struct WeightForms {
+    /// How the decoder's projections and lm_head are stored.
     pub storage: Option<Quantization>,
     /// Fold the language LoRA branch into the base weight (`W + s * L_B L_A`, as `arcana-convert
     /// --merge-lora` does) before it is stored, so language positions do no LoRA work.
     pub merge_lora: bool,
+    /// How the vision side's linear layers (CLIP and the Query Ladder) are stored.
+    pub vision: LinearStorage,
+}
+
+/// How a block's linear layers are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LinearStorage {
+    /// In the compute dtype, as the checkpoint gives them.
+    #[default]
+    Dense,
+    /// fp32 weights on the CPU kept in fp16 and computed in fp32 (fbgemm's fp16-weight GEMM): half the
+    /// memory, results close to, not equal to, fp32's. Weights of another dtype or device stay dense.
+    Fp16,
 }
 
 /// A linear layer's weight, dense or in a compact form.
@@ -128,6 +146,18 @@ impl BaseWeight {
             Self::Int8 { q, .. } => two(q),
             Self::Int4(m) => m.shape(),
         }
+    }
+
+    /// `nn.Linear` `in_dim -> out_dim` (with its bias when `bias`) under `w`, stored as `storage` says.
+    /// A weight that is converted is read as a copy whose file pages are dropped at once.
+    pub fn load(w: &Weights, in_dim: i64, out_dim: i64, bias: bool, storage: LinearStorage) -> Result<Self> {
+        let convert = storage == LinearStorage::Fp16 && w.kind() == Kind::Float && w.device() == Device::Cpu;
+        if !convert {
+            return Ok(Self::Dense(Linear::load(w, in_dim, out_dim, bias)?));
+        }
+        let weight = w.get_transient("weight", &[out_dim, in_dim])?;
+        let bias = if bias { Some(w.get("bias", &[out_dim])?) } else { None };
+        Self::quantized(Linear { weight, bias }, Quantization::Fp16)
     }
 
     /// The dense weight, when it is kept dense.
