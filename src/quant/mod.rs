@@ -13,7 +13,7 @@
 //!
 //! None of these is bitsandbytes' LLM.int8() / NF4: results are close to, not equal to, the release's.
 //! MM-LoRA branches, norms and embeddings stay in the compute dtype; the vision side's linear weights
-//! can be kept in fp16 the same way ([`LinearStorage::Fp16`]).
+//! can be kept in fp16 and expanded per forward ([`LinearStorage::Fp16`]).
 use crate::error::{Error, Result};
 use crate::layers::Linear;
 use crate::weights::Weights;
@@ -48,8 +48,10 @@ pub enum LinearStorage {
     /// In the compute dtype, as the checkpoint gives them.
     #[default]
     Dense,
-    /// fp32 weights on the CPU kept in fp16 and computed in fp32 (fbgemm's fp16-weight GEMM): half the
-    /// memory, results close to, not equal to, fp32's. Weights of another dtype or device stay dense.
+    /// fp32 weights on the CPU kept in fp16 and expanded to fp32 for each forward: half the memory,
+    /// results close to, not equal to, fp32's. For layers that run on many rows at once (an image's
+    /// patches, once per image), where the expansion costs little beside the GEMM; packing for fbgemm's
+    /// fp16 GEMM would cost more at load than it saves. Weights of another dtype or device stay dense.
     Fp16,
 }
 
@@ -59,8 +61,19 @@ pub enum BaseWeight {
     Dense(Linear),
     Int8Packed(Int8Packed),
     Fp16Packed(Fp16Packed),
-    Int8 { q: Tensor, scale: Tensor, bias: Option<Tensor>, kind: Kind },
+    Int8 {
+        q: Tensor,
+        scale: Tensor,
+        bias: Option<Tensor>,
+        kind: Kind,
+    },
     Int4(Int4Matrix),
+    /// fp16 values of an fp32 weight, expanded to fp32 for each forward: MKL's fp32 GEMM on many rows
+    /// (an image's patches), half the memory.
+    Fp16Stored {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
 }
 
 /// An int8 matrix packed inside fbgemm, with its per-row scales.
@@ -119,6 +132,7 @@ impl BaseWeight {
                 Ok(x.f_linear(&weight, bias.as_ref())?)
             }
             Self::Int4(m) => m.forward(x),
+            Self::Fp16Stored { weight, bias } => Ok(x.f_linear(&weight.f_to_kind(Kind::Float)?, bias.as_ref())?),
         }
     }
 
@@ -130,6 +144,7 @@ impl BaseWeight {
             Self::Fp16Packed(w) => w.bytes,
             Self::Int8 { q, scale, .. } => tensor_bytes(q) + tensor_bytes(scale),
             Self::Int4(m) => m.bytes(),
+            Self::Fp16Stored { weight, .. } => tensor_bytes(weight),
         }
     }
 
@@ -145,6 +160,7 @@ impl BaseWeight {
             Self::Fp16Packed(w) => w.shape,
             Self::Int8 { q, .. } => two(q),
             Self::Int4(m) => m.shape(),
+            Self::Fp16Stored { weight, .. } => two(weight),
         }
     }
 
@@ -155,9 +171,9 @@ impl BaseWeight {
         if !convert {
             return Ok(Self::Dense(Linear::load(w, in_dim, out_dim, bias)?));
         }
-        let weight = w.get_transient("weight", &[out_dim, in_dim])?;
+        let weight = w.get_transient("weight", &[out_dim, in_dim])?.f_to_kind(Kind::Half)?;
         let bias = if bias { Some(w.get("bias", &[out_dim])?) } else { None };
-        Self::quantized(Linear { weight, bias }, Quantization::Fp16)
+        Ok(Self::Fp16Stored { weight, bias })
     }
 
     /// The dense weight, when it is kept dense.
