@@ -171,6 +171,26 @@ fn a_decoder_split_over_two_cpu_placements_answers_like_the_unsplit_model() {
     }
 }
 
+/// The compact modes keep the vision side's linears in fp16 on the CPU unless `--vision-fp32`; the
+/// exact mode never does. The JSON output says which was used.
+#[test]
+fn compact_modes_keep_vision_linears_in_fp16_unless_asked_not_to() {
+    let Some(dir) = fixtures() else { return };
+    let vision_fp16 = |extra: &[&str]| {
+        let mut args = vec!["--model-path", "arcana-cli-tiny-v1", "--image-file", "images/square.png"];
+        args.extend_from_slice(&["--prompt", "What is in this image?", "--max-new-tokens", "4", "--json"]);
+        args.extend_from_slice(extra);
+        let out = arcana(dir, &args);
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+        value["vision_fp16"].as_bool().unwrap()
+    };
+    assert!(!vision_fp16(&[]));
+    assert!(vision_fp16(&["--load-8bit"]));
+    assert!(vision_fp16(&["--dtype", "fp16"]));
+    assert!(!vision_fp16(&["--load-4bit", "--vision-fp32"]));
+}
+
 #[test]
 fn malformed_or_impossible_device_maps_and_memory_limits_are_refused() {
     let Some(dir) = fixtures() else { return };
