@@ -305,11 +305,12 @@ mod tests {
         let linear = dense(4, 64);
         let factors = Tensor::from_slice(&[1.0f32, 1.0, 1.0, 1e-3]).view([4, 1]);
         let scaled = Linear { weight: &linear.weight * &factors, bias: None };
-        let x = Tensor::randn([1, 64], (Kind::Float, Device::Cpu));
+        // Over 16 inputs: one output alone can be near zero by cancellation, which no error bound survives.
+        let x = Tensor::randn([16, 64], (Kind::Float, Device::Cpu));
         let exact = scaled.forward(&x).unwrap().select(1, 3);
         let approx =
             BaseWeight::quantized(copy(&scaled), Quantization::Int8).unwrap().forward(&x).unwrap().select(1, 3);
-        let rel = (&approx - &exact).abs().double_value(&[0]) / exact.abs().double_value(&[0]).max(1e-9);
+        let rel = (&approx - &exact).norm().double_value(&[]) / exact.norm().double_value(&[]);
         assert!(rel < 0.05, "small row relative error {rel}");
     }
 
