@@ -437,8 +437,8 @@ pub fn resolve_vision_tower(model_dir: &Path, name: &str) -> Result<VisionTowerS
 }
 
 /// An error about `field` of the config file at `path`.
-fn config_error(path: &Path, field: &str, message: String) -> Error {
-    Error::Config { path: path.to_path_buf(), field: field.to_string(), message }
+pub(crate) fn config_error(path: &Path, field: &str, message: impl Into<String>) -> Error {
+    Error::Config { path: path.to_path_buf(), field: field.to_string(), message: message.into() }
 }
 
 fn require_positive(path: &Path, fields: &[(&str, i64)]) -> Result<()> {
@@ -475,11 +475,7 @@ pub fn read_json_object(path: &Path) -> Result<Option<serde_json::Map<String, se
     }
     match read_json(path)? {
         serde_json::Value::Object(map) => Ok(Some(map)),
-        _ => Err(Error::Config {
-            path: path.to_path_buf(),
-            field: "<root>".into(),
-            message: "expected a JSON object".into(),
-        }),
+        _ => Err(config_error(path, "<root>", "expected a JSON object")),
     }
 }
 

@@ -49,7 +49,7 @@ impl FolderForm {
         let has = |name: &str| dir.join(name).is_file();
         if has(ADAPTER_CONFIG_FILE) || has(NON_LORA_FILE) {
             FolderForm::LoraTrainingOutput
-        } else if has(SHARD_INDEX) || has(SINGLE_FILE) {
+        } else if Checkpoint::exists_in(dir) {
             FolderForm::Safetensors
         } else if has(TORCH_SHARD_INDEX) || has(TORCH_SINGLE_FILE) {
             FolderForm::PytorchBin
@@ -62,7 +62,7 @@ impl FolderForm {
 
     /// Whether `dir` holds a whole checkpoint, in safetensors or PyTorch files, whatever else it holds.
     pub fn has_checkpoint(dir: &Path) -> bool {
-        [SHARD_INDEX, SINGLE_FILE, TORCH_SHARD_INDEX, TORCH_SINGLE_FILE].iter().any(|name| dir.join(name).is_file())
+        Checkpoint::exists_in(dir) || [TORCH_SHARD_INDEX, TORCH_SINGLE_FILE].iter().any(|name| dir.join(name).is_file())
     }
 
     /// What to do with a folder of this form, for the error that it holds no safetensors checkpoint.

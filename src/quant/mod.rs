@@ -1,6 +1,6 @@
-//! How the decoder's projection weights are kept in memory (`--load-8bit`, `--load-4bit`, fp16 weights on
-//! CPU), chosen at load and applied to each projection as soon as it is read, so that the fp32 decoder
-//! never exists whole in memory.
+//! How linear weights are kept in memory (`--load-8bit`, `--load-4bit`, fp16 weights on CPU), chosen at
+//! load and applied to each projection as soon as it is read, so that the fp32 decoder never exists
+//! whole in memory.
 //!
 //! - int8 on CPU: fbgemm's dynamic int8 GEMM (`fbgemm_linear_int8_weight_fp32_activation`, the kernel of
 //!   `torch.quantization.quantize_dynamic`). Weights are symmetric int8 with one scale per output row,

@@ -5,8 +5,9 @@ use std::path::Path;
 
 use super::fast::{config_added_tokens, FastTokenizer};
 use super::llama::{SpecialToken, TokenizerOptions};
-use super::settings::{config_error, TokenizerSettings, WrittenToken};
+use super::settings::{TokenizerSettings, WrittenToken};
 use super::Tokenizer;
+use crate::config::config_error;
 use crate::prompt::conversation::model_name_from_path;
 use crate::{Error, Result};
 
@@ -46,7 +47,7 @@ fn apply_added_tokens(settings: &TokenizerSettings, options: &mut TokenizerOptio
         let token = special_token(entry, path, field)?;
         if entry.fields().special == Some(false) {
             let message = format!("non-special added token {:?} is not supported", token.content);
-            return Err(config_error(path, field, &message));
+            return Err(config_error(path, field, message));
         }
         declared.insert(token.content.clone(), token);
     }
@@ -66,7 +67,7 @@ fn apply_added_tokens(settings: &TokenizerSettings, options: &mut TokenizerOptio
     let mut special = named.into_iter().flatten().chain(&options.additional_special_tokens);
     if let Some(content) = declared.keys().find(|c| !special.any(|t| &t.content == *c)) {
         let message = format!("added token {content:?} is not a special token (not supported)");
-        return Err(config_error(path, field, &message));
+        return Err(config_error(path, field, message));
     }
     Ok(())
 }

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::config::read_json_object;
-use crate::{Error, Result};
+use crate::config::{config_error, read_json_object};
+use crate::Result;
 
 const CONFIG_FILE: &str = "tokenizer_config.json";
 const SPECIAL_TOKENS_FILE: &str = "special_tokens_map.json";
@@ -43,11 +43,7 @@ impl WrittenToken {
             Value::Object(map) => map,
             _ => return Err(config_error(path, field, "expected a string, an object or null")),
         };
-        let flag = |key: &str| match map.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(config_error(path, field, &format!("`{key}` must be a boolean"))),
-        };
+        let flag = |key: &str| optional_bool(map, key, path, field);
         let content = map
             .get("content")
             .and_then(Value::as_str)
@@ -104,11 +100,7 @@ impl TokenizerSettings {
         let config = read_json_object(&config_path)?.unwrap_or_default();
         let map_path = dir.join(SPECIAL_TOKENS_FILE);
         let special_map = read_json_object(&map_path)?;
-        let bool_field = |key: &str| match config.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(config_error(&config_path, key, "expected a boolean")),
-        };
+        let bool_field = |key: &str| optional_bool(&config, key, &config_path, key);
         let mut settings = TokenizerSettings {
             add_bos_token: bool_field("add_bos_token")?,
             add_eos_token: bool_field("add_eos_token")?,
@@ -159,18 +151,22 @@ fn added_tokens_decoder(config: &Map<String, Value>, path: &Path) -> Result<Vec<
     let entries = value.as_object().ok_or_else(|| config_error(path, field, "expected an object"))?;
     let mut tokens = Vec::new();
     for (id, entry) in entries {
-        let bad = |what: &str| config_error(path, field, &format!("entry {id:?}: {what}"));
+        let bad = |what: &str| config_error(path, field, format!("entry {id:?}: {what}"));
         let index: u64 = id.parse().map_err(|_| bad("the key is not a token id"))?;
-        if !entry.is_object() {
-            return Err(bad("expected an object"));
-        }
-        let token = WrittenToken::parse(entry, path, field)?.ok_or_else(|| bad("expected an object"))?;
+        // `AddedToken(**entry)`: an object; a bare string or null is not an entry.
+        let object = if entry.is_object() { WrittenToken::parse(entry, path, field)? } else { None };
+        let token = object.ok_or_else(|| bad("expected an object"))?;
         tokens.push((index, token));
     }
     tokens.sort_by_key(|(index, _)| *index);
     Ok(tokens)
 }
 
-pub(crate) fn config_error(path: &Path, field: &str, message: &str) -> Error {
-    Error::Config { path: path.into(), field: field.into(), message: message.into() }
+/// `map[key]` as a boolean; absent or `null` is `None`, anything else an error on `field`.
+fn optional_bool(map: &Map<String, Value>, key: &str, path: &Path, field: &str) -> Result<Option<bool>> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(config_error(path, field, format!("`{key}` must be a boolean"))),
+    }
 }
