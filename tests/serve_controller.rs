@@ -9,13 +9,19 @@ use arcana::serve::protocol::{ChunkSplitter, StreamChunk, WorkerStatus};
 use axum::body::Body;
 use axum::routing::post;
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
 
 async fn spawn(app: Router) -> String {
+    spawn_stoppable(app).await.0
+}
+
+/// A server and the task serving it: aborting the task closes its port.
+async fn spawn_stoppable(app: Router) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
     let (listener, addr) = http::bind("127.0.0.1", 0).await.unwrap();
-    tokio::spawn(http::serve(listener, app));
-    format!("http://{addr}")
+    let task = tokio::spawn(http::serve(listener, app));
+    (format!("http://{addr}"), task)
 }
 
 async fn spawn_controller(controller: Controller) -> String {
@@ -24,8 +30,12 @@ async fn spawn_controller(controller: Controller) -> String {
 
 /// A worker that streams `chunks` (cumulative texts), then, if `die`, breaks the connection.
 async fn spawn_worker(model: &str, chunks: Vec<&'static str>, die: bool) -> String {
+    spawn(fake_worker(model, chunks, die)).await
+}
+
+fn fake_worker(model: &str, chunks: Vec<&'static str>, die: bool) -> Router {
     let status = WorkerStatus { model_names: vec![model.to_string()], speed: 1.0, queue_length: 0 };
-    let app = Router::new().route("/worker_get_status", post(move || async move { Json(status.clone()) })).route(
+    Router::new().route("/worker_get_status", post(move || async move { Json(status.clone()) })).route(
         "/worker_generate_stream",
         post(move || async move {
             // Chunks a little apart, as tokens come; then either the end or a broken connection.
@@ -41,8 +51,7 @@ async fn spawn_worker(model: &str, chunks: Vec<&'static str>, die: bool) -> Stri
             });
             Body::from_stream(body)
         }),
-    );
-    spawn(app).await
+    )
 }
 
 fn client() -> reqwest::Client {
@@ -85,7 +94,8 @@ async fn workers_register_beat_and_expire() {
     // Without a status the controller asks the worker for it.
     let worker = spawn_worker("tiny", vec![], false).await;
     post_json(&format!("{url}/register_worker"), json!({"worker_name": worker, "check_heart_beat": true})).await;
-    post_json(&format!("{url}/register_worker"), register_body("http://127.0.0.1:9", "other", 0)).await;
+    let other = spawn_worker("other", vec![], false).await;
+    post_json(&format!("{url}/register_worker"), register_body(&other, "other", 0)).await;
     assert_eq!(post_json(&format!("{url}/list_models"), json!({})).await, json!({"models": ["other", "tiny"]}));
     let beat = post_json(&format!("{url}/receive_heart_beat"), json!({"worker_name": worker, "queue_length": 3})).await;
     assert_eq!(beat, json!({"exist": true}));
@@ -104,9 +114,13 @@ async fn workers_register_beat_and_expire() {
 #[tokio::test]
 async fn shortest_queue_picks_the_least_loaded_and_counts_the_request() {
     let c = Controller::new(DispatchMethod::ShortestQueue, Duration::from_secs(10));
-    let url = spawn_controller(c).await;
-    post_json(&format!("{url}/register_worker"), register_body("http://a", "m", 2)).await;
-    post_json(&format!("{url}/register_worker"), register_body("http://b", "m", 0)).await;
+    let url = spawn_controller(c.clone()).await;
+    let a = spawn_worker("m", vec![], false).await;
+    let b = spawn_worker("m", vec![], false).await;
+    post_json(&format!("{url}/register_worker"), register_body(&a, "m", 2)).await;
+    post_json(&format!("{url}/register_worker"), register_body(&b, "m", 0)).await;
+    // The controller takes the queue lengths the workers report, then their heart beats'.
+    assert!(c.heart_beat(&a, 2));
     let mut picks = Vec::new();
     for _ in 0..4 {
         picks.push(
@@ -117,7 +131,7 @@ async fn shortest_queue_picks_the_least_loaded_and_counts_the_request() {
         );
     }
     // b (0) -> b (1) -> a (2, first of the tie) -> b (2 vs 3)
-    assert_eq!(picks, ["http://b", "http://b", "http://a", "http://b"]);
+    assert_eq!(picks, [b.clone(), b.clone(), a.clone(), b.clone()]);
     assert_eq!(post_json(&format!("{url}/get_worker_address"), json!({"model": "none"})).await, json!({"address": ""}));
 }
 
@@ -125,9 +139,12 @@ async fn shortest_queue_picks_the_least_loaded_and_counts_the_request() {
 async fn lottery_draws_only_among_the_models_workers_by_speed() {
     let c = Controller::new(DispatchMethod::Lottery, Duration::from_secs(10));
     let url = spawn_controller(c).await;
-    post_json(&format!("{url}/register_worker"), register_body("http://a", "m", 0)).await;
-    post_json(&format!("{url}/register_worker"), register_body("http://b", "m", 0)).await;
-    post_json(&format!("{url}/register_worker"), register_body("http://c", "other", 0)).await;
+    let a = spawn_worker("m", vec![], false).await;
+    let b = spawn_worker("m", vec![], false).await;
+    let other = spawn_worker("other", vec![], false).await;
+    post_json(&format!("{url}/register_worker"), register_body(&a, "m", 0)).await;
+    post_json(&format!("{url}/register_worker"), register_body(&b, "m", 0)).await;
+    post_json(&format!("{url}/register_worker"), register_body(&other, "other", 0)).await;
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..40 {
         seen.insert(
@@ -137,7 +154,9 @@ async fn lottery_draws_only_among_the_models_workers_by_speed() {
                 .to_string(),
         );
     }
-    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["http://a", "http://b"]);
+    let mut expected = vec![a, b];
+    expected.sort();
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), expected);
 }
 
 #[tokio::test]
@@ -156,11 +175,15 @@ async fn streams_are_proxied_and_failures_end_with_an_error_chunk() {
     assert_eq!(chunks[0].error_code, 2);
     assert!(chunks[0].text.contains("absent"), "{:?}", chunks[0]);
 
-    // A registered worker that does not answer: error 3 naming its address.
-    post_json(&format!("{url}/register_worker"), register_body("http://127.0.0.1:9", "gone", 0)).await;
+    // A registered worker that stops answering: error 3 naming the model, not the worker's address.
+    let (gone, serving) = spawn_stoppable(fake_worker("gone", vec![], false)).await;
+    post_json(&format!("{url}/register_worker"), register_body(&gone, "gone", 0)).await;
+    serving.abort();
+    let _ = serving.await;
     let chunks = stream(&url, json!({"model": "gone"})).await;
     assert_eq!((chunks.len(), chunks[0].error_code), (1, 3));
-    assert!(chunks[0].text.contains("http://127.0.0.1:9"), "{:?}", chunks[0]);
+    assert!(chunks[0].text.contains("`gone`") && chunks[0].text.contains("unreachable"), "{:?}", chunks[0]);
+    assert!(!chunks[0].text.contains(&gone), "the worker's address leaks: {:?}", chunks[0]);
 
     // A worker that dies mid-stream: what it sent, then error 3, and the stream ends.
     let dying = spawn_worker("dying", vec!["partial"], true).await;
@@ -217,4 +240,176 @@ fn the_binary_serves_on_the_port_it_reports() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(models, json!({"models": []}));
+}
+
+async fn register(url: &str, body: Value) -> (u16, String) {
+    let r = client().post(format!("{url}/register_worker")).json(&body).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn registration_cannot_take_a_models_traffic() {
+    let c = Controller::new(DispatchMethod::ShortestQueue, Duration::from_secs(10));
+    let url = spawn_controller(c.clone()).await;
+    let real = spawn_worker("m", vec!["real"], false).await;
+    post_json(&format!("{url}/register_worker"), register_body(&real, "m", 0)).await;
+    let silent = |name: &str| {
+        json!({"worker_name": name, "check_heart_beat": false,
+                                      "worker_status": {"model_names": ["m"], "speed": 1000, "queue_length": 0}})
+    };
+    // An address that answers nothing, with a fragment cutting the path off, with credentials, a query,
+    // another scheme, the controller itself, and a live worker claiming a model it does not serve.
+    let other = spawn_worker("other", vec!["hijacked"], false).await;
+    let cases = [
+        (silent("http://127.0.0.1:9"), "could not get the status"),
+        (silent("http://127.0.0.1:9/evil#"), "query or fragment"),
+        (silent(&format!("{real}/x?y=1")), "query or fragment"),
+        (silent(&format!("http://user:pw@{}", real.trim_start_matches("http://"))), "credentials"),
+        (silent("file:///etc/passwd"), "scheme"),
+        (silent(&url), "this controller"),
+        (silent(&other), "does not serve model `m`"),
+    ];
+    for (body, expected) in cases {
+        let (status, text) = register(&url, body.clone()).await;
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(text.contains(expected), "{body}: expected `{expected}` in {text}");
+    }
+    // Traffic for the model still goes to the real worker only.
+    for _ in 0..5 {
+        let chunks = stream(&url, json!({"model": "m", "prompt": "x"})).await;
+        assert_eq!(chunks.last().map(|c| c.text.as_str()), Some("real"));
+    }
+}
+
+#[tokio::test]
+async fn workers_without_heart_beats_are_dropped_once_unreachable() {
+    let c = Controller::new(DispatchMethod::ShortestQueue, Duration::from_secs(10))
+        .with_expiration(Duration::from_millis(200));
+    let url = spawn_controller(c.clone()).await;
+    let (worker, serving) = spawn_stoppable(fake_worker("m", vec![], false)).await;
+    let body = json!({"worker_name": worker, "check_heart_beat": false});
+    post_json(&format!("{url}/register_worker"), body).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    c.probe_silent_workers().await;
+    assert_eq!(c.list_models(), ["m"], "a silent worker that answers stays");
+    serving.abort();
+    let _ = serving.await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    c.probe_silent_workers().await;
+    assert!(c.list_models().is_empty(), "an unreachable silent worker is dropped");
+}
+
+#[tokio::test]
+async fn refreshing_keeps_the_table_in_use_and_drops_only_the_dead() {
+    let c = Controller::new(DispatchMethod::ShortestQueue, Duration::from_secs(10));
+    let url = spawn_controller(c.clone()).await;
+    // A worker whose status takes a while: while the refresh waits for it, the model stays listed.
+    let slow_status = WorkerStatus { model_names: vec!["slow".into()], speed: 1.0, queue_length: 0 };
+    let slow = spawn(Router::new().route(
+        "/worker_get_status",
+        post(move || async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            Json(slow_status.clone())
+        }),
+    ))
+    .await;
+    post_json(&format!("{url}/register_worker"), register_body(&slow, "slow", 0)).await;
+    let (dead, serving) = spawn_stoppable(fake_worker("dead", vec![], false)).await;
+    post_json(&format!("{url}/register_worker"), register_body(&dead, "dead", 0)).await;
+    serving.abort();
+    let _ = serving.await;
+    let refresh = tokio::spawn({
+        let url = url.clone();
+        async move { post_json(&format!("{url}/refresh_all_workers"), json!({})).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(post_json(&format!("{url}/list_models"), json!({})).await["models"], json!(["dead", "slow"]));
+    refresh.await.unwrap();
+    assert_eq!(post_json(&format!("{url}/list_models"), json!({})).await["models"], json!(["slow"]));
+}
+
+#[tokio::test]
+async fn extreme_queue_lengths_do_not_overflow() {
+    let c = Controller::new(DispatchMethod::ShortestQueue, Duration::from_secs(10));
+    let url = spawn_controller(c.clone()).await;
+    let worker = spawn_worker("m", vec![], false).await;
+    post_json(&format!("{url}/register_worker"), register_body(&worker, "m", 0)).await;
+    for queue_length in [i64::MAX, i64::MIN] {
+        let beat = post_json(
+            &format!("{url}/receive_heart_beat"),
+            json!({"worker_name": worker, "queue_length": queue_length}),
+        )
+        .await;
+        assert_eq!(beat, json!({"exist": true}));
+        for _ in 0..3 {
+            let address = post_json(&format!("{url}/get_worker_address"), json!({"model": "m"})).await;
+            assert_eq!(address["address"], json!(worker));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_worker_that_never_ends_its_chunk_is_cut_off() {
+    let c = Controller::new(DispatchMethod::ShortestQueue, Duration::from_secs(10));
+    let url = spawn_controller(c).await;
+    let status = WorkerStatus { model_names: vec!["flood".into()], speed: 1.0, queue_length: 0 };
+    let flood =
+        spawn(Router::new().route("/worker_get_status", post(move || async move { Json(status.clone()) })).route(
+            "/worker_generate_stream",
+            post(|| async {
+                let piece = bytes::Bytes::from(vec![b'a'; 64 * 1024]);
+                let body = futures_util::stream::repeat(piece).take(1024).map(Ok::<_, std::io::Error>);
+                Body::from_stream(body)
+            }),
+        ))
+        .await;
+    post_json(&format!("{url}/register_worker"), register_body(&flood, "flood", 0)).await;
+    let chunks =
+        tokio::time::timeout(Duration::from_secs(30), stream(&url, json!({"model": "flood"}))).await.expect("no hang");
+    assert_eq!(chunks.len(), 1, "{:?}", chunks.iter().map(|c| c.text.len()).collect::<Vec<_>>());
+    assert_eq!(chunks[0].error_code, 3);
+    assert!(chunks[0].text.contains("chunk longer than"), "{}", chunks[0].text);
+}
+
+#[tokio::test]
+async fn with_an_api_key_every_call_needs_it_and_workers_are_called_with_it() {
+    let key = "s3cret";
+    let access = http::Access { api_key: Some(key.into()), allowed_hosts: vec![] };
+    let c = Controller::new(DispatchMethod::ShortestQueue, Duration::from_secs(10)).with_access(access.clone());
+    let (listener, addr) = http::bind("127.0.0.1", 0).await.unwrap();
+    let options = http::ServeOptions { access: access.clone(), ..Default::default() };
+    tokio::spawn(http::serve_with(listener, controller_app(c), options));
+    let url = format!("http://{addr}");
+    // A worker that itself requires the key: registration works only if the controller sends it.
+    let (worker_listener, worker_addr) = http::bind("127.0.0.1", 0).await.unwrap();
+    let worker_options = http::ServeOptions { access, ..Default::default() };
+    tokio::spawn(http::serve_with(worker_listener, fake_worker("m", vec!["ok"], false), worker_options));
+    let worker = format!("http://{worker_addr}");
+
+    let body = register_body(&worker, "m", 0);
+    let r = client().post(format!("{url}/register_worker")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client().post(format!("{url}/list_models")).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client().post(format!("{url}/register_worker")).bearer_auth(key).json(&body).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let r = client().post(format!("{url}/worker_generate_stream")).bearer_auth(key).json(&json!({"model": "m"}));
+    let bytes = r.send().await.unwrap().bytes().await.unwrap();
+    let mut splitter = ChunkSplitter::default();
+    let chunk: StreamChunk = serde_json::from_slice(&splitter.push(&bytes)[0]).unwrap();
+    assert_eq!((chunk.text.as_str(), chunk.error_code), ("ok", 0));
+    // Health checks stay open; OpenAI clients get OpenAI's error shape.
+    assert!(client().get(format!("{url}/health")).send().await.unwrap().status().is_success());
+    let r = client().get(format!("{url}/v1/models")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.json::<Value>().await.unwrap()["error"]["message"].as_str().unwrap().contains("API key"));
+}
+
+#[tokio::test]
+async fn loopback_servers_refuse_foreign_host_names() {
+    let url = spawn_controller(Controller::new(DispatchMethod::ShortestQueue, Duration::from_secs(10))).await;
+    let r = client().post(format!("{url}/list_models")).header("host", "rebound.example:21001").send().await.unwrap();
+    assert_eq!(r.status(), 421);
+    let r = client().post(format!("{url}/list_models")).header("host", "localhost:21001").send().await.unwrap();
+    assert!(r.status().is_success());
 }

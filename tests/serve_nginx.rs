@@ -28,7 +28,12 @@ fn two_workers_behind_nginx_share_the_requests() {
     let Some(nginx) = nginx() else { return };
     let Some(dir) = common::cli_fixtures() else { return };
     let workers: Vec<Server> =
-        (0..2).map(|_| start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register"])).collect();
+        // nginx sends the upstream's name, `workers`, as the Host: the workers accept it by name.
+        (0..2)
+            .map(|_| {
+                start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register", "--allowed-host", "workers"])
+            })
+            .collect();
     for worker in &workers {
         wait_ready(&worker.url);
     }

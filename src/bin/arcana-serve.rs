@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use arcana::engine::{Engine, EngineOptions};
 use arcana::prompt::conversation::model_name_from_path;
 use arcana::serve::controller::{self, Controller, DispatchMethod};
-use arcana::serve::http;
+use arcana::serve::http::{self, Access, ServeLimits, ServeOptions};
 use arcana::serve::protocol::{HEART_BEAT_EXPIRATION, WORKER_HEART_BEAT_INTERVAL};
 use arcana::serve::web::{self, ModelListMode, WebConfig, WebServer};
 use arcana::serve::worker::{Worker, WorkerConfig};
@@ -40,6 +40,76 @@ enum Command {
     All(AllArgs),
 }
 
+/// What every server holds its clients to, and who may call it: the same flags on each subcommand.
+#[derive(clap::Args, Clone)]
+struct ServerFlags {
+    /// Largest request body in bytes (images travel base64-encoded inside it); larger gets 413.
+    #[arg(long, default_value_t = http::MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// Open connections at once; one past it is closed when accepted.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Seconds a client may take to send a request's headers (an idle keep-alive connection too).
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds from a request's headers to the start of its reply (a reply that is not streamed: the
+    /// whole answer); past it the client gets 408.
+    #[arg(long, default_value_t = 600.0)]
+    request_timeout: f64,
+    /// Seconds a reply may wait for a client that has stopped reading it; then the connection is closed
+    /// and its answer cancelled.
+    #[arg(long, default_value_t = 60.0)]
+    idle_timeout: f64,
+    /// Every API call must carry `Authorization: Bearer KEY`; also sent to the other servers (use the
+    /// same key for the controller, its workers and the page). The page asks for it once.
+    #[arg(long, conflicts_with = "api_key_file")]
+    api_key: Option<String>,
+    /// As --api-key, the key read from this file (first line), so it does not show in process lists.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// A host name clients may use in the Host header besides loopback names (repeat for more), e.g. the
+    /// name a reverse proxy sends. A server on a loopback address answers only loopback names otherwise.
+    #[arg(long = "allowed-host")]
+    allowed_hosts: Vec<String>,
+}
+
+impl ServerFlags {
+    fn options(&self, public_path: fn(&str) -> bool) -> anyhow::Result<ServeOptions> {
+        let seconds = |name: &str, value: f64| -> anyhow::Result<Duration> {
+            if !(value > 0.0 && value.is_finite()) {
+                bail!("--{name} must be a positive number of seconds, got {value}");
+            }
+            Ok(Duration::from_secs_f64(value))
+        };
+        if self.max_connections == 0 || self.max_body_bytes == 0 {
+            bail!("--max-connections and --max-body-bytes must be at least 1");
+        }
+        let limits = ServeLimits {
+            max_body_bytes: self.max_body_bytes,
+            max_connections: self.max_connections,
+            header_timeout: seconds("header-timeout", self.header_timeout)?,
+            request_timeout: seconds("request-timeout", self.request_timeout)?,
+            idle_timeout: seconds("idle-timeout", self.idle_timeout)?,
+        };
+        Ok(ServeOptions { limits, access: self.access()?, public_path })
+    }
+
+    fn access(&self) -> anyhow::Result<Access> {
+        let api_key = match (&self.api_key, &self.api_key_file) {
+            (Some(key), _) => Some(key.trim().to_string()),
+            (None, Some(file)) => {
+                let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+                Some(text.lines().next().unwrap_or("").trim().to_string())
+            }
+            (None, None) => None,
+        };
+        if api_key.as_deref() == Some("") {
+            bail!("the API key is empty");
+        }
+        Ok(Access { api_key, allowed_hosts: self.allowed_hosts.clone() })
+    }
+}
+
 #[derive(clap::Args)]
 struct WebArgs {
     /// Address to listen on (the release's default is 0.0.0.0; 0.0.0.0 exposes it to the network).
@@ -51,6 +121,8 @@ struct WebArgs {
     controller_url: String,
     #[command(flatten)]
     page: PageArgs,
+    #[command(flatten)]
+    server: ServerFlags,
 }
 
 /// The chat page's flags shared by `web` and `all`.
@@ -92,6 +164,9 @@ struct AllArgs {
     model: ModelArgs,
     #[command(flatten)]
     page: PageArgs,
+    /// Applied to the controller, the worker and the page alike.
+    #[command(flatten)]
+    server: ServerFlags,
 }
 
 #[derive(clap::Args)]
@@ -114,6 +189,8 @@ struct WorkerArgs {
     /// Do not register with a controller (serve directly, e.g. behind a load balancer).
     #[arg(long)]
     no_register: bool,
+    #[command(flatten)]
+    server: ServerFlags,
 }
 
 /// The model a worker serves, shared by `worker` and `all`.
@@ -160,6 +237,12 @@ struct ControllerArgs {
     /// Seconds without a heart beat after which a worker is dropped (the release's 30; shorter for tests).
     #[arg(long, default_value_t = 30.0, hide = true)]
     heart_beat_expiration: f64,
+    /// Accept worker registrations, heart beats and removals from other machines without an API key
+    /// (by default only loopback clients may change the worker list unless --api-key is set).
+    #[arg(long)]
+    allow_remote_workers: bool,
+    #[command(flatten)]
+    server: ServerFlags,
 }
 
 fn init_logging() {
@@ -179,7 +262,9 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Controller(args) => start_controller(&args).await?.1.await,
             Command::Worker(args) => start_worker(args).await?.await,
-            Command::Web(args) => start_web(&args.host, args.port, &args.controller_url, &args.page).await?.await,
+            Command::Web(args) => {
+                start_web(&args.host, args.port, &args.controller_url, &args.page, &args.server).await?.await
+            }
             Command::All(args) => run_all(args).await,
         }
     })
@@ -189,15 +274,20 @@ fn main() -> anyhow::Result<()> {
 /// reach it (port 0 picks a free port).
 async fn start_controller(args: &ControllerArgs) -> anyhow::Result<(String, Serving)> {
     let dispatch: DispatchMethod = args.dispatch_method.parse().map_err(anyhow::Error::msg)?;
+    let options = args.server.options(|path| path == "/health")?;
     let controller = Controller::new(dispatch, Duration::from_secs(args.stream_timeout))
-        .with_expiration(Duration::from_secs_f64(args.heart_beat_expiration));
+        .with_expiration(Duration::from_secs_f64(args.heart_beat_expiration))
+        .with_access(options.access.clone())
+        .allowing_remote_workers(args.allow_remote_workers);
     let (listener, addr) =
         http::bind(&args.host, args.port).await.with_context(|| format!("binding {}:{}", args.host, args.port))?;
     controller::spawn_expiry(controller.clone());
     println!("controller listening on http://{addr}");
     tracing::info!(%addr, ?dispatch, "controller started");
     let serving = async move {
-        http::serve(listener, arcana::serve::controller_app(controller)).await.context("serving the controller")
+        http::serve_with(listener, arcana::serve::controller_app(controller), options)
+            .await
+            .context("serving the controller")
     };
     Ok((format!("http://{addr}"), Box::pin(serving)))
 }
@@ -212,6 +302,7 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
     if max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
+    let serve_options = args.server.options(|path| path == "/health")?;
     let (device, placement) = model.placement.resolve()?;
     let choice = model.weights.resolve(device, &placement)?;
     let threads = model.weights.threads()?;
@@ -232,6 +323,7 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
         limit_model_concurrency: model.limit_model_concurrency,
         allow_image_urls: model.allow_image_urls,
         heart_beat_interval: Duration::from_secs_f64(args.heart_beat_interval),
+        access: serve_options.access.clone(),
     });
     // The model loads on the engine's own thread while the server already answers /health.
     let options = EngineOptions {
@@ -276,8 +368,9 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
     println!("worker listening on http://{addr}");
     tracing::info!(%addr, model_name, "worker started");
     Ok(Box::pin(async move {
-        let served =
-            http::serve(listener, arcana::serve::worker_app(worker.clone())).await.context("serving the worker");
+        let served = http::serve_with(listener, arcana::serve::worker_app(worker.clone()), serve_options)
+            .await
+            .context("serving the worker");
         // Shutting down: leave the controller's list now rather than after the heart-beat expiry.
         worker.unregister().await;
         served
@@ -285,7 +378,13 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
 }
 
 /// Binds the chat page; refuses the release's flags that need remote services.
-async fn start_web(host: &str, port: u16, controller_url: &str, page: &PageArgs) -> anyhow::Result<Serving> {
+async fn start_web(
+    host: &str,
+    port: u16,
+    controller_url: &str,
+    page: &PageArgs,
+    server_flags: &ServerFlags,
+) -> anyhow::Result<Serving> {
     if page.share {
         bail!(
             "--share is not supported: the release makes a public link through Gradio's servers; \
@@ -301,6 +400,7 @@ async fn start_web(host: &str, port: u16, controller_url: &str, page: &PageArgs)
     if page.concurrency_count == 0 {
         bail!("--concurrency-count must be at least 1");
     }
+    let options = server_flags.options(web::is_public_path)?;
     let server = WebServer::new(WebConfig {
         controller_url: controller_url.to_string(),
         concurrency_count: page.concurrency_count,
@@ -308,6 +408,7 @@ async fn start_web(host: &str, port: u16, controller_url: &str, page: &PageArgs)
         embed: page.embed,
         log_dir: page.log_dir.clone(),
         stream_timeout: Duration::from_secs(page.stream_timeout.max(1)),
+        access: options.access.clone(),
     });
     // As the release, the list is fetched at start-up; an unreachable controller is reported, not fatal.
     match server.fetch_models().await {
@@ -318,7 +419,7 @@ async fn start_web(host: &str, port: u16, controller_url: &str, page: &PageArgs)
     println!("web listening on http://{addr}");
     tracing::info!(%addr, controller_url, log_dir = %page.log_dir.display(), "web server started");
     Ok(Box::pin(async move {
-        http::serve_with_client_addresses(listener, web::router(server)).await.context("serving the web page")
+        http::serve_with(listener, web::router(server), options).await.context("serving the web page")
     }))
 }
 
@@ -331,6 +432,8 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
         dispatch_method: "shortest_queue".into(),
         stream_timeout: 300,
         heart_beat_expiration: HEART_BEAT_EXPIRATION.as_secs_f64(),
+        allow_remote_workers: false,
+        server: args.server.clone(),
     })
     .await?;
     let worker = start_worker(WorkerArgs {
@@ -341,12 +444,13 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
         model: args.model,
         heart_beat_interval: WORKER_HEART_BEAT_INTERVAL.as_secs_f64(),
         no_register: false,
+        server: args.server.clone(),
     })
     .await?;
     // Controller and worker serve before the page starts: it asks the controller for models at start-up.
     let controller = tokio::spawn(controller);
     let worker = tokio::spawn(worker);
-    let web = start_web(&host, args.port, &controller_url, &args.page).await?;
+    let web = start_web(&host, args.port, &controller_url, &args.page, &args.server).await?;
     let (controller, worker, web) = tokio::join!(controller, worker, web);
     controller.context("the controller task")??;
     worker.context("the worker task")??;

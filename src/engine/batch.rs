@@ -118,8 +118,17 @@ pub(super) fn serve(engine: &Engine, queue: Receiver<Job>, max_batch: usize) {
 
 /// Prefills `job` alone and, unless it is already over, adds it to the batch.
 fn admit<'e>(engine: &'e Engine, batch: &mut Batch<'e>, job: Job) -> Result<()> {
+    // Cancelled while it waited in the queue (its client left): no image decoding, vision or prefill.
+    if job.cancel.is_cancelled() {
+        return Ok(());
+    }
     let begun = engine.begin(&job.request, Instant::now(), &mut Row::emit(&job));
     let Decoding { answer, inputs, chooser, max_new_tokens, mut cache } = match begun {
+        // Cancelled while its images were prepared: the prefill is not run either.
+        Ok(Begun::Decode(decoding)) if job.cancel.is_cancelled() => {
+            finish(job, decoding.answer, Some(DecodeEnd::Stopped));
+            return Ok(());
+        }
         Ok(Begun::Decode(decoding)) => decoding,
         Ok(Begun::Over(answer)) => {
             finish(job, answer, None);

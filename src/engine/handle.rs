@@ -49,8 +49,13 @@ impl EngineHandle {
 impl EngineHandle {
     /// Queues `request`; its events come on the returned stream.
     pub fn submit(&self, request: Request) -> Result<ResponseStream> {
+        self.submit_with(request, CancelToken::default())
+    }
+
+    /// Queues `request` with a cancel token the caller already holds (e.g. one that a watcher of the
+    /// client's connection trips): a request cancelled while queued is dropped before any work.
+    pub fn submit_with(&self, request: Request, cancel: CancelToken) -> Result<ResponseStream> {
         let (events, receiver) = channel();
-        let cancel = CancelToken::default();
         self.jobs
             .send(Job { request, events, cancel: cancel.clone() })
             .map_err(|_| Error::Engine("the engine thread has stopped".into()))?;

@@ -8,19 +8,27 @@
 //! - a worker that stops mid-stream ends the client's stream with an error-3 chunk rather than a cut;
 //! - the wait for a worker's next chunk is `stream_timeout` (the release's 5 s would cut off CPU
 //!   prefills that take longer).
-use super::http::{json_error, JsonBody};
+//!
+//! Registration is checked, since any client can post to it: the address must be a plain http(s) URL,
+//! the controller itself fetches `/worker_get_status` there (a claimed status is never taken on trust)
+//! and the worker must serve the models it claims; without an API key only loopback clients may
+//! register, beat or unregister (unless `--allow-remote-workers`). Workers registered without heart
+//! beats are probed each expiry period and dropped when they stop answering. Errors sent to clients
+//! name the model, not the worker's address; the log has the details.
+use super::http::{json_error, loggable, read_json, Access, JsonBody};
 use super::protocol::{
     error_code, HeartBeat, HeartBeatReply, ModelList, ModelQuery, RegisterWorker, StreamChunk, UnregisterWorker,
     WorkerAddress, WorkerStatus, HEART_BEAT_EXPIRATION, STATUS_TIMEOUT,
 };
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,22 +66,59 @@ pub struct Controller {
     client: reqwest::Client,
     expiration: Duration,
     stream_timeout: Duration,
+    access: Access,
+    allow_remote_workers: bool,
+    /// Sent with this controller's status, so that registering the controller itself is recognised.
+    instance: Arc<str>,
 }
+
+/// The header that carries a controller's instance id on its `/worker_get_status` reply.
+pub const INSTANCE_HEADER: &str = "x-arcana-controller";
 
 impl Controller {
     pub fn new(dispatch: DispatchMethod, stream_timeout: Duration) -> Self {
+        // Redirects are not followed: a worker's address is where its requests go, nowhere else.
+        let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap_or_default();
         Self {
             workers: Arc::default(),
             dispatch,
-            client: reqwest::Client::new(),
+            client,
             expiration: HEART_BEAT_EXPIRATION,
             stream_timeout,
+            access: Access::default(),
+            allow_remote_workers: false,
+            instance: format!("{:016x}", rand::random::<u64>()).into(),
         }
     }
 
-    /// The HTTP client the controller calls workers with.
-    pub fn client(&self) -> &reqwest::Client {
-        &self.client
+    /// The key and host rules this controller serves under; the key is also sent to workers.
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// Accept registrations and heart beats from other machines even without an API key.
+    pub fn allowing_remote_workers(mut self, allow: bool) -> Self {
+        self.allow_remote_workers = allow;
+        self
+    }
+
+    /// A POST to a worker, with this deployment's key.
+    pub fn post(&self, url: String) -> reqwest::RequestBuilder {
+        self.access.authorize(self.client.post(url))
+    }
+
+    /// Refuses registry changes from other machines unless a key guards them or they are allowed.
+    fn registry_caller_allowed(&self, client: &SocketAddr) -> Result<(), Response> {
+        if self.access.api_key.is_some() || self.allow_remote_workers || client.ip().is_loopback() {
+            return Ok(());
+        }
+        tracing::warn!(client = %client, "registry change refused: not from loopback");
+        Err(json_error(
+            StatusCode::FORBIDDEN,
+            "workers may register only from this machine: start the controller with --api-key (and the \
+             workers with the same key) or --allow-remote-workers",
+        ))
     }
 
     /// Shorter heart-beat expiry, for tests.
@@ -87,45 +132,96 @@ impl Controller {
         self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn worker_status(&self, worker: &str) -> Option<WorkerStatus> {
-        let reply = self.client.post(format!("{worker}/worker_get_status")).timeout(STATUS_TIMEOUT).send().await;
-        match reply {
-            Ok(r) if r.status().is_success() => r.json().await.ok(),
-            Ok(r) => {
-                tracing::warn!(worker, status = %r.status(), "status request failed");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(worker, error = %e, "status request failed");
-                None
+    /// Asks `worker` for its status; `Err` says why it cannot be used (for the log and the registrant).
+    async fn probe(&self, worker: &str) -> Result<WorkerStatus, String> {
+        let reply = self
+            .post(format!("{worker}/worker_get_status"))
+            .timeout(STATUS_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| format!("no reply: {e}"))?;
+        if !reply.status().is_success() {
+            return Err(format!("status request answered HTTP {}", reply.status()));
+        }
+        if reply.headers().get(INSTANCE_HEADER).is_some_and(|id| id.as_bytes() == self.instance.as_bytes()) {
+            return Err("that address is this controller".into());
+        }
+        let mut status: WorkerStatus = read_json(reply).await?;
+        status.queue_length = status.queue_length.max(0);
+        Ok(status)
+    }
+
+    /// Registers `worker` once its own status confirms what it claims.
+    pub async fn register(
+        &self,
+        worker: &str,
+        check_heart_beat: bool,
+        claimed: Option<WorkerStatus>,
+    ) -> Result<(), String> {
+        let worker = worker_url(worker)?;
+        let status = self.probe(&worker).await.map_err(|cause| {
+            tracing::warn!(worker = loggable(&worker), cause = loggable(&cause), "registration refused");
+            // The kind of failure only: connect errors would tell a registrant which ports are open.
+            format!("could not get the status of worker {worker}: {}", cause.split(':').next().unwrap_or_default())
+        })?;
+        if let Some(model) = claimed.iter().flat_map(|c| &c.model_names).find(|m| !status.model_names.contains(m)) {
+            return Err(format!(
+                "worker {worker} does not serve model `{model}` (its status lists {:?})",
+                status.model_names
+            ));
+        }
+        tracing::info!(worker = loggable(&worker), models = ?status.model_names, "worker registered");
+        self.lock().insert(worker, WorkerInfo { status, check_heart_beat, last_heart_beat: Instant::now() });
+        Ok(())
+    }
+
+    /// Asks every worker for its status again; those that do not answer are dropped. The table stays
+    /// in use meanwhile.
+    pub async fn refresh_all(&self) {
+        let names: Vec<String> = self.lock().keys().cloned().collect();
+        let probes = names.iter().map(|name| self.probe(name));
+        let results = futures_util::future::join_all(probes).await;
+        let mut workers = self.lock();
+        for (name, result) in names.into_iter().zip(results) {
+            match result {
+                Ok(status) => {
+                    if let Some(w) = workers.get_mut(&name) {
+                        w.status = status;
+                        w.last_heart_beat = Instant::now();
+                    }
+                }
+                Err(cause) => {
+                    tracing::info!(worker = loggable(&name), cause = loggable(&cause), "removed stale worker");
+                    workers.remove(&name);
+                }
             }
         }
     }
 
-    pub async fn register(&self, worker: &str, check_heart_beat: bool, status: Option<WorkerStatus>) -> bool {
-        let status = match status {
-            Some(s) => s,
-            None => match self.worker_status(worker).await {
-                Some(s) => s,
-                None => return false,
-            },
-        };
-        tracing::info!(worker, ?status, "worker registered");
-        self.lock()
-            .insert(worker.to_string(), WorkerInfo { status, check_heart_beat, last_heart_beat: Instant::now() });
-        true
-    }
-
-    pub async fn refresh_all(&self) {
-        let old: Vec<(String, bool)> = {
+    /// Workers registered without heart beats still have to answer: each is probed once per expiry
+    /// period and dropped when it does not.
+    pub async fn probe_silent_workers(&self) {
+        let expiration = self.expiration;
+        let silent: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, w)| !w.check_heart_beat && w.last_heart_beat.elapsed() >= expiration)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in silent {
+            let result = self.probe(&name).await;
             let mut workers = self.lock();
-            let old = workers.iter().map(|(n, w)| (n.clone(), w.check_heart_beat)).collect();
-            workers.clear();
-            old
-        };
-        for (name, check) in old {
-            if !self.register(&name, check, None).await {
-                tracing::info!(worker = name, "removed stale worker");
+            match result {
+                Ok(status) => {
+                    if let Some(w) = workers.get_mut(&name) {
+                        w.status = status;
+                        w.last_heart_beat = Instant::now();
+                    }
+                }
+                Err(cause) => {
+                    tracing::info!(worker = loggable(&name), cause = loggable(&cause), "worker dropped: unreachable");
+                    workers.remove(&name);
+                }
             }
         }
     }
@@ -179,7 +275,7 @@ impl Controller {
         }?;
         if self.dispatch == DispatchMethod::ShortestQueue {
             if let Some(w) = workers.get_mut(&chosen) {
-                w.status.queue_length += 1;
+                w.status.queue_length = w.status.queue_length.saturating_add(1);
             }
         }
         Some(chosen)
@@ -187,14 +283,15 @@ impl Controller {
 
     /// Records a heart beat; `false` when the worker is unknown (it should register again).
     pub fn heart_beat(&self, worker: &str, queue_length: i64) -> bool {
-        match self.lock().get_mut(worker) {
+        let name = worker_url(worker).unwrap_or_default();
+        match self.lock().get_mut(&name) {
             Some(w) => {
-                w.status.queue_length = queue_length;
+                w.status.queue_length = queue_length.max(0);
                 w.last_heart_beat = Instant::now();
                 true
             }
             None => {
-                tracing::info!(worker, "heart beat from an unknown worker");
+                tracing::info!(worker = loggable(worker), "heart beat from an unknown worker");
                 false
             }
         }
@@ -202,8 +299,9 @@ impl Controller {
 
     /// Removes a worker; `false` when it was not registered.
     pub fn unregister(&self, worker: &str) -> bool {
-        let known = self.lock().remove(worker).is_some();
-        tracing::info!(worker, known, "worker unregistered");
+        let name = worker_url(worker).unwrap_or_default();
+        let known = self.lock().remove(&name).is_some();
+        tracing::info!(worker = loggable(worker), known, "worker unregistered");
         known
     }
 
@@ -213,7 +311,7 @@ impl Controller {
         self.lock().retain(|name, w| {
             let keep = !w.check_heart_beat || w.last_heart_beat.elapsed() <= expiration;
             if !keep {
-                tracing::info!(worker = name.as_str(), "worker expired: no heart beat");
+                tracing::info!(worker = loggable(name), "worker expired: no heart beat");
             }
             keep
         });
@@ -224,10 +322,10 @@ impl Controller {
         let names: Vec<String> = self.lock().keys().cloned().collect();
         let mut total = WorkerStatus { model_names: vec![], speed: 0.0, queue_length: 0 };
         for name in names {
-            if let Some(s) = self.worker_status(&name).await {
+            if let Ok(s) = self.probe(&name).await {
                 total.model_names.extend(s.model_names);
                 total.speed += s.speed;
-                total.queue_length += s.queue_length;
+                total.queue_length = total.queue_length.saturating_add(s.queue_length);
             }
         }
         total.model_names.sort();
@@ -239,32 +337,40 @@ impl Controller {
     pub fn generate_stream(&self, params: serde_json::Value) -> Body {
         let model = params.get("model").and_then(|m| m.as_str()).unwrap_or("").to_string();
         let Some(worker) = self.worker_for(&model) else {
-            tracing::info!(model, "no worker for model");
-            let chunk = StreamChunk::error(error_code::NO_WORKER, format!("no worker serves model `{model}`"));
+            tracing::info!(model = loggable(&model), "no worker for model");
+            let chunk =
+                StreamChunk::error(error_code::NO_WORKER, format!("no worker serves model `{}`", loggable(&model)));
             return Body::from(chunk.to_wire());
         };
-        let request = self.client.post(format!("{worker}/worker_generate_stream")).json(&params);
+        let request = self.post(format!("{worker}/worker_generate_stream")).json(&params);
         let stream_timeout = self.stream_timeout;
-        let stream = async_stream(request, worker, stream_timeout);
+        let stream = async_stream(request, worker, model, stream_timeout);
         Body::from_stream(stream)
     }
 }
 
 /// The worker's reply, re-cut on NUL bytes; any failure (connect, status, timeout, cut-off stream) ends
-/// with one error-3 chunk naming the worker and the cause.
+/// with one error-3 chunk naming the model and the kind of failure (the worker's address and the
+/// details go to the log only).
 fn async_stream(
     request: reqwest::RequestBuilder,
     worker: String,
+    model: String,
     timeout: Duration,
 ) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::convert::Infallible>> {
     let unreachable = move |cause: String| {
-        Ok(StreamChunk::error(error_code::WORKER_UNREACHABLE, format!("worker at {worker} unreachable: {cause}"))
-            .to_wire())
+        tracing::warn!(worker = loggable(&worker), model = loggable(&model), cause = loggable(&cause), "worker failed");
+        let kind = cause.split(':').next().unwrap_or_default();
+        Ok(StreamChunk::error(
+            error_code::WORKER_UNREACHABLE,
+            format!("the worker serving model `{}` is unreachable: {kind}", loggable(&model)),
+        )
+        .to_wire())
     };
     futures_util::stream::once(async move {
         let response = match tokio::time::timeout(timeout, request.send()).await {
             Err(_) => return futures_util::stream::iter(vec![unreachable(format!("no reply in {timeout:?}"))]).boxed(),
-            Ok(Err(e)) => return futures_util::stream::iter(vec![unreachable(e.to_string())]).boxed(),
+            Ok(Err(e)) => return futures_util::stream::iter(vec![unreachable(format!("no connection: {e}"))]).boxed(),
             Ok(Ok(r)) if !r.status().is_success() => {
                 return futures_util::stream::iter(vec![unreachable(format!("HTTP {}", r.status()))]).boxed()
             }
@@ -294,6 +400,10 @@ fn async_stream(
                         }
                         Ok(Some(Ok(bytes))) => {
                             let chunks = splitter.push(&bytes);
+                            if splitter.overflowed() {
+                                let cause = format!("chunk longer than {} bytes", super::protocol::MAX_CHUNK_BYTES);
+                                return Some((vec![unreachable(cause)], (body, splitter, true)));
+                            }
                             if !chunks.is_empty() {
                                 let wire = chunks
                                     .into_iter()
@@ -339,16 +449,22 @@ pub fn spawn_expiry(controller: Controller) -> tokio::task::JoinHandle<()> {
         loop {
             tick.tick().await;
             controller.remove_expired();
+            controller.probe_silent_workers().await;
         }
     })
 }
 
-async fn register_worker(State(c): State<Controller>, JsonBody(body): JsonBody<RegisterWorker>) -> Response {
-    let ok = c.register(&body.worker_name, body.check_heart_beat, body.worker_status).await;
-    if ok {
-        Json(serde_json::Value::Null).into_response()
-    } else {
-        json_error(StatusCode::BAD_GATEWAY, &format!("could not get the status of worker {}", body.worker_name))
+async fn register_worker(
+    State(c): State<Controller>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    JsonBody(body): JsonBody<RegisterWorker>,
+) -> Response {
+    if let Err(refused) = c.registry_caller_allowed(&client) {
+        return refused;
+    }
+    match c.register(&body.worker_name, body.check_heart_beat, body.worker_status).await {
+        Ok(()) => Json(serde_json::Value::Null).into_response(),
+        Err(message) => json_error(StatusCode::BAD_REQUEST, &message),
     }
 }
 
@@ -368,13 +484,24 @@ async fn get_worker_address(State(c): State<Controller>, JsonBody(q): JsonBody<M
 /// Not in the release (its workers only expire): a worker shutting down removes itself at once.
 async fn unregister_worker(
     State(c): State<Controller>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     JsonBody(b): JsonBody<UnregisterWorker>,
-) -> Json<HeartBeatReply> {
-    Json(HeartBeatReply { exist: c.unregister(&b.worker_name) })
+) -> Response {
+    if let Err(refused) = c.registry_caller_allowed(&client) {
+        return refused;
+    }
+    Json(HeartBeatReply { exist: c.unregister(&b.worker_name) }).into_response()
 }
 
-async fn receive_heart_beat(State(c): State<Controller>, JsonBody(b): JsonBody<HeartBeat>) -> Json<HeartBeatReply> {
-    Json(HeartBeatReply { exist: c.heart_beat(&b.worker_name, b.queue_length) })
+async fn receive_heart_beat(
+    State(c): State<Controller>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    JsonBody(b): JsonBody<HeartBeat>,
+) -> Response {
+    if let Err(refused) = c.registry_caller_allowed(&client) {
+        return refused;
+    }
+    Json(HeartBeatReply { exist: c.heart_beat(&b.worker_name, b.queue_length) }).into_response()
 }
 
 async fn worker_generate_stream(
@@ -384,6 +511,30 @@ async fn worker_generate_stream(
     Response::new(c.generate_stream(params))
 }
 
-async fn worker_get_status(State(c): State<Controller>) -> Json<WorkerStatus> {
-    Json(c.aggregate_status().await)
+async fn worker_get_status(State(c): State<Controller>) -> Response {
+    let mut reply = Json(c.aggregate_status().await).into_response();
+    if let Ok(id) = axum::http::HeaderValue::from_str(&c.instance) {
+        reply.headers_mut().insert(INSTANCE_HEADER, id);
+    }
+    reply
+}
+
+/// A worker's address as registered: an http(s) URL with a host and nothing that could redirect its
+/// requests elsewhere (credentials, a query, a fragment); no trailing slash.
+pub fn worker_url(text: &str) -> Result<String, String> {
+    let refuse = |why: &str| Err(format!("worker address `{}` refused: {why}", loggable(text)));
+    let Ok(url) = reqwest::Url::parse(text) else { return refuse("not a URL") };
+    if !matches!(url.scheme(), "http" | "https") {
+        return refuse("the scheme must be http or https");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return refuse("it has no host");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return refuse("it carries credentials");
+    }
+    if url.query().is_some() || url.fragment().is_some() || text.contains(['#', '?']) {
+        return refuse("it has a query or fragment");
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
 }

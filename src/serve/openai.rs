@@ -3,7 +3,8 @@
 //! with the model's template as the CLI does; images come as `data:` URLs (remote URLs only with
 //! `--allow-image-urls`). Errors use OpenAI's `{"error": {"message", "type", "param", "code"}}` shape.
 use super::controller::Controller;
-use super::worker::{decode_base64_image, receiver_stream, Worker};
+use super::http::loggable;
+use super::worker::{client_watch, decode_base64_image, receiver_stream, Worker};
 use crate::engine::{ChatMessage, Event, FinishReason, GenerationParams, ImageInput, Request, RequestInput, Role};
 use crate::error::Error;
 use axum::body::Body;
@@ -306,8 +307,10 @@ async fn whole_completion(
     let (sender, receiver) = tokio::sync::oneshot::channel::<Result<(String, crate::engine::Finish), Error>>();
     let mut sender = Some(sender);
     let mut text = String::new();
+    // Held while this handler waits: a client that disconnects drops it, which cancels the answer.
+    let (_client, gone) = client_watch();
     worker
-        .spawn_answer(engine, request, move |event| {
+        .spawn_answer(engine, request, gone, move |event| {
             match event {
                 Ok(Event::Text(delta)) => text.push_str(&delta),
                 Ok(Event::Finished(finish)) => {
@@ -365,8 +368,9 @@ async fn stream_completion(
         format!("data: {chunk}\n\n")
     };
     let mut started = false;
+    let (client, gone) = client_watch();
     worker
-        .spawn_answer(engine, request, move |event| {
+        .spawn_answer(engine, request, gone, move |event| {
             let mut frames = Vec::new();
             if !started {
                 started = true;
@@ -402,7 +406,7 @@ async fn stream_completion(
             frames.into_iter().all(|f| sender.blocking_send(f).is_ok())
         })
         .await;
-    let mut response = Response::new(Body::from_stream(receiver_stream(receiver)));
+    let mut response = Response::new(Body::from_stream(receiver_stream(receiver, client)));
     response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
     response.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
     response
@@ -421,12 +425,12 @@ pub async fn route_chat_completions(controller: Controller, body: Result<Json<Va
     let Some(worker) = controller.worker_for(&model) else {
         return openai_error(
             StatusCode::NOT_FOUND,
-            &format!("no worker serves model `{model}`"),
+            &format!("no worker serves model `{}`", loggable(&model)),
             "invalid_request_error",
             Some("model_not_found"),
         );
     };
-    let reply = controller.client().post(format!("{worker}/v1/chat/completions")).json(&body).send().await;
+    let reply = controller.post(format!("{worker}/v1/chat/completions")).json(&body).send().await;
     match reply {
         Ok(reply) => {
             let status = StatusCode::from_u16(reply.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -439,7 +443,14 @@ pub async fn route_chat_completions(controller: Controller, body: Result<Json<Va
             response
         }
         Err(e) => {
-            openai_error(StatusCode::BAD_GATEWAY, &format!("worker at {worker} unreachable: {e}"), "server_error", None)
+            // The client learns which model failed; the worker's address and the cause go to the log.
+            tracing::warn!(worker = loggable(&worker), model = loggable(&model), error = %e, "worker unreachable");
+            openai_error(
+                StatusCode::BAD_GATEWAY,
+                &format!("the worker serving model `{}` is unreachable", loggable(&model)),
+                "server_error",
+                None,
+            )
         }
     }
 }

@@ -93,28 +93,45 @@ impl StreamChunk {
     }
 }
 
+/// Largest chunk accepted from a peer's stream: a chunk carries the cumulative text (prompt included),
+/// far below this; a peer that sends more without a NUL is cut off instead of filling memory.
+pub const MAX_CHUNK_BYTES: usize = 8 * 1024 * 1024;
+
 /// Splits a NUL-delimited stream into chunks as bytes arrive; keeps a partial chunk for the next call.
+/// Each byte is scanned once, however the stream is cut into reads.
 #[derive(Debug, Default)]
 pub struct ChunkSplitter {
     pending: Vec<u8>,
+    /// Bytes of `pending` already known to hold no NUL.
+    scanned: usize,
 }
 
 impl ChunkSplitter {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<Vec<u8>> {
         self.pending.extend_from_slice(bytes);
         let mut chunks = Vec::new();
-        while let Some(end) = self.pending.iter().position(|&b| b == 0) {
-            let chunk: Vec<u8> = self.pending.drain(..=end).take(end).collect();
-            if !chunk.is_empty() {
-                chunks.push(chunk);
+        let mut start = 0;
+        while let Some(offset) = self.pending[start + self.scanned..].iter().position(|&b| b == 0) {
+            let end = start + self.scanned + offset;
+            if end > start {
+                chunks.push(self.pending[start..end].to_vec());
             }
+            start = end + 1;
+            self.scanned = 0;
         }
+        self.pending.drain(..start);
+        self.scanned = self.pending.len();
         chunks
     }
 
     /// Bytes after the last NUL (a stream cut short).
     pub fn remainder(&self) -> &[u8] {
         &self.pending
+    }
+
+    /// Whether the unfinished chunk is already longer than [`MAX_CHUNK_BYTES`].
+    pub fn overflowed(&self) -> bool {
+        self.pending.len() > MAX_CHUNK_BYTES
     }
 }
 
@@ -135,5 +152,22 @@ mod tests {
         let parsed: StreamChunk = serde_json::from_slice(&chunks[1]).unwrap();
         assert_eq!(parsed, StreamChunk::error(1, "boom"));
         assert!(s.remainder().is_empty());
+    }
+
+    #[test]
+    fn a_long_chunk_in_many_reads_is_scanned_once() {
+        let mut s = ChunkSplitter::default();
+        for _ in 0..100_000 {
+            assert!(s.push(b"0123456789").is_empty());
+        }
+        assert_eq!(s.scanned, 1_000_000);
+        let chunks = s.push(b"x\0y\0\0z");
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[0].len(), 1_000_001);
+        assert_eq!(chunks[1], b"y");
+        assert_eq!(s.remainder(), b"z");
+        assert!(!s.overflowed());
+        s.push(&vec![b'a'; MAX_CHUNK_BYTES]);
+        assert!(s.overflowed());
     }
 }

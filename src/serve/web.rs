@@ -15,7 +15,7 @@
 //! worker registers; `?model=` also works with `--model-list-mode reload`; the stop string follows the
 //! release's web server (`sep` for Single/Mpt, `sep2` otherwise).
 use crate::prompt::conversation::{strip_python_whitespace, template_by_name, Conversation, SeparatorStyle};
-use crate::serve::http::{json_error, JsonBody};
+use crate::serve::http::{json_error, loggable, read_json, read_limited, Access, JsonBody};
 use crate::serve::protocol::{error_code, ChunkSplitter, ModelList, ModelQuery, StreamChunk, WorkerAddress};
 use crate::vision::resample::resize_bicubic;
 use axum::body::Body;
@@ -88,6 +88,9 @@ pub struct WebConfig {
     pub log_dir: PathBuf,
     /// Longest wait for the worker's next chunk.
     pub stream_timeout: Duration,
+    /// The deployment's key: the page's API needs it, and it goes with every call to the controller
+    /// and the workers.
+    pub access: Access,
 }
 
 #[derive(Clone)]
@@ -101,6 +104,8 @@ struct Inner {
     models: Mutex<Vec<String>>,
     answering: Semaphore,
     examples: Vec<Vec<u8>>,
+    /// One log line is written whole before the next starts.
+    log: Mutex<()>,
 }
 
 /// Preprocessing of a non-square image (the release's radio button).
@@ -169,36 +174,36 @@ impl WebServer {
         let client = reqwest::Client::builder().connect_timeout(WORKER_CONNECT_TIMEOUT).build().unwrap_or_default();
         let answering = Semaphore::new(config.concurrency_count.max(1));
         let examples = EXAMPLES.iter().map(|(name, _)| encode_png(&draw_example(name))).collect();
-        Self { inner: Arc::new(Inner { config, client, models: Mutex::new(Vec::new()), answering, examples }) }
+        let log = Mutex::new(());
+        Self { inner: Arc::new(Inner { config, client, models: Mutex::new(Vec::new()), answering, examples, log }) }
     }
 
     pub fn config(&self) -> &WebConfig {
         &self.inner.config
     }
 
+    /// A POST to the controller or a worker, with the deployment's key.
+    fn post(&self, url: String) -> reqwest::RequestBuilder {
+        self.inner.config.access.authorize(self.inner.client.post(url))
+    }
+
     /// The release's `get_model_list`: refresh the workers, then list and sort the models.
     pub async fn fetch_models(&self) -> Result<Vec<String>, String> {
         let url = &self.inner.config.controller_url;
         let unreachable = |e: reqwest::Error| format!("the controller at {url} is unreachable: {e}");
-        self.inner
-            .client
-            .post(format!("{url}/refresh_all_workers"))
+        self.post(format!("{url}/refresh_all_workers"))
             .timeout(CONTROLLER_TIMEOUT)
             .send()
             .await
             .map_err(unreachable)?;
-        let reply = self
-            .inner
-            .client
-            .post(format!("{url}/list_models"))
-            .timeout(CONTROLLER_TIMEOUT)
-            .send()
+        let reply =
+            self.post(format!("{url}/list_models")).timeout(CONTROLLER_TIMEOUT).send().await.map_err(unreachable)?;
+        if !reply.status().is_success() {
+            return Err(format!("the controller at {url} refused the model list: HTTP {}", reply.status()));
+        }
+        let mut models = read_json::<ModelList>(reply)
             .await
-            .map_err(unreachable)?;
-        let mut models = reply
-            .json::<ModelList>()
-            .await
-            .map_err(|e| format!("the controller at {url} sent a model list that does not parse: {e}"))?
+            .map_err(|e| format!("the controller at {url} sent a model list that cannot be used: {e}"))?
             .models;
         models.sort();
         if let Ok(mut cached) = self.inner.models.lock() {
@@ -459,9 +464,13 @@ impl WebServer {
     fn append_log(&self, line: &Value) {
         let dir = &self.inner.config.log_dir;
         let path = dir.join(format!("{}-conv.json", local_date()));
+        // The whole line in one write, one writer at a time: lines of concurrent answers never mix.
+        let mut text = line.to_string();
+        text.push('\n');
+        let _one_writer = self.inner.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let written = std::fs::create_dir_all(dir).and_then(|_| {
             let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-            writeln!(file, "{line}")
+            file.write_all(text.as_bytes())
         });
         if let Err(e) = written {
             tracing::warn!("writing {}: {e}", path.display());
@@ -593,11 +602,18 @@ async fn answer(server: WebServer, mut chat: PreparedChat, sender: mpsc::Sender<
     if !send(started).await {
         return;
     }
-    let Ok(_slot) = server.inner.answering.acquire().await else { return };
+    // A page that leaves while waiting for its turn gives the turn up.
+    let _slot = tokio::select! {
+        slot = server.inner.answering.acquire() => match slot {
+            Ok(slot) => slot,
+            Err(_) => return,
+        },
+        _ = sender.closed() => return,
+    };
     let text = match stream_from_worker(&server, &chat, &sender).await {
         Ok(text) => text,
         Err(message) => {
-            tracing::warn!(model = %chat.model, "{message}");
+            tracing::warn!(model = loggable(&chat.model), error = loggable(&message), "answer failed");
             send(json!({"type": "error", "message": message})).await;
             return;
         }
@@ -625,18 +641,16 @@ async fn stream_from_worker(
 ) -> Result<String, String> {
     let config = server.config();
     let controller = &config.controller_url;
-    let address = server
-        .inner
-        .client
+    let reply = server
         .post(format!("{controller}/get_worker_address"))
         .timeout(CONTROLLER_TIMEOUT)
         .json(&ModelQuery { model: chat.model.clone() })
         .send()
         .await
-        .map_err(|e| format!("the controller at {controller} is unreachable: {e}"))?
-        .json::<WorkerAddress>()
+        .map_err(|e| format!("the controller at {controller} is unreachable: {e}"))?;
+    let address = read_json::<WorkerAddress>(reply)
         .await
-        .map_err(|e| format!("the controller at {controller} sent an address that does not parse: {e}"))?
+        .map_err(|e| format!("the controller at {controller} sent an address that cannot be used: {e}"))?
         .address;
     if address.is_empty() {
         return Err(format!(
@@ -645,6 +659,12 @@ async fn stream_from_worker(
             chat.model
         ));
     }
+    // The page is told which model's worker failed; its address and the cause go to the log.
+    let model = loggable(&chat.model);
+    let failed = |what: &str, detail: String| {
+        tracing::warn!(worker = loggable(&address), model, detail = loggable(&detail), "{what}");
+        format!("the worker serving model {model} {what}")
+    };
     let payload = json!({
         "model": chat.model,
         "prompt": chat.prompt,
@@ -654,20 +674,17 @@ async fn stream_from_worker(
         "stop": chat.stop,
         "images": chat.images_base64,
     });
-    let unreachable = |e: reqwest::Error| format!("the worker at {address} is unreachable: {e}");
     let timeout = config.stream_timeout;
-    let timed_out = || format!("the worker at {address} sent nothing for {} s", timeout.as_secs());
-    let response = tokio::time::timeout(
-        timeout,
-        server.inner.client.post(format!("{address}/worker_generate_stream")).json(&payload).send(),
-    )
-    .await
-    .map_err(|_| timed_out())?
-    .map_err(unreachable)?;
+    let timed_out = || failed(&format!("sent nothing for {} s", timeout.as_secs()), String::new());
+    let response =
+        tokio::time::timeout(timeout, server.post(format!("{address}/worker_generate_stream")).json(&payload).send())
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| failed("is unreachable", e.to_string()))?;
     if !response.status().is_success() {
         let status = response.status();
-        let body = response.text().await.unwrap_or_default();
-        return Err(format!("the worker at {address} answered {status}: {body}"));
+        let body = read_limited(response, 4096).await.unwrap_or_default();
+        return Err(failed(&format!("answered {status}"), String::from_utf8_lossy(&body).into_owned()));
     }
     let mut body = response;
     let mut splitter = ChunkSplitter::default();
@@ -675,15 +692,19 @@ async fn stream_from_worker(
     loop {
         let bytes = match tokio::time::timeout(timeout, body.chunk()).await {
             Err(_) => return Err(timed_out()),
-            Ok(Err(e)) => return Err(format!("the stream from the worker at {address} broke: {e}")),
+            Ok(Err(e)) => return Err(failed("broke off its stream", e.to_string())),
             Ok(Ok(None)) => break,
             Ok(Ok(Some(bytes))) => bytes,
         };
-        for raw in splitter.push(&bytes) {
-            let chunk: StreamChunk = serde_json::from_slice(&raw)
-                .map_err(|e| format!("the worker at {address} sent a chunk that does not parse: {e}"))?;
+        let chunks = splitter.push(&bytes);
+        if splitter.overflowed() {
+            return Err(failed("sent a chunk that is too long", String::new()));
+        }
+        for raw in chunks {
+            let chunk: StreamChunk =
+                serde_json::from_slice(&raw).map_err(|e| failed("sent a chunk that does not parse", e.to_string()))?;
             if chunk.error_code != error_code::OK {
-                return Err(describe_error_chunk(&chunk, &chat.model, &address));
+                return Err(describe_error_chunk(&chunk, &chat.model));
             }
             output = answer_part(&chunk.text, &chat.prompt);
             if sender.send(event_line(&json!({"type": "text", "text": output}))).await.is_err() {
@@ -693,7 +714,7 @@ async fn stream_from_worker(
         }
     }
     if !splitter.remainder().is_empty() {
-        return Err(format!("the stream from the worker at {address} ended mid-chunk"));
+        return Err(failed("ended its stream mid-chunk", String::new()));
     }
     Ok(output)
 }
@@ -707,14 +728,20 @@ fn answer_part(text: &str, prompt: &str) -> String {
     strip_python_whitespace(&rest).to_string()
 }
 
-fn describe_error_chunk(chunk: &StreamChunk, model: &str, address: &str) -> String {
+fn describe_error_chunk(chunk: &StreamChunk, model: &str) -> String {
     match chunk.error_code {
         error_code::NO_WORKER => format!("no worker serves model {model}: {} (error_code 2)", chunk.text),
         error_code::WORKER_UNREACHABLE => {
-            format!("the worker at {address} is unreachable: {} (error_code 3)", chunk.text)
+            format!("the worker serving model {model} is unreachable: {} (error_code 3)", chunk.text)
         }
-        code => format!("the worker at {address} failed: {} (error_code {code})", chunk.text),
+        code => format!("the worker serving model {model} failed: {} (error_code {code})", chunk.text),
     }
+}
+
+/// Paths of the page served without the API key: the page itself, its files and the health check
+/// (the page asks for the key before it calls the API).
+pub fn is_public_path(path: &str) -> bool {
+    matches!(path, "/" | "/app.js" | "/style.css" | "/health") || path.starts_with("/examples/")
 }
 
 async fn vote(

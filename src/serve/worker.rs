@@ -8,10 +8,10 @@
 //! - the context budget counts every image position, the 64 ladder tokens included;
 //! - error chunks carry the cause ("image 1: not a recognised image format ...") rather than the one
 //!   "NETWORK ERROR" text; codes are the release's.
-use super::http::JsonBody;
+use super::http::{Access, JsonBody};
 use super::protocol::STATUS_TIMEOUT;
 use super::protocol::{error_code, HeartBeat, HeartBeatReply, RegisterWorker, StreamChunk, WorkerStatus};
-use crate::engine::{EngineHandle, Event, GenerationParams, ImageInput, Request, RequestInput};
+use crate::engine::{CancelToken, EngineHandle, Event, GenerationParams, ImageInput, Request, RequestInput};
 use crate::error::Error;
 use axum::body::Body;
 use axum::extract::State;
@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -44,6 +44,8 @@ pub struct WorkerConfig {
     pub allow_image_urls: bool,
     /// Time between heart beats: the release's 15 s (shorter in tests).
     pub heart_beat_interval: Duration,
+    /// The deployment's key, sent to the controller with registrations and heart beats.
+    pub access: Access,
 }
 
 /// Loading state of the model.
@@ -57,6 +59,8 @@ enum Model {
 struct Metrics {
     requests: AtomicU64,
     failed_requests: AtomicU64,
+    /// Requests whose client left before they reached the engine.
+    abandoned_requests: AtomicU64,
     generated_tokens: AtomicU64,
     /// Time to first token, bucketed (seconds upper bounds in `TTFT_BUCKETS`).
     ttft_buckets: [AtomicU64; TTFT_BUCKETS.len()],
@@ -76,6 +80,8 @@ pub struct Worker {
     queue_length: Arc<AtomicI64>,
     metrics: Arc<Metrics>,
     client: reqwest::Client,
+    /// A heart beat is on its way: request arrivals do not send another.
+    beat_pending: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -88,6 +94,7 @@ impl Worker {
             queue_length: Arc::default(),
             metrics: Arc::default(),
             client: reqwest::Client::new(),
+            beat_pending: Arc::default(),
         }
     }
 
@@ -118,8 +125,9 @@ impl Worker {
             worker_status: Some(self.status()),
         };
         let reply = self
-            .client
-            .post(format!("{controller}/register_worker"))
+            .config
+            .access
+            .authorize(self.client.post(format!("{controller}/register_worker")))
             .json(&body)
             .timeout(STATUS_TIMEOUT)
             .send()
@@ -138,8 +146,9 @@ impl Worker {
         let Some(controller) = &self.config.controller_address else { return };
         let body = super::protocol::UnregisterWorker { worker_name: self.config.worker_address.clone() };
         let reply = self
-            .client
-            .post(format!("{controller}/unregister_worker"))
+            .config
+            .access
+            .authorize(self.client.post(format!("{controller}/unregister_worker")))
             .json(&body)
             .timeout(STATUS_TIMEOUT)
             .send()
@@ -156,8 +165,9 @@ impl Worker {
         let body =
             HeartBeat { worker_name: self.config.worker_address.clone(), queue_length: self.status().queue_length };
         let reply = self
-            .client
-            .post(format!("{controller}/receive_heart_beat"))
+            .config
+            .access
+            .authorize(self.client.post(format!("{controller}/receive_heart_beat")))
             .json(&body)
             .timeout(STATUS_TIMEOUT)
             .send()
@@ -174,6 +184,18 @@ impl Worker {
                 tracing::warn!("re-registering failed: {e}");
             }
         }
+    }
+
+    /// A heart beat soon, off the caller's path; at most one on its way at a time.
+    fn beat_soon(&self) {
+        if self.config.controller_address.is_none() || self.beat_pending.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let worker = self.clone();
+        tokio::spawn(async move {
+            worker.heart_beat().await;
+            worker.beat_pending.store(false, Ordering::SeqCst);
+        });
     }
 
     /// Heart beats every `heart_beat_interval` (the release's `WORKER_HEART_BEAT_INTERVAL`).
@@ -350,6 +372,12 @@ async fn metrics(State(w): State<Worker>) -> Response {
         m.failed_requests.load(Ordering::Relaxed).to_string(),
     );
     counter(
+        "arcana_requests_abandoned_total",
+        "Requests whose client left while they waited for a slot (never run).",
+        "counter",
+        m.abandoned_requests.load(Ordering::Relaxed).to_string(),
+    );
+    counter(
         "arcana_generated_tokens_total",
         "Tokens generated.",
         "counter",
@@ -420,9 +448,10 @@ async fn generate_stream(State(w): State<Worker>, JsonBody(params): JsonBody<ser
         Err(e) => return fail(&w, format!("preparing the request failed: {e}")),
     };
     let (sender, receiver) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    let (client, gone) = client_watch();
     let prompt = params.prompt;
     let mut text = prompt.clone();
-    w.spawn_answer(engine, request, move |event| {
+    w.spawn_answer(engine, request, gone, move |event| {
         let chunk = match event {
             Ok(Event::Text(delta)) => {
                 text.push_str(&delta);
@@ -438,40 +467,73 @@ async fn generate_stream(State(w): State<Worker>, JsonBody(params): JsonBody<ser
         sender.blocking_send(chunk.to_wire()).is_ok()
     })
     .await;
-    Response::new(Body::from_stream(receiver_stream(receiver)))
+    Response::new(Body::from_stream(receiver_stream(receiver, client)))
 }
 
-/// A channel's items as a response body stream.
+/// A channel's items as a response body stream; `client` is dropped with the stream, when the answer
+/// has been sent or the client has gone.
 pub(super) fn receiver_stream<T: Send + 'static>(
     receiver: tokio::sync::mpsc::Receiver<T>,
+    client: ClientPresent,
 ) -> impl futures_util::Stream<Item = Result<T, std::convert::Infallible>> {
-    futures_util::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|item| (Ok(item), receiver))
+    futures_util::stream::unfold((receiver, client), |(mut receiver, client)| async move {
+        receiver.recv().await.map(|item| (Ok(item), (receiver, client)))
     })
+}
+
+/// Held by whatever serves a client its answer (the response body, or the handler awaiting a whole
+/// answer); hyper drops it when the client disconnects.
+pub(super) struct ClientPresent(#[allow(dead_code)] tokio::sync::oneshot::Sender<()>);
+
+/// Resolves once the paired [`ClientPresent`] is dropped.
+pub(super) type ClientGone = tokio::sync::oneshot::Receiver<()>;
+
+pub(super) fn client_watch() -> (ClientPresent, ClientGone) {
+    let (present, gone) = tokio::sync::oneshot::channel();
+    (ClientPresent(present), gone)
 }
 
 impl Worker {
     /// Queues `request` (counted in queue_length from now), waits for a slot, runs it on the engine and
     /// hands every event, or the error that ended it, to `forward` on a blocking thread. `forward`
-    /// returns false when the client is gone: the answer is then cancelled before its next token.
-    /// Returns once the request is queued.
+    /// returns false when the client is gone. Once `gone` resolves (the client disconnected) the request
+    /// leaves the queue, or is cancelled before its prefill or next token. Returns once it is queued.
     pub(super) async fn spawn_answer(
         &self,
         engine: EngineHandle,
         request: Request,
+        gone: ClientGone,
         mut forward: impl FnMut(crate::Result<Event>) -> bool + Send + 'static,
     ) {
         self.queue_length.fetch_add(1, Ordering::SeqCst);
         let queued = QueueGuard(self.queue_length.clone());
-        self.heart_beat().await;
+        self.beat_soon();
         let worker = self.clone();
         tokio::spawn(async move {
-            let Ok(slot) = worker.slots.clone().acquire_owned().await else { return };
+            let mut gone = gone;
+            let slot = tokio::select! {
+                slot = worker.slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return,
+                },
+                _ = &mut gone => {
+                    worker.metrics.abandoned_requests.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            let cancel = CancelToken::default();
+            let watcher = tokio::spawn({
+                let cancel = cancel.clone();
+                async move {
+                    let _ = gone.await;
+                    cancel.cancel();
+                }
+            });
             let admitted = std::time::Instant::now();
             let metrics = worker.metrics.clone();
             let finished = tokio::task::spawn_blocking(move || {
                 let answered = (|| {
-                    let stream = match engine.submit(request) {
+                    let stream = match engine.submit_with(request, cancel) {
                         Ok(stream) => stream,
                         Err(e) => {
                             forward(Err(e));
@@ -508,10 +570,11 @@ impl Worker {
                 drop(forward);
             })
             .await;
+            watcher.abort();
             if finished.is_err() {
                 worker.metrics.failed_requests.fetch_add(1, Ordering::Relaxed);
             }
-            worker.heart_beat().await;
+            worker.beat_soon();
         });
     }
 

@@ -10,6 +10,29 @@ let conversation = null; // {image, mode, template, exchanges: [[user, reply]], 
 let pendingImage = null; // data URL waiting in the upload box; it starts a new conversation when sent
 let generating = false;
 
+// A server started with --api-key wants it with every API call: taken from `?key=` once, then kept in
+// this browser; asked for when the server refuses the one it has.
+const KEY_STORE = "arcana-api-key";
+{
+  const fromUrl = new URLSearchParams(location.search).get("key");
+  if (fromUrl) {
+    localStorage.setItem(KEY_STORE, fromUrl);
+    history.replaceState(null, "", location.pathname + location.search.replace(/[?&]key=[^&]*/, "").replace(/^&/, "?"));
+  }
+}
+
+async function api(path, options = {}) {
+  for (let attempt = 0; ; attempt++) {
+    const key = localStorage.getItem(KEY_STORE);
+    const headers = { ...(options.headers || {}), ...(key ? { authorization: `Bearer ${key}` } : {}) };
+    const response = await fetch(path, { ...options, headers });
+    if (response.status !== 401 || attempt > 0) return response;
+    const entered = window.prompt("This server needs an API key:");
+    if (!entered) return response;
+    localStorage.setItem(KEY_STORE, entered.trim());
+  }
+}
+
 function setButtons(state) {
   // state: "idle" (nothing to act on), "busy", "answered", "failed", "voted"
   const enabled = {
@@ -32,7 +55,9 @@ function showNotice(text, isError) {
 async function loadModels() {
   let reply;
   try {
-    reply = await (await fetch("/api/models")).json();
+    const response = await api("/api/models");
+    reply = await response.json();
+    if (!response.ok) throw new Error(reply.error || `HTTP ${response.status}`);
   } catch (e) {
     showNotice(`The web server is unreachable: ${e}`, true);
     setTimeout(loadModels, MODEL_RETRY_MS);
@@ -147,7 +172,7 @@ async function answer(newMessage) {
   };
   let outcome = "failed";
   try {
-    const response = await fetch("/api/chat", {
+    const response = await api("/api/chat", {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body),
     });
     if (!response.ok) {
@@ -228,7 +253,7 @@ async function vote(kind) {
   if (!conversation || !conversation.template) return;
   $("textbox").value = "";
   setButtons("voted");
-  await fetch("/api/vote", {
+  await api("/api/vote", {
     method: "POST", headers: { "content-type": "application/json" },
     body: JSON.stringify({
       type: kind, model: $("model").value, template: conversation.template,

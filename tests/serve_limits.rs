@@ -1,0 +1,155 @@
+//! The serving loop's limits over real sockets on loopback (`arcana::serve::http::serve_with`): a
+//! client that stops reading is disconnected after the idle timeout (and its reply stream dropped), a
+//! client that never finishes its headers is disconnected after the header timeout, connections past
+//! the cap are closed at once, slow handlers get 408, and bodies over the limit 413.
+use arcana::serve::http::{self, ServeLimits, ServeOptions};
+use axum::body::Body;
+use axum::routing::{get, post};
+use axum::Router;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Sets its flag when dropped: the server let go of the reply stream that owns it.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn app(dropped: Arc<AtomicBool>) -> Router {
+    Router::new()
+        .route(
+            "/endless",
+            get(move || {
+                let flag = DropFlag(dropped.clone());
+                async move {
+                    let piece = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+                    let body = futures_util::stream::unfold(flag, move |flag| {
+                        let piece = piece.clone();
+                        async move { Some((Ok::<_, std::io::Error>(piece), flag)) }
+                    });
+                    Body::from_stream(body)
+                }
+            }),
+        )
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "late"
+            }),
+        )
+        .route("/echo", post(|body: String| async move { body }))
+        .route("/health", get(|| async { "ok" }))
+}
+
+/// Serves `app` with `limits` on a runtime of its own; returns the address.
+fn serve(limits: ServeLimits, dropped: Arc<AtomicBool>) -> std::net::SocketAddr {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async move {
+            let (listener, addr) = http::bind("127.0.0.1", 0).await.unwrap();
+            sender.send(addr).unwrap();
+            let options = ServeOptions { limits, ..Default::default() };
+            http::serve_with(listener, app(dropped), options).await.unwrap();
+        });
+    });
+    receiver.recv().unwrap()
+}
+
+fn limits() -> ServeLimits {
+    ServeLimits {
+        max_body_bytes: 1024,
+        max_connections: 4,
+        header_timeout: Duration::from_millis(500),
+        request_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_millis(700),
+    }
+}
+
+/// Reads until the server closes the connection or `limit` passes; true when it closed.
+fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let deadline = Instant::now() + limit;
+    let mut buffer = [0u8; 65536];
+    while Instant::now() < deadline {
+        match stream.read(&mut buffer) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+fn get_status(addr: std::net::SocketAddr, path: &str) -> u16 {
+    reqwest::blocking::get(format!("http://{addr}{path}")).map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let addr = serve(limits(), dropped.clone());
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(b"GET /endless HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    // Never read: the socket buffers fill, the server's writes stall, and after the idle timeout it
+    // gives up on the connection and drops the reply stream (which cancels an answer in a worker).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dropped.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the stalled reply was never dropped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get_status(addr, "/health"), 200);
+}
+
+#[test]
+fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let addr = serve(limits(), Arc::default());
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0").unwrap();
+    let started = Instant::now();
+    assert!(closed_within(&mut stream, Duration::from_secs(5)), "a half-sent request held its connection");
+    assert!(started.elapsed() >= Duration::from_millis(400), "closed before the header timeout");
+    // An idle connection that sends nothing at all goes too.
+    let mut idle = TcpStream::connect(addr).unwrap();
+    assert!(closed_within(&mut idle, Duration::from_secs(5)), "an idle connection was kept");
+}
+
+#[test]
+fn connections_past_the_cap_are_closed_and_the_rest_still_served() {
+    let addr = serve(ServeLimits { header_timeout: Duration::from_secs(30), ..limits() }, Arc::default());
+    // Four connections held open without a request fill the cap.
+    let held: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = TcpStream::connect(addr).unwrap();
+    let _ = extra.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    assert!(closed_within(&mut extra, Duration::from_secs(3)), "a fifth connection was served");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get_status(addr, "/health") != 200 {
+        assert!(Instant::now() < deadline, "the freed connections were not reused");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn slow_handlers_time_out_and_large_bodies_are_refused() {
+    let addr = serve(limits(), Arc::default());
+    let started = Instant::now();
+    let reply = reqwest::blocking::get(format!("http://{addr}/slow")).unwrap();
+    assert_eq!(reply.status(), 408);
+    assert!(reply.text().unwrap().contains("--request-timeout"));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let client = reqwest::blocking::Client::new();
+    let small = client.post(format!("http://{addr}/echo")).body("x".repeat(1000)).send().unwrap();
+    assert_eq!(small.status(), 200);
+    let large = client.post(format!("http://{addr}/echo")).body("x".repeat(1025)).send().unwrap();
+    assert_eq!(large.status(), 413);
+}
