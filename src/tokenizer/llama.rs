@@ -107,7 +107,7 @@ impl LlamaTokenizer {
                 specials.push((t.clone(), id_of(t)?));
             }
         }
-        let special_ids = SpecialIds::resolve(&options, &id_of, specials.iter().map(|(_, id)| *id).collect())?;
+        let special_ids = SpecialIds::resolve(&options, id_of, specials.iter().map(|(_, id)| *id).collect())?;
         let unk_token = options.unk_token.as_ref().map_or_else(|| "<unk>".to_string(), |t| t.content.clone());
         specials.sort_by_key(|(t, _)| std::cmp::Reverse(t.content.len()));
         let by_content = specials.iter().map(|(t, id)| (t.content.clone(), *id)).collect();
