@@ -8,7 +8,7 @@ use crate::llm::llama::DecoderSites;
 use crate::llm::placement::PartSizes;
 use crate::llm::{CausalLmOutput, KvCache, LlamaForCausalLM, StepInputs};
 use crate::mm::projector::Projector;
-use crate::mm::splice::{prepare_inputs, Spliced};
+use crate::mm::splice::{prepare_inputs, spliced_length, Spliced};
 use crate::mm::visual_span::{policies_differ, prefill_visual_mask, MaskPolicy};
 use crate::quant::{BaseWeight, LinearStorage, WeightForms};
 use crate::vision::preprocess::{ImagePreprocessor, PreprocessConfig};
@@ -266,6 +266,12 @@ impl ArcanaModel {
             features.as_ref(),
             self.files.config.tokenizer_model_max_length,
         )
+    }
+
+    /// The prompt positions [`Self::prepare_inputs`] gives `ids` with one image per placeholder, before
+    /// any image is encoded.
+    pub fn prompt_positions(&self, ids: &[i64]) -> i64 {
+        spliced_length(ids, self.vision.tower.tokens_per_image(), self.files.config.tokenizer_model_max_length)
     }
 
     /// One forward over every prompt position, as the release's `forward`: positions `0..L-1` in every

@@ -4,7 +4,7 @@
 //! tests skip with a message where the project's Python environment is missing.
 mod common;
 
-use common::copy_dir;
+use common::copy_with_context;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -85,12 +85,7 @@ fn a_missing_or_corrupt_image_is_named() {
 fn a_prompt_past_the_context_is_refused_with_its_length() {
     let Some(dir) = fixtures() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("arcana-short-context-v1");
-    copy_dir(&dir.join("arcana-cli-tiny-v1"), &model);
-    let config_path = model.join("config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["max_position_embeddings"] = 64.into();
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    copy_with_context(&dir.join("arcana-cli-tiny-v1"), &tmp.path().join("arcana-short-context-v1"), 64);
     let image = dir.join("images/square.png");
     let err = failure(
         tmp.path(),

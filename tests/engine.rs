@@ -9,7 +9,7 @@ use arcana::engine::{
     RequestInput,
 };
 use arcana::Error;
-use common::{cli_fixtures, copy_dir};
+use common::{cli_fixtures, copy_dir, copy_with_context};
 use serde_json::Value;
 use std::path::Path;
 
@@ -169,16 +169,41 @@ fn a_prompt_past_the_context_is_refused_with_its_length() {
     let Some(dir) = cli_fixtures() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("arcana-short-context-v1");
-    copy_dir(&dir.join("arcana-cli-tiny-v1"), &model);
-    let config_path = model.join("config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["max_position_embeddings"] = 64.into();
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    copy_with_context(&dir.join("arcana-cli-tiny-v1"), &model, 64);
     let engine = load(&model);
     let err = engine.generate(&square_request(dir, greedy(24)), |_| Flow::Continue).expect_err("too long");
     assert!(matches!(err, Error::ContextFull { positions: 126, context: 64 }), "{err:?}");
     let message = err.to_string();
     assert!(message.contains("126 positions") && message.contains("context of 64"), "{message}");
+    // The positions come from the ids before any image is decoded: bytes that are no image at all are
+    // never read when the prompt cannot fit (a decode would have failed with an image error).
+    let not_images = |count: usize| {
+        (0..count).map(|i| ImageInput::Encoded { name: format!("image {i}"), bytes: b"no image".to_vec() }).collect()
+    };
+    let many = Request {
+        input: RequestInput::Conversation(vec![ChatMessage::user_with_images(QUESTION, 10)]),
+        images: not_images(10),
+        params: greedy(24),
+    };
+    let per_image = engine.model().vision.tower.tokens_per_image();
+    let started = std::time::Instant::now();
+    match engine.generate(&many, |_| Flow::Continue).expect_err("too long") {
+        Error::ContextFull { positions, context: 64 } => assert!(positions > 10 * per_image, "{positions}"),
+        other => panic!("expected a full context, got {other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+    // Images and placeholders are counted before decoding too.
+    let one_placeholder_two_images = Request {
+        input: RequestInput::Prompt("USER: <image>\nhi ASSISTANT:".into()),
+        images: not_images(2),
+        params: greedy(4),
+    };
+    let err = engine.generate(&one_placeholder_two_images, |_| Flow::Continue).expect_err("two images, one place");
+    let message = err.to_string();
+    assert!(
+        matches!(err, Error::InvalidInput(_)) && message.contains("1 image placeholder(s) but 2 image(s)"),
+        "{message}"
+    );
 }
 
 #[test]

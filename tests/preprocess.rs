@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use arcana::vision::preprocess::{
-    decode_rgb, load_rgb, AspectMode, ImagePreprocessor, NamedImage, PixelValues, PreprocessConfig, ResizeTarget,
-    DEFAULT_MAX_PIXELS,
+    decode_rgb, load_rgb, AspectMode, ImagePreprocessor, NamedImage, PixelLimit, PixelValues, PreprocessConfig,
+    ResizeTarget, DEFAULT_MAX_PIXELS,
 };
 use arcana::Error;
 use serde_json::Value;
@@ -32,7 +32,7 @@ fn preprocessor(mode: AspectMode) -> ImagePreprocessor {
 
 fn load(name: &str) -> NamedImage {
     let path = fixtures().join("images").join(name);
-    let rgb = load_rgb(&path, DEFAULT_MAX_PIXELS).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let rgb = load_rgb(&path, PixelLimit::decoded(DEFAULT_MAX_PIXELS)).unwrap_or_else(|e| panic!("{name}: {e}"));
     NamedImage { path, rgb }
 }
 
@@ -238,24 +238,41 @@ fn anyres_is_refused_and_other_values_are_plain() {
 fn decompression_bombs_are_refused_before_decoding() {
     // 100000 x 100000 in the header and almost no pixel data: refused on the header alone.
     let path = Path::new("bomb.png");
-    let message =
-        image_error_message(decode_rgb(&png_header_and_data(100_000, 100_000), path, DEFAULT_MAX_PIXELS), path);
+    let message = image_error_message(
+        decode_rgb(&png_header_and_data(100_000, 100_000), path, PixelLimit::decoded(DEFAULT_MAX_PIXELS)),
+        path,
+    );
     assert!(message.contains("exceeds the limit of 89478485 pixels"), "{message}");
-    // A configurable limit: a real 641 x 479 file against a limit one pixel too small.
+    // 60000 x 2 is 120000 pixels, but a model that pads makes it a square of 3.6 billion: refused from
+    // the header when padding applies, before anything is allocated.
+    let wide = png_header_and_data(60_000, 2);
+    let path = Path::new("wide.png");
+    let message = image_error_message(decode_rgb(&wide, path, PixelLimit::padded(DEFAULT_MAX_PIXELS)), path);
+    assert!(message.contains("60000x60000 = 3600000000 pixels"), "{message}");
+    let message = image_error_message(preprocessor(AspectMode::Pad).encoded_image_tensor(&wide, "wide.png"), path);
+    assert!(message.contains("padded to a square"), "{message}");
+    let message = image_error_message(decode_rgb(&wide, path, PixelLimit::decoded(DEFAULT_MAX_PIXELS)), path);
+    assert!(!message.contains("limit"), "not padded, only the missing pixel data is refused: {message}");
+    // A configurable limit: a real 641 x 479 file against a limit one pixel too small; padded, its
+    // 641 x 641 square counts.
     let file = fixtures().join("images/rgb_641x479.png");
-    let p = preprocessor(AspectMode::Pad).with_max_pixels(641 * 479 - 1);
+    let p = preprocessor(AspectMode::Plain).with_max_pixels(641 * 479 - 1);
     image_error_message(p.image_tensor(&file), &file);
-    assert!(preprocessor(AspectMode::Pad).with_max_pixels(641 * 479).image_tensor(&file).is_ok());
+    assert!(preprocessor(AspectMode::Plain).with_max_pixels(641 * 479).image_tensor(&file).is_ok());
+    let message =
+        image_error_message(preprocessor(AspectMode::Pad).with_max_pixels(641 * 641 - 1).image_tensor(&file), &file);
+    assert!(message.contains("641x641 = 410881 pixels") && message.contains("limit of 410880 pixels"), "{message}");
+    assert!(preprocessor(AspectMode::Pad).with_max_pixels(641 * 641).image_tensor(&file).is_ok());
     // JPEG: the size comes from libjpeg's header read, before decompression starts.
     let mut jpeg = std::fs::read(fixtures().join("images/jpeg_baseline_420_161x121.jpg")).unwrap();
     let sof = jpeg.windows(2).position(|w| w == [0xff, 0xc0]).expect("baseline SOF0");
     jpeg[sof + 5..sof + 9].copy_from_slice(&[0xff, 0xdc, 0xff, 0xdc]); // 65500 x 65500
     let path = Path::new("bomb.jpg");
-    let message = image_error_message(decode_rgb(&jpeg, path, DEFAULT_MAX_PIXELS), path);
+    let message = image_error_message(decode_rgb(&jpeg, path, PixelLimit::decoded(DEFAULT_MAX_PIXELS)), path);
     assert!(message.contains("65500x65500") && message.contains("exceeds the limit"), "{message}");
     let file = fixtures().join("images/jpeg_baseline_420_161x121.jpg");
-    image_error_message(preprocessor(AspectMode::Pad).with_max_pixels(161 * 121 - 1).image_tensor(&file), &file);
-    assert!(preprocessor(AspectMode::Pad).with_max_pixels(161 * 121).image_tensor(&file).is_ok());
+    image_error_message(preprocessor(AspectMode::Pad).with_max_pixels(161 * 161 - 1).image_tensor(&file), &file);
+    assert!(preprocessor(AspectMode::Pad).with_max_pixels(161 * 161).image_tensor(&file).is_ok());
 }
 
 #[test]
@@ -350,7 +367,7 @@ fn jpeg_decode_dump() {
     std::fs::create_dir_all(&dir).unwrap();
     for file in files.split(':') {
         let path = Path::new(file);
-        let rgb = load_rgb(path, DEFAULT_MAX_PIXELS).unwrap();
+        let rgb = load_rgb(path, PixelLimit::decoded(DEFAULT_MAX_PIXELS)).unwrap();
         let name = format!("{}.rgb", path.file_name().unwrap().to_string_lossy());
         std::fs::write(Path::new(&dir).join(name), rgb.as_raw()).unwrap();
     }

@@ -9,6 +9,7 @@ use common::serve::{client, start, wait_ready};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// Python with the `openai` package, or a skip message.
 fn python_with_openai() -> Option<std::path::PathBuf> {
@@ -130,5 +131,52 @@ fn errors_come_back_in_openai_shape() {
     );
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["usage"]["completion_tokens"], 3);
+    assert_eq!(reply["object"], "chat.completion");
+}
+
+/// A `data:` URL of a 4x4 PNG.
+fn tiny_png_url() -> String {
+    use base64::Engine as _;
+    let mut png = Vec::new();
+    image::RgbImage::new(4, 4).write_to(&mut std::io::Cursor::new(&mut png), image::ImageOutputFormat::Png).unwrap();
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png))
+}
+
+#[test]
+fn requests_past_the_image_and_stop_limits_are_refused_and_the_worker_keeps_serving() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register"]);
+    wait_ready(&worker.url);
+    let post = |body: Value| {
+        let r = client().post(format!("{}/v1/chat/completions", worker.url)).json(&body).send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().unwrap())
+    };
+    let ask = |content: Value, extra: Value| {
+        let mut body = json!({"model": "arcana-cli-tiny-v1", "max_tokens": 3,
+                              "messages": [{"role": "user", "content": content}]});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    // 3000 images in one request (the report: the worker grew past 24 GB decoding them).
+    let image = json!({"type": "image_url", "image_url": {"url": tiny_png_url()}});
+    let mut parts = vec![json!({"type": "text", "text": "What is in these images?"})];
+    parts.extend(std::iter::repeat_n(image, 3000));
+    let started = Instant::now();
+    let (status, reply) = post(ask(Value::Array(parts), json!({})));
+    assert_eq!(status, 400, "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("3000 images") && message.contains("limit is 4 images per request"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(10), "refused after {:?}", started.elapsed());
+    let stops = |stop: Value| post(ask(json!("hi"), json!({"stop": stop})));
+    let (status, reply) = stops(json!(["a", "b", "c", "d", "e"]));
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap().contains("limit is 4 stop strings"), "{reply}");
+    let (status, reply) = stops(json!("x".repeat(257)));
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap().contains("limit is 256 bytes per stop string"), "{reply}");
+    // Within the limits the same worker answers.
+    let (status, reply) = stops(json!(["a", "b", "c", "d"]));
+    assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["object"], "chat.completion");
 }

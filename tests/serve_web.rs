@@ -337,3 +337,28 @@ fn silent_worker(model: &str) -> String {
     });
     url
 }
+
+#[test]
+fn an_upload_whose_padded_square_passes_the_pixel_limit_is_refused_before_decoding() {
+    use base64::Engine as _;
+    let logs = tempfile::tempdir().unwrap();
+    let controller = start(logs.path(), &["controller", "--port", "0"], 1);
+    let args = ["web", "--port", "0", "--controller-url", controller.url("controller")];
+    let limit = ["--max-image-pixels", "1000000", "--log-dir", logs.path().to_str().unwrap()];
+    let web = start(logs.path(), &[&args[..], &limit].concat(), 1);
+    // 4000x2: 8000 pixels, 16 million once padded to a square (the 60000x2 PNG of 1.2 KB took
+    // 10.6 GB this way).
+    let mut png = Vec::new();
+    image::RgbImage::new(4000, 2).write_to(&mut std::io::Cursor::new(&mut png), image::ImageOutputFormat::Png).unwrap();
+    let mut request = question("arcana-x");
+    request["image"] = json!(base64::engine::general_purpose::STANDARD.encode(&png));
+    request["image_process_mode"] = json!("Pad");
+    let (status, reply) = chat(web.url("web"), &request);
+    assert_eq!(status, 400, "{reply:?}");
+    let message = reply[0]["error"].as_str().unwrap();
+    assert!(message.contains("4000x4000 = 16000000 pixels") && message.contains("limit of 1000000"), "{message}");
+    // Not padded, the same image is within the limit (and the chat goes on to say no worker serves it).
+    request["image_process_mode"] = json!("Crop");
+    let (status, events) = chat(web.url("web"), &request);
+    assert_eq!(status, 200, "{events:?}");
+}

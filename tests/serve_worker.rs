@@ -133,14 +133,30 @@ fn bad_requests_get_error_chunks_that_name_the_problem() {
 }
 
 #[test]
+fn requests_past_the_image_and_stop_limits_get_error_chunks_naming_the_limit() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let args = ["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register"];
+    let worker = start(dir, &[&args[..], &["--max-images-per-request", "2", "--max-stop-length", "8"]].concat());
+    wait_ready(&worker.url);
+    // Three images that are not even base64: refused by count before any is read.
+    let images = json!({"prompt": "USER: <image><image><image> hi ASSISTANT:", "images": ["%%%", "%%%", "%%%"]});
+    let got = generate(&worker.url, &images);
+    assert_eq!((got.len(), got[0].error_code), (1, 1), "{got:?}");
+    assert!(got[0].text.contains("3 images") && got[0].text.contains("limit is 2 images per request"), "{got:?}");
+    let stop = json!({"prompt": "USER: hi ASSISTANT:", "max_new_tokens": 3, "stop": "123456789"});
+    let got = generate(&worker.url, &stop);
+    assert_eq!((got.len(), got[0].error_code), (1, 1), "{got:?}");
+    assert!(got[0].text.contains("9 bytes") && got[0].text.contains("limit is 8 bytes"), "{got:?}");
+    // The worker keeps serving.
+    let ok = generate(&worker.url, &json!({"prompt": "USER: hi ASSISTANT:", "max_new_tokens": 3, "stop": "12345678"}));
+    assert_eq!(ok.last().unwrap().error_code, 0, "{ok:?}");
+}
+
+#[test]
 fn a_prompt_that_fills_the_context_gets_the_release_reply() {
     let Some(dir) = common::cli_fixtures() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    common::copy_dir(&dir.join("arcana-cli-tiny-v1"), &tmp.path().join("arcana-cli-tiny-v1"));
-    let config = tmp.path().join("arcana-cli-tiny-v1/config.json");
-    let mut value: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
-    value["max_position_embeddings"] = 64.into();
-    std::fs::write(&config, value.to_string()).unwrap();
+    common::copy_with_context(&dir.join("arcana-cli-tiny-v1"), &tmp.path().join("arcana-cli-tiny-v1"), 64);
     let worker = start(tmp.path(), &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register"]);
     wait_ready(&worker.url);
     let request = square_request(dir, 24);

@@ -9,6 +9,7 @@ use arcana::engine::{Engine, EngineOptions};
 use arcana::prompt::conversation::model_name_from_path;
 use arcana::serve::controller::{self, Controller, DispatchMethod};
 use arcana::serve::http::{self, Access, ServeLimits, ServeOptions};
+use arcana::serve::limits::{self, RequestLimits};
 use arcana::serve::protocol::{HEART_BEAT_EXPIRATION, WORKER_HEART_BEAT_INTERVAL};
 use arcana::serve::web::{self, ModelListMode, WebConfig, WebServer};
 use arcana::serve::worker::{Worker, WorkerConfig};
@@ -149,6 +150,44 @@ struct PageArgs {
     /// Longest wait, in seconds, for the worker's next chunk before the page is told it timed out.
     #[arg(long, default_value_t = 120)]
     stream_timeout: u64,
+    #[command(flatten)]
+    pixels: PixelLimitArg,
+}
+
+/// The pixel limit of an image, shared by the worker and the page.
+#[derive(clap::Args, Clone, Copy)]
+struct PixelLimitArg {
+    /// Images with more pixels, or whose padded square has more (image_process_mode Pad on the page, models
+    /// whose config says `image_aspect_ratio: pad`), are refused from their header before they are decoded.
+    /// The default, 6000x6000, takes 24-megapixel photos and 12-megapixel ones padded; the model sees
+    /// 336x336 whatever comes in.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_IMAGE_PIXELS)]
+    max_image_pixels: u64,
+}
+
+/// What one request may carry, on the release's protocol and the OpenAI API.
+#[derive(clap::Args)]
+struct RequestLimitArgs {
+    /// Images one request may carry (the release's model takes one per conversation turn, and its context
+    /// holds three); more are refused before any is decoded.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_IMAGES_PER_REQUEST)]
+    max_images_per_request: usize,
+    /// Stop strings one request may carry (OpenAI allows 4).
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_STOP_STRINGS)]
+    max_stop_strings: usize,
+    /// Longest stop string in bytes: each new token is checked against every stop string.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_STOP_BYTES)]
+    max_stop_length: usize,
+}
+
+impl RequestLimitArgs {
+    fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_images_per_request: self.max_images_per_request,
+            max_stop_strings: self.max_stop_strings,
+            max_stop_bytes: self.max_stop_length,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -191,6 +230,8 @@ struct WorkerArgs {
     no_register: bool,
     #[command(flatten)]
     server: ServerFlags,
+    #[command(flatten)]
+    pixels: PixelLimitArg,
 }
 
 /// The model a worker serves, shared by `worker` and `all`.
@@ -219,6 +260,8 @@ struct ModelArgs {
     /// Let the OpenAI API fetch http(s) image URLs (off: only data: URLs are accepted).
     #[arg(long)]
     allow_image_urls: bool,
+    #[command(flatten)]
+    limits: RequestLimitArgs,
 }
 
 #[derive(clap::Args)]
@@ -324,6 +367,7 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
         allow_image_urls: model.allow_image_urls,
         heart_beat_interval: Duration::from_secs_f64(args.heart_beat_interval),
         access: serve_options.access.clone(),
+        limits: model.limits.limits(),
     });
     // The model loads on the engine's own thread while the server already answers /health.
     let options = EngineOptions {
@@ -336,6 +380,7 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
         model_name_path: Some(model_path),
         with_model_base: model.model_base.is_some(),
         placement,
+        max_image_pixels: args.pixels.max_image_pixels,
         ..EngineOptions::default()
     };
     let loading = worker.clone();
@@ -409,6 +454,7 @@ async fn start_web(
         log_dir: page.log_dir.clone(),
         stream_timeout: Duration::from_secs(page.stream_timeout.max(1)),
         access: options.access.clone(),
+        max_image_pixels: page.pixels.max_image_pixels,
     });
     // As the release, the list is fetched at start-up; an unreachable controller is reported, not fatal.
     match server.fetch_models().await {
@@ -445,6 +491,7 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
         heart_beat_interval: WORKER_HEART_BEAT_INTERVAL.as_secs_f64(),
         no_register: false,
         server: args.server.clone(),
+        pixels: args.page.pixels,
     })
     .await?;
     // Controller and worker serve before the page starts: it asks the controller for models at start-up.

@@ -133,6 +133,8 @@ fn main() -> Result<()> {
         with_model_base: args.model_base.is_some(),
         conv_mode: args.conv_mode.clone(),
         mask_policy,
+        // Pillow's pixel limit, as the release's CLI has.
+        ..EngineOptions::default()
     };
     let engine = Engine::load_with_progress(&weights_path, options, move |done, total| {
         if show_progress && (done % 16 == 0 || done == total) {

@@ -10,7 +10,7 @@ use crate::generate::{DecodeEnd, Flow, TokenChooser};
 use crate::llm::KvCache;
 use crate::mm::splice::Spliced;
 use crate::model::ArcanaModel;
-use crate::prompt::image_tokens::tokenizer_image_token;
+use crate::prompt::image_tokens::{tokenizer_image_token, IMAGE_TOKEN_INDEX};
 use crate::tokenizer::StreamDecoder;
 use std::time::Instant;
 use tch::Tensor;
@@ -74,14 +74,23 @@ impl Engine {
             RequestInput::Prompt(prompt) => prompt.clone(),
         };
         let input_ids = tokenizer_image_token(&prompt, &self.tokenizer)?;
-        let ids = Tensor::f_from_slice(&input_ids)?.f_view([1, -1])?;
-        let pixels = self.pixel_values(&request.images)?;
-        let inputs = self.model.prepare_inputs(&ids, None, pixels.as_ref())?;
-        let positions = inputs.inputs_embeds.size()[1];
+        // Everything that can refuse the request from its ids is checked before any image is decoded.
+        let placeholders = input_ids.iter().filter(|&&id| id == IMAGE_TOKEN_INDEX).count();
+        if placeholders != request.images.len() {
+            return Err(Error::InvalidInput(format!(
+                "the prompt has {placeholders} image placeholder(s) but {} image(s) were given",
+                request.images.len()
+            )));
+        }
+        let positions = self.model.prompt_positions(&input_ids);
         let context = self.model.context_length();
         if positions >= context {
             return Err(Error::ContextFull { positions, context });
         }
+        let ids = Tensor::f_from_slice(&input_ids)?.f_view([1, -1])?;
+        let pixels = self.pixel_values(&request.images)?;
+        let inputs = self.model.prepare_inputs(&ids, None, pixels.as_ref())?;
+        debug_assert_eq!(positions, inputs.inputs_embeds.size()[1], "prompt positions counted before the splice");
         let max_new_tokens = params.max_new_tokens.min((context - positions) as usize);
         let info = PromptInfo { prompt, input_ids, mask_policies_differ: ArcanaModel::mask_policies_differ(&inputs) };
         Ok(Prepared { info, inputs, chooser, positions, max_new_tokens })

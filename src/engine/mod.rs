@@ -42,7 +42,7 @@ use crate::prompt::conversation::{
 };
 use crate::quant::{BaseWeight, LinearStorage, Quantization, WeightForms};
 use crate::tokenizer::Tokenizer;
-use crate::vision::preprocess::ImagePreprocessor;
+use crate::vision::preprocess::{ImagePreprocessor, DEFAULT_MAX_PIXELS};
 use answer::{Begun, Decoding};
 use std::path::Path;
 use std::time::Instant;
@@ -73,6 +73,9 @@ pub struct EngineOptions {
     pub conv_mode: Option<String>,
     /// Which positions take the visual LoRA branch.
     pub mask_policy: MaskPolicy,
+    /// Images with more pixels are refused from their header, before decoding; with a model that pads
+    /// images to squares the padded square counts. Pillow's limit by default.
+    pub max_image_pixels: u64,
 }
 
 impl Default for EngineOptions {
@@ -89,6 +92,7 @@ impl Default for EngineOptions {
             with_model_base: false,
             conv_mode: None,
             mask_policy: MaskPolicy::Release,
+            max_image_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 }
@@ -163,7 +167,7 @@ impl Engine {
         // Fast or slow as the release's builder chooses, by the model's name.
         let name_path = options.model_name_path.as_deref().map(Path::new).unwrap_or(dir);
         let tokenizer = Tokenizer::for_release(dir, name_path, options.with_model_base)?;
-        let images = model.files().image_preprocessor()?;
+        let images = model.files().image_preprocessor()?.with_max_pixels(options.max_image_pixels);
         Ok(Self {
             model,
             tokenizer,

@@ -43,6 +43,18 @@ pub fn image_slots(rows: &[Vec<i64>]) -> usize {
     rows.iter().map(|r| r.iter().filter(|&&id| id == IMAGE_TOKEN_INDEX).count().max(1)).sum()
 }
 
+/// The positions [`prepare_inputs`] gives one row of ids whose placeholders each take an image's
+/// `tokens_per_image` features: text tokens plus the features, cut to `max_tokens` as [`splice`] cuts.
+/// Known from the ids alone, before any image is decoded or encoded.
+pub fn spliced_length(ids: &[i64], tokens_per_image: i64, max_tokens: Option<i64>) -> i64 {
+    let placeholders = ids.iter().filter(|&&id| id == IMAGE_TOKEN_INDEX).count() as i64;
+    let length = ids.len() as i64 + placeholders * (tokens_per_image - 1);
+    match max_tokens {
+        Some(max) if placeholders > 0 => length.min(max),
+        _ => length,
+    }
+}
+
 /// Right-pads rows of ids with `pad_id`: `([B, T] ids, [B, T] mask)`.
 pub fn pad_rows(rows: &[Vec<i64>], pad_id: i64) -> Result<(Tensor, Tensor)> {
     let t = rows.iter().map(Vec::len).max().unwrap_or(0);

@@ -4,6 +4,7 @@
 //! `--allow-image-urls`). Errors use OpenAI's `{"error": {"message", "type", "param", "code"}}` shape.
 use super::controller::Controller;
 use super::http::loggable;
+use super::limits::RequestLimits;
 use super::worker::{client_watch, decode_base64_image, receiver_stream, Worker};
 use crate::engine::{ChatMessage, Event, FinishReason, GenerationParams, ImageInput, Request, RequestInput, Role};
 use crate::error::Error;
@@ -53,6 +54,19 @@ pub struct ChatCompletionRequest {
     pub n: Option<u32>,
 }
 
+impl ChatCompletionRequest {
+    /// The `image_url` parts of every message.
+    pub fn image_count(&self) -> usize {
+        let images = |m: &ChatCompletionMessage| match &m.content {
+            Some(MessageContent::Parts(parts)) => {
+                parts.iter().filter(|p| matches!(p, ContentPart::ImageUrl { .. })).count()
+            }
+            _ => 0,
+        };
+        self.messages.iter().map(images).sum()
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
     #[serde(default)]
@@ -97,14 +111,20 @@ enum ImageSource {
     Remote(String),
 }
 
-/// The engine request of a chat completion; images that need fetching are returned as URLs.
-fn to_request(body: &ChatCompletionRequest, allow_image_urls: bool) -> Result<(Request, Vec<ImageSource>), String> {
+/// The engine request of a chat completion; images that need fetching are returned as URLs. Requests
+/// over `limits` are refused before any image is read.
+fn to_request(
+    body: &ChatCompletionRequest,
+    allow_image_urls: bool,
+    limits: &RequestLimits,
+) -> Result<(Request, Vec<ImageSource>), String> {
     if body.n.is_some_and(|n| n != 1) {
         return Err("only n = 1 is supported".into());
     }
     if body.messages.is_empty() {
         return Err("`messages` is empty".into());
     }
+    limits.check_images(body.image_count())?;
     let mut messages = Vec::new();
     let mut images = Vec::new();
     for (i, m) in body.messages.iter().enumerate() {
@@ -155,6 +175,7 @@ fn to_request(body: &ChatCompletionRequest, allow_image_urls: bool) -> Result<(R
         Some(StopField::One(s)) => vec![s.clone()],
         Some(StopField::Many(v)) => v.clone(),
     };
+    limits.check_stop(&stop)?;
     let params = GenerationParams {
         temperature,
         top_p: Some(body.top_p.unwrap_or(1.0)),
@@ -272,7 +293,7 @@ pub async fn chat_completions(
         Ok(engine) => engine,
         Err(message) => return openai_error(StatusCode::SERVICE_UNAVAILABLE, &message, "server_error", None),
     };
-    let (mut request, sources) = match to_request(&body, allow_image_urls) {
+    let (mut request, sources) = match to_request(&body, allow_image_urls, worker.limits()) {
         Ok(r) => r,
         Err(message) => return invalid(message),
     };

@@ -17,6 +17,7 @@
 use crate::prompt::conversation::{strip_python_whitespace, template_by_name, Conversation, SeparatorStyle};
 use crate::serve::http::{json_error, loggable, read_json, read_limited, Access, JsonBody};
 use crate::serve::protocol::{error_code, ChunkSplitter, ModelList, ModelQuery, StreamChunk, WorkerAddress};
+use crate::vision::decode::{decode_rgb, PixelLimit};
 use crate::vision::resample::resize_bicubic;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path as UrlPath, State};
@@ -91,6 +92,8 @@ pub struct WebConfig {
     /// The deployment's key: the page's API needs it, and it goes with every call to the controller
     /// and the workers.
     pub access: Access,
+    /// Uploads with more pixels, or a larger padded square in Pad mode, are refused before decoding.
+    pub max_image_pixels: u64,
 }
 
 #[derive(Clone)]
@@ -422,13 +425,21 @@ fn base64_payload(text: &str) -> &str {
     }
 }
 
-/// Decodes an uploaded image; the error names the problem.
-pub fn decode_upload(text: &str) -> Result<RgbImage, String> {
+/// Decodes an uploaded image as Pillow would; one with more than `max_pixels` pixels, or whose square
+/// is larger when `mode` pads it, is refused from its header before anything is decoded or allocated.
+/// The error names the problem.
+pub fn decode_upload(text: &str, mode: ImageMode, max_pixels: u64) -> Result<RgbImage, String> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(base64_payload(text).trim())
         .map_err(|e| format!("the image is not valid base64: {e}"))?;
-    let image = image::load_from_memory(&bytes).map_err(|e| format!("the image cannot be decoded: {e}"))?;
-    Ok(image.to_rgb8())
+    let limit = match mode {
+        ImageMode::Pad => PixelLimit::padded(max_pixels),
+        ImageMode::Resize | ImageMode::Crop | ImageMode::Default => PixelLimit::decoded(max_pixels),
+    };
+    decode_rgb(&bytes, std::path::Path::new("upload"), limit).map_err(|e| match e {
+        crate::Error::Image { message, .. } => format!("the image cannot be used: {message}"),
+        other => format!("the image cannot be used: {other}"),
+    })
 }
 
 pub fn encode_png(image: &RgbImage) -> Vec<u8> {
@@ -537,7 +548,8 @@ fn prepare_chat(server: &WebServer, mut request: ChatRequest) -> Result<Prepared
     let stop = web_stop_string(&conversation);
     let (mut images_base64, mut image_hashes) = (Vec::new(), Vec::new());
     if let Some(upload) = &request.image {
-        let processed = process_image(&decode_upload(upload)?, request.image_process_mode);
+        let mode = request.image_process_mode;
+        let processed = process_image(&decode_upload(upload, mode, server.inner.config.max_image_pixels)?, mode);
         let md5 = image_md5(&processed);
         server.save_image(&processed, &md5);
         images_base64.push(base64::engine::general_purpose::STANDARD.encode(encode_png(&processed)));
@@ -817,6 +829,7 @@ pub fn draw_example(name: &str) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vision::decode::DEFAULT_MAX_PIXELS;
 
     #[test]
     fn text_is_cut_as_the_release_does() {
@@ -880,8 +893,21 @@ mod tests {
     fn uploads_decode_from_data_urls() {
         let png = encode_png(&draw_example("waterview"));
         let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&png));
-        assert_eq!(decode_upload(&url).unwrap().dimensions(), (320, 240));
-        assert!(decode_upload("data:image/png;base64,%%%").unwrap_err().contains("base64"));
-        assert!(decode_upload("aGVsbG8=").unwrap_err().contains("cannot be decoded"));
+        let decode = |text: &str| decode_upload(text, ImageMode::Default, DEFAULT_MAX_PIXELS);
+        assert_eq!(decode(&url).unwrap().dimensions(), (320, 240));
+        assert!(decode("data:image/png;base64,%%%").unwrap_err().contains("base64"));
+        assert!(decode("aGVsbG8=").unwrap_err().contains("not a recognised image format"));
+    }
+
+    #[test]
+    fn uploads_over_the_pixel_limit_are_refused_before_decoding() {
+        // 3000x2: 6000 pixels, but 9000000 once padded to a square.
+        let png = encode_png(&RgbImage::new(3000, 2));
+        let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&png));
+        assert_eq!(decode_upload(&url, ImageMode::Default, 10_000).unwrap().dimensions(), (3000, 2));
+        let padded = decode_upload(&url, ImageMode::Pad, 10_000).unwrap_err();
+        assert!(padded.contains("3000x3000 = 9000000 pixels") && padded.contains("limit of 10000 pixels"), "{padded}");
+        let decoded = decode_upload(&url, ImageMode::Crop, 5_000).unwrap_err();
+        assert!(decoded.contains("6000 pixels") && decoded.contains("limit of 5000 pixels"), "{decoded}");
     }
 }

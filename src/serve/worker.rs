@@ -9,6 +9,7 @@
 //! - error chunks carry the cause ("image 1: not a recognised image format ...") rather than the one
 //!   "NETWORK ERROR" text; codes are the release's.
 use super::http::{Access, JsonBody};
+use super::limits::RequestLimits;
 use super::protocol::STATUS_TIMEOUT;
 use super::protocol::{error_code, HeartBeat, HeartBeatReply, RegisterWorker, StreamChunk, WorkerStatus};
 use crate::engine::{CancelToken, EngineHandle, Event, GenerationParams, ImageInput, Request, RequestInput};
@@ -46,6 +47,8 @@ pub struct WorkerConfig {
     pub heart_beat_interval: Duration,
     /// The deployment's key, sent to the controller with registrations and heart beats.
     pub access: Access,
+    /// Images and stop strings one request may carry.
+    pub limits: RequestLimits,
 }
 
 /// Loading state of the model.
@@ -278,8 +281,12 @@ impl StreamParams {
         })
     }
 
-    /// The engine request: sampling when temperature > 0.001, as the release decides.
-    pub fn to_request(&self) -> Result<Request, String> {
+    /// The engine request: sampling when temperature > 0.001, as the release decides. Requests over
+    /// `limits` are refused before any image is decoded.
+    pub fn to_request(&self, limits: &RequestLimits) -> Result<Request, String> {
+        limits.check_images(self.images.len())?;
+        // The release's `stop` is one string.
+        limits.check_stop(self.stop.as_slice())?;
         let placeholders = self.prompt.matches("<image>").count();
         if placeholders != self.images.len() {
             return Err(format!(
@@ -438,8 +445,8 @@ async fn generate_stream(State(w): State<Worker>, JsonBody(params): JsonBody<ser
     };
     // Decoding images takes time: off the async threads.
     let request = match tokio::task::spawn_blocking({
-        let params = params.clone();
-        move || params.to_request()
+        let (params, limits) = (params.clone(), w.config.limits);
+        move || params.to_request(&limits)
     })
     .await
     {
@@ -576,6 +583,10 @@ impl Worker {
             }
             worker.beat_soon();
         });
+    }
+
+    pub(super) fn limits(&self) -> &RequestLimits {
+        &self.config.limits
     }
 
     pub(super) fn model_name(&self) -> &str {

@@ -1,7 +1,6 @@
 //! transformers' `LlamaTokenizerFast` (4.37.2): `tokenizer.json` run by the `tokenizers` crate
 //! (the Rust core of the Python `tokenizers` 0.15.1 it wraps), with what the Python class sets
 //! around it from the tokenizer configs: re-added tokens, the BOS/EOS template and the clean-up.
-use std::collections::HashSet;
 use std::path::Path;
 
 use tokenizers::models::ModelWrapper;
@@ -11,6 +10,7 @@ use tokenizers::{AddedToken, Tokenizer as CoreTokenizer};
 use super::llama::{SpecialToken, TokenizerOptions};
 use super::sentencepiece::TokenId;
 use super::settings::TokenizerSettings;
+use super::special::SpecialIds;
 use crate::{Error, Result};
 
 /// A token of `added_tokens_decoder` in tokenizer_config.json, with every flag `AddedToken` has.
@@ -38,13 +38,10 @@ impl ConfigAddedToken {
 #[derive(Debug, Clone)]
 pub struct FastTokenizer {
     core: CoreTokenizer,
-    /// Added tokens marked special: `decode(skip_special_tokens=True)` drops them.
-    special_ids: HashSet<TokenId>,
+    /// Skipped by `decode(skip_special_tokens=True)`: the added tokens marked special.
+    special_ids: SpecialIds,
     legacy: bool,
     clean_up_tokenization_spaces: bool,
-    bos_id: Option<TokenId>,
-    eos_id: Option<TokenId>,
-    pad_id: Option<TokenId>,
 }
 
 fn core_error(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -70,12 +67,7 @@ impl FastTokenizer {
                 return Err(core_error(path, format!("unk_token {unk:?} is not in the vocabulary")));
             }
         }
-        let named: Vec<&SpecialToken> =
-            [&options.bos_token, &options.eos_token, &options.unk_token, &options.pad_token]
-                .into_iter()
-                .flatten()
-                .chain(&options.additional_special_tokens)
-                .collect();
+        let named: Vec<&SpecialToken> = options.named_special_tokens().collect();
 
         // transformers re-adds every configured added token (its membership test compares a token
         // with ids, so it never matches), then the named special tokens the vocabulary lacks, in
@@ -102,27 +94,20 @@ impl FastTokenizer {
             }
         }
 
-        let id_of = |token: &Option<SpecialToken>| -> Result<Option<TokenId>> {
-            let Some(token) = token else { return Ok(None) };
+        let id_of = |token: &SpecialToken| {
             core.token_to_id(&token.content)
-                .map(Some)
                 .ok_or_else(|| core_error(path, format!("special token {:?} is not in the vocabulary", token.content)))
         };
-        let bos_id = id_of(&options.bos_token)?;
-        let eos_id = id_of(&options.eos_token)?;
-        let pad_id = id_of(&options.pad_token)?;
-        let template = bos_eos_template(options, bos_id, eos_id).map_err(|e| core_error(path, e))?;
-        core.with_post_processor(template);
-        let special_ids =
+        let skipped =
             core.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
+        let special_ids = SpecialIds::resolve(options, id_of, skipped)?;
+        let template = bos_eos_template(options, special_ids.bos, special_ids.eos).map_err(|e| core_error(path, e))?;
+        core.with_post_processor(template);
         Ok(FastTokenizer {
             core,
             special_ids,
             legacy: options.legacy.unwrap_or(true),
             clean_up_tokenization_spaces: options.clean_up_tokenization_spaces,
-            bos_id,
-            eos_id,
-            pad_id,
         })
     }
 
@@ -133,17 +118,8 @@ impl FastTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.core.get_vocab_size(true)
     }
-    pub fn bos_id(&self) -> Option<TokenId> {
-        self.bos_id
-    }
-    pub fn eos_id(&self) -> Option<TokenId> {
-        self.eos_id
-    }
-    pub fn pad_id(&self) -> Option<TokenId> {
-        self.pad_id
-    }
-    pub fn is_special(&self, id: TokenId) -> bool {
-        self.special_ids.contains(&id)
+    pub fn special_ids(&self) -> &SpecialIds {
+        &self.special_ids
     }
 
     /// Whether `id` is a byte token (`<0xE4>`), as the `ByteFallback` decoder recognises them.
@@ -276,7 +252,7 @@ impl<'t> FastStream<'t> {
     pub(crate) fn push(&mut self, id: TokenId) -> Result<String> {
         self.tokenizer.check_id(id)?;
         self.ids.push(id);
-        if self.tokenizer.is_special(id) || self.tokenizer.is_byte_token(id) {
+        if self.tokenizer.special_ids.is_special(id) || self.tokenizer.is_byte_token(id) {
             return Ok(String::new());
         }
         self.settled = self.ids.len();

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::sentencepiece::{PieceDecoder, SentencePiece, TokenId, SPACE_SYMBOL};
+use super::special::SpecialIds;
 use crate::{Error, Result};
 
 /// A token that is split out of the text before SentencePiece sees it (transformers' `AddedToken`
@@ -64,14 +65,11 @@ pub struct LlamaTokenizer {
     clean_up_tokenization_spaces: bool,
     /// Special tokens by content, longest first (the order text is matched in).
     specials: Vec<(SpecialToken, TokenId)>,
-    special_ids: Vec<TokenId>,
     by_content: HashMap<String, TokenId>,
     unk_token: String,
     /// How many pieces `unk_token` encodes to; non-legacy encoding strips that many.
     unk_token_length: usize,
-    bos_id: Option<TokenId>,
-    eos_id: Option<TokenId>,
-    pad_id: Option<TokenId>,
+    special_ids: SpecialIds,
 }
 
 /// One token of `tokenize`: its string (a piece or a special token) and its id.
@@ -103,19 +101,15 @@ impl LlamaTokenizer {
             }
             Ok(id)
         };
-        let named = [&options.bos_token, &options.eos_token, &options.unk_token, &options.pad_token];
         let mut specials: Vec<(SpecialToken, TokenId)> = Vec::new();
-        for t in named.into_iter().flatten().chain(&options.additional_special_tokens) {
+        for t in options.named_special_tokens() {
             if !specials.iter().any(|(s, _)| s.content == t.content) {
                 specials.push((t.clone(), id_of(t)?));
             }
         }
-        let optional_id = |t: &Option<SpecialToken>| t.as_ref().map(&id_of).transpose();
-        let (bos_id, eos_id, pad_id) =
-            (optional_id(&options.bos_token)?, optional_id(&options.eos_token)?, optional_id(&options.pad_token)?);
+        let special_ids = SpecialIds::resolve(&options, id_of, specials.iter().map(|(_, id)| *id).collect())?;
         let unk_token = options.unk_token.as_ref().map_or_else(|| "<unk>".to_string(), |t| t.content.clone());
         specials.sort_by_key(|(t, _)| std::cmp::Reverse(t.content.len()));
-        let special_ids = specials.iter().map(|(_, id)| *id).collect();
         let by_content = specials.iter().map(|(t, id)| (t.content.clone(), *id)).collect();
         let unk_token_length = sp.encode(&unk_token).len();
         Ok(LlamaTokenizer {
@@ -125,13 +119,10 @@ impl LlamaTokenizer {
             add_eos_token: options.add_eos_token,
             clean_up_tokenization_spaces: options.clean_up_tokenization_spaces,
             specials,
-            special_ids,
             by_content,
             unk_token,
             unk_token_length,
-            bos_id,
-            eos_id,
-            pad_id,
+            special_ids,
         })
     }
 
@@ -144,17 +135,8 @@ impl LlamaTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.sp.vocab_size()
     }
-    pub fn bos_id(&self) -> Option<TokenId> {
-        self.bos_id
-    }
-    pub fn eos_id(&self) -> Option<TokenId> {
-        self.eos_id
-    }
-    pub fn pad_id(&self) -> Option<TokenId> {
-        self.pad_id
-    }
-    pub fn is_special(&self, id: TokenId) -> bool {
-        self.special_ids.contains(&id)
+    pub fn special_ids(&self) -> &SpecialIds {
+        &self.special_ids
     }
 
     /// `tokenizer.encode(text)`: BOS/EOS as configured around the text's ids.
@@ -166,11 +148,11 @@ impl LlamaTokenizer {
     pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Vec<TokenId> {
         let mut ids = Vec::new();
         if add_special_tokens && self.add_bos_token {
-            ids.extend(self.bos_id);
+            ids.extend(self.special_ids.bos);
         }
         ids.extend(self.tokenize(text).into_iter().map(|(_, id)| id));
         if add_special_tokens && self.add_eos_token {
-            ids.extend(self.eos_id);
+            ids.extend(self.special_ids.eos);
         }
         ids
     }
@@ -375,7 +357,7 @@ impl<'t> SlowStream<'t> {
     /// An id outside the vocabulary is an error and leaves the decoder as it was.
     pub fn push(&mut self, id: TokenId) -> Result<String> {
         let piece = self.tokenizer.piece_of(id)?;
-        if self.tokenizer.is_special(id) {
+        if self.tokenizer.special_ids.is_special(id) {
             return Ok(String::new());
         }
         let mut out = String::new();

@@ -13,6 +13,7 @@ mod llama;
 mod proto;
 mod sentencepiece;
 mod settings;
+mod special;
 mod stream;
 mod utf8_bytes;
 
@@ -23,6 +24,7 @@ pub use folder::TokenizerKind;
 pub use llama::{LlamaTokenizer, SpecialToken, TokenizerOptions};
 pub use sentencepiece::{SentencePiece, TokenId};
 pub use settings::{AddedTokenFields, NamedToken, TokenizerSettings, WrittenToken};
+pub use special::SpecialIds;
 pub use stream::StreamDecoder;
 
 use crate::Result;
@@ -94,32 +96,27 @@ impl Tokenizer {
         }
     }
 
-    pub fn bos_id(&self) -> Option<TokenId> {
+    pub fn special_ids(&self) -> &SpecialIds {
         match &self.inner {
-            Implementation::Slow(slow) => slow.bos_id(),
-            Implementation::Fast(fast) => fast.bos_id(),
+            Implementation::Slow(slow) => slow.special_ids(),
+            Implementation::Fast(fast) => fast.special_ids(),
         }
+    }
+
+    pub fn bos_id(&self) -> Option<TokenId> {
+        self.special_ids().bos
     }
 
     pub fn eos_id(&self) -> Option<TokenId> {
-        match &self.inner {
-            Implementation::Slow(slow) => slow.eos_id(),
-            Implementation::Fast(fast) => fast.eos_id(),
-        }
+        self.special_ids().eos
     }
 
     pub fn pad_id(&self) -> Option<TokenId> {
-        match &self.inner {
-            Implementation::Slow(slow) => slow.pad_id(),
-            Implementation::Fast(fast) => fast.pad_id(),
-        }
+        self.special_ids().pad
     }
 
     pub fn is_special(&self, id: TokenId) -> bool {
-        match &self.inner {
-            Implementation::Slow(slow) => slow.is_special(id),
-            Implementation::Fast(fast) => fast.is_special(id),
-        }
+        self.special_ids().is_special(id)
     }
 
     /// `tokenizer.encode(text)`: BOS/EOS as configured around the text's ids.

@@ -16,6 +16,51 @@ use crate::{Error, Result};
 /// Pillow's `Image.MAX_IMAGE_PIXELS`: the default limit above which an image is refused as a decompression bomb.
 pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 
+/// The pixels one image may take, checked from its header before anything is decoded or allocated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PixelLimit {
+    pub max_pixels: u64,
+    /// The image is padded to a square of its long side afterwards (`expand2square`): the square counts,
+    /// since a 60000x2 image becomes 60000x60000.
+    pub padded_to_square: bool,
+}
+
+impl PixelLimit {
+    /// The decoded image alone.
+    pub fn decoded(max_pixels: u64) -> Self {
+        Self { max_pixels, padded_to_square: false }
+    }
+
+    /// The decoded image and the square it is padded to.
+    pub fn padded(max_pixels: u64) -> Self {
+        Self { max_pixels, padded_to_square: true }
+    }
+
+    /// Refuses empty images and images whose pixels (or padded square) pass the limit; returns the
+    /// decoded image's pixel count.
+    pub fn check(&self, width: u32, height: u32) -> std::result::Result<u64, String> {
+        if width == 0 || height == 0 {
+            return Err(format!("image has zero size ({width}x{height})"));
+        }
+        let max_pixels = self.max_pixels;
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > max_pixels {
+            return Err(format!(
+                "image size ({width}x{height} = {pixels} pixels) exceeds the limit of {max_pixels} pixels (possible decompression bomb)"
+            ));
+        }
+        let side = u64::from(width.max(height));
+        if self.padded_to_square && side * side > max_pixels {
+            return Err(format!(
+                "image size ({width}x{height}) padded to a square ({side}x{side} = {} pixels) exceeds the limit of \
+                 {max_pixels} pixels",
+                side * side
+            ));
+        }
+        Ok(pixels)
+    }
+}
+
 /// Formats accepted: JPEG decoded by libjpeg-turbo (`jpeg.rs`), the others by the `image` crate.
 const SUPPORTED: [ImageFormat; 6] =
     [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP, ImageFormat::Bmp, ImageFormat::Gif, ImageFormat::Tiff];
@@ -24,14 +69,14 @@ fn image_error(path: &Path, message: impl Into<String>) -> Error {
     Error::Image { path: path.to_path_buf(), message: message.into() }
 }
 
-/// Read and decode the image file at `path` to RGB; images with more than `max_pixels` pixels are refused.
-pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<RgbImage> {
+/// Read and decode the image file at `path` to RGB; images over `limit` are refused.
+pub fn load_rgb(path: &Path, limit: PixelLimit) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_rgb(&bytes, path, max_pixels)
+    decode_rgb(&bytes, path, limit)
 }
 
 /// Decode an encoded image held in memory to RGB; `path` only names it in errors.
-pub fn decode_rgb(bytes: &[u8], path: &Path, max_pixels: u64) -> Result<RgbImage> {
+pub fn decode_rgb(bytes: &[u8], path: &Path, limit: PixelLimit) -> Result<RgbImage> {
     let reader = || {
         image::io::Reader::new(Cursor::new(bytes))
             .with_guessed_format()
@@ -50,12 +95,12 @@ pub fn decode_rgb(bytes: &[u8], path: &Path, max_pixels: u64) -> Result<RgbImage
         }
     };
     if format == ImageFormat::Jpeg {
-        return super::jpeg::decode(bytes, |w, h| check_size(w, h, max_pixels).map(|_| ()))
+        return super::jpeg::decode(bytes, |w, h| limit.check(w, h).map(|_| ()))
             .map_err(|message| image_error(path, message));
     }
     // Check the header's size before decoding anything, as Pillow's `_decompression_bomb_check` does.
     let (width, height) = guarded(path, || reader()?.into_dimensions().map_err(|e| decode_error(path, format, e)))?;
-    let pixels = check_size(width, height, max_pixels).map_err(|message| image_error(path, message))?;
+    let pixels = limit.check(width, height).map_err(|message| image_error(path, message))?;
     let mut reader = reader()?;
     let mut limits = image::io::Limits::default();
     // Room for the decoded image at 8 bytes per pixel (RGBA16) plus decoder scratch space.
@@ -63,20 +108,6 @@ pub fn decode_rgb(bytes: &[u8], path: &Path, max_pixels: u64) -> Result<RgbImage
     reader.limits(limits);
     let decoded = guarded(path, || reader.decode().map_err(|e| decode_error(path, format, e)))?;
     to_rgb_like_pillow(decoded, path)
-}
-
-/// Refuse empty images and images over `max_pixels`; returns the pixel count.
-fn check_size(width: u32, height: u32, max_pixels: u64) -> std::result::Result<u64, String> {
-    if width == 0 || height == 0 {
-        return Err(format!("image has zero size ({width}x{height})"));
-    }
-    let pixels = u64::from(width) * u64::from(height);
-    if pixels > max_pixels {
-        return Err(format!(
-            "image size ({width}x{height} = {pixels} pixels) exceeds the limit of {max_pixels} pixels (possible decompression bomb)"
-        ));
-    }
-    Ok(pixels)
 }
 
 fn decode_error(path: &Path, format: ImageFormat, e: image::ImageError) -> Error {

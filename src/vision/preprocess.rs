@@ -8,7 +8,7 @@ use image::RgbImage;
 use serde_json::Value;
 use tch::Tensor;
 
-pub use super::decode::{decode_rgb, load_rgb, DEFAULT_MAX_PIXELS};
+pub use super::decode::{decode_rgb, load_rgb, PixelLimit, DEFAULT_MAX_PIXELS};
 use super::resample::{resize_bicubic_window, Window};
 use crate::{Error, Result};
 
@@ -230,7 +230,8 @@ pub struct NamedImage {
 pub struct ImagePreprocessor {
     pub config: PreprocessConfig,
     pub aspect: AspectMode,
-    /// Images with more pixels than this are refused when decoded.
+    /// Images with more pixels than this are refused from their header, before decoding; with `Pad`
+    /// the square they are padded to counts.
     pub max_pixels: u64,
 }
 
@@ -249,15 +250,23 @@ impl ImagePreprocessor {
         self
     }
 
+    /// What an image may take before it is decoded: its pixels, and its padded square with `Pad`.
+    pub fn pixel_limit(&self) -> PixelLimit {
+        match self.aspect {
+            AspectMode::Pad => PixelLimit::padded(self.max_pixels),
+            AspectMode::Plain => PixelLimit::decoded(self.max_pixels),
+        }
+    }
+
     /// Decode a file to RGB (`Image.open(path).convert("RGB")`).
     pub fn load(&self, path: &Path) -> Result<NamedImage> {
-        Ok(NamedImage { path: path.to_path_buf(), rgb: load_rgb(path, self.max_pixels)? })
+        Ok(NamedImage { path: path.to_path_buf(), rgb: load_rgb(path, self.pixel_limit())? })
     }
 
     /// An encoded image held in memory as a `[3, crop_h, crop_w]` float32 tensor; `name` labels errors.
     pub fn encoded_image_tensor(&self, bytes: &[u8], name: &str) -> Result<Tensor> {
         let path = PathBuf::from(name);
-        let rgb = super::decode::decode_rgb(bytes, &path, self.max_pixels)?;
+        let rgb = decode_rgb(bytes, &path, self.pixel_limit())?;
         let values = self.pixel_values(&[NamedImage { path, rgb }])?;
         let first = values.first().ok_or_else(|| Error::InvalidInput(format!("{name}: no pixels")))?;
         first.to_tensor()
@@ -301,6 +310,11 @@ impl ImagePreprocessor {
             AspectMode::Pad => images
                 .iter()
                 .map(|image| {
+                    // Images decoded elsewhere are checked too, before the square is allocated.
+                    let (width, height) = image.rgb.dimensions();
+                    self.pixel_limit()
+                        .check(width, height)
+                        .map_err(|message| Error::Image { path: image.path.clone(), message })?;
                     let square = expand_to_square(&image.rgb, self.config.pad_color());
                     let reading = AxisReading::infer(&square);
                     self.process(&square, reading, &image.path)

@@ -72,6 +72,16 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Copies the model folder `from` to `to` with its context cut to `positions`
+/// (`max_position_embeddings`), for the tests of prompts past the context.
+pub fn copy_with_context(from: &Path, to: &Path, positions: i64) {
+    copy_dir(from, to);
+    let config_path = to.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["max_position_embeddings"] = positions.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+}
+
 /// The per-stage bounds that committed fixtures (made on another machine) are compared with.
 pub fn fixture_tolerance() -> arcana::parity::Tolerance {
     let path = repo_root().join("tests/fixtures/parity/tolerances.json");
