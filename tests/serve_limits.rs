@@ -45,6 +45,21 @@ fn app(dropped: Arc<AtomicBool>) -> Router {
             }),
         )
         .route("/echo", post(|body: String| async move { body }))
+        .route(
+            "/trickle",
+            get(|| async {
+                // Silent for longer than the header timeout, then a piece every 300 ms.
+                let body = futures_util::stream::unfold(0, |i| async move {
+                    if i == 4 {
+                        return None;
+                    }
+                    let pause = if i == 0 { 1500 } else { 300 };
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    Some((Ok::<_, std::io::Error>(bytes::Bytes::from(format!("piece {i}\n"))), i + 1))
+                });
+                Body::from_stream(body)
+            }),
+        )
         .route("/health", get(|| async { "ok" }))
 }
 
@@ -120,6 +135,28 @@ fn a_client_that_never_finishes_its_headers_is_disconnected() {
     // An idle connection that sends nothing at all goes too.
     let mut idle = TcpStream::connect(addr).unwrap();
     assert!(closed_within(&mut idle, Duration::from_secs(5)), "an idle connection was kept");
+}
+
+#[test]
+fn a_slow_reply_outlives_the_header_timeout() {
+    let addr = serve(ServeLimits { request_timeout: Duration::from_secs(5), ..limits() }, Arc::default());
+    let text = reqwest::blocking::get(format!("http://{addr}/trickle")).unwrap().text().unwrap();
+    assert_eq!(text, "piece 0\npiece 1\npiece 2\npiece 3\n");
+}
+
+#[test]
+fn a_body_announced_over_the_limit_is_refused_before_it_is_sent() {
+    let addr = serve(limits(), Arc::default());
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-length: 4000000000\r\n\r\n{").unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = [0u8; 64];
+    let n = stream.read(&mut reply).unwrap_or(0);
+    assert!(
+        String::from_utf8_lossy(&reply[..n]).starts_with("HTTP/1.1 413"),
+        "{:?}",
+        String::from_utf8_lossy(&reply[..n])
+    );
 }
 
 #[test]

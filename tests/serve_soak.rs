@@ -47,7 +47,11 @@ fn start_all(dir: &std::path::Path, extra: &[&str]) -> All {
         .args(["all", "--model-path", MODEL, "--port", "0", "--controller-port", "0", "--worker-port", "0"])
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // ARCANA_SOAK_LOG=FILE keeps the servers' log.
+        .stderr(match std::env::var_os("ARCANA_SOAK_LOG") {
+            Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+            None => Stdio::null(),
+        })
         .spawn()
         .unwrap();
     let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());

@@ -193,7 +193,7 @@ impl BaseWeight {
         Ok(match mode {
             Quantization::Int8 if on_cpu_fp32 => Self::Int8Packed(pack_int8(&w, bias)?),
             Quantization::Int8 => {
-                let (q, scale) = int8_rows(&w)?;
+                let (q, scale) = int8_rows(&w, 127.0)?;
                 Self::Int8 { q, scale: scale.f_to_kind(kind)?, bias, kind }
             }
             Quantization::Fp16 if on_cpu_fp32 => {
@@ -218,10 +218,10 @@ impl BaseWeight {
     }
 }
 
-/// Symmetric int8 rows: `q = round(w / s)` with `s = max |w_row| / 127`; returns `(q, s [out, 1])`.
+/// Symmetric int8 rows: `q = round(w / s)` with `s = max |w_row| / max_code`; returns `(q, s [out, 1])`.
 /// Computed a block of rows at a time, so the float temporaries stay small beside a large matrix
 /// (lm_head) that is being converted while the checkpoint streams in.
-fn int8_rows(w: &Tensor) -> Result<(Tensor, Tensor)> {
+fn int8_rows(w: &Tensor, max_code: f64) -> Result<(Tensor, Tensor)> {
     const BLOCK: i64 = 512;
     let (rows, cols) = w.size2()?;
     let q = Tensor::f_empty([rows, cols], (Kind::Int8, w.device()))?;
@@ -229,17 +229,31 @@ fn int8_rows(w: &Tensor) -> Result<(Tensor, Tensor)> {
     for start in (0..rows).step_by(BLOCK as usize) {
         let n = BLOCK.min(rows - start);
         let block = w.f_narrow(0, start, n)?;
-        let s = block.f_abs()?.f_amax(&[1i64][..], true)?.f_clamp_min(1e-12)?.f_div_scalar(127.0)?;
-        let codes = block.f_div(&s)?.f_round()?.f_clamp(-127.0, 127.0)?.f_to_kind(Kind::Int8)?;
+        let s = block.f_abs()?.f_amax(&[1i64][..], true)?.f_clamp_min(1e-12)?.f_div_scalar(max_code)?;
+        let codes = block.f_div(&s)?.f_round()?.f_clamp(-max_code, max_code)?.f_to_kind(Kind::Int8)?;
         q.f_narrow(0, start, n)?.f_copy_(&codes)?;
         scale.f_narrow(0, start, n)?.f_copy_(&s)?;
     }
     Ok((q, scale))
 }
 
+/// The largest weight code fbgemm's int8 GEMM can take on this CPU. Without AVX-512 VNNI its kernel
+/// multiplies u8 activations by s8 weights with `vpmaddubsw`, which adds two products into a saturating
+/// int16: full-range codes (255 * 127 * 2 = 64770) overflow it and the output is wrong. Codes up to 63
+/// keep every pair under 32767, as PyTorch's `reduce_range` does on the activation side. Measured on an
+/// AVX2-only AMD EPYC with `cargo test --lib every_mode` (16x128 matrix, relative error of the output):
+/// 0.124 with codes to 127, 0.020 with codes to 63 (the test's bound is 0.03).
+fn fbgemm_max_code() -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512vnni") {
+        return 127.0;
+    }
+    63.0
+}
+
 fn pack_int8(w: &Tensor, bias: Option<Tensor>) -> Result<Int8Packed> {
     let (out_dim, in_dim) = w.size2()?;
-    let (q, scale) = int8_rows(w)?;
+    let (q, scale) = int8_rows(w, fbgemm_max_code())?;
     // With weight zero point 0 the kernel's column offsets are the plain row sums.
     let col_offsets = q.f_sum_dim_intlist(&[1i64][..], false, Kind::Int)?;
     let packed = q.f_fbgemm_pack_quantized_matrix()?;

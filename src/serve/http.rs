@@ -227,7 +227,8 @@ pub async fn serve_with(listener: tokio::net::TcpListener, app: Router, options:
 fn guarded(app: Router, options: ServeOptions, local: SocketAddr) -> Router {
     let ServeOptions { limits, access, public_path } = options;
     let host_check = HostCheck::new(&access.allowed_hosts, local.ip());
-    let gate = Arc::new(Gate { api_key: access.api_key, host_check, public_path });
+    let gate =
+        Arc::new(Gate { api_key: access.api_key, host_check, public_path, max_body_bytes: limits.max_body_bytes });
     let timeout = limits.request_timeout;
     app.layer(axum::middleware::from_fn(move |request: Request, next: Next| {
         let gate = gate.clone();
@@ -257,6 +258,7 @@ struct Gate {
     api_key: Option<String>,
     host_check: HostCheck,
     public_path: fn(&str) -> bool,
+    max_body_bytes: usize,
 }
 
 impl Gate {
@@ -269,6 +271,18 @@ impl Gate {
                     format!("host `{}` is not served here (add it with --allowed-host)", host.escape_debug()),
                 ));
             }
+        }
+        // A body announced over the limit is refused before any of it is read (the body limit alone
+        // would wait for the bytes to arrive).
+        let announced = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return Err((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is larger than the server's limit of {} bytes (--max-body-bytes)",
+                    self.max_body_bytes
+                ),
+            ));
         }
         let Some(key) = &self.api_key else { return Ok(()) };
         if (self.public_path)(path) {
