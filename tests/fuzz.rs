@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use arcana::config::{ArcanaConfig, VisionConfig};
 use arcana::tokenizer::Tokenizer;
-use arcana::vision::decode::decode_rgb;
+use arcana::vision::decode::{decode_rgb, PixelLimit};
 use arcana::vision::preprocess::{ImagePreprocessor, PreprocessConfig};
 use arcana::weights::{Checkpoint, WeightLoader};
 use serde_json::{json, Value};
@@ -443,7 +443,7 @@ fn image_check() -> Check {
     let padded = ImagePreprocessor::new(config, arcana::config::AspectMode::Pad).with_max_pixels(PAD_MAX_PIXELS);
     Arc::new(move |bytes: &[u8]| {
         let name = Path::new("fuzzed-image.bin");
-        match decode_rgb(bytes, name, FUZZ_MAX_PIXELS) {
+        match decode_rgb(bytes, name, PixelLimit::decoded(FUZZ_MAX_PIXELS)) {
             Ok(rgb) if u64::from(rgb.width()) * u64::from(rgb.height()) > FUZZ_MAX_PIXELS => {
                 return Err(format!(
                     "decoded {}x{} past the limit of {FUZZ_MAX_PIXELS} pixels",
@@ -496,7 +496,7 @@ fn headers_that_claim_huge_sizes_are_refused_before_allocation() {
         for &(w, h) in &CLAIMED_SIZES {
             let Some(bytes) = claim_size(seed, w, h) else { continue };
             claimed += 1;
-            let result = decode_rgb(&bytes, Path::new("claim.bin"), FUZZ_MAX_PIXELS);
+            let result = decode_rgb(&bytes, Path::new("claim.bin"), PixelLimit::decoded(FUZZ_MAX_PIXELS));
             let Err(e) = result else {
                 let rgb = result.unwrap();
                 // A decoder may read the real size from elsewhere (GIF frames, WebP chunks): fine within the limit.

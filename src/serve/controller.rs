@@ -109,16 +109,16 @@ impl Controller {
     }
 
     /// Refuses registry changes from other machines unless a key guards them or they are allowed.
-    fn registry_caller_allowed(&self, client: &SocketAddr) -> Result<(), Response> {
+    fn registry_caller_allowed(&self, client: &SocketAddr) -> Result<(), Box<Response>> {
         if self.access.api_key.is_some() || self.allow_remote_workers || client.ip().is_loopback() {
             return Ok(());
         }
         tracing::warn!(client = %client, "registry change refused: not from loopback");
-        Err(json_error(
+        Err(Box::new(json_error(
             StatusCode::FORBIDDEN,
             "workers may register only from this machine: start the controller with --api-key (and the \
              workers with the same key) or --allow-remote-workers",
-        ))
+        )))
     }
 
     /// Shorter heart-beat expiry, for tests.
@@ -460,7 +460,7 @@ async fn register_worker(
     JsonBody(body): JsonBody<RegisterWorker>,
 ) -> Response {
     if let Err(refused) = c.registry_caller_allowed(&client) {
-        return refused;
+        return *refused;
     }
     match c.register(&body.worker_name, body.check_heart_beat, body.worker_status).await {
         Ok(()) => Json(serde_json::Value::Null).into_response(),
@@ -488,7 +488,7 @@ async fn unregister_worker(
     JsonBody(b): JsonBody<UnregisterWorker>,
 ) -> Response {
     if let Err(refused) = c.registry_caller_allowed(&client) {
-        return refused;
+        return *refused;
     }
     Json(HeartBeatReply { exist: c.unregister(&b.worker_name) }).into_response()
 }
@@ -499,7 +499,7 @@ async fn receive_heart_beat(
     JsonBody(b): JsonBody<HeartBeat>,
 ) -> Response {
     if let Err(refused) = c.registry_caller_allowed(&client) {
-        return refused;
+        return *refused;
     }
     Json(HeartBeatReply { exist: c.heart_beat(&b.worker_name, b.queue_length) }).into_response()
 }

@@ -325,7 +325,7 @@ impl HostCheck {
 
     fn accepts(&self, host: &str) -> bool {
         let name = host_name(host).to_ascii_lowercase();
-        if is_loopback_name(&name) || self.allowed.iter().any(|a| *a == name) {
+        if is_loopback_name(&name) || self.allowed.contains(&name) {
             return true;
         }
         self.allowed.is_empty() && !self.loopback_only
