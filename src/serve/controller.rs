@@ -179,23 +179,7 @@ impl Controller {
     /// in use meanwhile.
     pub async fn refresh_all(&self) {
         let names: Vec<String> = self.lock().keys().cloned().collect();
-        let probes = names.iter().map(|name| self.probe(name));
-        let results = futures_util::future::join_all(probes).await;
-        let mut workers = self.lock();
-        for (name, result) in names.into_iter().zip(results) {
-            match result {
-                Ok(status) => {
-                    if let Some(w) = workers.get_mut(&name) {
-                        w.status = status;
-                        w.last_heart_beat = Instant::now();
-                    }
-                }
-                Err(cause) => {
-                    tracing::info!(worker = loggable(&name), cause = loggable(&cause), "removed stale worker");
-                    workers.remove(&name);
-                }
-            }
-        }
+        self.reprobe(names).await;
     }
 
     /// Workers registered without heart beats still have to answer: each is probed once per expiry
@@ -208,9 +192,14 @@ impl Controller {
             .filter(|(_, w)| !w.check_heart_beat && w.last_heart_beat.elapsed() >= expiration)
             .map(|(name, _)| name.clone())
             .collect();
-        for name in silent {
-            let result = self.probe(&name).await;
-            let mut workers = self.lock();
+        self.reprobe(silent).await;
+    }
+
+    /// Asks `names` for their status at once; those that answer are updated, the others dropped.
+    async fn reprobe(&self, names: Vec<String>) {
+        let results = futures_util::future::join_all(names.iter().map(|name| self.probe(name))).await;
+        let mut workers = self.lock();
+        for (name, result) in names.into_iter().zip(results) {
             match result {
                 Ok(status) => {
                     if let Some(w) = workers.get_mut(&name) {
