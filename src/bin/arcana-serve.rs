@@ -9,6 +9,7 @@ use arcana::engine::{Engine, EngineOptions};
 use arcana::prompt::conversation::model_name_from_path;
 use arcana::serve::controller::{self, Controller, DispatchMethod};
 use arcana::serve::http::{self, Access, ServeLimits, ServeOptions};
+use arcana::serve::image_fetch::{AddressBlock, ImageFetchPolicy};
 use arcana::serve::limits::{self, RequestLimits};
 use arcana::serve::protocol::{HEART_BEAT_EXPIRATION, WORKER_HEART_BEAT_INTERVAL};
 use arcana::serve::web::{self, ModelListMode, WebConfig, WebServer};
@@ -262,6 +263,43 @@ struct ModelArgs {
     allow_image_urls: bool,
     #[command(flatten)]
     limits: RequestLimitArgs,
+    /// Largest image fetched from a URL, in bytes; the download stops as soon as it is exceeded.
+    #[arg(long, default_value_t = ImageFetchPolicy::DEFAULT_MAX_BYTES, requires = "allow_image_urls")]
+    image_url_max_bytes: usize,
+    /// Seconds one image URL may take, redirects included.
+    #[arg(long, default_value_t = ImageFetchPolicy::DEFAULT_TIMEOUT_SECONDS, requires = "allow_image_urls")]
+    image_url_timeout: u64,
+    /// Redirects followed for one image URL (each target is checked as the URL itself).
+    #[arg(long, default_value_t = ImageFetchPolicy::DEFAULT_MAX_REDIRECTS, requires = "allow_image_urls")]
+    image_url_max_redirects: usize,
+    /// Image URLs in one request; a request with more is refused before anything is fetched.
+    #[arg(long, default_value_t = ImageFetchPolicy::DEFAULT_MAX_URLS_PER_REQUEST, requires = "allow_image_urls")]
+    max_image_urls_per_request: usize,
+    /// Fetch from these non-public addresses all the same (CIDR, e.g. 10.1.0.0/16 for an intranet image
+    /// store; repeatable). Loopback, private, link-local and other non-public addresses are refused otherwise.
+    #[arg(long = "image-url-allow", value_name = "CIDR", requires = "allow_image_urls")]
+    image_url_allow: Vec<AddressBlock>,
+}
+
+impl ModelArgs {
+    fn image_fetch_policy(&self) -> anyhow::Result<ImageFetchPolicy> {
+        if self.image_url_max_bytes == 0 {
+            bail!("--image-url-max-bytes must be at least 1");
+        }
+        if self.image_url_timeout == 0 {
+            bail!("--image-url-timeout must be at least 1 (seconds)");
+        }
+        if self.max_image_urls_per_request == 0 {
+            bail!("--max-image-urls-per-request must be at least 1 (without --allow-image-urls no URL is fetched)");
+        }
+        Ok(ImageFetchPolicy {
+            max_bytes: self.image_url_max_bytes,
+            total_timeout: Duration::from_secs(self.image_url_timeout),
+            max_redirects: self.image_url_max_redirects,
+            max_urls_per_request: self.max_image_urls_per_request,
+            allowed_addresses: self.image_url_allow.clone(),
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -346,6 +384,7 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
         bail!("--max-batch must be at least 1");
     }
     let serve_options = args.server.options(|path| path == "/health")?;
+    let image_fetch_policy = model.image_fetch_policy()?;
     let (device, placement) = model.placement.resolve()?;
     let choice = model.weights.resolve(device, &placement)?;
     let threads = model.weights.threads()?;
@@ -365,6 +404,7 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
         controller_address: (!args.no_register).then(|| args.controller_address.trim_end_matches('/').to_string()),
         limit_model_concurrency: model.limit_model_concurrency,
         allow_image_urls: model.allow_image_urls,
+        image_fetch_policy,
         heart_beat_interval: Duration::from_secs_f64(args.heart_beat_interval),
         access: serve_options.access.clone(),
         limits: model.limits.limits(),

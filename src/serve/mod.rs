@@ -5,6 +5,7 @@
 //! HTTP runs on tokio; model work never runs on the async runtime.
 pub mod controller;
 pub mod http;
+pub mod image_fetch;
 pub mod limits;
 pub mod openai;
 pub mod protocol;

@@ -4,6 +4,7 @@
 //! `--allow-image-urls`). Errors use OpenAI's `{"error": {"message", "type", "param", "code"}}` shape.
 use super::controller::Controller;
 use super::http::loggable;
+use super::image_fetch::{fetch_image, ImageFetchPolicy};
 use super::limits::RequestLimits;
 use super::worker::{client_watch, decode_base64_image, receiver_stream, Worker};
 use crate::engine::{ChatMessage, Event, FinishReason, GenerationParams, ImageInput, Request, RequestInput, Role};
@@ -19,9 +20,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Largest image fetched from a remote URL.
-const MAX_REMOTE_IMAGE_BYTES: usize = 20 * 1024 * 1024;
 
 /// An OpenAI-style error reply.
 pub fn openai_error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response {
@@ -111,11 +109,12 @@ enum ImageSource {
     Remote(String),
 }
 
-/// The engine request of a chat completion; images that need fetching are returned as URLs. Requests
-/// over `limits` are refused before any image is read.
+/// The engine request of a chat completion; images that need fetching are returned as URLs, at most
+/// the policy's number of them (`image_urls` is `None` where URLs are not fetched). Requests over
+/// `limits` are refused before any image is read.
 fn to_request(
     body: &ChatCompletionRequest,
-    allow_image_urls: bool,
+    image_urls: Option<&ImageFetchPolicy>,
     limits: &RequestLimits,
 ) -> Result<(Request, Vec<ImageSource>), String> {
     if body.n.is_some_and(|n| n != 1) {
@@ -152,7 +151,7 @@ fn to_request(
                                 return Err(format!("messages[{i}]: only user messages can carry images"));
                             }
                             images.push(
-                                image_source(&image_url.url, allow_image_urls)
+                                image_source(&image_url.url, image_urls.is_some())
                                     .map_err(|e| format!("messages[{i}]: {e}"))?,
                             );
                             count += 1;
@@ -162,6 +161,13 @@ fn to_request(
             }
         }
         messages.push(ChatMessage { role, text, images: count });
+    }
+    let url_count = images.iter().filter(|image| matches!(image, ImageSource::Remote(_))).count();
+    if let Some(policy) = image_urls.filter(|policy| url_count > policy.max_urls_per_request) {
+        return Err(format!(
+            "{url_count} image URLs in one request, more than the limit of {} (send the others as data: URLs)",
+            policy.max_urls_per_request
+        ));
     }
     if messages.last().map(|m| m.role) != Some(Role::User) {
         return Err("the last message must come from the user".into());
@@ -206,23 +212,6 @@ fn image_source(url: &str, allow_image_urls: bool) -> Result<ImageSource, String
         return Ok(ImageSource::Remote(url.to_string()));
     }
     Err("an image_url must be a data: URL (data:image/png;base64,...) or, if allowed, an http(s) URL".into())
-}
-
-async fn fetch_image(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
-    let reply = client
-        .get(url)
-        .timeout(std::time::Duration::from_secs(20))
-        .send()
-        .await
-        .map_err(|e| format!("fetching {url}: {e}"))?;
-    if !reply.status().is_success() {
-        return Err(format!("fetching {url}: HTTP {}", reply.status()));
-    }
-    let bytes = reply.bytes().await.map_err(|e| format!("fetching {url}: {e}"))?;
-    if bytes.len() > MAX_REMOTE_IMAGE_BYTES {
-        return Err(format!("{url}: {} bytes, more than {MAX_REMOTE_IMAGE_BYTES}", bytes.len()));
-    }
-    Ok(bytes.to_vec())
 }
 
 fn now() -> u64 {
@@ -271,8 +260,7 @@ fn answer_error(e: &Error) -> (StatusCode, &'static str, Option<&'static str>) {
 /// `POST /v1/chat/completions` on a worker.
 pub async fn chat_completions(
     worker: Worker,
-    allow_image_urls: bool,
-    client: reqwest::Client,
+    image_urls: Option<ImageFetchPolicy>,
     body: Result<Json<ChatCompletionRequest>, JsonRejection>,
 ) -> Response {
     worker.count_request();
@@ -293,17 +281,21 @@ pub async fn chat_completions(
         Ok(engine) => engine,
         Err(message) => return openai_error(StatusCode::SERVICE_UNAVAILABLE, &message, "server_error", None),
     };
-    let (mut request, sources) = match to_request(&body, allow_image_urls, worker.limits()) {
+    let (mut request, sources) = match to_request(&body, image_urls.as_ref(), worker.limits()) {
         Ok(r) => r,
         Err(message) => return invalid(message),
     };
     for (i, source) in sources.into_iter().enumerate() {
         let bytes = match source {
             ImageSource::Data(bytes) => bytes,
-            ImageSource::Remote(url) => match fetch_image(&client, &url).await {
-                Ok(bytes) => bytes,
-                Err(message) => return invalid(message),
-            },
+            ImageSource::Remote(url) => {
+                // `to_request` returns remote sources only under a policy.
+                let Some(policy) = image_urls.as_ref() else { return invalid("image URLs are not fetched here") };
+                match fetch_image(&url, policy).await {
+                    Ok(bytes) => bytes,
+                    Err(e) => return invalid(format!("image {}: {e}", i + 1)),
+                }
+            }
         };
         request.images.push(ImageInput::Encoded { name: format!("image {}", i + 1), bytes });
     }
@@ -483,8 +475,8 @@ pub fn worker_routes(worker: Worker) -> Router {
         .route(
             "/v1/chat/completions",
             post(|State(w): State<Worker>, body| async move {
-                let (allow, client) = w.image_fetching();
-                chat_completions(w, allow, client, body).await
+                let image_urls = w.image_fetching();
+                chat_completions(w, image_urls, body).await
             }),
         )
         .with_state(worker)

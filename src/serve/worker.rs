@@ -9,6 +9,7 @@
 //! - error chunks carry the cause ("image 1: not a recognised image format ...") rather than the one
 //!   "NETWORK ERROR" text; codes are the release's.
 use super::http::{Access, JsonBody};
+use super::image_fetch::ImageFetchPolicy;
 use super::limits::RequestLimits;
 use super::protocol::STATUS_TIMEOUT;
 use super::protocol::{error_code, HeartBeat, HeartBeatReply, RegisterWorker, StreamChunk, WorkerStatus};
@@ -43,6 +44,8 @@ pub struct WorkerConfig {
     pub limit_model_concurrency: usize,
     /// The OpenAI API may fetch `http(s)` image URLs (`--allow-image-urls`); otherwise they are refused.
     pub allow_image_urls: bool,
+    /// Limits and address exceptions for those fetches (`--image-url-*`, `--max-image-urls-per-request`).
+    pub image_fetch_policy: ImageFetchPolicy,
     /// Time between heart beats: the release's 15 s (shorter in tests).
     pub heart_beat_interval: Duration,
     /// The deployment's key, sent to the controller with registrations and heart beats.
@@ -339,9 +342,9 @@ pub fn routes(worker: Worker) -> Router {
 }
 
 impl Worker {
-    /// Whether the OpenAI API may fetch http(s) image URLs, and the client it fetches them with.
-    pub fn image_fetching(&self) -> (bool, reqwest::Client) {
-        (self.config.allow_image_urls, self.client.clone())
+    /// How the OpenAI API fetches image URLs; `None` when it does not.
+    pub fn image_fetching(&self) -> Option<ImageFetchPolicy> {
+        self.config.allow_image_urls.then(|| self.config.image_fetch_policy.clone())
     }
 }
 
