@@ -185,6 +185,16 @@ def run_cli(model_path, image_file, prompts, temperature, max_new_tokens, top_p=
         reply = tokenizer.decode(output_ids[0]).strip()
         messages.append(conv.Message(template.roles[1], reply))
         out = output_ids[0].tolist()
+        greedy_logprobs = None
+        if not do_sample:
+            # the log-probabilities the engine reports: log_softmax of each step's logits (greedy scores are
+            # the logits), at the chosen token and the five most likely, in float32
+            greedy_logprobs = []
+            for scores, token in zip(generated.scores, out[1:]):
+                logprobs = torch.log_softmax(scores[0].float(), -1)
+                top = logprobs.topk(5)
+                greedy_logprobs.append({"id": token, "logprob": float(logprobs[token]),
+                                        "top": [[int(i), float(v)] for v, i in zip(top.values, top.indices)]})
         turns.append({
             "prompt": prompt,
             "input_ids": input_ids,
@@ -194,6 +204,7 @@ def run_cli(model_path, image_file, prompts, temperature, max_new_tokens, top_p=
             "new_tokens": len(out) - 1,
             "stopped_at_eos": out[-1] == tokenizer.eos_token_id,
             "greedy_min_margin": margin,
+            "greedy_logprobs": greedy_logprobs,
             "text": collect.text(),
             "text_decoded": tokenizer.decode(output_ids[0], skip_special_tokens=True),
             "reply": reply,

@@ -1,7 +1,9 @@
 //! A chat with the model as the release's `serve/cli.py` runs it, on an [`Engine`]: the image attached
 //! to the first user message, each turn answered from the whole conversation, and the reply stored the
 //! way the release stores it (`tokenizer.decode(output_ids).strip()`, special tokens included).
-use crate::engine::{ChatMessage, Engine, Event, Flow, GenerationParams, ImageInput, Request, RequestInput};
+use crate::engine::{
+    ChatMessage, Engine, Event, FinishReason, Flow, GenerationParams, ImageInput, Request, RequestInput, TokenLogprobs,
+};
 use crate::error::Result;
 use crate::prompt::conversation::strip_python_whitespace;
 use tch::Tensor;
@@ -25,6 +27,11 @@ pub struct TurnResult {
     pub mask_policies_differ: bool,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    /// Why the answer ended.
+    pub finish_reason: FinishReason,
+    /// Each new token's log-probability and alternatives, when asked for (`--logprobs N`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 /// A conversation in progress over an engine.
@@ -79,6 +86,8 @@ impl<'e> ChatSession<'e> {
             mask_policies_differ: completion.prompt.mask_policies_differ,
             prefill_seconds: finish.timings.prefill_seconds,
             decode_seconds: finish.timings.decode_seconds,
+            finish_reason: finish.reason,
+            logprobs: completion.logprobs,
         })
     }
 }

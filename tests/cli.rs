@@ -263,3 +263,42 @@ torch.save({k: v for k, v in sd.items() if k.startswith("model.mm_projector.")},
     // The base's projector is the same fp16 tensor, so the release's fp16 cast changes nothing.
     assert_eq!(ours["turns"][0]["output_ids"], expected["turns"][0]["output_ids"]);
 }
+
+#[test]
+fn a_json_schema_constrains_the_answer_and_log_probabilities_come_with_json() {
+    let Some(dir) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let schema_file = tmp.path().join("schema.json");
+    let schema = serde_json::json!({"type": "object", "properties": {
+        "colour": {"enum": ["red", "green"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["colour", "n"], "additionalProperties": false});
+    std::fs::write(&schema_file, schema.to_string()).unwrap();
+    let schema_arg = schema_file.to_str().unwrap();
+    let base = ["--model-path", "arcana-cli-tiny-v1", "--temperature", "0", "--prompt", "Colour?", "--json"];
+    let out = arcana(dir, &[&base[..], &["--json-schema", schema_arg, "--logprobs", "2"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let turns: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let turn = &turns["turns"][0];
+    let answer: Value = serde_json::from_str(turn["text"].as_str().unwrap()).unwrap();
+    assert!(["red", "green"].contains(&answer["colour"].as_str().unwrap()), "{answer}");
+    assert!(answer["n"].as_i64().is_some_and(|n| (0..=9).contains(&n)), "{answer}");
+    assert_eq!(turn["finish_reason"], "complete");
+    let logprobs = turn["logprobs"].as_array().unwrap();
+    assert_eq!(logprobs.len() + 1, turn["output_ids"].as_array().unwrap().len(), "one per new token");
+    assert!(logprobs.iter().all(|t| t["top"].as_array().unwrap().len() == 2), "{logprobs:?}");
+
+    let regex = arcana(dir, &[&base[..], &["--regex", "[0-9]{2}-[a-z]{3}"]].concat());
+    let turns: Value = serde_json::from_slice(&regex.stdout).unwrap();
+    let text = turns["turns"][0]["text"].as_str().unwrap();
+    assert!(text.len() == 6 && text.as_bytes()[2] == b'-', "{text:?}");
+    assert!(turns["turns"][0].get("logprobs").is_none(), "no log-probabilities unless asked");
+
+    let bad = tmp.path().join("bad.json");
+    std::fs::write(&bad, r#"{"type": "strin"}"#).unwrap();
+    let stderr = failure(dir, &[&base[..], &["--json-schema", bad.to_str().unwrap()]].concat());
+    assert!(stderr.contains("JSON schema cannot be used") && stderr.contains("strin"), "{stderr}");
+    let stderr = failure(dir, &["--model-path", "arcana-cli-tiny-v1", "--logprobs", "2", "--prompt", "x"]);
+    assert!(stderr.contains("--json"), "{stderr}");
+    let stderr = failure(dir, &[&base[..], &["--regex", "a", "--json-schema", schema_arg]].concat());
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}

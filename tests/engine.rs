@@ -94,6 +94,35 @@ fn a_greedy_conversation_streams_the_answer_of_the_cli_reference() {
 }
 
 #[test]
+fn greedy_log_probabilities_equal_the_references_to_the_bit() {
+    let Some(dir) = cli_fixtures() else { return };
+    let engine = load(&dir.join("arcana-cli-tiny-v1"));
+    let expected = expected_turn(dir, "v1-square-greedy");
+    let params = GenerationParams { logprobs: Some(5), ..greedy(24) };
+    let (completion, events) = answer(&engine, &square_request(dir, params));
+    let reference = expected["greedy_logprobs"].as_array().expect("the reference exports greedy_logprobs");
+    assert_eq!(completion.logprobs.len(), completion.output_ids.len());
+    assert_eq!(events.iter().filter(|e| matches!(e, Event::Logprobs(_))).count(), completion.output_ids.len());
+    assert_eq!(reference.len(), completion.logprobs.len());
+    for (step, (got, want)) in completion.logprobs.iter().zip(reference).enumerate() {
+        assert_eq!(got.chosen.id, want["id"].as_i64().unwrap(), "step {step}");
+        // Python's float of a float32 round-trips through f64 to the same f32.
+        assert_eq!(got.chosen.logprob.to_bits(), (want["logprob"].as_f64().unwrap() as f32).to_bits(), "step {step}");
+        let want_top: Vec<(i64, f32)> = want["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|pair| (pair[0].as_i64().unwrap(), pair[1].as_f64().unwrap() as f32))
+            .collect();
+        let got_top: Vec<(i64, f32)> = got.top.iter().map(|t| (t.id, t.logprob)).collect();
+        assert_eq!(got_top, want_top, "step {step}");
+        assert_eq!(got.top[0].id, got.chosen.id, "greedy takes the most likely token");
+        let surface = engine.tokenizer().token_surface(got.chosen.id as u32).unwrap();
+        assert!(matches!(&surface, arcana::tokenizer::TokenSurface::Bytes(b) if *b == got.chosen.bytes), "{surface:?}");
+    }
+}
+
+#[test]
 fn a_seeded_sampled_request_draws_what_the_reference_draws() {
     let Some(dir) = cli_fixtures() else { return };
     let engine = load(&dir.join("arcana-cli-tiny-v1"));

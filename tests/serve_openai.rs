@@ -180,3 +180,111 @@ fn requests_past_the_image_and_stop_limits_are_refused_and_the_worker_keeps_serv
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["object"], "chat.completion");
 }
+
+const STRUCTURED_SCRIPT: &str = r#"
+import json, sys
+import openai
+from openai import OpenAI
+base_url, model = sys.argv[1], sys.argv[2]
+client = OpenAI(base_url=base_url + "/v1", api_key="unused")
+schema = {"type": "object", "properties": {
+    "item": {"type": "string", "maxLength": 10},
+    "count": {"type": "integer", "minimum": 1, "maximum": 99},
+    "colour": {"enum": ["red", "green", "blue"]}},
+    "required": ["item", "count", "colour"], "additionalProperties": False}
+messages = [{"role": "user", "content": "Read the receipt into JSON."}]
+fmt = {"type": "json_schema", "json_schema": {"name": "receipt", "schema": schema, "strict": True}}
+out = {}
+for temperature in (0, 1):
+    whole = client.chat.completions.create(model=model, messages=messages, temperature=temperature, seed=3,
+                                           max_tokens=200, response_format=fmt, logprobs=True, top_logprobs=3)
+    choice = whole.choices[0]
+    tokens = [{"token": t.token, "bytes": t.bytes, "logprob": t.logprob,
+               "top": [[a.token, a.logprob] for a in t.top_logprobs]} for t in choice.logprobs.content]
+    out[f"whole_{temperature}"] = {"content": choice.message.content, "finish_reason": choice.finish_reason,
+                                   "tokens": tokens, "completion_tokens": whole.usage.completion_tokens}
+pieces, streamed_tokens = [], 0
+for chunk in client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=200,
+                                            response_format=fmt, stream=True, logprobs=True):
+    if chunk.choices and chunk.choices[0].delta.content:
+        pieces.append(chunk.choices[0].delta.content)
+    if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+        streamed_tokens += len(chunk.choices[0].logprobs.content)
+out["streamed"] = {"content": "".join(pieces), "tokens": streamed_tokens}
+obj = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=60,
+                                     response_format={"type": "json_object"})
+out["json_object"] = [obj.choices[0].message.content, obj.choices[0].finish_reason]
+refused = []
+for bad in ({"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "strin"}}},
+            {"type": "regex", "regex": "[0-9"}):
+    for stream in (False, True):
+        try:
+            client.chat.completions.create(model=model, messages=messages, response_format=bad, stream=stream)
+            refused.append("accepted")
+        except openai.BadRequestError as e:
+            refused.append(e.status_code)
+out["refused"] = refused
+print(json.dumps(out))
+"#;
+
+#[test]
+fn the_openai_client_gets_schema_valid_json_and_log_probabilities() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let Some(python) = python_with_openai() else { return };
+    let controller = start(dir, &["controller"]);
+    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
+    wait_ready(&worker.url);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client().post(format!("{}/list_models", controller.url)).send().unwrap().json::<Value>().unwrap()["models"]
+        != json!(["arcana-cli-tiny-v1"])
+    {
+        assert!(Instant::now() < deadline, "the worker never registered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for base in [&worker.url, &controller.url] {
+        let out = Command::new(&python).args(["-c", STRUCTURED_SCRIPT, base, "arcana-cli-tiny-v1"]).output().unwrap();
+        assert!(out.status.success(), "openai client failed: {}", String::from_utf8_lossy(&out.stderr));
+        let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for temperature in [0, 1] {
+            let whole = &got[format!("whole_{temperature}")];
+            let content = whole["content"].as_str().unwrap();
+            let value: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{base}: {e}: {content:?}"));
+            assert!(value["item"].as_str().is_some_and(|s| s.chars().count() <= 10), "{value}");
+            assert!(value["count"].as_i64().is_some_and(|n| (1..=99).contains(&n)), "{value}");
+            assert!(["red", "green", "blue"].contains(&value["colour"].as_str().unwrap()), "{value}");
+            assert_eq!(value.as_object().unwrap().len(), 3, "{value}");
+            assert_eq!(whole["finish_reason"], "stop", "{base}: {whole}");
+            // One entry per generated token; their bytes spell the answer (less a leading space that
+            // decoding drops from the first token).
+            let tokens = whole["tokens"].as_array().unwrap();
+            assert_eq!(tokens.len() as i64, whole["completion_tokens"].as_i64().unwrap());
+            let spelled: Vec<u8> = tokens
+                .iter()
+                .flat_map(|t| t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8))
+                .collect();
+            assert_eq!(String::from_utf8(spelled).unwrap().trim_start(), content, "{base}");
+            for token in tokens {
+                let logprob = token["logprob"].as_f64().unwrap();
+                let top = token["top"].as_array().unwrap();
+                assert!(logprob <= 0.0 && top.len() == 3, "{token}");
+                assert!(top[0][1].as_f64().unwrap() >= logprob, "{token}");
+                if temperature == 0 {
+                    assert_eq!(top[0][1].as_f64().unwrap(), logprob, "greedy takes the most likely: {token}");
+                }
+            }
+        }
+        assert_eq!(got["streamed"]["content"], got["whole_0"]["content"], "{base}: streamed");
+        assert_eq!(
+            got["streamed"]["tokens"].as_u64().unwrap(),
+            got["whole_0"]["tokens"].as_array().unwrap().len() as u64
+        );
+        // Any object admits endless strings: a whole object where the answer stopped, its start otherwise.
+        let (object, reason) = (got["json_object"][0].as_str().unwrap(), &got["json_object"][1]);
+        if reason == "stop" {
+            assert!(serde_json::from_str::<Value>(object).unwrap().is_object(), "{base}: {object}");
+        } else {
+            assert!(reason == "length" && object.starts_with('{'), "{base}: {object:?} {reason}");
+        }
+        assert_eq!(got["refused"], json!([400, 400, 400, 400]), "{base}");
+    }
+}

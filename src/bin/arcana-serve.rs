@@ -179,6 +179,15 @@ struct RequestLimitArgs {
     /// Longest stop string in bytes: each new token is checked against every stop string.
     #[arg(long, default_value_t = limits::DEFAULT_MAX_STOP_BYTES)]
     max_stop_length: usize,
+    /// Longest JSON schema (as sent), regex or grammar in bytes, for constrained answers.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_CONSTRAINT_BYTES)]
+    max_constraint_bytes: usize,
+    /// Deepest nesting of objects and arrays in a JSON schema.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_SCHEMA_DEPTH)]
+    max_schema_depth: usize,
+    /// Most alternatives reported with each token's log-probability (OpenAI allows 20).
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_TOP_LOGPROBS)]
+    max_top_logprobs: usize,
 }
 
 impl RequestLimitArgs {
@@ -187,6 +196,9 @@ impl RequestLimitArgs {
             max_images_per_request: self.max_images_per_request,
             max_stop_strings: self.max_stop_strings,
             max_stop_bytes: self.max_stop_length,
+            max_constraint_bytes: self.max_constraint_bytes,
+            max_schema_depth: self.max_schema_depth,
+            max_top_logprobs: self.max_top_logprobs,
         }
     }
 }

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use arcana::chat::{ChatSession, TurnResult};
 use arcana::engine::{Engine, EngineOptions, GenerationParams};
+use arcana::generate::constraint::Constraint;
 use arcana::mm::visual_span::MaskPolicy;
 use arcana::prompt::conversation::cli_display_roles;
 use arcana::quant::LinearStorage;
@@ -53,6 +54,18 @@ struct Args {
     /// Print ids, text and timings of each turn as JSON on stdout instead of the chat transcript.
     #[arg(long)]
     json: bool,
+    /// Answers are JSON valid against the JSON schema in this file.
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    json_schema: Option<PathBuf>,
+    /// Answers match this regular expression as a whole.
+    #[arg(long, group = "constraint")]
+    regex: Option<String>,
+    /// Answers follow the Lark grammar in this file (llguidance's dialect).
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    grammar: Option<PathBuf>,
+    /// With --json: each new token's log-probability and its N most likely alternatives (0 to 20).
+    #[arg(long, value_name = "N", requires = "json", value_parser = clap::value_parser!(u8).range(0..=20))]
+    logprobs: Option<u8>,
     /// Which positions take the visual LoRA branch: as the release (fixed span) or the real image positions.
     #[arg(long, value_enum, default_value_t = PolicyArg::Release)]
     mask_policy: PolicyArg,
@@ -65,6 +78,19 @@ struct Args {
 enum PolicyArg {
     Release,
     Image,
+}
+
+/// The constraint of `--json-schema`, `--regex` or `--grammar`.
+fn constraint(args: &Args) -> Result<Option<Constraint>> {
+    let read = |path: &PathBuf| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()));
+    if let Some(path) = &args.json_schema {
+        let schema = serde_json::from_str(&read(path)?).with_context(|| format!("{} is not JSON", path.display()))?;
+        return Ok(Some(Constraint::JsonSchema(schema)));
+    }
+    if let Some(path) = &args.grammar {
+        return Ok(Some(Constraint::Lark(read(path)?)));
+    }
+    Ok(args.regex.clone().map(Constraint::Regex))
 }
 
 /// The questions: `--prompt` values, else lines of a piped stdin, else the interactive prompt.
@@ -111,6 +137,8 @@ fn main() -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         stop: Vec::new(), // the release's CLI computes a stop string but never passes it to `generate`
         seed: args.seed,
+        logprobs: args.logprobs.map(usize::from),
+        constraint: constraint(&args)?,
     };
     params.check()?;
     let mask_policy = match args.mask_policy {

@@ -1,17 +1,17 @@
 //! One answer in progress, the same whether it decodes alone or in a batch: the prompt prepared for the
 //! model, then each new token turned into events (ids, text that never splits a character, stop
 //! strings), and the finish with its reason, usage and timings.
-use super::events::{Event, Finish, FinishReason, PromptInfo, Timings, Usage};
+use super::events::{Event, Finish, FinishReason, PromptInfo, Timings, TokenLogprob, TokenLogprobs, Usage};
 use super::request::{Request, RequestInput};
 use super::text::StopText;
 use super::Engine;
 use crate::error::{Error, Result};
-use crate::generate::{DecodeEnd, Flow, TokenChooser};
+use crate::generate::{DecodeEnd, Flow, Picked, Picker, StepLogprobs};
 use crate::llm::KvCache;
 use crate::mm::splice::Spliced;
 use crate::model::ArcanaModel;
 use crate::prompt::image_tokens::{tokenizer_image_token, IMAGE_TOKEN_INDEX};
-use crate::tokenizer::StreamDecoder;
+use crate::tokenizer::{StreamDecoder, TokenSurface, Tokenizer};
 use std::time::Instant;
 use tch::Tensor;
 
@@ -19,7 +19,7 @@ use tch::Tensor;
 struct Prepared {
     pub info: PromptInfo,
     pub inputs: Spliced,
-    pub chooser: TokenChooser,
+    pub picker: Picker,
     /// Prompt positions, image features included.
     pub positions: i64,
     /// New tokens allowed: the request's, cut to what the context leaves.
@@ -33,12 +33,12 @@ pub(super) enum Begun<'t> {
     Decode(Decoding<'t>),
 }
 
-/// What decoding an answer needs: its prompt, token chooser and limit, and a cache sized for the
+/// What decoding an answer needs: its prompt, token picker and limit, and a cache sized for the
 /// prompt and every new token.
 pub(super) struct Decoding<'t> {
     pub answer: Answer<'t>,
     pub inputs: Spliced,
-    pub chooser: TokenChooser,
+    pub picker: Picker,
     pub max_new_tokens: usize,
     pub cache: KvCache,
 }
@@ -52,7 +52,7 @@ impl Engine {
         started: Instant,
         emit: &mut dyn FnMut(Event) -> Flow,
     ) -> Result<Begun<'_>> {
-        let Prepared { info, inputs, chooser, positions, max_new_tokens } = self.prepare(request)?;
+        let Prepared { info, inputs, picker, positions, max_new_tokens } = self.prepare(request)?;
         let params = &request.params;
         let mut answer = Answer::new(self, started, &params.stop, positions as usize);
         answer.start(info, emit);
@@ -63,12 +63,18 @@ impl Engine {
             tch::manual_seed(seed as i64);
         }
         let cache = self.model.new_cache(1, positions + max_new_tokens as i64)?;
-        Ok(Begun::Decode(Decoding { answer, inputs, chooser, max_new_tokens, cache }))
+        Ok(Begun::Decode(Decoding { answer, inputs, picker, max_new_tokens, cache }))
     }
 
     fn prepare(&self, request: &Request) -> Result<Prepared> {
         let params = &request.params;
         let chooser = self.generation_config().chooser(params.temperature, params.top_k, params.top_p)?;
+        // A constraint that cannot compile is refused before the prompt is read.
+        let matcher = match &params.constraint {
+            Some(constraint) => Some(self.constraint_compiler()?.compile(constraint)?),
+            None => None,
+        };
+        let picker = Picker::new(chooser, params.logprobs, matcher);
         let prompt = match &request.input {
             RequestInput::Conversation(messages) => self.render(messages)?,
             RequestInput::Prompt(prompt) => prompt.clone(),
@@ -93,12 +99,13 @@ impl Engine {
         debug_assert_eq!(positions, inputs.inputs_embeds.size()[1], "prompt positions counted before the splice");
         let max_new_tokens = params.max_new_tokens.min((context - positions) as usize);
         let info = PromptInfo { prompt, input_ids, mask_policies_differ: ArcanaModel::mask_policies_differ(&inputs) };
-        Ok(Prepared { info, inputs, chooser, positions, max_new_tokens })
+        Ok(Prepared { info, inputs, picker, positions, max_new_tokens })
     }
 }
 
 /// Events of one answer as its tokens come.
 pub(super) struct Answer<'t> {
+    tokenizer: &'t Tokenizer,
     started: Instant,
     first_token_at: Option<Instant>,
     stream: StreamDecoder<'t>,
@@ -113,6 +120,7 @@ pub(super) struct Answer<'t> {
 impl<'t> Answer<'t> {
     pub fn new(engine: &'t Engine, started: Instant, stop: &[String], prompt_tokens: usize) -> Self {
         Self {
+            tokenizer: &engine.tokenizer,
             started,
             first_token_at: None,
             stream: engine.tokenizer.stream(),
@@ -134,12 +142,20 @@ impl<'t> Answer<'t> {
         self.cancelled
     }
 
-    /// A new token: its id and any text it completes. `Stop` once the caller cancelled, a stop string
-    /// was met or the text could not be decoded (reported by `finish`).
-    pub fn push(&mut self, id: i64, emit: &mut dyn FnMut(Event) -> Flow) -> Flow {
+    /// A new token: its id, its log-probabilities when asked for, and any text it completes. `Stop`
+    /// once the caller cancelled, a stop string was met or the text could not be decoded (reported by
+    /// `finish`).
+    pub fn push(&mut self, picked: &Picked, emit: &mut dyn FnMut(Event) -> Flow) -> Flow {
+        let id = picked.id;
         self.first_token_at.get_or_insert_with(Instant::now);
         self.generated += 1;
         self.cancelled |= emit(Event::Token(id)) == Flow::Stop;
+        if let Some(logprobs) = &picked.logprobs {
+            match self.token_logprobs(logprobs) {
+                Ok(logprobs) => self.cancelled |= emit(Event::Logprobs(logprobs)) == Flow::Stop,
+                Err(e) => self.error = Some(e),
+            }
+        }
         let piece = u32::try_from(id)
             .map_err(|_| Error::Tokenizer(format!("id {id} out of range")))
             .and_then(|id| self.stream.push(id));
@@ -183,6 +199,8 @@ impl<'t> Answer<'t> {
             Some(DecodeEnd::Eos) => FinishReason::Eos,
             Some(DecodeEnd::Length) | None => FinishReason::Length,
             Some(DecodeEnd::Stopped) => FinishReason::Cancelled,
+            Some(DecodeEnd::Complete) => FinishReason::Complete,
+            Some(DecodeEnd::NoAllowedToken) => FinishReason::NoAllowedToken,
         };
         let first = self.first_token_at.unwrap_or(end_at);
         let finish = Finish {
@@ -195,5 +213,20 @@ impl<'t> Answer<'t> {
         };
         emit(Event::Finished(finish));
         Ok(())
+    }
+
+    fn token_logprobs(&self, step: &StepLogprobs) -> Result<TokenLogprobs> {
+        let entry = |id: i64, logprob: f32| -> Result<TokenLogprob> {
+            let token_id = u32::try_from(id).map_err(|_| Error::Tokenizer(format!("id {id} out of range")))?;
+            let bytes = match self.tokenizer.token_surface(token_id)? {
+                TokenSurface::Bytes(bytes) => bytes,
+                TokenSurface::Special(text) => text.into_bytes(),
+            };
+            Ok(TokenLogprob { id, token: String::from_utf8_lossy(&bytes).into_owned(), bytes, logprob })
+        };
+        Ok(TokenLogprobs {
+            chosen: entry(step.id, step.logprob)?,
+            top: step.top.iter().map(|&(id, logprob)| entry(id, logprob)).collect::<Result<_>>()?,
+        })
     }
 }

@@ -11,47 +11,96 @@
 //! Sampling draws from the process's one generator in step order, so a seeded request is reproducible
 //! when it runs alone.
 use super::answer::{Answer, Begun, Decoding};
-use super::events::Event;
-use super::handle::Job;
+use super::events::{Completion, CompletionBuilder, Event};
+use super::handle::{Job, Reply};
+use super::request::Request;
 use super::Engine;
 use crate::error::{Error, Result};
-use crate::generate::{DecodeEnd, Flow, TokenChooser};
+use crate::generate::{DecodeEnd, Flow, Picked, Picker};
 use crate::llm::KvCache;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
+/// Where one answer's events go: a queued request's channel, or the caller of [`Engine::generate`].
+pub(super) trait Requester {
+    /// Delivers an event; `Stop` when the requester wants no more.
+    fn emit(&mut self, event: Event) -> Flow;
+    /// Delivers the error that ended the answer.
+    fn fail(&mut self, error: Error);
+    fn is_cancelled(&self) -> bool;
+}
+
+impl Requester for Reply {
+    fn emit(&mut self, event: Event) -> Flow {
+        let delivered = self.events.send(Ok(event)).is_ok();
+        if delivered && !self.cancel.is_cancelled() {
+            Flow::Continue
+        } else {
+            Flow::Stop
+        }
+    }
+
+    fn fail(&mut self, error: Error) {
+        let _ = self.events.send(Err(error));
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+/// The caller of [`Engine::generate`]: its callback, the answer gathered, the error that ended it.
+struct Caller<F> {
+    on_event: F,
+    completion: CompletionBuilder,
+    error: Option<Error>,
+}
+
+impl<F: FnMut(Event) -> Flow> Requester for &mut Caller<F> {
+    fn emit(&mut self, event: Event) -> Flow {
+        self.completion.push(&event);
+        (self.on_event)(event)
+    }
+
+    fn fail(&mut self, error: Error) {
+        self.error.get_or_insert(error);
+    }
+
+    fn is_cancelled(&self) -> bool {
+        false
+    }
+}
+
 /// One answer in the running batch.
-struct Row<'e> {
-    job: Job,
+struct Row<'e, R> {
+    requester: R,
     answer: Answer<'e>,
-    chooser: TokenChooser,
+    picker: Picker,
     last_token: i64,
     /// Tokens it may still generate.
     remaining: usize,
 }
 
-impl Row<'_> {
-    fn emit(job: &Job) -> impl FnMut(Event) -> Flow + '_ {
-        |event| {
-            let delivered = job.events.send(Ok(event)).is_ok();
-            if delivered && !job.cancel.is_cancelled() {
-                Flow::Continue
-            } else {
-                Flow::Stop
-            }
-        }
+impl<R: Requester> Row<'_, R> {
+    /// Picks the next token from the row's logits `[1, vocab]` and takes it; `Some(end)` when the
+    /// answer is over.
+    fn pick_and_take(&mut self, logits: &Tensor, eos: &[i64]) -> Result<Option<DecodeEnd>> {
+        let Some(picked) = self.picker.pick(logits)? else { return Ok(Some(DecodeEnd::NoAllowedToken)) };
+        Ok(self.take(&picked, eos))
     }
 
-    /// Takes the chosen token; `Some(end)` when the answer is over.
-    fn take(&mut self, token: i64, eos: &[i64]) -> Option<DecodeEnd> {
-        self.last_token = token;
+    fn take(&mut self, picked: &Picked, eos: &[i64]) -> Option<DecodeEnd> {
+        self.last_token = picked.id;
         self.remaining -= 1;
-        let flow = self.answer.push(token, &mut Self::emit(&self.job));
-        if eos.contains(&token) {
+        let requester = &mut self.requester;
+        let flow = self.answer.push(picked, &mut |event| requester.emit(event));
+        if eos.contains(&picked.id) {
             Some(DecodeEnd::Eos)
         } else if flow == Flow::Stop {
             Some(DecodeEnd::Stopped)
+        } else if picked.constraint_complete {
+            Some(DecodeEnd::Complete)
         } else if self.remaining == 0 {
             Some(DecodeEnd::Length)
         } else {
@@ -60,29 +109,56 @@ impl Row<'_> {
     }
 
     fn finish(self, end: Option<DecodeEnd>) {
-        finish(self.job, self.answer, end);
+        finish(self.requester, self.answer, end);
     }
 }
 
 /// Sends an answer's last events, or its error, to its requester.
-fn finish(job: Job, answer: Answer, end: Option<DecodeEnd>) {
-    let finished = answer.finish(end, &mut Row::emit(&job));
+fn finish<R: Requester>(mut requester: R, answer: Answer, end: Option<DecodeEnd>) {
+    let finished = answer.finish(end, &mut |event| requester.emit(event));
     if let Err(e) = finished {
-        let _ = job.events.send(Err(e));
+        requester.fail(e);
     }
 }
 
 /// The running batch: its rows, their KV cache and padding mask (`[rows, cached positions]`, int64).
-struct Batch<'e> {
-    rows: Vec<Row<'e>>,
+struct Batch<'e, R> {
+    rows: Vec<Row<'e, R>>,
     cache: Option<KvCache>,
     mask: Tensor,
+}
+
+impl<R> Batch<'_, R> {
+    fn new() -> Self {
+        Batch { rows: Vec::new(), cache: None, mask: Tensor::new() }
+    }
+}
+
+/// [`Engine::generate`]: the one request as a batch of one, decoded until it is over.
+pub(super) fn answer_alone(
+    engine: &Engine,
+    request: &Request,
+    on_event: impl FnMut(Event) -> Flow,
+) -> Result<Completion> {
+    let _guard = tch::no_grad_guard();
+    let mut caller = Caller { on_event, completion: CompletionBuilder::default(), error: None };
+    {
+        let mut batch = Batch::new();
+        admit(engine, &mut batch, request, &mut caller);
+        while !batch.rows.is_empty() {
+            step_or_fail(engine, &mut batch);
+        }
+    }
+    match caller.error {
+        Some(e) => Err(e),
+        None => caller.completion.finish(),
+    }
 }
 
 /// Serves the queue until every handle is dropped, decoding up to `max_batch` answers at once.
 pub(super) fn serve(engine: &Engine, queue: Receiver<Job>, max_batch: usize) {
     let _guard = tch::no_grad_guard();
-    let mut batch = Batch { rows: Vec::new(), cache: None, mask: Tensor::new() };
+    let mut batch = Batch::new();
     loop {
         // Block only when nothing is running; otherwise take what has arrived, up to the batch size.
         while batch.rows.len() < max_batch.max(1) {
@@ -99,80 +175,87 @@ pub(super) fn serve(engine: &Engine, queue: Receiver<Job>, max_batch: usize) {
                     Err(TryRecvError::Disconnected) => break,
                 }
             };
-            if let Err(e) = admit(engine, &mut batch, job) {
-                tracing::warn!(error = %e, "a request could not join the batch");
-            }
+            let Job { request, reply } = job;
+            admit(engine, &mut batch, &request, reply);
         }
-        if batch.rows.is_empty() {
-            continue;
-        }
-        if let Err(e) = step(engine, &mut batch) {
-            // The shared state is unusable after a failed forward: every running answer gets the error.
-            for row in batch.rows.drain(..) {
-                let _ = row.job.events.send(Err(Error::Engine(format!("decoding step failed: {e}"))));
-            }
-            batch.cache = None;
+        if !batch.rows.is_empty() {
+            step_or_fail(engine, &mut batch);
         }
     }
 }
 
-/// Prefills `job` alone and, unless it is already over, adds it to the batch.
-fn admit<'e>(engine: &'e Engine, batch: &mut Batch<'e>, job: Job) -> Result<()> {
-    // Cancelled while it waited in the queue (its client left): no image decoding, vision or prefill.
-    if job.cancel.is_cancelled() {
-        return Ok(());
+/// One step; when it fails, the shared state is unusable: every running answer gets the error.
+fn step_or_fail<R: Requester>(engine: &Engine, batch: &mut Batch<R>) {
+    if let Err(e) = step(engine, batch) {
+        for mut row in batch.rows.drain(..) {
+            row.requester.fail(Error::Engine(format!("decoding step failed: {e}")));
+        }
+        batch.cache = None;
     }
-    let begun = engine.begin(&job.request, Instant::now(), &mut Row::emit(&job));
-    let Decoding { answer, inputs, chooser, max_new_tokens, mut cache } = match begun {
+}
+
+/// Prefills `request` alone and, unless it is already over, adds it to the batch; errors go to its
+/// requester.
+fn admit<'e, R: Requester>(engine: &'e Engine, batch: &mut Batch<'e, R>, request: &Request, mut requester: R) {
+    // Cancelled while it waited in the queue (its client left): no image decoding, vision or prefill.
+    if requester.is_cancelled() {
+        return;
+    }
+    let begun = engine.begin(request, Instant::now(), &mut |event| requester.emit(event));
+    let Decoding { answer, inputs, picker, max_new_tokens, mut cache } = match begun {
         // Cancelled while its images were prepared: the prefill is not run either.
-        Ok(Begun::Decode(decoding)) if job.cancel.is_cancelled() => {
-            finish(job, decoding.answer, Some(DecodeEnd::Stopped));
-            return Ok(());
+        Ok(Begun::Decode(decoding)) if requester.is_cancelled() => {
+            return finish(requester, decoding.answer, Some(DecodeEnd::Stopped));
         }
         Ok(Begun::Decode(decoding)) => decoding,
-        Ok(Begun::Over(answer)) => {
-            finish(job, answer, None);
-            return Ok(());
-        }
-        Err(e) => {
-            let _ = job.events.send(Err(e));
-            return Ok(());
-        }
+        Ok(Begun::Over(answer)) => return finish(requester, answer, None),
+        Err(e) => return requester.fail(e),
     };
     let model = engine.model();
-    let prefilled = model
-        .first_step(&inputs, engine.mask_policy, &mut cache)
-        .and_then(|p| Ok((chooser.choose(&p.logits)?[0], p.mask)));
-    let (first, mask) = match prefilled {
-        Ok(first) => first,
-        Err(e) => {
-            let _ = job.events.send(Err(e));
-            return Ok(());
-        }
+    let logits = match model.first_step(&inputs, engine.mask_policy, &mut cache) {
+        Ok(prefilled) => prefilled,
+        Err(e) => return requester.fail(e),
     };
-    let mut row = Row { job, answer, chooser, last_token: first, remaining: max_new_tokens };
-    if let Some(end) = row.take(first, &model.generation_config().eos_token_ids) {
-        row.finish(Some(end));
-        return Ok(());
+    let mut row = Row { requester, answer, picker, last_token: 0, remaining: max_new_tokens };
+    match row.pick_and_take(&logits.logits, &model.generation_config().eos_token_ids) {
+        Ok(None) => {}
+        Ok(Some(end)) => return row.finish(Some(end)),
+        Err(e) => return row.requester.fail(e),
     }
-    // Join: every row right-aligned at the longest cached length, the padding masked.
-    let mask = match (batch.cache.take(), batch.rows.is_empty()) {
+    if let Err(e) = join(batch, row, cache, logits.mask) {
+        tracing::warn!(error = %e, "a request could not join the batch");
+    }
+}
+
+/// Adds a prefilled row: every row right-aligned at the longest cached length, the padding masked.
+fn join<'e, R: Requester>(batch: &mut Batch<'e, R>, mut row: Row<'e, R>, cache: KvCache, mask: Tensor) -> Result<()> {
+    let joined = match (batch.cache.take(), batch.rows.is_empty()) {
         (Some(running), false) => {
             let headroom = batch.rows.iter().chain([&row]).map(|r| r.remaining as i64).max().unwrap_or(0);
-            let joined = KvCache::stack_right_aligned(&[&running, &cache], headroom)?;
-            let width = joined.len();
-            let mask = Tensor::f_cat(&[&left_pad(&batch.mask, width)?, &left_pad(&mask, width)?], 0)?;
-            batch.cache = Some(joined);
-            mask
+            KvCache::stack_right_aligned(&[&running, &cache], headroom).and_then(|joined| {
+                let width = joined.len();
+                let mask = Tensor::f_cat(&[&left_pad(&batch.mask, width)?, &left_pad(&mask, width)?], 0)?;
+                Ok((joined, mask))
+            })
         }
-        _ => {
-            batch.cache = Some(cache);
-            mask
-        }
+        _ => Ok((cache, mask)),
     };
-    batch.mask = mask;
-    batch.rows.push(row);
-    Ok(())
+    match joined {
+        Ok((cache, mask)) => {
+            batch.cache = Some(cache);
+            batch.mask = mask;
+            batch.rows.push(row);
+            Ok(())
+        }
+        Err(e) => {
+            // The running rows lost their cache with it.
+            for mut running in batch.rows.drain(..) {
+                running.requester.fail(Error::Engine(format!("joining the batch failed: {e}")));
+            }
+            row.requester.fail(Error::Engine(format!("joining the batch failed: {e}")));
+            Err(e)
+        }
+    }
 }
 
 /// `mask` `[rows, n]` with zero columns in front up to `width`.
@@ -186,7 +269,7 @@ fn left_pad(mask: &Tensor, width: i64) -> Result<Tensor> {
 }
 
 /// One token for every running row; finished rows leave.
-fn step(engine: &Engine, batch: &mut Batch) -> Result<()> {
+fn step<R: Requester>(engine: &Engine, batch: &mut Batch<R>) -> Result<()> {
     let model = engine.model();
     let cache = batch.cache.as_mut().ok_or_else(|| Error::Engine("a running batch without a cache".into()))?;
     let rows = batch.rows.len() as i64;
@@ -199,9 +282,11 @@ fn step(engine: &Engine, batch: &mut Batch) -> Result<()> {
     let eos = &model.generation_config().eos_token_ids;
     let mut ended = Vec::new();
     for (i, row) in batch.rows.iter_mut().enumerate() {
-        let token = row.chooser.choose(&logits.f_narrow(0, i as i64, 1)?)?[0];
-        if let Some(end) = row.take(token, eos) {
-            ended.push((i, end));
+        // A row whose choice fails (its constraint) ends alone; the others go on.
+        match row.pick_and_take(&logits.f_narrow(0, i as i64, 1)?, eos) {
+            Ok(None) => {}
+            Ok(Some(end)) => ended.push((i, Ok(end))),
+            Err(e) => ended.push((i, Err(e))),
         }
     }
     if ended.is_empty() {
@@ -210,7 +295,11 @@ fn step(engine: &Engine, batch: &mut Batch) -> Result<()> {
     let keep: Vec<i64> =
         (0..batch.rows.len()).filter(|i| !ended.iter().any(|(e, _)| e == i)).map(|i| i as i64).collect();
     for (i, end) in ended.into_iter().rev() {
-        batch.rows.remove(i).finish(Some(end));
+        let mut row = batch.rows.remove(i);
+        match end {
+            Ok(end) => row.finish(Some(end)),
+            Err(e) => row.requester.fail(e),
+        }
     }
     if keep.is_empty() {
         batch.cache = None;

@@ -1,8 +1,9 @@
 //! What the engine reports while it answers a request, and the whole answer gathered from it.
 use crate::error::{Error, Result};
 
-/// One step of an answer, in this order: `Started`, then `Token` and `Text` as they come (a token may
-/// add no text, or release text held back by earlier ones), then `Finished`.
+/// One step of an answer, in this order: `Started`, then `Token` (followed by its `Logprobs` when they
+/// were asked for) and `Text` as they come (a token may add no text, or release text held back by
+/// earlier ones), then `Finished`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Started(PromptInfo),
@@ -10,7 +11,28 @@ pub enum Event {
     Token(i64),
     /// Text that is now final: never a part of a UTF-8 character, and never a part of a stop string.
     Text(String),
+    /// The log-probabilities of the token just generated.
+    Logprobs(TokenLogprobs),
     Finished(Finish),
+}
+
+/// A token with its log-probability.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TokenLogprob {
+    pub id: i64,
+    /// Its text on its own (bytes that are not UTF-8 alone show as U+FFFD; `bytes` has them).
+    pub token: String,
+    pub bytes: Vec<u8>,
+    /// `log_softmax` of the scores it was chosen from (after the constraint's mask and the temperature).
+    pub logprob: f32,
+}
+
+/// A generated token's log-probability and the most likely tokens at its step.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TokenLogprobs {
+    pub chosen: TokenLogprob,
+    /// Most likely first.
+    pub top: Vec<TokenLogprob>,
 }
 
 /// The prompt as the model reads it.
@@ -35,6 +57,10 @@ pub enum FinishReason {
     Stop,
     /// The caller cancelled it.
     Cancelled,
+    /// The answer's constraint was complete: nothing could follow.
+    Complete,
+    /// The answer's constraint allowed no token (a grammar that cannot go on).
+    NoAllowedToken,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -66,6 +92,8 @@ pub struct Completion {
     /// The generated ids (without the BOS transformers puts in front).
     pub output_ids: Vec<i64>,
     pub text: String,
+    /// One per output id when log-probabilities were asked for, else empty.
+    pub logprobs: Vec<TokenLogprobs>,
     pub finish: Finish,
 }
 
@@ -75,6 +103,7 @@ pub struct CompletionBuilder {
     prompt: Option<PromptInfo>,
     output_ids: Vec<i64>,
     text: String,
+    logprobs: Vec<TokenLogprobs>,
     finish: Option<Finish>,
 }
 
@@ -84,6 +113,7 @@ impl CompletionBuilder {
             Event::Started(prompt) => self.prompt = Some(prompt.clone()),
             Event::Token(id) => self.output_ids.push(*id),
             Event::Text(text) => self.text.push_str(text),
+            Event::Logprobs(logprobs) => self.logprobs.push(logprobs.clone()),
             Event::Finished(finish) => self.finish = Some(*finish),
         }
     }
@@ -92,7 +122,7 @@ impl CompletionBuilder {
     pub fn finish(self) -> Result<Completion> {
         match (self.prompt, self.finish) {
             (Some(prompt), Some(finish)) => {
-                Ok(Completion { prompt, output_ids: self.output_ids, text: self.text, finish })
+                Ok(Completion { prompt, output_ids: self.output_ids, text: self.text, logprobs: self.logprobs, finish })
             }
             _ => Err(Error::Engine("the answer ended before it finished".into())),
         }

@@ -23,6 +23,11 @@ impl CancelToken {
 
 pub(super) struct Job {
     pub request: Request,
+    pub reply: Reply,
+}
+
+/// Where a queued request's events go, and its cancel flag.
+pub(super) struct Reply {
     pub events: Sender<Result<Event>>,
     pub cancel: CancelToken,
 }
@@ -57,7 +62,7 @@ impl EngineHandle {
     pub fn submit_with(&self, request: Request, cancel: CancelToken) -> Result<ResponseStream> {
         let (events, receiver) = channel();
         self.jobs
-            .send(Job { request, events, cancel: cancel.clone() })
+            .send(Job { request, reply: Reply { events, cancel: cancel.clone() } })
             .map_err(|_| Error::Engine("the engine thread has stopped".into()))?;
         Ok(ResponseStream { events: receiver, cancel })
     }

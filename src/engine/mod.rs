@@ -27,12 +27,15 @@ mod request;
 mod text;
 
 pub use crate::generate::Flow;
-pub use events::{Completion, CompletionBuilder, Event, Finish, FinishReason, PromptInfo, Timings, Usage};
+pub use events::{
+    Completion, CompletionBuilder, Event, Finish, FinishReason, PromptInfo, Timings, TokenLogprob, TokenLogprobs, Usage,
+};
 pub use handle::{CancelToken, EngineHandle, ResponseStream};
 pub use request::{ChatMessage, GenerationParams, ImageInput, Request, RequestInput, Role};
 
 use crate::error::{Error, Result};
-use crate::generate::{GenerationConfig, Stepping};
+use crate::generate::constraint::ConstraintCompiler;
+use crate::generate::GenerationConfig;
 use crate::llm::llama::DecoderSites;
 use crate::llm::placement::{plan_balanced, Placement, Plan};
 use crate::mm::visual_span::MaskPolicy;
@@ -43,9 +46,7 @@ use crate::prompt::conversation::{
 use crate::quant::{BaseWeight, LinearStorage, Quantization, WeightForms};
 use crate::tokenizer::Tokenizer;
 use crate::vision::preprocess::{ImagePreprocessor, DEFAULT_MAX_PIXELS};
-use answer::{Begun, Decoding};
 use std::path::Path;
-use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// How to load a model folder.
@@ -119,6 +120,8 @@ pub struct Engine {
     plan: Option<Plan>,
     /// Intra-op threads, set again on the engine's own thread (libtorch's setting is per thread).
     threads: i32,
+    /// The vocabulary for constrained decoding, built at the first constrained request.
+    constraints: std::cell::OnceCell<ConstraintCompiler>,
 }
 
 impl Engine {
@@ -179,6 +182,7 @@ impl Engine {
             quantized,
             plan,
             threads: tch::get_num_threads(),
+            constraints: std::cell::OnceCell::new(),
         })
     }
 
@@ -221,6 +225,17 @@ impl Engine {
 
     pub fn quantized(&self) -> Option<QuantizedSize> {
         self.quantized
+    }
+
+    /// The vocabulary constraints compile against (built once, at the first use).
+    pub fn constraint_compiler(&self) -> Result<&ConstraintCompiler> {
+        if let Some(compiler) = self.constraints.get() {
+            return Ok(compiler);
+        }
+        let width = self.model.files().config.vocab_size as usize;
+        let eos = self.generation_config().eos_token_ids.first().copied().unwrap_or(2);
+        let compiler = ConstraintCompiler::new(&self.tokenizer, width, eos)?;
+        Ok(self.constraints.get_or_init(|| compiler))
     }
 
     /// An image file as this model's `[3, S, S]` float32 pixels.
@@ -280,29 +295,10 @@ impl Engine {
     }
 
     /// Answers one request, calling `on_event` with each event; `on_event` returning [`Flow::Stop`]
-    /// cancels the answer before its next token (the `Finished` event still comes).
-    pub fn generate(&self, request: &Request, mut on_event: impl FnMut(Event) -> Flow) -> Result<Completion> {
-        let _guard = tch::no_grad_guard();
-        let mut completion = CompletionBuilder::default();
-        let mut emit = |event: Event| {
-            completion.push(&event);
-            on_event(event)
-        };
-        match self.begin(request, Instant::now(), &mut emit)? {
-            Begun::Over(answer) => answer.finish(None, &mut emit)?,
-            Begun::Decode(Decoding { mut answer, inputs, chooser, max_new_tokens, mut cache }) => {
-                let decoded = self.model.decode(
-                    &inputs,
-                    chooser,
-                    self.mask_policy,
-                    max_new_tokens,
-                    Stepping::Cached(&mut cache),
-                    |next| answer.push(next[0], &mut emit),
-                )?;
-                answer.finish(Some(decoded.end), &mut emit)?;
-            }
-        }
-        completion.finish()
+    /// cancels the answer before its next token (the `Finished` event still comes). It runs the
+    /// batched decoding loop with this one answer, which computes what the release computes.
+    pub fn generate(&self, request: &Request, on_event: impl FnMut(Event) -> Flow) -> Result<Completion> {
+        batch::answer_alone(self, request, on_event)
     }
 
     /// Moves the engine onto its own thread, fed by a queue, answering one request at a time; see the

@@ -1,5 +1,6 @@
 //! What a caller asks the engine for.
 use crate::error::Result;
+use crate::generate::constraint::Constraint;
 use crate::generate::GenerationConfig;
 use std::path::PathBuf;
 use tch::Tensor;
@@ -82,11 +83,25 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Seeds libtorch's generator before decoding, as `torch.manual_seed` does.
     pub seed: Option<u64>,
+    /// Report each token's log-probability with this many most likely alternatives (0: the token's
+    /// own only); none when not asked for.
+    pub logprobs: Option<usize>,
+    /// What the answer must conform to; the answer ends where the constraint is complete.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for GenerationParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_p: None, top_k: None, max_new_tokens: 512, stop: Vec::new(), seed: None }
+        Self {
+            temperature: 0.0,
+            top_p: None,
+            top_k: None,
+            max_new_tokens: 512,
+            stop: Vec::new(),
+            seed: None,
+            logprobs: None,
+            constraint: None,
+        }
     }
 }
 

@@ -52,12 +52,18 @@ impl TokenChooser {
         Ok(Vec::<i64>::try_from(chosen.f_to_device(tch::Device::Cpu)?)?)
     }
 
+    /// The scores divided by the temperature when sampling (`TemperatureLogitsWarper`); greedy
+    /// choice reads them as they are.
+    pub fn tempered(&self, scores: &Tensor) -> Result<Tensor> {
+        if self.temperature != 1.0 && !self.is_greedy() {
+            return Ok(scores.f_div_scalar(self.temperature)?);
+        }
+        Ok(scores.shallow_clone())
+    }
+
     /// The warpers of `_get_logits_warper` for one beam (`min_tokens_to_keep = 1`).
     pub fn warp(&self, scores: &Tensor) -> Result<Tensor> {
-        let mut scores = scores.shallow_clone();
-        if self.temperature != 1.0 && !self.is_greedy() {
-            scores = scores.f_div_scalar(self.temperature)?;
-        }
+        let mut scores = self.tempered(scores)?;
         if self.top_k != 0 {
             // TopKLogitsWarper: drop scores below the k-th largest.
             let k = self.top_k.min(scores.size()[scores.dim() - 1]);

@@ -8,9 +8,12 @@
 //! (a slow check of the cached path). Both go through the same step code.
 mod chooser;
 mod config;
+pub mod constraint;
+mod picker;
 
 pub use chooser::TokenChooser;
 pub use config::GenerationConfig;
+pub use picker::{step_logprobs, Picked, Picker, StepLogprobs};
 
 use crate::error::{Error, Result};
 use crate::llm::{KvCache, LlamaForCausalLM, StepInputs};
@@ -51,6 +54,10 @@ pub enum DecodeEnd {
     Length,
     /// The caller's step callback returned [`Flow::Stop`].
     Stopped,
+    /// The answer's constraint was complete (engine answers only).
+    Complete,
+    /// The answer's constraint allowed no token (engine answers only).
+    NoAllowedToken,
 }
 
 #[derive(Debug, Clone, PartialEq)]

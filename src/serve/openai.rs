@@ -7,8 +7,12 @@ use super::http::loggable;
 use super::image_fetch::{fetch_image, ImageFetchPolicy};
 use super::limits::RequestLimits;
 use super::worker::{client_watch, decode_base64_image, receiver_stream, Worker};
-use crate::engine::{ChatMessage, Event, FinishReason, GenerationParams, ImageInput, Request, RequestInput, Role};
+use crate::engine::{
+    ChatMessage, Event, FinishReason, GenerationParams, ImageInput, Request, RequestInput, Role, TokenLogprob,
+    TokenLogprobs,
+};
 use crate::error::Error;
+use crate::generate::constraint::Constraint;
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
@@ -50,6 +54,53 @@ pub struct ChatCompletionRequest {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<u32>,
+    pub response_format: Option<ResponseFormat>,
+    /// Each token's log-probability in the answer.
+    pub logprobs: Option<bool>,
+    /// With `logprobs`: this many most likely alternatives per token.
+    pub top_logprobs: Option<usize>,
+}
+
+/// OpenAI's `response_format`, with two extensions of this server: `regex` and `grammar` (Lark).
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema {
+        json_schema: JsonSchemaFormat,
+    },
+    /// `{"type": "regex", "regex": "[0-9]{3}-[a-z]+"}`: the whole answer matches it.
+    Regex {
+        regex: String,
+    },
+    /// `{"type": "grammar", "grammar": "start: ..."}`: a Lark grammar as llguidance reads it.
+    Grammar {
+        grammar: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    /// Absent: any JSON value.
+    pub schema: Option<Value>,
+    /// Accepted; answers always follow the schema.
+    pub strict: Option<bool>,
+}
+
+impl ResponseFormat {
+    fn constraint(&self) -> Option<Constraint> {
+        match self {
+            ResponseFormat::Text => None,
+            ResponseFormat::JsonObject => Some(Constraint::JsonObject),
+            ResponseFormat::JsonSchema { json_schema } => {
+                Some(Constraint::JsonSchema(json_schema.schema.clone().unwrap_or_else(|| json!({}))))
+            }
+            ResponseFormat::Regex { regex } => Some(Constraint::Regex(regex.clone())),
+            ResponseFormat::Grammar { grammar } => Some(Constraint::Lark(grammar.clone())),
+        }
+    }
 }
 
 impl ChatCompletionRequest {
@@ -182,6 +233,19 @@ fn to_request(
         Some(StopField::Many(v)) => v.clone(),
     };
     limits.check_stop(&stop)?;
+    let constraint = body.response_format.as_ref().and_then(ResponseFormat::constraint);
+    if let Some(constraint) = &constraint {
+        limits.check_constraint(constraint)?;
+    }
+    let logprobs = match (body.logprobs.unwrap_or(false), body.top_logprobs) {
+        (true, top) => {
+            let top = top.unwrap_or(0);
+            limits.check_top_logprobs(top)?;
+            Some(top)
+        }
+        (false, Some(_)) => return Err("`top_logprobs` needs `logprobs: true`".into()),
+        (false, None) => None,
+    };
     let params = GenerationParams {
         temperature,
         top_p: Some(body.top_p.unwrap_or(1.0)),
@@ -192,6 +256,8 @@ fn to_request(
             .unwrap_or(GenerationParams::default().max_new_tokens),
         stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
         seed: body.seed,
+        logprobs,
+        constraint,
     };
     params.check().map_err(|e| e.to_string())?;
     let request = Request { input: RequestInput::Conversation(messages), images: Vec::new(), params };
@@ -223,11 +289,32 @@ fn completion_id() -> String {
     format!("chatcmpl-{:x}{:06x}", now(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// OpenAI's finish reasons; an answer whose constraint allowed no further token is this server's own
+/// `no_allowed_token`.
 fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Length => "length",
-        FinishReason::Eos | FinishReason::Stop | FinishReason::Cancelled => "stop",
+        FinishReason::Eos | FinishReason::Stop | FinishReason::Cancelled | FinishReason::Complete => "stop",
+        FinishReason::NoAllowedToken => "no_allowed_token",
     }
+}
+
+/// One token in OpenAI's `logprobs.content` shape.
+fn logprob_json(token: &TokenLogprob) -> Value {
+    json!({"token": token.token, "logprob": token.logprob, "bytes": token.bytes})
+}
+
+/// OpenAI's `logprobs` object for these tokens.
+fn logprobs_json(tokens: &[TokenLogprobs]) -> Value {
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut entry = logprob_json(&t.chosen);
+            entry["top_logprobs"] = Value::Array(t.top.iter().map(logprob_json).collect());
+            entry
+        })
+        .collect();
+    json!({"content": content})
 }
 
 /// OpenAI's `usage` object.
@@ -309,6 +396,9 @@ pub async fn chat_completions(
     }
 }
 
+/// The answer's parts as its events come.
+type WholeAnswer = (String, Vec<TokenLogprobs>, crate::engine::Finish);
+
 async fn whole_completion(
     worker: Worker,
     engine: crate::engine::EngineHandle,
@@ -317,18 +407,20 @@ async fn whole_completion(
     created: u64,
     model: String,
 ) -> Response {
-    let (sender, receiver) = tokio::sync::oneshot::channel::<Result<(String, crate::engine::Finish), Error>>();
+    let with_logprobs = request.params.logprobs.is_some();
+    let (sender, receiver) = tokio::sync::oneshot::channel::<Result<WholeAnswer, Error>>();
     let mut sender = Some(sender);
-    let mut text = String::new();
+    let (mut text, mut logprobs) = (String::new(), Vec::new());
     // Held while this handler waits: a client that disconnects drops it, which cancels the answer.
     let (_client, gone) = client_watch();
     worker
         .spawn_answer(engine, request, gone, move |event| {
             match event {
                 Ok(Event::Text(delta)) => text.push_str(&delta),
+                Ok(Event::Logprobs(token)) => logprobs.push(token),
                 Ok(Event::Finished(finish)) => {
                     if let Some(s) = sender.take() {
-                        let _ = s.send(Ok((std::mem::take(&mut text), finish)));
+                        let _ = s.send(Ok((std::mem::take(&mut text), std::mem::take(&mut logprobs), finish)));
                     }
                 }
                 Ok(_) => {}
@@ -342,24 +434,27 @@ async fn whole_completion(
         })
         .await;
     match receiver.await {
-        Ok(Ok((text, finish))) => Json(json!({
+        Ok(Ok((text, logprobs, finish))) => Json(json!({
             "id": id,
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": if with_logprobs { logprobs_json(&logprobs) } else { Value::Null },
                          "finish_reason": finish_reason(finish.reason)}],
             "usage": usage_json(finish.usage),
         }))
         .into_response(),
-        Ok(Err(e)) => {
-            let (status, kind, code) = answer_error(&e);
-            openai_error(status, &e.to_string(), kind, code)
-        }
+        Ok(Err(e)) => error_reply(&e),
         Err(_) => {
             openai_error(StatusCode::INTERNAL_SERVER_ERROR, "the answer ended without a result", "server_error", None)
         }
     }
+}
+
+fn error_reply(e: &Error) -> Response {
+    let (status, kind, code) = answer_error(e);
+    openai_error(status, &e.to_string(), kind, code)
 }
 
 async fn stream_completion(
@@ -371,7 +466,12 @@ async fn stream_completion(
     model: String,
     include_usage: bool,
 ) -> Response {
+    let with_logprobs = request.params.logprobs.is_some();
     let (sender, receiver) = tokio::sync::mpsc::channel::<String>(64);
+    // Whether the answer started: a request refused before its first token (a constraint that does not
+    // compile, a full context, a bad image) gets an HTTP error instead of an event stream.
+    let (started_sender, started) = tokio::sync::oneshot::channel::<Result<(), Error>>();
+    let mut started_sender = Some(started_sender);
     let frame = move |choices: Value, usage: Option<Value>| {
         let mut chunk = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                                "choices": choices});
@@ -380,27 +480,43 @@ async fn stream_completion(
         }
         format!("data: {chunk}\n\n")
     };
-    let mut started = false;
+    // Log-probabilities of tokens whose text has not been sent yet: they go with the next text.
+    let mut pending = Vec::new();
+    let delta_choice = move |delta: Value, pending: &mut Vec<TokenLogprobs>, finish: Option<&str>| {
+        let mut choice = json!({"index": 0, "delta": delta, "finish_reason": finish});
+        if with_logprobs {
+            choice["logprobs"] = logprobs_json(&std::mem::take(pending));
+        }
+        json!([choice])
+    };
     let (client, gone) = client_watch();
     worker
         .spawn_answer(engine, request, gone, move |event| {
-            let mut frames = Vec::new();
-            if !started {
-                started = true;
-                frames.push(frame(
-                    json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
-                    None,
-                ));
+            if let Some(started) = started_sender.take() {
+                match event {
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                        return false;
+                    }
+                    Ok(_) => {
+                        let _ = started.send(Ok(()));
+                    }
+                }
+                let role = json!({"role": "assistant", "content": ""});
+                if sender.blocking_send(frame(delta_choice(role, &mut Vec::new(), None), None)).is_err() {
+                    return false;
+                }
+                return true;
             }
+            let mut frames = Vec::new();
             match event {
                 Ok(Event::Text(delta)) => {
-                    frames.push(frame(json!([{"index": 0, "delta": {"content": delta}, "finish_reason": null}]), None))
+                    frames.push(frame(delta_choice(json!({"content": delta}), &mut pending, None), None))
                 }
+                Ok(Event::Logprobs(token)) => pending.push(token),
                 Ok(Event::Finished(finish)) => {
-                    frames.push(frame(
-                        json!([{"index": 0, "delta": {}, "finish_reason": finish_reason(finish.reason)}]),
-                        None,
-                    ));
+                    let reason = finish_reason(finish.reason);
+                    frames.push(frame(delta_choice(json!({}), &mut pending, Some(reason)), None));
                     if include_usage {
                         let usage = usage_json(finish.usage);
                         frames.push(frame(json!([]), Some(usage)));
@@ -419,6 +535,18 @@ async fn stream_completion(
             frames.into_iter().all(|f| sender.blocking_send(f).is_ok())
         })
         .await;
+    match started.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return error_reply(&e),
+        Err(_) => {
+            return openai_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the answer ended before it started",
+                "server_error",
+                None,
+            )
+        }
+    }
     let mut response = Response::new(Body::from_stream(receiver_stream(receiver, client)));
     response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
     response.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));

@@ -15,6 +15,7 @@ use super::protocol::STATUS_TIMEOUT;
 use super::protocol::{error_code, HeartBeat, HeartBeatReply, RegisterWorker, StreamChunk, WorkerStatus};
 use crate::engine::{CancelToken, EngineHandle, Event, GenerationParams, ImageInput, Request, RequestInput};
 use crate::error::Error;
+use crate::generate::constraint::Constraint;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -238,6 +239,9 @@ pub struct StreamParams {
     pub top_p: f64,
     pub max_new_tokens: usize,
     pub stop: Option<String>,
+    /// This server's optional fields, one at most: `json_schema` (a JSON schema object), `regex` or
+    /// `grammar` (Lark); the answer then follows it.
+    pub constraint: Option<Constraint>,
 }
 
 impl StreamParams {
@@ -274,6 +278,22 @@ impl StreamParams {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             Some(other) => return Err(format!("`stop` must be a string, got {other}")),
         };
+        let text = |key: &str| match params.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(format!("`{key}` must be a string, got {other}")),
+        };
+        let mut constraints = Vec::new();
+        match params.get("json_schema") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(schema @ serde_json::Value::Object(_)) => constraints.push(Constraint::JsonSchema(schema.clone())),
+            Some(other) => return Err(format!("`json_schema` must be a JSON schema object, got {other}")),
+        }
+        constraints.extend(text("regex")?.map(Constraint::Regex));
+        constraints.extend(text("grammar")?.map(Constraint::Lark));
+        if constraints.len() > 1 {
+            return Err("give one of `json_schema`, `regex` and `grammar`, not several".into());
+        }
         Ok(Self {
             prompt,
             images,
@@ -281,6 +301,7 @@ impl StreamParams {
             top_p: number("top_p", 1.0)?,
             max_new_tokens: (max_new_tokens as usize).min(MAX_NEW_TOKENS_CAP),
             stop,
+            constraint: constraints.pop(),
         })
     }
 
@@ -290,6 +311,9 @@ impl StreamParams {
         limits.check_images(self.images.len())?;
         // The release's `stop` is one string.
         limits.check_stop(self.stop.as_slice())?;
+        if let Some(constraint) = &self.constraint {
+            limits.check_constraint(constraint)?;
+        }
         let placeholders = self.prompt.matches("<image>").count();
         if placeholders != self.images.len() {
             return Err(format!(
@@ -314,6 +338,8 @@ impl StreamParams {
             max_new_tokens: self.max_new_tokens,
             stop: self.stop.iter().cloned().collect(),
             seed: None,
+            logprobs: None,
+            constraint: self.constraint.clone(),
         };
         params.check().map_err(|e| e.to_string())?;
         Ok(Request { input: RequestInput::Prompt(self.prompt.clone()), images, params })

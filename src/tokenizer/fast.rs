@@ -124,8 +124,20 @@ impl FastTokenizer {
 
     /// Whether `id` is a byte token (`<0xE4>`), as the `ByteFallback` decoder recognises them.
     pub(crate) fn is_byte_token(&self, id: TokenId) -> bool {
-        self.core.id_to_token(id).is_some_and(|t| {
-            t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') && u8::from_str_radix(&t[3..5], 16).is_ok()
+        self.byte_value(id).is_some()
+    }
+
+    /// The byte of a byte token (`<0xE4>`).
+    pub(crate) fn byte_value(&self, id: TokenId) -> Option<u8> {
+        let token = self.core.id_to_token(id)?;
+        let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
+        (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok()).flatten()
+    }
+
+    /// The vocabulary entry of `id`.
+    pub(crate) fn piece_of(&self, id: TokenId) -> Result<String> {
+        self.core.id_to_token(id).ok_or_else(|| {
+            Error::Tokenizer(format!("token id {id} is outside the vocabulary (size {})", self.vocab_size()))
         })
     }
 
@@ -137,10 +149,7 @@ impl FastTokenizer {
 
     /// An error naming `id` when it is outside the vocabulary (the core would skip it silently).
     pub(crate) fn check_id(&self, id: TokenId) -> Result<()> {
-        if self.core.id_to_token(id).is_some() {
-            return Ok(());
-        }
-        Err(Error::Tokenizer(format!("token id {id} is outside the vocabulary (size {})", self.vocab_size())))
+        self.piece_of(id).map(|_| ())
     }
 
     /// The core's `decode(ids, skip_special_tokens=True)`, before any clean-up.

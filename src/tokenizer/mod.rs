@@ -17,6 +17,7 @@ mod special;
 mod stream;
 mod utf8_bytes;
 
+use proto::PieceType;
 use std::path::Path;
 
 pub use fast::{ConfigAddedToken, FastTokenizer};
@@ -28,6 +29,13 @@ pub use special::SpecialIds;
 pub use stream::StreamDecoder;
 
 use crate::Result;
+
+/// What one token stands for; see [`Tokenizer::token_surface`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSurface {
+    Bytes(Vec<u8>),
+    Special(String),
+}
 
 /// The slow or the fast tokenizer, used alike: encode, decode, stream-decode.
 #[derive(Debug, Clone)]
@@ -146,6 +154,38 @@ impl Tokenizer {
         match &self.inner {
             Implementation::Slow(slow) => slow.decode_with_special_tokens(ids),
             Implementation::Fast(fast) => fast.decode_with_special_tokens(ids),
+        }
+    }
+
+    /// What `id` adds to generated text on its own: its bytes (a SentencePiece piece with `▁` as a
+    /// space, a byte-fallback piece `<0xNN>` as that byte), or its text when it is a special token
+    /// (control, unknown, or an added token marked special), which decoding skips. Constrained decoding
+    /// and log-probabilities read tokens this way.
+    pub fn token_surface(&self, id: TokenId) -> Result<TokenSurface> {
+        if self.is_special(id) {
+            return Ok(TokenSurface::Special(self.piece(id)?.to_string()));
+        }
+        let byte = match &self.inner {
+            Implementation::Slow(slow) => {
+                let sp = slow.sentencepiece();
+                if matches!(sp.kind(id), Some(PieceType::Control | PieceType::Unknown)) {
+                    return Ok(TokenSurface::Special(self.piece(id)?.to_string()));
+                }
+                sp.byte_value(id)
+            }
+            Implementation::Fast(fast) => fast.byte_value(id),
+        };
+        Ok(TokenSurface::Bytes(match byte {
+            Some(byte) => vec![byte],
+            None => self.piece(id)?.replace(sentencepiece::SPACE_SYMBOL, " ").into_bytes(),
+        }))
+    }
+
+    /// The vocabulary entry of `id` as written in the tokenizer file.
+    fn piece(&self, id: TokenId) -> Result<std::borrow::Cow<'_, str>> {
+        match &self.inner {
+            Implementation::Slow(slow) => slow.piece_of(id).map(Into::into),
+            Implementation::Fast(fast) => fast.piece_of(id).map(Into::into),
         }
     }
 
