@@ -96,10 +96,11 @@ impl ConstraintCompiler {
             .ok()
             .filter(|&id| (id as usize) < width)
             .ok_or_else(|| Error::Engine(format!("EOS id {eos} is outside the {width} logits")))?;
+        let vocab_size = tokenizer.vocab_size();
         let words = (0..width)
             .map(|id| {
                 let id = id as u32;
-                if id as usize >= tokenizer.vocab_size() {
+                if id as usize >= vocab_size {
                     return Ok(Vec::new());
                 }
                 Ok(match tokenizer.token_surface(id)? {

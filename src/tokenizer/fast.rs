@@ -38,6 +38,8 @@ impl ConfigAddedToken {
 #[derive(Debug, Clone)]
 pub struct FastTokenizer {
     core: CoreTokenizer,
+    /// With added tokens; kept because the core builds its whole vocabulary map to count it.
+    vocab_size: usize,
     /// Skipped by `decode(skip_special_tokens=True)`: the added tokens marked special.
     special_ids: SpecialIds,
     legacy: bool,
@@ -104,6 +106,7 @@ impl FastTokenizer {
         let template = bos_eos_template(options, special_ids.bos, special_ids.eos).map_err(|e| core_error(path, e))?;
         core.with_post_processor(template);
         Ok(FastTokenizer {
+            vocab_size: core.get_vocab_size(true),
             core,
             special_ids,
             legacy: options.legacy.unwrap_or(true),
@@ -116,7 +119,7 @@ impl FastTokenizer {
     }
     /// The size with added tokens: every id below it decodes.
     pub fn vocab_size(&self) -> usize {
-        self.core.get_vocab_size(true)
+        self.vocab_size
     }
     pub fn special_ids(&self) -> &SpecialIds {
         &self.special_ids
