@@ -1,8 +1,9 @@
 //! A worker and controller (`arcana-serve` processes on loopback, the cli-tiny checkpoint) against
 //! careless and hostile clients: a queued request whose client leaves never runs, a whole (not
-//! streamed) answer whose client leaves is cancelled, an API key guards the worker and travels between
-//! the servers, and a request from a foreign Host name is refused. Skips where the Python environment
-//! that makes the checkpoint is missing.
+//! streamed) answer whose client leaves is cancelled, a long answer whose client never reads is cut
+//! by the idle timeout, an API key guards the worker and travels between the servers, and a request
+//! from a foreign Host name is refused. Skips where the Python environment that makes the checkpoint
+//! is missing.
 mod common;
 
 use common::serve::{client, start, wait_ready, wait_until};
@@ -130,4 +131,43 @@ fn requests_naming_a_foreign_host_are_refused() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// The release's chunks repeat the whole text so far: a 1000-token answer is megabytes, which the
+/// kernel's own send buffer (grown up to tcp_wmem's 4 MiB) would take whole for a client that never
+/// reads, so the idle timeout never saw it stall and the answer ran to its end, holding the slot.
+#[test]
+fn a_long_answer_nobody_reads_is_cancelled_after_the_idle_timeout() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let max_new_tokens = 1000;
+    let worker = start(
+        dir,
+        &[
+            "worker",
+            "--model-path",
+            "arcana-cli-tiny-v1",
+            "--no-register",
+            "--limit-model-concurrency",
+            "1",
+            "--idle-timeout",
+            "0.5",
+        ],
+    );
+    wait_ready(&worker.url);
+    let url = worker.url.clone();
+    let body = serde_json::to_vec(&text_request(max_new_tokens)).unwrap();
+    let head = format!(
+        "POST /worker_generate_stream HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut never_reads = std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+    std::io::Write::write_all(&mut never_reads, &[head.as_bytes(), &body].concat()).unwrap();
+    wait_until("the answer to start", 30, || metric(&url, "arcana_generated_tokens_total") > 0);
+    wait_until("the answer to end", 60, || queue_length(&url) == 0);
+    let generated = metric(&url, "arcana_generated_tokens_total");
+    assert!(generated < max_new_tokens, "all {generated} tokens were generated for a client that never read");
+    // The slot is free again: a request that reads its answer gets it.
+    let reply = client().post(format!("{url}/worker_generate_stream")).json(&text_request(4)).send().unwrap();
+    assert!(reply.bytes().unwrap().ends_with(&[0]));
+    drop(never_reads);
 }

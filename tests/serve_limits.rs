@@ -1,36 +1,47 @@
 //! The serving loop's limits over real sockets on loopback (`arcana::serve::http::serve_with`): a
-//! client that stops reading is disconnected after the idle timeout (and its reply stream dropped), a
-//! client that never finishes its headers is disconnected after the header timeout, connections past
-//! the cap are closed at once, slow handlers get 408, and bodies over the limit 413.
+//! client that stops reading is disconnected after the idle timeout (and its reply stream dropped),
+//! having taken a bounded part of the reply; a client that never finishes its headers is disconnected
+//! after the header timeout, connections past the cap are closed at once, slow handlers get 408, and
+//! bodies over the limit 413.
 use arcana::serve::http::{self, ServeLimits, ServeOptions};
 use axum::body::Body;
 use axum::routing::{get, post};
 use axum::Router;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Sets its flag when dropped: the server let go of the reply stream that owns it.
-struct DropFlag(Arc<AtomicBool>);
+/// What the server did with the `/endless` reply: the bytes it took from the stream, and whether it
+/// has let go of the stream.
+#[derive(Default)]
+struct ReplyProbe {
+    taken: AtomicUsize,
+    dropped: AtomicBool,
+}
+
+/// Sets the probe's flag when dropped: the server let go of the reply stream that owns it.
+struct DropFlag(Arc<ReplyProbe>);
 
 impl Drop for DropFlag {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.0.dropped.store(true, Ordering::SeqCst);
     }
 }
 
-fn app(dropped: Arc<AtomicBool>) -> Router {
+fn app(probe: Arc<ReplyProbe>) -> Router {
     Router::new()
         .route(
             "/endless",
             get(move || {
-                let flag = DropFlag(dropped.clone());
+                let flag = DropFlag(probe.clone());
                 async move {
-                    let piece = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+                    // Pieces about the size of a long answer's chunks.
+                    let piece = bytes::Bytes::from(vec![b'x'; 4 * 1024]);
                     let body = futures_util::stream::unfold(flag, move |flag| {
                         let piece = piece.clone();
+                        flag.0.taken.fetch_add(piece.len(), Ordering::SeqCst);
                         async move { Some((Ok::<_, std::io::Error>(piece), flag)) }
                     });
                     Body::from_stream(body)
@@ -64,7 +75,7 @@ fn app(dropped: Arc<AtomicBool>) -> Router {
 }
 
 /// Serves `app` with `limits` on a runtime of its own; returns the address.
-fn serve(limits: ServeLimits, dropped: Arc<AtomicBool>) -> std::net::SocketAddr {
+fn serve(limits: ServeLimits, probe: Arc<ReplyProbe>) -> std::net::SocketAddr {
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -72,7 +83,7 @@ fn serve(limits: ServeLimits, dropped: Arc<AtomicBool>) -> std::net::SocketAddr 
             let (listener, addr) = http::bind("127.0.0.1", 0).await.unwrap();
             sender.send(addr).unwrap();
             let options = ServeOptions { limits, ..Default::default() };
-            http::serve_with(listener, app(dropped), options).await.unwrap();
+            http::serve_with(listener, app(probe), options).await.unwrap();
         });
     });
     receiver.recv().unwrap()
@@ -85,6 +96,7 @@ fn limits() -> ServeLimits {
         header_timeout: Duration::from_millis(500),
         request_timeout: Duration::from_secs(1),
         idle_timeout: Duration::from_millis(700),
+        max_unsent_bytes: http::MAX_UNSENT_BYTES,
     }
 }
 
@@ -108,20 +120,37 @@ fn get_status(addr: std::net::SocketAddr, path: &str) -> u16 {
     reqwest::blocking::get(format!("http://{addr}{path}")).map(|r| r.status().as_u16()).unwrap_or(0)
 }
 
-#[test]
-fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout() {
-    let dropped = Arc::new(AtomicBool::new(false));
-    let addr = serve(limits(), dropped.clone());
+/// Opens `/endless` and never reads; returns the bytes the server took from the reply stream by the
+/// time it let go of it.
+fn taken_by_a_client_that_never_reads(limits: ServeLimits) -> usize {
+    let probe = Arc::new(ReplyProbe::default());
+    let addr = serve(limits, probe.clone());
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.write_all(b"GET /endless HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
     // Never read: the socket buffers fill, the server's writes stall, and after the idle timeout it
     // gives up on the connection and drops the reply stream (which cancels an answer in a worker).
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !dropped.load(Ordering::SeqCst) {
+    while !probe.dropped.load(Ordering::SeqCst) {
         assert!(Instant::now() < deadline, "the stalled reply was never dropped");
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(get_status(addr, "/health"), 200);
+    probe.taken.load(Ordering::SeqCst)
+}
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout() {
+    taken_by_a_client_that_never_reads(limits());
+}
+
+/// The kernel grows a connection's send buffer to megabytes by itself (tcp_wmem), enough to hold a whole
+/// long answer of cumulative release chunks: a client that never read would cost that whole answer and
+/// never be seen to stall. The unsent bytes queued for it are capped instead.
+#[test]
+fn a_client_that_never_reads_takes_a_bounded_part_of_the_reply() {
+    let taken = taken_by_a_client_that_never_reads(limits());
+    // Its receive window (about 128 KiB by default), the capped unsent bytes and hyper's own buffer.
+    assert!(taken < 512 * 1024, "the server took {taken} bytes of the reply for a client that never read");
 }
 
 #[test]

@@ -62,6 +62,10 @@ struct ServerFlags {
     /// and its answer cancelled.
     #[arg(long, default_value_t = 60.0)]
     idle_timeout: f64,
+    /// Bytes of a reply the kernel may queue for a client beyond what it has taken; past it writes wait,
+    /// so a client that stops reading meets --idle-timeout after about this much plus its receive window.
+    #[arg(long, default_value_t = http::MAX_UNSENT_BYTES)]
+    max_unsent_bytes: usize,
     /// Every API call must carry `Authorization: Bearer KEY`; also sent to the other servers (use the
     /// same key for the controller, its workers and the page). The page asks for it once.
     #[arg(long, conflicts_with = "api_key_file")]
@@ -83,8 +87,8 @@ impl ServerFlags {
             }
             Ok(Duration::from_secs_f64(value))
         };
-        if self.max_connections == 0 || self.max_body_bytes == 0 {
-            bail!("--max-connections and --max-body-bytes must be at least 1");
+        if self.max_connections == 0 || self.max_body_bytes == 0 || self.max_unsent_bytes == 0 {
+            bail!("--max-connections, --max-body-bytes and --max-unsent-bytes must be at least 1");
         }
         let limits = ServeLimits {
             max_body_bytes: self.max_body_bytes,
@@ -92,6 +96,7 @@ impl ServerFlags {
             header_timeout: seconds("header-timeout", self.header_timeout)?,
             request_timeout: seconds("request-timeout", self.request_timeout)?,
             idle_timeout: seconds("idle-timeout", self.idle_timeout)?,
+            max_unsent_bytes: self.max_unsent_bytes,
         };
         Ok(ServeOptions { limits, access: self.access()?, public_path })
     }

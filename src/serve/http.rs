@@ -19,6 +19,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Default largest request body (images travel as base64 inside JSON); larger bodies get 413.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
+/// Default cap on the reply bytes the kernel queues unsent for one client (`--max-unsent-bytes`).
+pub const MAX_UNSENT_BYTES: usize = 16 * 1024;
+
 /// How much of a peer server's JSON reply (a status, a model list, an error) is read at most.
 pub const MAX_PEER_REPLY_BYTES: usize = 1024 * 1024;
 
@@ -37,6 +40,9 @@ pub struct ServeLimits {
     /// Longest time a reply may wait for the client to take more of it; a client that stops reading
     /// is disconnected, which cancels its answer and frees its slot.
     pub idle_timeout: Duration,
+    /// Reply bytes the kernel may queue for a client beyond what its receive window has taken; past
+    /// it writes wait, so a client that stops reading stalls them (and meets `idle_timeout`) early.
+    pub max_unsent_bytes: usize,
 }
 
 impl Default for ServeLimits {
@@ -47,6 +53,7 @@ impl Default for ServeLimits {
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(60),
+            max_unsent_bytes: MAX_UNSENT_BYTES,
         }
     }
 }
@@ -198,6 +205,9 @@ pub async fn serve_with(listener: tokio::net::TcpListener, app: Router, options:
             continue;
         };
         let _ = stream.set_nodelay(true);
+        if let Err(e) = cap_unsent_bytes(&stream, limits.max_unsent_bytes) {
+            tracing::warn!(client = %remote, error = %e, "the unsent-bytes cap could not be set");
+        }
         let service = hyper_util::service::TowerToHyperService::new(app.clone().layer(Extension(ConnectInfo(remote))));
         let io = hyper_util::rt::TokioIo::new(StalledWriteLimit::new(stream, limits.idle_timeout));
         let connection = hyper::server::conn::http1::Builder::new()
@@ -343,6 +353,23 @@ fn host_name(host: &str) -> &str {
 
 fn is_loopback_name(name: &str) -> bool {
     name == "localhost" || name.ends_with(".localhost") || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Caps the reply bytes queued unsent on `stream`. Left alone, the kernel grows a connection's send
+/// buffer to megabytes (tcp_wmem): a client that stops reading would take a whole long answer (the
+/// release's cumulative chunks make 1000 tokens about 2.5 MB) without a write ever waiting, so
+/// [`StalledWriteLimit`] never saw it stall and the answer ran to its end, holding its slot.
+/// `TCP_NOTSENT_LOWAT` bounds only what waits unsent, so a reading client's bytes in flight are not.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn cap_unsent_bytes(stream: &tokio::net::TcpStream, bytes: usize) -> std::io::Result<()> {
+    // The option is a C int.
+    socket2::SockRef::from(stream).set_tcp_notsent_lowat(bytes.min(i32::MAX as usize) as u32)
+}
+
+/// Without `TCP_NOTSENT_LOWAT` the send buffer itself is capped (which bounds the bytes in flight too).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn cap_unsent_bytes(stream: &tokio::net::TcpStream, bytes: usize) -> std::io::Result<()> {
+    socket2::SockRef::from(stream).set_send_buffer_size(bytes)
 }
 
 /// A connection whose writes fail once the client has taken nothing for `limit`: a client that stops
