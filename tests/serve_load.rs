@@ -49,6 +49,7 @@ fn thirty_two_clients_through_the_controller_to_two_workers() {
     for w in &workers {
         wait_ready(&w.url);
     }
+    common::serve::wait_registered(&controller.url, &["arcana-cli-tiny-v1"]);
     // Four prompts, eight clients each: each answer must equal its prompt's solo answer.
     let prompts: Vec<String> = ["Hello", "Name three colors.", "Count to five.", "What is a cat?"]
         .iter()

@@ -59,6 +59,7 @@ fn the_openai_client_gets_the_cli_answer_from_a_worker_and_through_the_controlle
     let controller = start(dir, &["controller"]);
     let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
     wait_ready(&worker.url);
+    common::serve::wait_registered(&controller.url, &["arcana-cli-tiny-v1"]);
     for base in [&worker.url, &controller.url] {
         let got = run_client(&python, base, &dir.join("images/square.png"));
         println!("{base}: {got}");
@@ -79,6 +80,7 @@ fn errors_come_back_in_openai_shape() {
     let controller = start(dir, &["controller"]);
     let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
     wait_ready(&worker.url);
+    common::serve::wait_registered(&controller.url, &["arcana-cli-tiny-v1"]);
     let post = |url: &str, body: Value| {
         let r = client().post(format!("{url}/v1/chat/completions")).json(&body).send().unwrap();
         let status = r.status().as_u16();
@@ -234,13 +236,7 @@ fn the_openai_client_gets_schema_valid_json_and_log_probabilities() {
     let controller = start(dir, &["controller"]);
     let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
     wait_ready(&worker.url);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client().post(format!("{}/list_models", controller.url)).send().unwrap().json::<Value>().unwrap()["models"]
-        != json!(["arcana-cli-tiny-v1"])
-    {
-        assert!(Instant::now() < deadline, "the worker never registered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::serve::wait_registered(&controller.url, &["arcana-cli-tiny-v1"]);
     for base in [&worker.url, &controller.url] {
         let out = Command::new(&python).args(["-c", STRUCTURED_SCRIPT, base, "arcana-cli-tiny-v1"]).output().unwrap();
         assert!(out.status.success(), "openai client failed: {}", String::from_utf8_lossy(&out.stderr));

@@ -62,8 +62,7 @@ fn a_greedy_request_through_the_controller_answers_like_the_cli() {
     let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
     wait_ready(&worker.url);
     // Registered on load.
-    let models: Value = client().post(format!("{}/list_models", controller.url)).send().unwrap().json().unwrap();
-    assert_eq!(models, json!({"models": ["arcana-cli-tiny-v1"]}));
+    common::serve::wait_registered(&controller.url, &["arcana-cli-tiny-v1"]);
 
     let turn = expected_first_turn(dir, "v1-square-greedy");
     let prompt = turn["prompt"].as_str().unwrap();
@@ -226,6 +225,7 @@ fn a_worker_killed_mid_stream_ends_the_stream_with_an_error() {
     let mut worker =
         start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
     wait_ready(&worker.url);
+    common::serve::wait_registered(&controller.url, &["arcana-cli-tiny-v1"]);
     let url = controller.url.clone();
     let body = square_request(dir, 1000);
     let reader = std::thread::spawn(move || {

@@ -70,6 +70,18 @@ pub fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
 }
 
 /// Waits until `url/health` answers 200 (a worker's model has loaded).
+/// Waits until the controller at `controller` lists exactly `models` (a worker registers after its
+/// model loaded and the controller has checked it back).
+pub fn wait_registered(controller: &str, models: &[&str]) {
+    wait_until(&format!("{controller} to list {models:?}"), 30, || {
+        client()
+            .post(format!("{controller}/list_models"))
+            .send()
+            .and_then(|r| r.json::<serde_json::Value>())
+            .is_ok_and(|listed| listed == serde_json::json!({ "models": models }))
+    });
+}
+
 pub fn wait_ready(url: &str) {
     wait_until(&format!("{url}/health"), 60, || {
         client().get(format!("{url}/health")).send().is_ok_and(|r| r.status().is_success())
