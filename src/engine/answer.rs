@@ -4,7 +4,7 @@
 use super::events::{Event, Finish, FinishReason, PromptInfo, Timings, TokenLogprob, TokenLogprobs, Usage};
 use super::request::{Request, RequestInput};
 use super::text::StopText;
-use super::Engine;
+use super::{token_id, Engine};
 use crate::error::{Error, Result};
 use crate::generate::{DecodeEnd, Flow, Picked, Picker, StepLogprobs};
 use crate::llm::KvCache;
@@ -156,9 +156,7 @@ impl<'t> Answer<'t> {
                 Err(e) => self.error = Some(e),
             }
         }
-        let piece = u32::try_from(id)
-            .map_err(|_| Error::Tokenizer(format!("id {id} out of range")))
-            .and_then(|id| self.stream.push(id));
+        let piece = token_id(id).and_then(|id| self.stream.push(id));
         match piece {
             Ok(piece) => {
                 let (released, stop) = self.text.push(&piece);
@@ -217,8 +215,7 @@ impl<'t> Answer<'t> {
 
     fn token_logprobs(&self, step: &StepLogprobs) -> Result<TokenLogprobs> {
         let entry = |id: i64, logprob: f32| -> Result<TokenLogprob> {
-            let token_id = u32::try_from(id).map_err(|_| Error::Tokenizer(format!("id {id} out of range")))?;
-            let bytes = match self.tokenizer.token_surface(token_id)? {
+            let bytes = match self.tokenizer.token_surface(token_id(id)?)? {
                 TokenSurface::Bytes(bytes) => bytes,
                 TokenSurface::Special(text) => text.into_bytes(),
             };
