@@ -44,7 +44,7 @@ fn fake_worker(model: &str, chunks: Vec<&'static str>, die: bool) -> Router {
                 let step = steps.next()?;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let item = match step {
-                    Some(text) => Ok(StreamChunk { text: text.to_string(), error_code: 0 }.to_wire()),
+                    Some(text) => Ok(StreamChunk::text(text).to_wire()),
                     None => Err(std::io::Error::other("worker died")),
                 };
                 Some((item, steps))

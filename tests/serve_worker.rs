@@ -69,6 +69,7 @@ fn a_greedy_request_through_the_controller_answers_like_the_cli() {
     let got = generate(&controller.url, &square_request(dir, 24));
     assert!(got.len() > 1, "streamed in pieces: {got:?}");
     assert!(got.iter().all(|c| c.error_code == 0 && c.text.starts_with(prompt)), "{got:?}");
+    assert!(got.iter().all(|c| c.logprobs.is_none()), "no log-probabilities unless asked: {got:?}");
     let answer = &got.last().unwrap().text[prompt.len()..];
     assert_eq!(answer, turn["text"].as_str().unwrap());
 
@@ -79,6 +80,56 @@ fn a_greedy_request_through_the_controller_answers_like_the_cli() {
     let metrics = client().get(format!("{}/metrics", worker.url)).send().unwrap().text().unwrap();
     assert!(metrics.contains("arcana_requests_total 2"), "{metrics}");
     assert!(metrics.contains("arcana_generated_tokens_total 48"), "{metrics}");
+}
+
+#[test]
+fn a_schema_shapes_the_release_stream_and_each_chunk_reports_its_tokens_log_probabilities() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--no-register"]);
+    wait_ready(&worker.url);
+    let prompt = expected_first_turn(dir, "v1-square-greedy")["prompt"].as_str().unwrap().to_string();
+    let mut request = square_request(dir, 64);
+    request["json_schema"] = json!({"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["colour", "count"],
+        "additionalProperties": false});
+    request["logprobs"] = json!(2);
+    let got = generate(&worker.url, &request);
+    assert!(got.iter().all(|c| c.error_code == 0 && c.logprobs.is_some()), "{got:?}");
+    let answer = &got.last().unwrap().text[prompt.len()..];
+    let value: Value = serde_json::from_str(answer).unwrap_or_else(|e| panic!("{answer:?} is not JSON: {e}"));
+    assert!(["red", "green", "blue"].contains(&value["colour"].as_str().unwrap()), "{value}");
+    assert!((0..=9).contains(&value["count"].as_i64().unwrap()), "{value}");
+    // Every token once, in order, across the chunks: their bytes spell the answer (an EOS adds none).
+    let tokens: Vec<Value> =
+        got.iter().flat_map(|c| c.logprobs.as_ref().unwrap()["content"].as_array().unwrap().clone()).collect();
+    let spelled: Vec<u8> = tokens
+        .iter()
+        .filter(|t| t["token"] != "</s>")
+        .flat_map(|t| t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8))
+        .collect();
+    assert_eq!(String::from_utf8(spelled).unwrap(), answer);
+    for token in &tokens {
+        let (logprob, top) = (token["logprob"].as_f64().unwrap(), token["top_logprobs"].as_array().unwrap());
+        assert!(logprob <= 0.0 && top.len() == 2, "{token}");
+        // Greedy takes the most likely token the schema allows, and the mask leaves only those.
+        assert_eq!(top[0]["logprob"].as_f64().unwrap(), logprob, "{token}");
+        assert_eq!(top[0]["token"], token["token"], "{token}");
+    }
+    // The same request on the OpenAI API reports the same numbers.
+    let openai = client()
+        .post(format!("{}/v1/chat/completions", worker.url))
+        .json(&json!({"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is in this image?"},
+                {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", request["images"][0].as_str().unwrap())}}]}],
+            "temperature": 0, "max_tokens": 64, "logprobs": true, "top_logprobs": 2,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": request["json_schema"]}}}))
+        .send()
+        .unwrap();
+    assert!(openai.status().is_success(), "{}", openai.status());
+    let openai: Value = openai.json().unwrap();
+    let choice = &openai["choices"][0];
+    assert_eq!(choice["message"]["content"], answer);
+    assert_eq!(choice["logprobs"]["content"].as_array().unwrap(), &tokens);
 }
 
 #[test]
@@ -146,6 +197,11 @@ fn requests_past_the_image_and_stop_limits_get_error_chunks_naming_the_limit() {
     let got = generate(&worker.url, &stop);
     assert_eq!((got.len(), got[0].error_code), (1, 1), "{got:?}");
     assert!(got[0].text.contains("9 bytes") && got[0].text.contains("limit is 8 bytes"), "{got:?}");
+    for (logprobs, message) in [(json!(21), "limit is 20 (--max-top-logprobs)"), (json!(-1), "`logprobs` must be")] {
+        let got = generate(&worker.url, &json!({"prompt": "USER: hi ASSISTANT:", "logprobs": logprobs}));
+        assert_eq!((got.len(), got[0].error_code), (1, 1), "{got:?}");
+        assert!(got[0].text.contains(message), "expected `{message}` in {got:?}");
+    }
     // The worker keeps serving.
     let ok = generate(&worker.url, &json!({"prompt": "USER: hi ASSISTANT:", "max_new_tokens": 3, "stop": "12345678"}));
     assert_eq!(ok.last().unwrap().error_code, 0, "{ok:?}");
@@ -163,10 +219,7 @@ fn a_prompt_that_fills_the_context_gets_the_release_reply() {
     let prompt = request["prompt"].as_str().unwrap();
     assert_eq!(
         got,
-        vec![StreamChunk {
-            text: format!("{prompt}Exceeds max token length. Please start a new conversation, thanks."),
-            error_code: 0
-        }]
+        vec![StreamChunk::text(format!("{prompt}Exceeds max token length. Please start a new conversation, thanks."))]
     );
 }
 

@@ -304,8 +304,8 @@ fn logprob_json(token: &TokenLogprob) -> Value {
     json!({"token": token.token, "logprob": token.logprob, "bytes": token.bytes})
 }
 
-/// OpenAI's `logprobs` object for these tokens.
-fn logprobs_json(tokens: &[TokenLogprobs]) -> Value {
+/// OpenAI's `logprobs` object for these tokens (also the release protocol's `logprobs` field).
+pub(super) fn logprobs_json(tokens: &[TokenLogprobs]) -> Value {
     let content: Vec<Value> = tokens
         .iter()
         .map(|t| {

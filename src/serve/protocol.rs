@@ -78,11 +78,23 @@ pub struct ModelList {
 pub struct StreamChunk {
     pub text: String,
     pub error_code: i32,
+    /// This server's addition, present when the request asked for `logprobs`: OpenAI's `logprobs`
+    /// object (`{"content": [...]}`) for the tokens generated since the previous chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<serde_json::Value>,
 }
 
 impl StreamChunk {
+    pub fn text(text: impl Into<String>) -> Self {
+        Self { text: text.into(), error_code: error_code::OK, logprobs: None }
+    }
+
     pub fn error(code: i32, text: impl Into<String>) -> Self {
-        Self { text: text.into(), error_code: code }
+        Self { text: text.into(), error_code: code, logprobs: None }
+    }
+
+    pub fn with_logprobs(self, logprobs: serde_json::Value) -> Self {
+        Self { logprobs: Some(logprobs), ..self }
     }
 
     /// The chunk as sent: JSON, then `\0`.
@@ -142,7 +154,7 @@ mod tests {
     #[test]
     fn chunks_split_on_nul_across_reads() {
         let mut s = ChunkSplitter::default();
-        let a = StreamChunk { text: "a\u{0}?".replace('\u{0}', ""), error_code: 0 }.to_wire();
+        let a = StreamChunk::text("a\u{0}?".replace('\u{0}', "")).to_wire();
         let b = StreamChunk::error(1, "boom").to_wire();
         let all: Vec<u8> = a.iter().chain(&b).copied().collect();
         let (first, second) = all.split_at(5);

@@ -11,6 +11,7 @@
 use super::http::{Access, JsonBody};
 use super::image_fetch::ImageFetchPolicy;
 use super::limits::RequestLimits;
+use super::openai::logprobs_json;
 use super::protocol::STATUS_TIMEOUT;
 use super::protocol::{error_code, HeartBeat, HeartBeatReply, RegisterWorker, StreamChunk, WorkerStatus};
 use crate::engine::{CancelToken, EngineHandle, Event, GenerationParams, ImageInput, Request, RequestInput};
@@ -242,6 +243,9 @@ pub struct StreamParams {
     /// This server's optional fields, one at most: `json_schema` (a JSON schema object), `regex` or
     /// `grammar` (Lark); the answer then follows it.
     pub constraint: Option<Constraint>,
+    /// This server's optional `logprobs`: each token's log-probability with this many alternatives
+    /// (`true` is 0); every chunk then carries those of the tokens since the previous chunk.
+    pub logprobs: Option<usize>,
 }
 
 impl StreamParams {
@@ -294,6 +298,14 @@ impl StreamParams {
         if constraints.len() > 1 {
             return Err("give one of `json_schema`, `regex` and `grammar`, not several".into());
         }
+        let logprobs =
+            match params.get("logprobs") {
+                None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => None,
+                Some(serde_json::Value::Bool(true)) => Some(0),
+                Some(v) => Some(v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+                    format!("`logprobs` must be true or a count of alternatives (0 or more), got {v}")
+                })?),
+            };
         Ok(Self {
             prompt,
             images,
@@ -302,6 +314,7 @@ impl StreamParams {
             max_new_tokens: (max_new_tokens as usize).min(MAX_NEW_TOKENS_CAP),
             stop,
             constraint: constraints.pop(),
+            logprobs,
         })
     }
 
@@ -313,6 +326,9 @@ impl StreamParams {
         limits.check_stop(self.stop.as_slice())?;
         if let Some(constraint) = &self.constraint {
             limits.check_constraint(constraint)?;
+        }
+        if let Some(top) = self.logprobs {
+            limits.check_top_logprobs(top)?;
         }
         let placeholders = self.prompt.matches("<image>").count();
         if placeholders != self.images.len() {
@@ -338,7 +354,7 @@ impl StreamParams {
             max_new_tokens: self.max_new_tokens,
             stop: self.stop.iter().cloned().collect(),
             seed: None,
-            logprobs: None,
+            logprobs: self.logprobs,
             constraint: self.constraint.clone(),
         };
         params.check().map_err(|e| e.to_string())?;
@@ -487,18 +503,29 @@ async fn generate_stream(State(w): State<Worker>, JsonBody(params): JsonBody<ser
     let (client, gone) = client_watch();
     let prompt = params.prompt;
     let mut text = prompt.clone();
+    let with_logprobs = params.logprobs.is_some();
+    // Log-probabilities of tokens whose text has not been sent yet: they go with the next chunk.
+    let mut pending = Vec::new();
     w.spawn_answer(engine, request, gone, move |event| {
         let chunk = match event {
             Ok(Event::Text(delta)) => {
                 text.push_str(&delta);
-                StreamChunk { text: text.clone(), error_code: error_code::OK }
+                StreamChunk::text(text.clone())
             }
+            Ok(Event::Logprobs(token)) => {
+                pending.push(token);
+                return true;
+            }
+            // Tokens that added no text (EOS, a stop string held back) still report theirs.
+            Ok(Event::Finished(_)) if !pending.is_empty() => StreamChunk::text(text.clone()),
             Ok(_) => return true,
             // The release answers a full context with this text and code 0.
-            Err(Error::ContextFull { .. }) => {
-                StreamChunk { text: format!("{prompt}{EXCEEDS_CONTEXT}"), error_code: error_code::OK }
-            }
+            Err(Error::ContextFull { .. }) => StreamChunk::text(format!("{prompt}{EXCEEDS_CONTEXT}")),
             Err(e) => StreamChunk::error(error_code::WORKER_ERROR, e.to_string()),
+        };
+        let chunk = match with_logprobs && chunk.error_code == error_code::OK {
+            true => chunk.with_logprobs(logprobs_json(&std::mem::take(&mut pending))),
+            false => chunk,
         };
         sender.blocking_send(chunk.to_wire()).is_ok()
     })
