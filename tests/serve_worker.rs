@@ -130,6 +130,18 @@ fn a_schema_shapes_the_release_stream_and_each_chunk_reports_its_tokens_log_prob
     let choice = &openai["choices"][0];
     assert_eq!(choice["message"]["content"], answer);
     assert_eq!(choice["logprobs"]["content"].as_array().unwrap(), &tokens);
+    // Both answers were constrained in every decoding step; the constraint took a part of each step.
+    let metrics = client().get(format!("{}/metrics", worker.url)).send().unwrap().text().unwrap();
+    let value = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{metrics}"));
+        line[name.len() + 1..].parse().unwrap()
+    };
+    let decoded = value("arcana_decode_tokens_total");
+    assert_eq!(decoded, 2.0 * (tokens.len() - 1) as f64, "the first token of each is the prefill's");
+    assert_eq!(value("arcana_constrained_tokens_total"), decoded);
+    assert_eq!(value("arcana_decode_steps_total"), decoded, "alone in the batch: one token per step");
+    let (constraint, steps) = (value("arcana_constraint_seconds_total"), value("arcana_decode_step_seconds_total"));
+    assert!(constraint > 0.0 && constraint < steps, "{metrics}");
 }
 
 #[test]

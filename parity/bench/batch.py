@@ -16,6 +16,10 @@ per token. Figures:
 - gain: together / solo, the aggregate decode speed-up.
 - same text: answers equal to their solo answer (greedy; the batch's GEMMs sum in another order than
   one row's, so near-ties may go another way).
+- constraint share: the same requests again under a JSON schema (`response_format`), first one alone,
+  then all N at once; the worker's `/metrics` counts the time its decoding steps spend in the
+  constraints (masks and advances) and in the steps themselves: constraint seconds / step seconds, and
+  the constraint's microseconds per constrained token (`--no-constrained` skips these rounds).
 """
 import argparse
 import base64
@@ -45,6 +49,10 @@ QUESTIONS = [
     "Write a short poem about this place.",
     "What season is it likely to be?",
 ]
+# Long enough to constrain every token of the answer: the caption is a free string.
+SCHEMA = {"type": "object", "properties": {"caption": {"type": "string"},
+                                           "objects": {"type": "array", "items": {"type": "string"}}},
+          "required": ["caption", "objects"], "additionalProperties": False}
 MODES = {"exact": [], "int8": ["--load-8bit", "--merge-lora"], "fp16": ["--dtype", "fp16", "--merge-lora"],
          "int4": ["--load-4bit", "--merge-lora"]}
 
@@ -70,13 +78,16 @@ def wait_ready(url, process, timeout):
     raise RuntimeError(f"the worker was not ready after {timeout} s")
 
 
-def stream_answer(url, image_url, question, new_tokens, result):
+def stream_answer(url, image_url, question, new_tokens, result, schema=None):
     """One streamed chat completion; `result` gets the text and each chunk's arrival time."""
-    body = json.dumps({
+    body = {
         "messages": [{"role": "user", "content": [{"type": "text", "text": question},
                                                   {"type": "image_url", "image_url": {"url": image_url}}]}],
         "temperature": 0, "max_tokens": new_tokens, "stream": True,
-    }).encode()
+    }
+    if schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+    body = json.dumps(body).encode()
     request = urllib.request.Request(url + "/v1/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})
     result.update(sent=time.perf_counter(), arrivals=[], text="")
@@ -113,6 +124,53 @@ def together_rate(results):
     return count / (end - start), end - start
 
 
+def decode_counters(url):
+    """The worker's decoding-step counters from /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        lines = r.read().decode().splitlines()
+    names = ("arcana_decode_steps_total", "arcana_decode_step_seconds_total", "arcana_constrained_tokens_total",
+             "arcana_constraint_seconds_total")
+    values = {}
+    for line in lines:
+        name, _, value = line.partition(" ")
+        if name in names:
+            values[name] = float(value)
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise RuntimeError(f"/metrics lacks {', '.join(missing)}")
+    return values
+
+
+def constraint_share(url, image_url, questions, new_tokens):
+    """Runs `questions` at once under SCHEMA; the constraints' share of the decoding steps' time."""
+    before = decode_counters(url)
+    results = [{} for _ in questions]
+    clients = [threading.Thread(target=stream_answer, args=(url, image_url, q, new_tokens, r, SCHEMA))
+               for q, r in zip(questions, results)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        raise RuntimeError(f"a constrained answer failed: {errors[0]}")
+    for r in results:
+        try:
+            json.loads(r["text"])
+        except ValueError:
+            # Cut at --new-tokens inside the structure: still a prefix the schema allows.
+            if r.get("finish_reason") != "length":
+                raise RuntimeError(f"a constrained answer that is not JSON: {r['text']!r}")
+    after = decode_counters(url)
+    delta = {k: after[k] - before[k] for k in after}
+    steps, step_s = delta["arcana_decode_steps_total"], delta["arcana_decode_step_seconds_total"]
+    tokens, constraint_s = delta["arcana_constrained_tokens_total"], delta["arcana_constraint_seconds_total"]
+    if not steps or not tokens:
+        raise RuntimeError("the constrained round ran no decoding step")
+    return {"share": constraint_s / step_s, "us_per_token": constraint_s / tokens * 1e6,
+            "step_ms": step_s / steps * 1e3, "tokens": int(tokens), "steps": int(steps)}
+
+
 def run_mode(mode, args, checkpoint, image_url, threads, env):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -138,6 +196,11 @@ def run_mode(mode, args, checkpoint, image_url, threads, env):
             c.start()
         for c in clients:
             c.join()
+        if args.constrained:
+            print(f"batch: {mode}: under a JSON schema, alone then {args.streams} at once", file=sys.stderr,
+                  flush=True)
+            row["constrained_alone"] = constraint_share(url, image_url, questions[:1], args.new_tokens)
+            row["constrained_together"] = constraint_share(url, image_url, questions, args.new_tokens)
         errors = [r["error"] for r in solo + together if "error" in r]
         if errors or any(not r["arrivals"] for r in solo + together):
             row["error"] = errors[0] if errors else "an answer without text"
@@ -180,6 +243,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="default the physical cores")
     p.add_argument("--modes", default="exact,int8", help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--no-constrained", dest="constrained", action="store_false",
+                   help="skip the rounds under a JSON schema")
     p.add_argument("--serve-binary", default=os.path.join(bench.REPO, "target", "release", "arcana-serve"))
     p.add_argument("--timeout", type=int, default=1800, help="seconds for a worker to load")
     p.add_argument("--out", default=os.path.join(bench.REPO, "bench-results", "batch.json"))
@@ -222,6 +287,17 @@ def main(argv=None):
         else:
             print(f"| {r['mode']} | {bench.fmt(r['solo_tokens_per_s'])} | {bench.fmt(r['together_tokens_per_s'])} "
                   f"| {bench.fmt(r['gain'])}x | {r['same_text']}/{r['streams']} |")
+    if args.constrained:
+        print(f"\nUnder a JSON schema: the constraints' time (masks and advances) as a share of the decoding "
+              f"steps' time, from the worker's /metrics.\n")
+        print("| mode | rows | step ms | constraint us/token | constraint share of a step |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            for key, n in (("constrained_alone", 1), ("constrained_together", args.streams)):
+                if key in r:
+                    c = r[key]
+                    print(f"| {r['mode']} | {n} | {bench.fmt(c['step_ms'])} | {bench.fmt(c['us_per_token'])} "
+                          f"| {c['share'] * 100:.2f}% |")
     with open(args.out, "w") as f:
         json.dump({"command": command, "machine": facts, "checkpoint": checkpoint, "rows": rows}, f, indent=1)
     print(f"\nwritten: {args.out}")

@@ -14,6 +14,7 @@ use super::answer::{Answer, Begun, Decoding};
 use super::events::{Completion, CompletionBuilder, Event};
 use super::handle::{Job, Reply};
 use super::request::Request;
+use super::stats::{DecodeStats, StepTally};
 use super::Engine;
 use crate::error::{Error, Result};
 use crate::generate::{DecodeEnd, Flow, Picked, Picker};
@@ -85,8 +86,13 @@ struct Row<'e, R> {
 impl<R: Requester> Row<'_, R> {
     /// Picks the next token from the row's logits `[1, vocab]` and takes it; `Some(end)` when the
     /// answer is over.
-    fn pick_and_take(&mut self, logits: &Tensor, eos: &[i64]) -> Result<Option<DecodeEnd>> {
+    fn pick_and_take(&mut self, logits: &Tensor, eos: &[i64], tally: &mut StepTally) -> Result<Option<DecodeEnd>> {
         let Some(picked) = self.picker.pick(logits)? else { return Ok(Some(DecodeEnd::NoAllowedToken)) };
+        tally.tokens += 1;
+        if self.picker.is_constrained() {
+            tally.constrained_tokens += 1;
+            tally.constraint_time += picked.constraint_time;
+        }
         Ok(self.take(&picked, eos))
     }
 
@@ -144,9 +150,10 @@ pub(super) fn answer_alone(
     let mut caller = Caller { on_event, completion: CompletionBuilder::default(), error: None };
     {
         let mut batch = Batch::new();
+        let stats = DecodeStats::default();
         admit(engine, &mut batch, request, &mut caller);
         while !batch.rows.is_empty() {
-            step_or_fail(engine, &mut batch);
+            step_or_fail(engine, &mut batch, &stats);
         }
     }
     match caller.error {
@@ -155,8 +162,9 @@ pub(super) fn answer_alone(
     }
 }
 
-/// Serves the queue until every handle is dropped, decoding up to `max_batch` answers at once.
-pub(super) fn serve(engine: &Engine, queue: Receiver<Job>, max_batch: usize) {
+/// Serves the queue until every handle is dropped, decoding up to `max_batch` answers at once; each
+/// decoding step is counted in `stats`.
+pub(super) fn serve(engine: &Engine, queue: Receiver<Job>, max_batch: usize, stats: &DecodeStats) {
     let _guard = tch::no_grad_guard();
     let mut batch = Batch::new();
     loop {
@@ -179,14 +187,14 @@ pub(super) fn serve(engine: &Engine, queue: Receiver<Job>, max_batch: usize) {
             admit(engine, &mut batch, &request, reply);
         }
         if !batch.rows.is_empty() {
-            step_or_fail(engine, &mut batch);
+            step_or_fail(engine, &mut batch, stats);
         }
     }
 }
 
 /// One step; when it fails, the shared state is unusable: every running answer gets the error.
-fn step_or_fail<R: Requester>(engine: &Engine, batch: &mut Batch<R>) {
-    if let Err(e) = step(engine, batch) {
+fn step_or_fail<R: Requester>(engine: &Engine, batch: &mut Batch<R>, stats: &DecodeStats) {
+    if let Err(e) = step(engine, batch, stats) {
         for mut row in batch.rows.drain(..) {
             row.requester.fail(Error::Engine(format!("decoding step failed: {e}")));
         }
@@ -217,7 +225,9 @@ fn admit<'e, R: Requester>(engine: &'e Engine, batch: &mut Batch<'e, R>, request
         Err(e) => return requester.fail(e),
     };
     let mut row = Row { requester, answer, picker, last_token: 0, remaining: max_new_tokens };
-    match row.pick_and_take(&logits.logits, &model.generation_config().eos_token_ids) {
+    // The first token belongs to the prefill, not to a decoding step.
+    let mut prefill = StepTally::default();
+    match row.pick_and_take(&logits.logits, &model.generation_config().eos_token_ids, &mut prefill) {
         Ok(None) => {}
         Ok(Some(end)) => return row.finish(Some(end)),
         Err(e) => return row.requester.fail(e),
@@ -269,7 +279,8 @@ fn left_pad(mask: &Tensor, width: i64) -> Result<Tensor> {
 }
 
 /// One token for every running row; finished rows leave.
-fn step<R: Requester>(engine: &Engine, batch: &mut Batch<R>) -> Result<()> {
+fn step<R: Requester>(engine: &Engine, batch: &mut Batch<R>, stats: &DecodeStats) -> Result<()> {
+    let started = Instant::now();
     let model = engine.model();
     let cache = batch.cache.as_mut().ok_or_else(|| Error::Engine("a running batch without a cache".into()))?;
     let rows = batch.rows.len() as i64;
@@ -281,14 +292,16 @@ fn step<R: Requester>(engine: &Engine, batch: &mut Batch<R>) -> Result<()> {
     let logits = model.token_step(&tokens, &batch.mask, &visual, cache)?;
     let eos = &model.generation_config().eos_token_ids;
     let mut ended = Vec::new();
+    let mut tally = StepTally::default();
     for (i, row) in batch.rows.iter_mut().enumerate() {
         // A row whose choice fails (its constraint) ends alone; the others go on.
-        match row.pick_and_take(&logits.f_narrow(0, i as i64, 1)?, eos) {
+        match row.pick_and_take(&logits.f_narrow(0, i as i64, 1)?, eos, &mut tally) {
             Ok(None) => {}
             Ok(Some(end)) => ended.push((i, Ok(end))),
             Err(e) => ended.push((i, Err(e))),
         }
     }
+    stats.record(&tally, started.elapsed());
     if ended.is_empty() {
         return Ok(());
     }

@@ -1,6 +1,7 @@
 //! The engine on its own thread: a queue of requests in, one event channel out per request.
 use super::events::{Completion, CompletionBuilder, Event};
 use super::request::Request;
+use super::stats::{DecodeStats, DecodeStatsSnapshot};
 use super::Engine;
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +37,7 @@ pub(super) struct Reply {
 #[derive(Clone)]
 pub struct EngineHandle {
     jobs: Sender<Job>,
+    stats: Arc<DecodeStats>,
 }
 
 /// The events of one request as they come; ends after `Finished` or an error.
@@ -45,9 +47,14 @@ pub struct ResponseStream {
 }
 
 impl EngineHandle {
-    /// A handle feeding `jobs`, which the engine thread serves.
-    pub(super) fn new(jobs: Sender<Job>) -> Self {
-        Self { jobs }
+    /// A handle feeding `jobs`, which the engine thread serves, counting its steps in `stats`.
+    pub(super) fn new(jobs: Sender<Job>, stats: Arc<DecodeStats>) -> Self {
+        Self { jobs, stats }
+    }
+
+    /// The engine thread's decoding steps so far.
+    pub fn decode_stats(&self) -> DecodeStatsSnapshot {
+        self.stats.snapshot()
     }
 }
 

@@ -24,6 +24,7 @@ pub mod devices;
 mod events;
 mod handle;
 mod request;
+mod stats;
 mod text;
 
 pub use crate::generate::Flow;
@@ -32,6 +33,7 @@ pub use events::{
 };
 pub use handle::{CancelToken, EngineHandle, ResponseStream};
 pub use request::{ChatMessage, GenerationParams, ImageInput, Request, RequestInput, Role};
+pub use stats::{DecodeStats, DecodeStatsSnapshot};
 
 use crate::error::{Error, Result};
 use crate::generate::constraint::ConstraintCompiler;
@@ -310,15 +312,19 @@ impl Engine {
     /// `spawn`, decoding up to `max_batch` answers at once (continuous batching; see [`batch`]).
     pub fn spawn_batched(self, max_batch: usize) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
         let (jobs, queue) = std::sync::mpsc::channel();
+        let stats = std::sync::Arc::new(DecodeStats::default());
         let thread = std::thread::Builder::new()
             .name("arcana-engine".into())
-            .spawn(move || {
-                // libtorch's thread count is per thread: the engine's own, set where it loaded.
-                tch::set_num_threads(self.threads);
-                batch::serve(&self, queue, max_batch.max(1))
+            .spawn({
+                let stats = stats.clone();
+                move || {
+                    // libtorch's thread count is per thread: the engine's own, set where it loaded.
+                    tch::set_num_threads(self.threads);
+                    batch::serve(&self, queue, max_batch.max(1), &stats)
+                }
             })
             .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
-        Ok((EngineHandle::new(jobs), thread))
+        Ok((EngineHandle::new(jobs, stats), thread))
     }
 }
 

@@ -171,7 +171,14 @@ impl Matcher {
         if allowed.num_set() == 0 {
             return Ok(None);
         }
-        let allowed: Vec<bool> = (0..self.width as usize).map(|id| allowed.is_allowed(id as TokenId)).collect();
+        // Walks the set bits only, skipping empty words: a structure allows few tokens at most steps.
+        let mut mask = vec![false; self.width as usize];
+        allowed.iter_set_entries(|id| {
+            if let Some(slot) = mask.get_mut(id) {
+                *slot = true;
+            }
+        });
+        let allowed = mask;
         let allowed = Tensor::f_from_slice(&allowed)?.f_to_device(logits.device())?.f_view([1, self.width])?;
         Ok(Some(logits.f_masked_fill(&allowed.f_logical_not()?, f64::NEG_INFINITY)?))
     }

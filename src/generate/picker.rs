@@ -4,6 +4,7 @@
 use super::chooser::TokenChooser;
 use super::constraint::{Matcher, Progress};
 use crate::error::{Error, Result};
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 /// The log-probability of a chosen token and of the most likely tokens at its step.
@@ -22,6 +23,8 @@ pub struct Picked {
     pub logprobs: Option<StepLogprobs>,
     /// The constraint is complete after this token: nothing may follow it.
     pub constraint_complete: bool,
+    /// Time the constraint took (its mask and its advance); zero without one.
+    pub constraint_time: Duration,
 }
 
 pub struct Picker {
@@ -37,9 +40,14 @@ impl Picker {
         Self { chooser, top_logprobs, constraint: constraint.map(Box::new) }
     }
 
+    pub fn is_constrained(&self) -> bool {
+        self.constraint.is_some()
+    }
+
     /// The next token from one row of fp32 logits `[1, vocab]`; `None` when the constraint allows
     /// no token at all.
     pub fn pick(&mut self, logits: &Tensor) -> Result<Option<Picked>> {
+        let masking = Instant::now();
         let scores = match &mut self.constraint {
             Some(matcher) => match matcher.mask(logits)? {
                 Some(masked) => masked,
@@ -47,16 +55,25 @@ impl Picker {
             },
             None => logits.shallow_clone(),
         };
+        let mut constraint_time = match self.constraint {
+            Some(_) => masking.elapsed(),
+            None => Duration::ZERO,
+        };
         let id = self.chooser.choose(&scores)?[0];
         let logprobs = match self.top_logprobs {
             Some(top) => Some(step_logprobs(&self.chooser.tempered(&scores)?, id, top)?),
             None => None,
         };
         let constraint_complete = match &mut self.constraint {
-            Some(matcher) => matcher.advance(id)? == Progress::Complete,
+            Some(matcher) => {
+                let advancing = Instant::now();
+                let progress = matcher.advance(id)?;
+                constraint_time += advancing.elapsed();
+                progress == Progress::Complete
+            }
             None => false,
         };
-        Ok(Some(Picked { id, logprobs, constraint_complete }))
+        Ok(Some(Picked { id, logprobs, constraint_complete, constraint_time }))
     }
 }
 
