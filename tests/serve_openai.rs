@@ -284,3 +284,101 @@ fn the_openai_client_gets_schema_valid_json_and_log_probabilities() {
         assert_eq!(got["refused"], json!([400, 400, 400, 400]), "{base}");
     }
 }
+
+const COMPLETIONS_SCRIPT: &str = r#"
+import json, sys
+import openai
+from openai import OpenAI
+base_url, model, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
+client = OpenAI(base_url=base_url + "/v1", api_key="unused")
+whole = client.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=12, logprobs=2)
+choice = whole.choices[0]
+out = {"object": whole.object, "text": choice.text, "finish_reason": choice.finish_reason,
+       "usage": [whole.usage.prompt_tokens, whole.usage.completion_tokens],
+       "tokens": choice.logprobs.tokens, "token_logprobs": choice.logprobs.token_logprobs,
+       "top_logprobs": choice.logprobs.top_logprobs, "text_offset": choice.logprobs.text_offset}
+default = client.completions.create(model=model, prompt=[prompt], temperature=0)
+out["default_tokens"] = default.usage.completion_tokens
+pieces, streamed_tokens = [], []
+for chunk in client.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=12, logprobs=2,
+                                       stream=True):
+    pieces.append(chunk.choices[0].text)
+    if chunk.choices[0].logprobs:
+        streamed_tokens += chunk.choices[0].logprobs.tokens
+out["streamed"] = "".join(pieces)
+out["streamed_tokens"] = streamed_tokens
+refused = []
+for bad in ({"echo": True}, {"n": 2}, {"prompt": "USER: <image> hi ASSISTANT:"}, {"logprobs": 21},
+            {"prompt": ["a", "b"]}):
+    args = dict(model=model, prompt=prompt, max_tokens=2) | bad
+    try:
+        client.completions.create(**args)
+        refused.append("accepted")
+    except openai.BadRequestError as e:
+        refused.append(e.status_code)
+print(json.dumps(out))
+print(json.dumps(refused))
+"#;
+
+#[test]
+fn raw_prompt_completions_answer_like_the_release_protocol_in_the_legacy_shape() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let Some(python) = python_with_openai() else { return };
+    let controller = start(dir, &["controller"]);
+    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
+    wait_ready(&worker.url);
+    common::serve::wait_registered(&controller.url, &["arcana-cli-tiny-v1"]);
+    let prompt = "A chat between a curious user and an assistant. USER: Name three colours. ASSISTANT:";
+    // The release protocol continues the same raw prompt: its answer is the reference.
+    let release = client()
+        .post(format!("{}/worker_generate_stream", worker.url))
+        .json(&json!({"prompt": prompt, "temperature": 0, "max_new_tokens": 12, "logprobs": 2}))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    let chunks: Vec<Value> =
+        release.split(|&b| b == 0).filter(|c| !c.is_empty()).map(|c| serde_json::from_slice(c).unwrap()).collect();
+    let release_text = chunks.last().unwrap()["text"].as_str().unwrap()[prompt.len()..].to_string();
+    let release_logprobs: Vec<f64> = chunks
+        .iter()
+        .flat_map(|c| c["logprobs"]["content"].as_array().unwrap().iter().map(|t| t["logprob"].as_f64().unwrap()))
+        .collect();
+    for base in [&worker.url, &controller.url] {
+        let out = Command::new(&python)
+            .args(["-c", COMPLETIONS_SCRIPT, base, "arcana-cli-tiny-v1", prompt])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openai client failed: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let mut lines = stdout.lines();
+        let got: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        let refused: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert_eq!(got["object"], "text_completion");
+        assert_eq!(got["text"], release_text.as_str(), "{base}");
+        assert_eq!(got["streamed"], release_text.as_str(), "{base}: streamed");
+        let logprobs: Vec<f64> =
+            got["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(logprobs, release_logprobs, "{base}");
+        let tokens = got["tokens"].as_array().unwrap();
+        assert_eq!(tokens.len() as u64, got["usage"][1].as_u64().unwrap());
+        assert_eq!(got["streamed_tokens"].as_array().unwrap(), tokens, "{base}");
+        // Each token's offset is where its text starts; the tokens spell the answer (less the leading
+        // space decoding drops from the first token).
+        let mut offset = 0;
+        for (i, token) in tokens.iter().enumerate() {
+            assert_eq!(got["text_offset"][i].as_u64().unwrap(), offset as u64);
+            offset += token.as_str().unwrap().len();
+            let top = got["top_logprobs"][i].as_object().unwrap();
+            assert!(!top.is_empty() && top.len() <= 2, "{top:?}");
+            assert_eq!(top[token.as_str().unwrap()].as_f64().unwrap(), logprobs[i], "greedy takes the most likely");
+        }
+        let spelled: String = tokens.iter().map(|t| t.as_str().unwrap()).collect();
+        if got["finish_reason"] == "length" {
+            assert_eq!(spelled.trim_start(), got["text"].as_str().unwrap(), "{base}");
+        }
+        // OpenAI's default of 16 new tokens, unless EOS came first.
+        assert!(got["default_tokens"].as_u64().unwrap() <= 16);
+        assert_eq!(refused, json!([400, 400, 400, 400, 400]), "{base}");
+    }
+}

@@ -1,5 +1,6 @@
-//! An OpenAI-compatible API on the worker (`GET /v1/models`, `POST /v1/chat/completions`, streamed as
-//! server-sent events or not) and, routed by `model`, through the controller. Messages are rendered
+//! An OpenAI-compatible API on the worker (`GET /v1/models`, `POST /v1/chat/completions` and the raw-prompt
+//! `POST /v1/completions`, streamed as server-sent events or not) and, routed by `model`, through the
+//! controller. Messages are rendered
 //! with the model's template as the CLI does; images come as `data:` URLs (remote URLs only with
 //! `--allow-image-urls`). Errors use OpenAI's `{"error": {"message", "type", "param", "code"}}` shape.
 use super::controller::Controller;
@@ -59,6 +60,38 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     /// With `logprobs`: this many most likely alternatives per token.
     pub top_logprobs: Option<usize>,
+}
+
+/// `POST /v1/completions`: a raw prompt, continued as it is (no template), text only.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: PromptField,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub max_tokens: Option<usize>,
+    pub stop: Option<StopField>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<u32>,
+    pub best_of: Option<u32>,
+    #[serde(default)]
+    pub echo: bool,
+    pub suffix: Option<String>,
+    /// This server's extension, as on chat completions.
+    pub response_format: Option<ResponseFormat>,
+    /// Each token's log-probability with this many alternatives (the legacy API's integer).
+    pub logprobs: Option<usize>,
+}
+
+/// The legacy API's prompt: a string, or a list of prompts (one is served).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// OpenAI's `response_format`, with two extensions of this server: `regex` and `grammar` (Lark).
@@ -223,45 +256,105 @@ fn to_request(
     if messages.last().map(|m| m.role) != Some(Role::User) {
         return Err("the last message must come from the user".into());
     }
-    let temperature = body.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(format!("`temperature` must be within [0, 2], got {temperature}"));
-    }
-    let stop = match &body.stop {
-        None => Vec::new(),
-        Some(StopField::One(s)) => vec![s.clone()],
-        Some(StopField::Many(v)) => v.clone(),
-    };
-    limits.check_stop(&stop)?;
-    let constraint = body.response_format.as_ref().and_then(ResponseFormat::constraint);
-    if let Some(constraint) = &constraint {
-        limits.check_constraint(constraint)?;
-    }
     let logprobs = match (body.logprobs.unwrap_or(false), body.top_logprobs) {
-        (true, top) => {
-            let top = top.unwrap_or(0);
-            limits.check_top_logprobs(top)?;
-            Some(top)
-        }
+        (true, top) => Some(top.unwrap_or(0)),
         (false, Some(_)) => return Err("`top_logprobs` needs `logprobs: true`".into()),
         (false, None) => None,
     };
-    let params = GenerationParams {
-        temperature,
-        top_p: Some(body.top_p.unwrap_or(1.0)),
-        top_k: Some(0),
-        max_new_tokens: body
-            .max_completion_tokens
-            .or(body.max_tokens)
-            .unwrap_or(GenerationParams::default().max_new_tokens),
-        stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+    let sampling = Sampling {
+        temperature: body.temperature,
+        top_p: body.top_p,
+        max_tokens: body.max_completion_tokens.or(body.max_tokens),
+        stop: body.stop.as_ref(),
         seed: body.seed,
+        response_format: body.response_format.as_ref(),
         logprobs,
-        constraint,
     };
-    params.check().map_err(|e| e.to_string())?;
+    let params = sampling.params(limits, GenerationParams::default().max_new_tokens)?;
     let request = Request { input: RequestInput::Conversation(messages), images: Vec::new(), params };
     Ok((request, images))
+}
+
+/// The sampling fields both generation endpoints share.
+struct Sampling<'a> {
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    max_tokens: Option<usize>,
+    stop: Option<&'a StopField>,
+    seed: Option<u64>,
+    response_format: Option<&'a ResponseFormat>,
+    /// Alternatives per token when log-probabilities are asked for.
+    logprobs: Option<usize>,
+}
+
+impl Sampling<'_> {
+    /// The generation parameters, checked against `limits`; `max_tokens` defaults to `default_max`.
+    fn params(&self, limits: &RequestLimits, default_max: usize) -> Result<GenerationParams, String> {
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(format!("`temperature` must be within [0, 2], got {temperature}"));
+        }
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) => v.clone(),
+        };
+        limits.check_stop(&stop)?;
+        let constraint = self.response_format.and_then(ResponseFormat::constraint);
+        if let Some(constraint) = &constraint {
+            limits.check_constraint(constraint)?;
+        }
+        if let Some(top) = self.logprobs {
+            limits.check_top_logprobs(top)?;
+        }
+        let params = GenerationParams {
+            temperature,
+            top_p: Some(self.top_p.unwrap_or(1.0)),
+            top_k: Some(0),
+            max_new_tokens: self.max_tokens.unwrap_or(default_max),
+            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            seed: self.seed,
+            logprobs: self.logprobs,
+            constraint,
+        };
+        params.check().map_err(|e| e.to_string())?;
+        Ok(params)
+    }
+}
+
+/// OpenAI's default `max_tokens` for `/v1/completions`.
+const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
+
+/// The engine request of a text completion: the prompt as given, continued without a template.
+fn completion_request(body: &CompletionRequest, limits: &RequestLimits) -> Result<Request, String> {
+    if body.n.is_some_and(|n| n != 1) || body.best_of.is_some_and(|n| n != 1) {
+        return Err("only n = 1 and best_of = 1 are supported".into());
+    }
+    if body.echo {
+        return Err("`echo` is not supported".into());
+    }
+    if body.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err("`suffix` is not supported".into());
+    }
+    let prompt = match &body.prompt {
+        PromptField::One(prompt) => prompt.clone(),
+        PromptField::Many(prompts) if prompts.len() == 1 => prompts[0].clone(),
+        PromptField::Many(prompts) => return Err(format!("one prompt per request, got {}", prompts.len())),
+    };
+    if prompt.is_empty() {
+        return Err("`prompt` is empty".into());
+    }
+    let sampling = Sampling {
+        temperature: body.temperature,
+        top_p: body.top_p,
+        max_tokens: body.max_tokens,
+        stop: body.stop.as_ref(),
+        seed: body.seed,
+        response_format: body.response_format.as_ref(),
+        logprobs: body.logprobs,
+    };
+    let params = sampling.params(limits, COMPLETIONS_DEFAULT_MAX_TOKENS)?;
+    Ok(Request { input: RequestInput::Prompt(prompt), images: Vec::new(), params })
 }
 
 fn image_source(url: &str, allow_image_urls: bool) -> Result<ImageSource, String> {
@@ -284,11 +377,6 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn completion_id() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("chatcmpl-{:x}{:06x}", now(), NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
 /// OpenAI's finish reasons; an answer whose constraint allowed no further token is this server's own
 /// `no_allowed_token`.
 fn finish_reason(reason: FinishReason) -> &'static str {
@@ -297,6 +385,77 @@ fn finish_reason(reason: FinishReason) -> &'static str {
         FinishReason::Eos | FinishReason::Stop | FinishReason::Cancelled | FinishReason::Complete => "stop",
         FinishReason::NoAllowedToken => "no_allowed_token",
     }
+}
+
+/// Which of OpenAI's generation endpoints an answer goes out as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    /// `/v1/chat/completions`: `message`/`delta` with `content`, `logprobs.content`.
+    Chat,
+    /// `/v1/completions`: `text`, the legacy `logprobs` (`tokens`, `token_logprobs`, ...).
+    Text,
+}
+
+impl Endpoint {
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Text, _) => "text_completion",
+        }
+    }
+
+    fn id(self) -> String {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let prefix = match self {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Text => "cmpl",
+        };
+        format!("{prefix}-{:x}{:06x}", now(), NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A choice carrying `text` (the whole answer, or a streamed piece of it); `logprobs` when asked
+    /// for, `offset` the answer's length before `text` (the legacy shape's `text_offset`).
+    fn choice(
+        self,
+        text: &str,
+        chunk: bool,
+        logprobs: Option<(&[TokenLogprobs], usize)>,
+        finish: Option<&str>,
+    ) -> Value {
+        let mut choice = match (self, chunk) {
+            (Endpoint::Chat, false) => json!({"message": {"role": "assistant", "content": text}}),
+            (Endpoint::Chat, true) if finish.is_some() && text.is_empty() => json!({"delta": {}}),
+            (Endpoint::Chat, true) => json!({"delta": {"content": text}}),
+            (Endpoint::Text, _) => json!({"text": text}),
+        };
+        choice["index"] = json!(0);
+        choice["finish_reason"] = json!(finish);
+        choice["logprobs"] = match (self, logprobs) {
+            (_, None) => Value::Null,
+            (Endpoint::Chat, Some((tokens, _))) => logprobs_json(tokens),
+            (Endpoint::Text, Some((tokens, offset))) => legacy_logprobs_json(tokens, offset),
+        };
+        choice
+    }
+}
+
+/// The legacy API's `logprobs`: parallel lists, alternatives as `{token: logprob}`, each token's byte
+/// offset in the answer counted from `offset`.
+fn legacy_logprobs_json(tokens: &[TokenLogprobs], mut offset: usize) -> Value {
+    let mut text_offset = Vec::with_capacity(tokens.len());
+    for t in tokens {
+        text_offset.push(offset);
+        offset += t.chosen.token.len();
+    }
+    json!({
+        "tokens": tokens.iter().map(|t| t.chosen.token.as_str()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.chosen.logprob).collect::<Vec<_>>(),
+        "top_logprobs": tokens.iter().map(|t| {
+            t.top.iter().map(|a| (a.token.clone(), json!(a.logprob))).collect::<serde_json::Map<_, _>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
 }
 
 /// One token in OpenAI's `logprobs.content` shape.
@@ -356,13 +515,8 @@ pub async fn chat_completions(
         Err(rejection) => return rejected(&rejection),
     };
     let model = worker.model_name().to_string();
-    if let Some(asked) = body.model.as_deref().filter(|m| !m.is_empty() && *m != model) {
-        return openai_error(
-            StatusCode::NOT_FOUND,
-            &format!("model `{asked}` is not served here (this worker serves `{model}`)"),
-            "invalid_request_error",
-            Some("model_not_found"),
-        );
+    if let Some(response) = other_model(body.model.as_deref(), &model) {
+        return response;
     }
     let engine = match worker.ready_engine() {
         Ok(engine) => engine,
@@ -386,13 +540,61 @@ pub async fn chat_completions(
         };
         request.images.push(ImageInput::Encoded { name: format!("image {}", i + 1), bytes });
     }
-    let id = completion_id();
-    let created = now();
-    if body.stream {
-        let include_usage = body.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        stream_completion(worker, engine, request, id, created, model, include_usage).await
-    } else {
-        whole_completion(worker, engine, request, id, created, model).await
+    let include_usage = body.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let reply = Reply { endpoint: Endpoint::Chat, model, stream: body.stream, include_usage };
+    reply.answer(worker, engine, request).await
+}
+
+/// `POST /v1/completions` on a worker.
+pub async fn completions(worker: Worker, body: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
+    worker.count_request();
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return rejected(&rejection),
+    };
+    let model = worker.model_name().to_string();
+    if let Some(response) = other_model(body.model.as_deref(), &model) {
+        return response;
+    }
+    let engine = match worker.ready_engine() {
+        Ok(engine) => engine,
+        Err(message) => return openai_error(StatusCode::SERVICE_UNAVAILABLE, &message, "server_error", None),
+    };
+    let request = match completion_request(&body, worker.limits()) {
+        Ok(r) => r,
+        Err(message) => return invalid(message),
+    };
+    let include_usage = body.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let reply = Reply { endpoint: Endpoint::Text, model, stream: body.stream, include_usage };
+    reply.answer(worker, engine, request).await
+}
+
+/// A 404 when the request names a model this worker does not serve.
+fn other_model(asked: Option<&str>, served: &str) -> Option<Response> {
+    let asked = asked.filter(|m| !m.is_empty() && *m != served)?;
+    Some(openai_error(
+        StatusCode::NOT_FOUND,
+        &format!("model `{asked}` is not served here (this worker serves `{served}`)"),
+        "invalid_request_error",
+        Some("model_not_found"),
+    ))
+}
+
+/// How an answer goes back to its client.
+struct Reply {
+    endpoint: Endpoint,
+    model: String,
+    stream: bool,
+    include_usage: bool,
+}
+
+impl Reply {
+    async fn answer(self, worker: Worker, engine: crate::engine::EngineHandle, request: Request) -> Response {
+        if self.stream {
+            stream_completion(worker, engine, request, self).await
+        } else {
+            whole_completion(worker, engine, request, self).await
+        }
     }
 }
 
@@ -403,9 +605,7 @@ async fn whole_completion(
     worker: Worker,
     engine: crate::engine::EngineHandle,
     request: Request,
-    id: String,
-    created: u64,
-    model: String,
+    reply: Reply,
 ) -> Response {
     let with_logprobs = request.params.logprobs.is_some();
     let (sender, receiver) = tokio::sync::oneshot::channel::<Result<WholeAnswer, Error>>();
@@ -434,17 +634,19 @@ async fn whole_completion(
         })
         .await;
     match receiver.await {
-        Ok(Ok((text, logprobs, finish))) => Json(json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": if with_logprobs { logprobs_json(&logprobs) } else { Value::Null },
-                         "finish_reason": finish_reason(finish.reason)}],
-            "usage": usage_json(finish.usage),
-        }))
-        .into_response(),
+        Ok(Ok((text, logprobs, finish))) => {
+            let logprobs = with_logprobs.then_some((logprobs.as_slice(), 0));
+            let choice = reply.endpoint.choice(&text, false, logprobs, Some(finish_reason(finish.reason)));
+            Json(json!({
+                "id": reply.endpoint.id(),
+                "object": reply.endpoint.object(false),
+                "created": now(),
+                "model": reply.model,
+                "choices": [choice],
+                "usage": usage_json(finish.usage),
+            }))
+            .into_response()
+        }
         Ok(Err(e)) => error_reply(&e),
         Err(_) => {
             openai_error(StatusCode::INTERNAL_SERVER_ERROR, "the answer ended without a result", "server_error", None)
@@ -461,10 +663,7 @@ async fn stream_completion(
     worker: Worker,
     engine: crate::engine::EngineHandle,
     request: Request,
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
+    reply: Reply,
 ) -> Response {
     let with_logprobs = request.params.logprobs.is_some();
     let (sender, receiver) = tokio::sync::mpsc::channel::<String>(64);
@@ -472,9 +671,11 @@ async fn stream_completion(
     // compile, a full context, a bad image) gets an HTTP error instead of an event stream.
     let (started_sender, started) = tokio::sync::oneshot::channel::<Result<(), Error>>();
     let mut started_sender = Some(started_sender);
+    let Reply { endpoint, model, include_usage, .. } = reply;
+    let (id, created) = (endpoint.id(), now());
     let frame = move |choices: Value, usage: Option<Value>| {
-        let mut chunk = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "choices": choices});
+        let mut chunk =
+            json!({"id": id, "object": endpoint.object(true), "created": created, "model": model, "choices": choices});
         if let Some(usage) = usage {
             chunk["usage"] = usage;
         }
@@ -482,11 +683,12 @@ async fn stream_completion(
     };
     // Log-probabilities of tokens whose text has not been sent yet: they go with the next text.
     let mut pending = Vec::new();
-    let delta_choice = move |delta: Value, pending: &mut Vec<TokenLogprobs>, finish: Option<&str>| {
-        let mut choice = json!({"index": 0, "delta": delta, "finish_reason": finish});
-        if with_logprobs {
-            choice["logprobs"] = logprobs_json(&std::mem::take(pending));
-        }
+    // The answer's length so far, for the legacy logprobs' `text_offset`.
+    let mut sent = 0;
+    let mut text_choice = move |text: &str, pending: &mut Vec<TokenLogprobs>, finish: Option<&str>| {
+        let logprobs = std::mem::take(pending);
+        let choice = endpoint.choice(text, true, with_logprobs.then_some((logprobs.as_slice(), sent)), finish);
+        sent += logprobs.iter().map(|t| t.chosen.token.len()).sum::<usize>();
         json!([choice])
     };
     let (client, gone) = client_watch();
@@ -502,21 +704,24 @@ async fn stream_completion(
                         let _ = started.send(Ok(()));
                     }
                 }
-                let role = json!({"role": "assistant", "content": ""});
-                if sender.blocking_send(frame(delta_choice(role, &mut Vec::new(), None), None)).is_err() {
-                    return false;
+                // A chat stream opens with the assistant's role.
+                if endpoint == Endpoint::Chat {
+                    let mut role =
+                        json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null});
+                    if with_logprobs {
+                        role["logprobs"] = logprobs_json(&[]);
+                    }
+                    return sender.blocking_send(frame(json!([role]), None)).is_ok();
                 }
                 return true;
             }
             let mut frames = Vec::new();
             match event {
-                Ok(Event::Text(delta)) => {
-                    frames.push(frame(delta_choice(json!({"content": delta}), &mut pending, None), None))
-                }
+                Ok(Event::Text(delta)) => frames.push(frame(text_choice(&delta, &mut pending, None), None)),
                 Ok(Event::Logprobs(token)) => pending.push(token),
                 Ok(Event::Finished(finish)) => {
                     let reason = finish_reason(finish.reason);
-                    frames.push(frame(delta_choice(json!({}), &mut pending, Some(reason)), None));
+                    frames.push(frame(text_choice("", &mut pending, Some(reason)), None));
                     if include_usage {
                         let usage = usage_json(finish.usage);
                         frames.push(frame(json!([]), Some(usage)));
@@ -553,9 +758,13 @@ async fn stream_completion(
     response
 }
 
-/// `POST /v1/chat/completions` on the controller: routed to a worker serving `model`, its reply
-/// (JSON or event stream) passed through as it comes.
-pub async fn route_chat_completions(controller: Controller, body: Result<Json<Value>, JsonRejection>) -> Response {
+/// `POST /v1/chat/completions` or `/v1/completions` (`path`) on the controller: routed to a worker
+/// serving `model`, its reply (JSON or event stream) passed through as it comes.
+pub async fn route_to_worker(
+    controller: Controller,
+    path: &'static str,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Response {
     let Json(body) = match body {
         Ok(body) => body,
         Err(rejection) => return rejected(&rejection),
@@ -571,7 +780,7 @@ pub async fn route_chat_completions(controller: Controller, body: Result<Json<Va
             Some("model_not_found"),
         );
     };
-    let reply = controller.post(format!("{worker}/v1/chat/completions")).json(&body).send().await;
+    let reply = controller.post(format!("{worker}{path}")).json(&body).send().await;
     match reply {
         Ok(reply) => {
             let status = StatusCode::from_u16(reply.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -607,6 +816,7 @@ pub fn worker_routes(worker: Worker) -> Router {
                 chat_completions(w, image_urls, body).await
             }),
         )
+        .route("/v1/completions", post(|State(w): State<Worker>, body| completions(w, body)))
         .with_state(worker)
 }
 
@@ -615,6 +825,10 @@ pub fn worker_routes(worker: Worker) -> Router {
 pub fn controller_routes(controller: Controller) -> Router {
     Router::new()
         .route("/v1/models", get(|State(c): State<Controller>| async move { models_reply(&c.list_models()) }))
-        .route("/v1/chat/completions", post(|State(c): State<Controller>, body| route_chat_completions(c, body)))
+        .route(
+            "/v1/chat/completions",
+            post(|State(c): State<Controller>, body| route_to_worker(c, "/v1/chat/completions", body)),
+        )
+        .route("/v1/completions", post(|State(c): State<Controller>, body| route_to_worker(c, "/v1/completions", body)))
         .with_state(controller)
 }
