@@ -6,7 +6,8 @@
 # environment's torch/ folder, then runs fresh-seed parity on every preset and case (every tensor
 # bit-identical) and the same-run parity and CLI tests (greedy and seeded-sampling ids and texts).
 # The tests against committed fixtures (tests/parity.rs, tests/parity_llm.rs) run too, within their
-# measured tolerances. A test that skips (no Python environment, a binary not built) fails the check.
+# measured tolerances, and tests/quantization.rs runs the fbgemm shim. A test that skips (no Python
+# environment, a binary not built) fails the check.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 version="${1:?usage: scripts/check-libtorch.sh 2.0.1|2.11}"
@@ -17,17 +18,19 @@ case "$version" in
 esac
 export ARCANA_VENV="$HOME/.cache/arcana/venv-torch-$version"
 ARCANA_TORCH="$version" bash scripts/setup-python.sh
+# As scripts/env.sh does by default: the libtorch inside the environment's torch wheel, which also
+# tells torch-sys its C++ ABI (0 for 2.0.1, 1 for 2.11).
+unset LIBTORCH
 source scripts/env.sh
 export PYTHONWARNINGS=ignore
-LIBTORCH="$("$ARCANA_VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
-export LIBTORCH
+torch_dir="$(python -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 cd "$ws"
-echo "== libtorch $version: $LIBTORCH (workspace $ws)"
+echo "== libtorch $version: $torch_dir (workspace $ws)"
 python parity/provenance.py
 start=$SECONDS
 cargo build --quiet -p arcana -p arcana-parity -p arcana-convert --bins
 echo "-- built in $((SECONDS - start)) s"
-python - "$LIBTORCH" target/debug/arcana <<'PY'
+python - "$torch_dir" target/debug/arcana <<'PY'
 import subprocess, sys
 # The binary must run on the libtorch it was built for, not on another one found first.
 ldd = subprocess.run(["ldd", sys.argv[2]], capture_output=True, text=True, check=True).stdout
@@ -45,7 +48,7 @@ echo "== same-run parity, committed fixtures and CLI tests"
 start=$SECONDS
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-cargo test --test parity --test parity_llm --test same_machine --test cli -- --nocapture 2>&1 | tee "$log"
+cargo test --test parity --test parity_llm --test same_machine --test cli --test quantization -- --nocapture 2>&1 | tee "$log"
 if grep -q 'skipping: ' "$log"; then
   echo "check-libtorch: a test skipped (see above); the check needs every test to run" >&2
   exit 1
