@@ -28,9 +28,12 @@ cd "$ws"
 echo "== libtorch $version: $torch_dir (workspace $ws)"
 python parity/provenance.py
 start=$SECONDS
-cargo build --quiet -p arcana -p arcana-parity -p arcana-convert --bins
+# One package a build, as fresh-parity.sh and the tests build them: together, features unify otherwise
+# and each later build compiles arcana again.
+cargo build --quiet -p arcana-parity
+cargo build --quiet -p arcana-convert
 echo "-- built in $((SECONDS - start)) s"
-python - "$torch_dir" target/debug/arcana <<'PY'
+python - "$torch_dir" target/debug/arcana-parity <<'PY'
 import subprocess, sys
 # The binary must run on the libtorch it was built for, not on another one found first.
 ldd = subprocess.run(["ldd", sys.argv[2]], capture_output=True, text=True, check=True).stdout
