@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the Python environment of the PyTorch reference side, outside the repository.
 # The same environment provides the libtorch that the Rust crates link against (tch 0.13.0 on torch 2.0.1).
+# ARCANA_TORCH=2.11 makes the second one, for the libtorch 2.11 build (parity/requirements-torch-2.11.txt).
 # Idempotent: a stamp file records the pinned requirement set; a matching stamp means nothing to do.
 # Also provides a real SentencePiece model for tiny test checkpoints on every machine: the Mistral 7B v0.1
 # tokenizer (vocabulary 32000), taken from the `mistral-common` wheel without installing that package.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-venv="${ARCANA_VENV:-$HOME/.cache/arcana/venv-torch-2.0.1}"
+torch_version="${ARCANA_TORCH:-2.0.1}"
+venv="${ARCANA_VENV:-$HOME/.cache/arcana/venv-torch-$torch_version}"
 req="$here/../parity/requirements.txt"
+[ "$torch_version" = 2.0.1 ] || req="$here/../parity/requirements-torch-$torch_version.txt"
 serve_req="$here/../parity/serve-requirements.txt"
 stamp="$venv/.arcana-requirements"
 python="${PYTHON:-python3}"
@@ -53,7 +56,7 @@ if [ ! -x "$venv/bin/python" ]; then
   mkdir -p "$(dirname "$venv")"
   "$python" -m venv "$venv"
 fi
-echo "setup: installing the reference stack from $req into $venv (torch 2.0.1 is a large download the first time)" >&2
+echo "setup: installing the reference stack from $req into $venv (torch is a large download the first time)" >&2
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet -r "$req" -r "$serve_req"
 printf '%s\n' "$wanted" > "$stamp"

@@ -25,6 +25,11 @@ done
 echo "== formatting and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The same source against libtorch 2.11 (tch 0.24), so that neither build rots. tch's `doc-only` needs
+# no libtorch; the shared target folder reuses the dependencies clippy has just checked (about a minute).
+echo "== the libtorch 2.11 build compiles and lints (scripts/libtorch-2.11.sh)"
+CARGO_TARGET_DIR="$PWD/target" bash scripts/libtorch-2.11.sh clippy --workspace --all-targets --quiet \
+  --features tch/doc-only -- -D warnings
 
 echo "== cargo test"
 cargo test --workspace

@@ -18,8 +18,9 @@ use crate::error::{Error, Result};
 use crate::layers::Linear;
 use crate::weights::Weights;
 use int4::Int4Matrix;
-use tch::{Device, Kind, Scalar, Tensor};
+use tch::{Device, Kind, Tensor};
 
+mod fbgemm;
 pub mod int4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -112,21 +113,14 @@ impl BaseWeight {
         match self {
             Self::Dense(linear) => linear.forward(x),
             Self::Int8Packed(w) => {
-                let y = x.f_fbgemm_linear_int8_weight_fp32_activation(
-                    &w.shape,
-                    &w.packed,
-                    &w.col_offsets,
-                    Scalar::float(1.0),
-                    Scalar::int(0),
-                    &w.zero_bias,
-                )?;
+                let y = fbgemm::linear_int8(x, &w.shape, &w.packed, &w.col_offsets, 1.0, 0, &w.zero_bias)?;
                 let y = y.f_mul(&w.row_scale)?;
                 Ok(match &w.bias {
                     Some(bias) => y.f_add(bias)?,
                     None => y,
                 })
             }
-            Self::Fp16Packed(w) => Ok(x.f_fbgemm_linear_fp16_weight_fp32_activation(&w.packed, &w.bias)?),
+            Self::Fp16Packed(w) => Ok(fbgemm::linear_fp16(x, &w.packed, &w.bias)?),
             Self::Int8 { q, scale, bias, kind } => {
                 let weight = q.f_to_kind(*kind)?.f_mul(scale)?;
                 Ok(x.f_linear(&weight, bias.as_ref())?)
@@ -202,7 +196,7 @@ impl BaseWeight {
                     Some(b) => b,
                     None => Tensor::f_zeros([out_dim], (Kind::Float, Device::Cpu))?,
                 };
-                let packed = w.f_fbgemm_pack_gemm_matrix_fp16()?;
+                let packed = fbgemm::pack_fp16(&w)?;
                 let (bytes, shape) = (w.numel() * 2 + tensor_bytes(&bias), [out_dim, w.size()[1]]);
                 Self::Fp16Packed(Fp16Packed { packed, bias, shape, bytes })
             }
@@ -256,7 +250,7 @@ fn pack_int8(w: &Tensor, bias: Option<Tensor>) -> Result<Int8Packed> {
     let (q, scale) = int8_rows(w, fbgemm_max_code())?;
     // With weight zero point 0 the kernel's column offsets are the plain row sums.
     let col_offsets = q.f_sum_dim_intlist(&[1i64][..], false, Kind::Int)?;
-    let packed = q.f_fbgemm_pack_quantized_matrix()?;
+    let packed = fbgemm::pack_int8(&q)?;
     let row_scale = scale.f_view([out_dim])?;
     let shape = Tensor::f_zeros([1], (Kind::Float, Device::Cpu))?.f_expand([out_dim, in_dim], false)?;
     let zero_bias = Tensor::f_zeros([out_dim], (Kind::Float, Device::Cpu))?;
