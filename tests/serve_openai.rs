@@ -4,7 +4,7 @@
 //! a message where the Python environment (with `openai`) is missing.
 mod common;
 
-use common::serve::{client, start, wait_ready};
+use common::serve::{client, start, wait_ready, Server};
 
 use serde_json::{json, Value};
 use std::path::Path;
@@ -40,6 +40,15 @@ print(json.dumps({
 }))
 "#;
 
+/// A controller and a cli-tiny worker registered with it, ready to answer.
+fn controller_and_worker(dir: &Path) -> (Server, Server) {
+    let controller = start(dir, &["controller"]);
+    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
+    wait_ready(&worker.url);
+    common::serve::wait_registered(&controller.url, &["arcana-cli-tiny-v1"]);
+    (controller, worker)
+}
+
 fn run_client(python: &Path, base_url: &str, image: &Path) -> Value {
     let out = Command::new(python)
         .args(["-c", CLIENT_SCRIPT, base_url, image.to_str().unwrap(), "arcana-cli-tiny-v1"])
@@ -56,10 +65,7 @@ fn the_openai_client_gets_the_cli_answer_from_a_worker_and_through_the_controlle
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected/v1-square-greedy.json")).unwrap()).unwrap();
     let expected_text = expected["turns"][0]["text"].as_str().unwrap();
-    let controller = start(dir, &["controller"]);
-    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
-    wait_ready(&worker.url);
-    common::serve::wait_registered(&controller.url, &["arcana-cli-tiny-v1"]);
+    let (controller, worker) = controller_and_worker(dir);
     for base in [&worker.url, &controller.url] {
         let got = run_client(&python, base, &dir.join("images/square.png"));
         println!("{base}: {got}");
@@ -77,10 +83,7 @@ fn the_openai_client_gets_the_cli_answer_from_a_worker_and_through_the_controlle
 #[test]
 fn errors_come_back_in_openai_shape() {
     let Some(dir) = common::cli_fixtures() else { return };
-    let controller = start(dir, &["controller"]);
-    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
-    wait_ready(&worker.url);
-    common::serve::wait_registered(&controller.url, &["arcana-cli-tiny-v1"]);
+    let (controller, worker) = controller_and_worker(dir);
     let post = |url: &str, body: Value| {
         let r = client().post(format!("{url}/v1/chat/completions")).json(&body).send().unwrap();
         let status = r.status().as_u16();
@@ -233,10 +236,7 @@ print(json.dumps(out))
 fn the_openai_client_gets_schema_valid_json_and_log_probabilities() {
     let Some(dir) = common::cli_fixtures() else { return };
     let Some(python) = python_with_openai() else { return };
-    let controller = start(dir, &["controller"]);
-    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
-    wait_ready(&worker.url);
-    common::serve::wait_registered(&controller.url, &["arcana-cli-tiny-v1"]);
+    let (controller, worker) = controller_and_worker(dir);
     for base in [&worker.url, &controller.url] {
         let out = Command::new(&python).args(["-c", STRUCTURED_SCRIPT, base, "arcana-cli-tiny-v1"]).output().unwrap();
         assert!(out.status.success(), "openai client failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -324,10 +324,7 @@ print(json.dumps(refused))
 fn raw_prompt_completions_answer_like_the_release_protocol_in_the_legacy_shape() {
     let Some(dir) = common::cli_fixtures() else { return };
     let Some(python) = python_with_openai() else { return };
-    let controller = start(dir, &["controller"]);
-    let worker = start(dir, &["worker", "--model-path", "arcana-cli-tiny-v1", "--controller-address", &controller.url]);
-    wait_ready(&worker.url);
-    common::serve::wait_registered(&controller.url, &["arcana-cli-tiny-v1"]);
+    let (controller, worker) = controller_and_worker(dir);
     let prompt = "A chat between a curious user and an assistant. USER: Name three colours. ASSISTANT:";
     // The release protocol continues the same raw prompt: its answer is the reference.
     let release = client()

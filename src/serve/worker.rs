@@ -551,9 +551,10 @@ async fn generate_stream(State(w): State<Worker>, JsonBody(params): JsonBody<ser
             Err(Error::ContextFull { .. }) => StreamChunk::text(format!("{prompt}{EXCEEDS_CONTEXT}")),
             Err(e) => StreamChunk::error(error_code::WORKER_ERROR, e.to_string()),
         };
-        let chunk = match with_logprobs && chunk.error_code == error_code::OK {
-            true => chunk.with_logprobs(logprobs_json(&std::mem::take(&mut pending))),
-            false => chunk,
+        let chunk = if with_logprobs && chunk.error_code == error_code::OK {
+            chunk.with_logprobs(logprobs_json(&std::mem::take(&mut pending)))
+        } else {
+            chunk
         };
         sender.blocking_send(chunk.to_wire()).is_ok()
     })
