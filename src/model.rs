@@ -2,7 +2,8 @@
 use crate::config::{resolve_vision_tower, ArcanaConfig, VisionConfig, VisionTowerSource};
 use crate::error::{Error, Result};
 use crate::generate::{
-    decode, prefill, token_step, DecodeOptions, Decoded, Flow, GenerationConfig, Prefilled, Stepping, TokenChooser,
+    decode, prefill, prefill_rest, token_step, DecodeOptions, Decoded, Flow, GenerationConfig, Prefilled, Stepping,
+    TokenChooser,
 };
 use crate::llm::llama::DecoderSites;
 use crate::llm::placement::PartSizes;
@@ -251,19 +252,30 @@ impl ArcanaModel {
         attention_mask: Option<&Tensor>,
         pixel_values: Option<&Tensor>,
     ) -> Result<Spliced> {
-        let features = match pixel_values {
-            Some(p) => {
-                let p = if p.dim() == 3 { p.f_unsqueeze(0)? } else { p.shallow_clone() };
-                let (kind, device) = self.kind_and_device();
-                Some(self.vision.project(&p.f_to_kind(kind)?.f_to_device(device)?)?)
-            }
-            None => None,
-        };
+        let features = pixel_values.map(|p| self.image_features(p)).transpose()?;
+        self.splice(input_ids, attention_mask, features.as_ref())
+    }
+
+    /// The projected features `[N, tokens_per_image, hidden]` of images `[N, 3, S, S]` (or one
+    /// `[3, S, S]`), cast to the model's dtype and device first, as the release's CLI does.
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let p = if pixel_values.dim() == 3 { pixel_values.f_unsqueeze(0)? } else { pixel_values.shallow_clone() };
+        let (kind, device) = self.kind_and_device();
+        self.vision.project(&p.f_to_kind(kind)?.f_to_device(device)?)
+    }
+
+    /// [`Self::prepare_inputs`] with the images' features already computed.
+    pub fn splice(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        features: Option<&Tensor>,
+    ) -> Result<Spliced> {
         prepare_inputs(
             &self.llm.model,
             input_ids,
             attention_mask,
-            features.as_ref(),
+            features,
             self.files.config.tokenizer_model_max_length,
         )
     }
@@ -313,6 +325,18 @@ impl ArcanaModel {
     /// A decoding's first step on `inputs`, filling `cache`; see [`crate::generate::prefill`].
     pub fn first_step(&self, inputs: &Spliced, policy: MaskPolicy, cache: &mut KvCache) -> Result<Prefilled> {
         prefill(&self.llm, inputs, policy, Some(cache))
+    }
+
+    /// The first step of one row from the positions `cache` already holds, in chunks of `chunk`
+    /// positions; see [`crate::generate::prefill_rest`].
+    pub fn first_step_in_chunks(
+        &self,
+        inputs: &Spliced,
+        policy: MaskPolicy,
+        cache: &mut KvCache,
+        chunk: Option<i64>,
+    ) -> Result<Prefilled> {
+        prefill_rest(&self.llm, inputs, policy, cache, chunk)
     }
 
     /// A cached step of one token per row; see [`crate::generate::token_step`].

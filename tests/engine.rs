@@ -353,3 +353,68 @@ fn a_batched_handle_answers_alone_bit_for_bit_and_together_as_alone() {
     drop(handle);
     thread.join().unwrap();
 }
+
+/// Every token's id and log-probability bits, then the top 5's.
+fn logprob_bits(completion: &Completion) -> Vec<Vec<(i64, u32)>> {
+    let bits = |t: &arcana::engine::TokenLogprob| (t.id, t.logprob.to_bits());
+    completion
+        .logprobs
+        .iter()
+        .map(|l| std::iter::once(bits(&l.chosen)).chain(l.top.iter().map(bits)).collect())
+        .collect()
+}
+
+#[test]
+fn reused_images_and_prompt_beginnings_give_the_answers_computed_from_scratch() {
+    let Some(dir) = cli_fixtures() else { return };
+    let model = dir.join("arcana-cli-tiny-v1");
+    let image = |name: &str| vec![ImageInput::File(dir.join("images").join(name))];
+    let params = GenerationParams { logprobs: Some(5), ..greedy(12) };
+    let ask = |messages: Vec<ChatMessage>, images: Vec<ImageInput>| Request {
+        input: RequestInput::Conversation(messages),
+        images,
+        params: params.clone(),
+    };
+    let user = |text: &str, images: usize| ChatMessage::user_with_images(text, images);
+    let first_turn = vec![user(QUESTION, 1)];
+    let second_turn = vec![
+        user(QUESTION, 1),
+        ChatMessage { role: arcana::engine::Role::Assistant, text: "A square.".into(), images: 0 },
+        user("And its colour?", 0),
+    ];
+    // The same image with new questions, a repeated prompt, a conversation that goes on, a different
+    // image with the same placeholder, and text alone.
+    let requests = [
+        ask(first_turn.clone(), image("square.png")),
+        ask(vec![user("Describe the picture in one long sentence, please.", 1)], image("square.png")),
+        ask(first_turn.clone(), image("square.png")),
+        ask(second_turn, image("square.png")),
+        ask(first_turn, image("wide.png")),
+        ask(vec![user("Hello there", 0)], Vec::new()),
+        ask(vec![user("Hello there, how are you?", 0)], Vec::new()),
+    ];
+    let int8 = Some(arcana::quant::Quantization::Int8);
+    for (quantization, prefill_chunk) in [(None, Some(8)), (int8, Some(8)), (None, None), (int8, None)] {
+        let options = EngineOptions { quantization, prefill_chunk, ..EngineOptions::default() };
+        let fresh = Engine::load(&model, options.clone()).unwrap();
+        let reusing = Engine::load(&model, EngineOptions { reuse_budget_bytes: 1 << 30, ..options }).unwrap();
+        let case = format!("{quantization:?}, chunk {prefill_chunk:?}");
+        for (i, request) in requests.iter().enumerate() {
+            let want = answer(&fresh, request).0;
+            let got = answer(&reusing, request).0;
+            // Measured on the cli-tiny checkpoint (cargo test --test engine reused, both kernel paths of
+            // scripts/test.sh): without chunks the reused answers' log-probabilities differ from the
+            // fresh ones in the low bits (another GEMM row count), and the ids are equal.
+            assert_eq!(got.output_ids, want.output_ids, "{case}: request {i}");
+            if prefill_chunk.is_some() {
+                assert_eq!(logprob_bits(&got), logprob_bits(&want), "{case}: request {i}'s log-probabilities");
+            }
+        }
+        let stats = reusing.reuse_stats().snapshot();
+        // Images: square is encoded once and reused three times, wide once.
+        assert_eq!((stats.image_hits, stats.image_misses), (3, 2), "{case}: {stats:?}");
+        // Every prompt after the first starts like an earlier one (at least the template's system text).
+        assert_eq!((stats.prefix_hits, stats.prefix_misses), (6, 1), "{case}: {stats:?}");
+        assert!(stats.bytes > 0 && stats.bytes <= stats.budget, "{case}: {stats:?}");
+    }
+}

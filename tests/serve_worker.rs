@@ -417,3 +417,36 @@ fn a_worker_stopped_with_sigterm_leaves_the_controller_at_once() {
     wait_until("the worker to unregister", 10, || models(&url) == json!({"models": []}));
     let _ = worker.child.wait();
 }
+
+#[test]
+fn a_worker_reuses_a_repeated_image_and_prompt_beginning_and_answers_as_without() {
+    let Some(dir) = common::cli_fixtures() else { return };
+    let model = ["worker", "--no-register", "--model-path", "arcana-cli-tiny-v1", "--prefill-chunk", "8"];
+    let fresh = start(dir, &model);
+    let reusing = start(dir, &[&model[..], &["--reuse-cache-bytes", "1073741824"]].concat());
+    wait_ready(&fresh.url);
+    wait_ready(&reusing.url);
+    let image = format!("data:image/png;base64,{}", base64_file(&dir.join("images/square.png")));
+    let ask = |url: &str, question: &str| -> Value {
+        let body = json!({"messages": [{"role": "user", "content": [
+                {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": image}}]}],
+            "temperature": 0, "max_tokens": 12, "logprobs": true, "top_logprobs": 3});
+        let r = client().post(format!("{url}/v1/chat/completions")).json(&body).send().unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        r.json::<Value>().unwrap()["choices"][0].clone()
+    };
+    // The same image with two questions, then the first again: equal to the bit with the same chunks.
+    for question in ["What is in this image?", "Describe the colours.", "What is in this image?"] {
+        assert_eq!(ask(&reusing.url, question), ask(&fresh.url, question), "{question}");
+    }
+    let metrics = client().get(format!("{}/metrics", reusing.url)).send().unwrap().text().unwrap();
+    let value = |name: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{metrics}"));
+        line[name.len() + 1..].parse().unwrap()
+    };
+    assert_eq!((value("arcana_image_cache_hits_total"), value("arcana_image_cache_misses_total")), (2, 1));
+    assert_eq!((value("arcana_prefix_cache_hits_total"), value("arcana_prefix_cache_misses_total")), (2, 1));
+    assert!(value("arcana_prefix_cache_reused_positions_total") > 0, "{metrics}");
+    let (bytes, budget) = (value("arcana_reuse_cache_bytes"), value("arcana_reuse_cache_budget_bytes"));
+    assert!(bytes > 0 && bytes <= budget && budget == 1 << 30, "{metrics}");
+}

@@ -3,12 +3,14 @@
 //! strings), and the finish with its reason, usage and timings.
 use super::events::{Event, Finish, FinishReason, PromptInfo, Timings, TokenLogprob, TokenLogprobs, Usage};
 use super::request::{Request, RequestInput};
+use super::reuse::{Filler, PositionKey};
 use super::text::StopText;
 use super::{token_id, Engine};
 use crate::error::{Error, Result};
-use crate::generate::{DecodeEnd, Flow, Picked, Picker, StepLogprobs};
+use crate::generate::{DecodeEnd, Flow, Picked, Picker, Prefilled, StepLogprobs};
 use crate::llm::KvCache;
 use crate::mm::splice::Spliced;
+use crate::mm::visual_span::prefill_visual_mask;
 use crate::model::ArcanaModel;
 use crate::prompt::image_tokens::{tokenizer_image_token, IMAGE_TOKEN_INDEX};
 use crate::tokenizer::{StreamDecoder, TokenSurface, Tokenizer};
@@ -22,12 +24,16 @@ struct Prepared {
     pub picker: Picker,
     /// Prompt positions, image features included.
     pub positions: i64,
+    /// What fills each prompt position, when the reuse cache is on and the prompt was not cut.
+    pub reuse_key: Option<Vec<PositionKey>>,
     /// New tokens allowed: the request's, cut to what the context leaves.
     pub max_new_tokens: usize,
 }
 
 /// A request whose answer has started (its `Started` event sent): over already (cancelled at once, or
 /// no new token asked for), or ready to decode.
+// One value per request, made once and moved once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Begun<'t> {
     Over(Answer<'t>),
     Decode(Decoding<'t>),
@@ -40,7 +46,9 @@ pub(super) struct Decoding<'t> {
     pub inputs: Spliced,
     pub picker: Picker,
     pub max_new_tokens: usize,
+    /// Empty, or holding the prompt's leading positions taken from the reuse cache.
     pub cache: KvCache,
+    pub reuse_key: Option<Vec<PositionKey>>,
 }
 
 impl Engine {
@@ -52,7 +60,7 @@ impl Engine {
         started: Instant,
         emit: &mut dyn FnMut(Event) -> Flow,
     ) -> Result<Begun<'_>> {
-        let Prepared { info, inputs, picker, positions, max_new_tokens } = self.prepare(request)?;
+        let Prepared { info, inputs, picker, positions, max_new_tokens, reuse_key } = self.prepare(request)?;
         let params = &request.params;
         let mut answer = Answer::new(self, started, &params.stop, positions as usize);
         answer.start(info, emit);
@@ -62,8 +70,83 @@ impl Engine {
         if let Some(seed) = params.seed {
             tch::manual_seed(seed as i64);
         }
-        let cache = self.model.new_cache(1, positions + max_new_tokens as i64)?;
-        Ok(Begun::Decode(Decoding { answer, inputs, picker, max_new_tokens, cache }))
+        let capacity = positions + max_new_tokens as i64;
+        let reused = match &reuse_key {
+            Some(key) => self.reuse.borrow_mut().lookup(key, capacity)?,
+            None => None,
+        };
+        let cache = match reused {
+            Some(cache) => cache,
+            None => self.model.new_cache(1, capacity)?,
+        };
+        Ok(Begun::Decode(Decoding { answer, inputs, picker, max_new_tokens, cache, reuse_key }))
+    }
+
+    /// The prompt's first step: every position, or those after the ones `cache` already holds. The
+    /// prompt's positions are then kept for later prompts (when the reuse cache is on).
+    pub(super) fn prefill(
+        &self,
+        inputs: &Spliced,
+        cache: &mut KvCache,
+        reuse_key: Option<Vec<PositionKey>>,
+    ) -> Result<Prefilled> {
+        let prefilled = if cache.is_empty() && self.prefill_chunk.is_none() {
+            self.model.first_step(inputs, self.mask_policy, cache)?
+        } else {
+            self.model.first_step_in_chunks(inputs, self.mask_policy, cache, self.prefill_chunk)?
+        };
+        if let Some(key) = reuse_key {
+            // Not keeping it costs a later request time, not this one its answer.
+            if let Err(e) = self.reuse.borrow_mut().remember(key, cache) {
+                tracing::warn!(error = %e, "a prompt's KV cache could not be kept for reuse");
+            }
+        }
+        Ok(prefilled)
+    }
+
+    /// The spliced prompt, its images' features taken from the reuse cache where they are there, and
+    /// what fills each position (the key to reusing its KV cache), when the cache is on.
+    fn splice(&self, input_ids: &[i64], pixels: Option<&Tensor>) -> Result<(Spliced, Option<Vec<PositionKey>>)> {
+        let ids = Tensor::f_from_slice(input_ids)?.f_view([1, -1])?;
+        let mut reuse = self.reuse.borrow_mut();
+        if !reuse.is_enabled() {
+            return Ok((self.model.prepare_inputs(&ids, None, pixels)?, None));
+        }
+        let (features, set) = match pixels {
+            Some(p) => {
+                let (features, set) = reuse.image_features(p, || self.model.image_features(p))?;
+                (Some(features), Some(set))
+            }
+            None => (None, None),
+        };
+        let inputs = self.model.splice(&ids, None, features.as_ref())?;
+        let key = self.position_keys(input_ids, set, &inputs)?;
+        Ok((inputs, key))
+    }
+
+    /// What fills each position of a one-row prompt, and whether it takes the visual branch; `None`
+    /// when the splice cut the prompt (its positions then do not follow the ids).
+    fn position_keys(&self, input_ids: &[i64], set: Option<u64>, inputs: &Spliced) -> Result<Option<Vec<PositionKey>>> {
+        let len = inputs.inputs_embeds.size()[1];
+        let per_image = self.model.vision.tower.tokens_per_image();
+        let mut fillers = Vec::with_capacity(len as usize);
+        let mut image = 0;
+        for &id in input_ids {
+            match (id == IMAGE_TOKEN_INDEX, set) {
+                (true, Some(set)) => {
+                    fillers.extend((0..per_image).map(|feature| Filler::Image { set, image, feature }));
+                    image += 1;
+                }
+                (true, None) => return Ok(None),
+                (false, _) => fillers.push(Filler::Token(id)),
+            }
+        }
+        if fillers.len() as i64 != len {
+            return Ok(None);
+        }
+        let visual = prefill_visual_mask(self.mask_policy, &inputs.image_spans, len, inputs.inputs_embeds.device())?;
+        let visual = Vec::<bool>::try_from(visual.f_flatten(0, -1)?)?;
+        Ok(Some(fillers.into_iter().zip(visual).map(|(filled_by, visual)| PositionKey { filled_by, visual }).collect()))
     }
 
     fn prepare(&self, request: &Request) -> Result<Prepared> {
@@ -93,13 +176,12 @@ impl Engine {
         if positions >= context {
             return Err(Error::ContextFull { positions, context });
         }
-        let ids = Tensor::f_from_slice(&input_ids)?.f_view([1, -1])?;
         let pixels = self.pixel_values(&request.images)?;
-        let inputs = self.model.prepare_inputs(&ids, None, pixels.as_ref())?;
+        let (inputs, reuse_key) = self.splice(&input_ids, pixels.as_ref())?;
         debug_assert_eq!(positions, inputs.inputs_embeds.size()[1], "prompt positions counted before the splice");
         let max_new_tokens = params.max_new_tokens.min((context - positions) as usize);
         let info = PromptInfo { prompt, input_ids, mask_policies_differ: ArcanaModel::mask_policies_differ(&inputs) };
-        Ok(Prepared { info, inputs, picker, positions, max_new_tokens })
+        Ok(Prepared { info, inputs, picker, positions, max_new_tokens, reuse_key })
     }
 }
 

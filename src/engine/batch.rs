@@ -210,7 +210,7 @@ fn admit<'e, R: Requester>(engine: &'e Engine, batch: &mut Batch<'e, R>, request
         return;
     }
     let begun = engine.begin(request, Instant::now(), &mut |event| requester.emit(event));
-    let Decoding { answer, inputs, picker, max_new_tokens, mut cache } = match begun {
+    let Decoding { answer, inputs, picker, max_new_tokens, mut cache, reuse_key } = match begun {
         // Cancelled while its images were prepared: the prefill is not run either.
         Ok(Begun::Decode(decoding)) if requester.is_cancelled() => {
             return finish(requester, decoding.answer, Some(DecodeEnd::Stopped));
@@ -220,7 +220,7 @@ fn admit<'e, R: Requester>(engine: &'e Engine, batch: &mut Batch<'e, R>, request
         Err(e) => return requester.fail(e),
     };
     let model = engine.model();
-    let logits = match model.first_step(&inputs, engine.mask_policy, &mut cache) {
+    let logits = match engine.prefill(&inputs, &mut cache, reuse_key) {
         Ok(prefilled) => prefilled,
         Err(e) => return requester.fail(e),
     };

@@ -1,6 +1,7 @@
 //! The engine on its own thread: a queue of requests in, one event channel out per request.
 use super::events::{Completion, CompletionBuilder, Event};
 use super::request::Request;
+use super::reuse::{ReuseStats, ReuseStatsSnapshot};
 use super::stats::{DecodeStats, DecodeStatsSnapshot};
 use super::Engine;
 use crate::error::{Error, Result};
@@ -38,6 +39,7 @@ pub(super) struct Reply {
 pub struct EngineHandle {
     jobs: Sender<Job>,
     stats: Arc<DecodeStats>,
+    reuse: Arc<ReuseStats>,
 }
 
 /// The events of one request as they come; ends after `Finished` or an error.
@@ -47,14 +49,20 @@ pub struct ResponseStream {
 }
 
 impl EngineHandle {
-    /// A handle feeding `jobs`, which the engine thread serves, counting its steps in `stats`.
-    pub(super) fn new(jobs: Sender<Job>, stats: Arc<DecodeStats>) -> Self {
-        Self { jobs, stats }
+    /// A handle feeding `jobs`, which the engine thread serves, counting its steps in `stats` and its
+    /// reuse cache in `reuse`.
+    pub(super) fn new(jobs: Sender<Job>, stats: Arc<DecodeStats>, reuse: Arc<ReuseStats>) -> Self {
+        Self { jobs, stats, reuse }
     }
 
     /// The engine thread's decoding steps so far.
     pub fn decode_stats(&self) -> DecodeStatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// The engine's reuse cache: hits, misses, bytes held.
+    pub fn reuse_stats(&self) -> ReuseStatsSnapshot {
+        self.reuse.snapshot()
     }
 }
 

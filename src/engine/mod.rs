@@ -24,6 +24,7 @@ pub mod devices;
 mod events;
 mod handle;
 mod request;
+mod reuse;
 mod stats;
 mod text;
 
@@ -33,6 +34,7 @@ pub use events::{
 };
 pub use handle::{CancelToken, EngineHandle, ResponseStream};
 pub use request::{ChatMessage, GenerationParams, ImageInput, Request, RequestInput, Role};
+pub use reuse::{ReuseStats, ReuseStatsSnapshot};
 pub use stats::{DecodeStats, DecodeStatsSnapshot};
 
 use crate::error::{Error, Result};
@@ -79,6 +81,13 @@ pub struct EngineOptions {
     /// Images with more pixels are refused from their header, before decoding; with a model that pads
     /// images to squares the padded square counts. Pillow's limit by default.
     pub max_image_pixels: u64,
+    /// Bytes kept from recent requests for later ones to reuse (image features, prompt KV caches; see
+    /// `reuse`); 0, the default, keeps nothing.
+    pub reuse_budget_bytes: usize,
+    /// Prefill prompts in forwards of this many positions (chunks ending at its multiples); `None`, the
+    /// default, runs a whole prompt in one forward, as the release does. With a chunk size, prompt
+    /// positions are reused only up to a chunk's end, so a reusing answer equals a fresh one to the bit.
+    pub prefill_chunk: Option<i64>,
 }
 
 impl Default for EngineOptions {
@@ -96,6 +105,8 @@ impl Default for EngineOptions {
             conv_mode: None,
             mask_policy: MaskPolicy::Release,
             max_image_pixels: DEFAULT_MAX_PIXELS,
+            reuse_budget_bytes: 0,
+            prefill_chunk: None,
         }
     }
 }
@@ -124,6 +135,9 @@ pub struct Engine {
     threads: i32,
     /// The vocabulary for constrained decoding, built at the first constrained request.
     constraints: std::cell::OnceCell<ConstraintCompiler>,
+    /// Image features and prompt KV caches kept for later requests.
+    reuse: std::cell::RefCell<reuse::ReuseCache>,
+    prefill_chunk: Option<i64>,
 }
 
 impl Engine {
@@ -148,6 +162,13 @@ impl Engine {
                 .ok_or_else(|| Error::InvalidInput(format!("threads: expected 1 to {}, got {threads}", i32::MAX)))?;
             tch::set_num_threads(threads);
         }
+        let chunk = match options.prefill_chunk {
+            Some(c) if c < 1 => {
+                return Err(Error::InvalidInput(format!("prefill chunk: expected at least 1, got {c}")))
+            }
+            Some(c) => Some(c as usize),
+            None => None,
+        };
         let files = ModelFiles::open(dir)?;
         let plan = plan(&files, &options)?;
         let sites = match &plan {
@@ -185,6 +206,8 @@ impl Engine {
             plan,
             threads: tch::get_num_threads(),
             constraints: std::cell::OnceCell::new(),
+            reuse: std::cell::RefCell::new(reuse::ReuseCache::new(options.reuse_budget_bytes, chunk)),
+            prefill_chunk: options.prefill_chunk,
         })
     }
 
@@ -227,6 +250,11 @@ impl Engine {
 
     pub fn quantized(&self) -> Option<QuantizedSize> {
         self.quantized
+    }
+
+    /// The counters of the reuse cache (hits, misses, bytes held).
+    pub fn reuse_stats(&self) -> std::sync::Arc<ReuseStats> {
+        self.reuse.borrow().stats()
     }
 
     /// The vocabulary constraints compile against (built once, at the first use).
@@ -313,6 +341,7 @@ impl Engine {
     pub fn spawn_batched(self, max_batch: usize) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
         let (jobs, queue) = std::sync::mpsc::channel();
         let stats = std::sync::Arc::new(DecodeStats::default());
+        let reuse_stats = self.reuse_stats();
         let thread = std::thread::Builder::new()
             .name("arcana-engine".into())
             .spawn({
@@ -324,7 +353,7 @@ impl Engine {
                 }
             })
             .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
-        Ok((EngineHandle::new(jobs, stats), thread))
+        Ok((EngineHandle::new(jobs, stats, reuse_stats), thread))
     }
 }
 

@@ -193,6 +193,32 @@ impl KvCache {
         })
     }
 
+    /// A new cache holding a copy of this cache's first `len` positions, with room for `capacity`.
+    pub fn copy_prefix(&self, len: i64, capacity: i64) -> Result<KvCache> {
+        if !(0..=self.len).contains(&len) || capacity < len {
+            return Err(Error::InvalidInput(format!(
+                "KV cache: copying {len} of {} positions into room for {capacity}",
+                self.len
+            )));
+        }
+        let sites: Vec<(Kind, Device)> = self.layers.iter().map(|l| (l.kind, l.device)).collect();
+        let mut copy = Self::with_sites(&sites, self.batch, self.kv_heads, self.head_dim, capacity)?;
+        copy.grow_by = self.grow_by;
+        for (target, source) in copy.layers.iter_mut().zip(&self.layers) {
+            target.k.f_narrow(2, 0, len)?.f_copy_(&source.k.f_narrow(2, 0, len)?)?;
+            target.v.f_narrow(2, 0, len)?.f_copy_(&source.v.f_narrow(2, 0, len)?)?;
+        }
+        copy.len = len;
+        Ok(copy)
+    }
+
+    /// Bytes the cached positions take (keys and values of every layer), not counting spare room.
+    pub fn cached_bytes(&self) -> usize {
+        let per_position =
+            |l: &LayerKv| (2 * self.batch * self.kv_heads * self.head_dim) as usize * l.kind.elt_size_in_bytes();
+        self.layers.iter().map(per_position).sum::<usize>() * self.len as usize
+    }
+
     /// Keeps the rows `rows` (in that order) and drops the first `trim` positions, which must be padding
     /// in every kept row.
     pub fn retain_rows(&mut self, rows: &[i64], trim: i64) -> Result<()> {

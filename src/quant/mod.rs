@@ -4,8 +4,10 @@
 //!
 //! - int8 on CPU: fbgemm's dynamic int8 GEMM (`fbgemm_linear_int8_weight_fp32_activation`, the kernel of
 //!   `torch.quantization.quantize_dynamic`). Weights are symmetric int8 with one scale per output row,
-//!   folded out of the matrix before packing and multiplied back into the output columns; activations
-//!   are quantized to uint8 by the kernel on every call, with one range per call.
+//!   folded out of the matrix before packing and multiplied back into the output columns. The kernel
+//!   quantizes its activations to uint8 with one range per call; each row is first divided by its own
+//!   largest magnitude and an anchor row pins that range to `[-1, 1]`, so a row's result never depends
+//!   on the other rows of the call (the answers of a batch equal their solo answers).
 //! - fp16 on CPU: fbgemm's fp16-weight GEMM with fp32 activations and accumulation
 //!   (`fbgemm_linear_fp16_weight_fp32_activation`).
 //! - int4: see [`crate::quant::int4`] (packed codes read directly when decoding on the CPU).
@@ -90,8 +92,38 @@ pub struct Int8Packed {
     shape: Tensor,
     /// The kernel requires a bias; zeros, because the real one is added after the scales.
     zero_bias: Tensor,
+    /// `[1, in]`: -1, then 1, then zeros; appended to every call's rows (see [`Int8Packed::forward`]).
+    anchor: Tensor,
     bias: Option<Tensor>,
     bytes: usize,
+}
+
+impl Int8Packed {
+    /// `x [.., in]` through the int8 GEMM, every row quantized on the same fixed grid.
+    ///
+    /// fbgemm's dynamic kernel quantizes all of its input with one range, `[min, max]` of the whole call,
+    /// so in a batch each row's codes would depend on its neighbours. Here each row is divided by its own
+    /// largest magnitude (its values fall in `[-1, 1]`, one of them at -1 or 1), and the anchor row
+    /// holds both -1 and 1: the range is `[-1, 1]` in every call, whatever the rows. The integer products
+    /// are exact, so a row's output is then the same alone and among others; the row's magnitude is
+    /// multiplied back into its output, with the weight's row scales.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let in_dim = self.anchor.size()[1];
+        let rows = x.f_reshape([-1, in_dim])?;
+        let magnitude = rows.f_abs()?.f_amax(&[1i64][..], true)?.f_clamp_min(f64::from(f32::MIN_POSITIVE))?;
+        let unit_rows = Tensor::f_cat(&[&rows.f_div(&magnitude)?, &self.anchor], 0)?;
+        let y = fbgemm::linear_int8(&unit_rows, &self.shape, &self.packed, &self.col_offsets, 1.0, 0, &self.zero_bias)?;
+        let y = y.f_narrow(0, 0, rows.size()[0])?.f_mul(&magnitude)?.f_mul(&self.row_scale)?;
+        let y = match &self.bias {
+            Some(bias) => y.f_add(bias)?,
+            None => y,
+        };
+        let mut shape = x.size();
+        if let Some(last) = shape.last_mut() {
+            *last = self.row_scale.size()[0];
+        }
+        Ok(y.f_reshape(shape.as_slice())?)
+    }
 }
 
 /// An fp16 matrix packed inside fbgemm.
@@ -112,14 +144,7 @@ impl BaseWeight {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(linear) => linear.forward(x),
-            Self::Int8Packed(w) => {
-                let y = fbgemm::linear_int8(x, &w.shape, &w.packed, &w.col_offsets, 1.0, 0, &w.zero_bias)?;
-                let y = y.f_mul(&w.row_scale)?;
-                Ok(match &w.bias {
-                    Some(bias) => y.f_add(bias)?,
-                    None => y,
-                })
-            }
+            Self::Int8Packed(w) => w.forward(x),
             Self::Fp16Packed(w) => Ok(fbgemm::linear_fp16(x, &w.packed, &w.bias)?),
             Self::Int8 { q, scale, bias, kind } => {
                 let weight = q.f_to_kind(*kind)?.f_mul(scale)?;
@@ -254,11 +279,16 @@ fn pack_int8(w: &Tensor, bias: Option<Tensor>) -> Result<Int8Packed> {
     let row_scale = scale.f_view([out_dim])?;
     let shape = Tensor::f_zeros([1], (Kind::Float, Device::Cpu))?.f_expand([out_dim, in_dim], false)?;
     let zero_bias = Tensor::f_zeros([out_dim], (Kind::Float, Device::Cpu))?;
+    let anchor = Tensor::f_zeros([1, in_dim], (Kind::Float, Device::Cpu))?;
+    if in_dim < 2 {
+        return Err(Error::InvalidInput(format!("int8 weights need at least 2 input columns, got {in_dim}")));
+    }
+    anchor.f_narrow(1, 0, 2)?.f_copy_(&Tensor::f_from_slice(&[-1.0f32, 1.0])?.f_view([1, 2])?)?;
     let bytes = (out_dim * in_dim) as usize
         + tensor_bytes(&col_offsets)
         + tensor_bytes(&row_scale)
         + bias.as_ref().map_or(0, tensor_bytes);
-    Ok(Int8Packed { packed, col_offsets, row_scale, shape, zero_bias, bias, bytes })
+    Ok(Int8Packed { packed, col_offsets, row_scale, shape, zero_bias, anchor, bias, bytes })
 }
 
 #[cfg(test)]
@@ -320,6 +350,26 @@ mod tests {
             BaseWeight::quantized(copy(&scaled), Quantization::Int8).unwrap().forward(&x).unwrap().select(1, 3);
         let rel = (&approx - &exact).norm().double_value(&[]) / exact.norm().double_value(&[]);
         assert!(rel < 0.05, "small row relative error {rel}");
+    }
+
+    #[test]
+    fn packed_int8_rows_do_not_depend_on_their_neighbours() {
+        let mut linear = dense(32, 64);
+        linear.bias = Some(Tensor::randn([32], (Kind::Float, Device::Cpu)));
+        let weight = BaseWeight::quantized(linear, Quantization::Int8).unwrap();
+        // Rows of very different ranges, one of them all zeros: with one range per call the small rows'
+        // codes would change with the large ones beside them.
+        let factors = Tensor::from_slice(&[1.0f32, 50.0, 1e-3, 0.0, 7.0]).view([5, 1]);
+        let x = Tensor::randn([5, 64], (Kind::Float, Device::Cpu)) * factors;
+        let together = weight.forward(&x).unwrap();
+        for i in 0..5 {
+            let alone = weight.forward(&x.narrow(0, i, 1)).unwrap();
+            assert!(alone.equal(&together.narrow(0, i, 1)), "row {i} differs alone");
+        }
+        // Leading dimensions are kept: [1, 5, in] gives the same rows as [5, in].
+        let batched = weight.forward(&x.unsqueeze(0)).unwrap();
+        assert_eq!(batched.size(), [1, 5, 32]);
+        assert!(batched.squeeze_dim(0).equal(&together));
     }
 
     #[test]

@@ -469,6 +469,31 @@ async fn metrics(State(w): State<Worker>) -> Response {
     for (name, help, value) in decode_counters {
         counter(name, help, "counter", value);
     }
+    // The reuse cache (image features and prompt KV caches kept for later requests).
+    let reuse = w.engine().map(|engine| engine.reuse_stats()).unwrap_or_default();
+    let reuse_metrics = [
+        ("arcana_image_cache_hits_total", "Requests whose images' features were reused.", "counter", reuse.image_hits),
+        ("arcana_image_cache_misses_total", "Requests whose images were encoded.", "counter", reuse.image_misses),
+        ("arcana_prefix_cache_hits_total", "Prompts that started from reused positions.", "counter", reuse.prefix_hits),
+        (
+            "arcana_prefix_cache_misses_total",
+            "Prompts computed from their first position.",
+            "counter",
+            reuse.prefix_misses,
+        ),
+        (
+            "arcana_prefix_cache_reused_positions_total",
+            "Prompt positions reused instead of computed.",
+            "counter",
+            reuse.reused_positions,
+        ),
+        ("arcana_reuse_cache_bytes", "Bytes the reuse cache holds.", "gauge", reuse.bytes),
+        ("arcana_reuse_cache_entries", "Image sets and prompts the reuse cache holds.", "gauge", reuse.entries),
+        ("arcana_reuse_cache_budget_bytes", "The reuse cache's budget (--reuse-cache-bytes).", "gauge", reuse.budget),
+    ];
+    for (name, help, kind, value) in reuse_metrics {
+        counter(name, help, kind, value.to_string());
+    }
     text.push_str("# HELP arcana_time_to_first_token_seconds Time from admission to the first token.\n");
     text.push_str("# TYPE arcana_time_to_first_token_seconds histogram\n");
     let mut cumulative = 0;
