@@ -2,7 +2,7 @@
 use crate::config::{resolve_vision_tower, ArcanaConfig, VisionConfig, VisionTowerSource};
 use crate::error::{Error, Result};
 use crate::generate::{
-    decode, prefill, prefill_rest, token_step, DecodeOptions, Decoded, Flow, GenerationConfig, Prefilled, Stepping,
+    decode, prefill, prefill_next, token_step, DecodeOptions, Decoded, Flow, GenerationConfig, Prefilled, Stepping,
     TokenChooser,
 };
 use crate::llm::llama::DecoderSites;
@@ -327,16 +327,16 @@ impl ArcanaModel {
         prefill(&self.llm, inputs, policy, Some(cache))
     }
 
-    /// The first step of one row from the positions `cache` already holds, in chunks of `chunk`
-    /// positions; see [`crate::generate::prefill_rest`].
-    pub fn first_step_in_chunks(
+    /// The next part of one row's first step, after the positions `cache` holds: a chunk of `chunk`
+    /// positions, or the rest; see [`crate::generate::prefill_next`].
+    pub fn prefill_next(
         &self,
         inputs: &Spliced,
         policy: MaskPolicy,
         cache: &mut KvCache,
         chunk: Option<i64>,
-    ) -> Result<Prefilled> {
-        prefill_rest(&self.llm, inputs, policy, cache, chunk)
+    ) -> Result<Option<Prefilled>> {
+        prefill_next(&self.llm, inputs, policy, cache, chunk)
     }
 
     /// A cached step of one token per row; see [`crate::generate::token_step`].

@@ -418,3 +418,55 @@ fn reused_images_and_prompt_beginnings_give_the_answers_computed_from_scratch() 
         assert!(stats.bytes > 0 && stats.bytes <= stats.budget, "{case}: {stats:?}");
     }
 }
+
+/// One user message with `picture` (an image of the fixtures), or text alone.
+fn user_request(dir: &Path, text: &str, picture: Option<&str>, params: GenerationParams) -> Request {
+    let images: Vec<ImageInput> = picture.map(|p| ImageInput::File(dir.join("images").join(p))).into_iter().collect();
+    Request {
+        input: RequestInput::Conversation(vec![ChatMessage::user_with_images(text, images.len())]),
+        images,
+        params,
+    }
+}
+
+#[test]
+fn int8_answers_in_a_batch_equal_their_solo_answers_while_others_join_in_chunks() {
+    let Some(dir) = cli_fixtures() else { return };
+    let model = dir.join("arcana-cli-tiny-v1");
+    // Eight prompts of different lengths, with and without images, ending at different steps.
+    let specs = [
+        (QUESTION, Some("square.png"), 20),
+        ("Describe the picture in one long sentence, please.", Some("wide.png"), 9),
+        ("Hello there", None, 17),
+        (QUESTION, Some("wide.png"), 3),
+        ("Count to ten, slowly and with words.", None, 14),
+        ("What colours do you see?", Some("square.png"), 11),
+        ("Hi", None, 6),
+        ("Tell me a story about a square that wanted to be round.", Some("wide.png"), 16),
+    ];
+    let request = |i: usize| {
+        let (text, picture, max_new_tokens) = specs[i];
+        user_request(dir, text, picture, GenerationParams { logprobs: Some(3), ..greedy(max_new_tokens) })
+    };
+    let options = EngineOptions {
+        quantization: Some(arcana::quant::Quantization::Int8),
+        merge_lora: true,
+        prefill_chunk: Some(8),
+        ..EngineOptions::default()
+    };
+    let solo: Vec<Completion> = {
+        let engine = Engine::load(&model, options.clone()).unwrap();
+        (0..specs.len()).map(|i| answer(&engine, &request(i)).0).collect()
+    };
+    let (handle, thread) = Engine::load(&model, options).unwrap().spawn_batched(8).unwrap();
+    let streams: Vec<_> = (0..specs.len()).map(|i| handle.submit(request(i)).unwrap()).collect();
+    for (i, (stream, want)) in streams.into_iter().zip(&solo).enumerate() {
+        let got = stream.completion().unwrap();
+        // Every int8 row is quantized on its own grid (integer products are exact), and the merged
+        // decoder has no float projection left: each answer's log-probabilities equal its solo ones.
+        assert_eq!(got.output_ids, want.output_ids, "request {i}");
+        assert_eq!(logprob_bits(&got), logprob_bits(want), "request {i}'s log-probabilities");
+    }
+    drop(handle);
+    thread.join().unwrap();
+}

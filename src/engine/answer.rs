@@ -82,26 +82,24 @@ impl Engine {
         Ok(Begun::Decode(Decoding { answer, inputs, picker, max_new_tokens, cache, reuse_key }))
     }
 
-    /// The prompt's first step: every position, or those after the ones `cache` already holds. The
-    /// prompt's positions are then kept for later prompts (when the reuse cache is on).
-    pub(super) fn prefill(
-        &self,
-        inputs: &Spliced,
-        cache: &mut KvCache,
-        reuse_key: Option<Vec<PositionKey>>,
-    ) -> Result<Prefilled> {
-        let prefilled = if cache.is_empty() && self.prefill_chunk.is_none() {
-            self.model.first_step(inputs, self.mask_policy, cache)?
+    /// The next part of the prompt's first step: a chunk with a chunk size, else every position left
+    /// (the release's one forward when nothing was reused). Once the last position is computed, the
+    /// prompt's positions are kept for later prompts (when the reuse cache is on) and the first step's
+    /// result is returned.
+    pub(super) fn prefill_next(&self, decoding: &mut Decoding) -> Result<Option<Prefilled>> {
+        let Decoding { inputs, cache, reuse_key, .. } = decoding;
+        let done = if cache.is_empty() && self.prefill_chunk.is_none() {
+            Some(self.model.first_step(inputs, self.mask_policy, cache)?)
         } else {
-            self.model.first_step_in_chunks(inputs, self.mask_policy, cache, self.prefill_chunk)?
+            self.model.prefill_next(inputs, self.mask_policy, cache, self.prefill_chunk)?
         };
-        if let Some(key) = reuse_key {
+        if let Some(key) = done.as_ref().and_then(|_| reuse_key.take()) {
             // Not keeping it costs a later request time, not this one its answer.
             if let Err(e) = self.reuse.borrow_mut().remember(key, cache) {
                 tracing::warn!(error = %e, "a prompt's KV cache could not be kept for reuse");
             }
         }
-        Ok(prefilled)
+        Ok(done)
     }
 
     /// The spliced prompt, its images' features taken from the reuse cache where they are there, and

@@ -1,13 +1,19 @@
 //! Continuous batching on the engine thread: requests that arrive while others decode are prefilled
-//! alone, then join the running batch; every decoding step runs one token of every running answer in
+//! alone, then join the running batch. A prefill runs between two decoding steps, whole, or with
+//! `EngineOptions::prefill_chunk` one chunk per step, so that a long prompt joining delays the running
+//! answers by a chunk at a time rather than by its whole prefill; every decoding step runs one token of every running answer in
 //! one forward, so the weights are read once per step for all of them (decoding is bound by reading
 //! the weights). Rows are right-aligned in one KV cache, left-padded and masked, each with its own
 //! positions, as transformers batches left-padded prompts. A finished or cancelled answer leaves the
 //! batch at once.
 //!
 //! An answer alone in the batch computes exactly what [`Engine::generate`] computes. In a batch of
-//! several, each projection multiplies several rows at once, which libtorch's GEMM sums in another
-//! order than one row alone: the low bits differ, so a near-tie can go another way than solo.
+//! several, each row attends over its own keys only (not over the padding in front of it), so its
+//! attention adds the same terms in the same order as alone. What remains shared is the projections'
+//! GEMM: libtorch's fp32 GEMM sums several rows in another order than one row alone, so in the exact
+//! and fp16 modes the low bits differ and a near-tie can go another way than solo. The int8 GEMM
+//! quantizes each row on its own grid and its integer products are exact: with the language branch
+//! merged (`--load-8bit --merge-lora`), a batched answer equals its solo answer to the bit.
 //! Sampling draws from the process's one generator in step order, so a seeded request is reproducible
 //! when it runs alone.
 use super::answer::{Answer, Begun, Decoding};
@@ -19,6 +25,7 @@ use super::Engine;
 use crate::error::{Error, Result};
 use crate::generate::{DecodeEnd, Flow, Picked, Picker};
 use crate::llm::KvCache;
+use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::Instant;
 use tch::{Kind, Tensor};
@@ -167,10 +174,14 @@ pub(super) fn answer_alone(
 pub(super) fn serve(engine: &Engine, queue: Receiver<Job>, max_batch: usize, stats: &DecodeStats) {
     let _guard = tch::no_grad_guard();
     let mut batch = Batch::new();
+    // Requests being prefilled: one part (a chunk with `prefill_chunk`, else a whole prompt) between
+    // two decoding steps, so that a long prompt joining does not stall the running answers.
+    let mut joining = VecDeque::new();
     loop {
         // Block only when nothing is running; otherwise take what has arrived, up to the batch size.
-        while batch.rows.len() < max_batch.max(1) {
-            let job = if batch.rows.is_empty() {
+        while batch.rows.len() + joining.len() < max_batch.max(1) {
+            let idle = batch.rows.is_empty() && joining.is_empty();
+            let job = if idle {
                 match queue.recv() {
                     Ok(job) => job,
                     Err(_) => return,
@@ -178,13 +189,16 @@ pub(super) fn serve(engine: &Engine, queue: Receiver<Job>, max_batch: usize, sta
             } else {
                 match queue.try_recv() {
                     Ok(job) => job,
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) if batch.rows.is_empty() => return,
-                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             };
             let Job { request, reply } = job;
-            admit(engine, &mut batch, &request, reply);
+            joining.extend(begin_joining(engine, &request, reply));
+        }
+        if let Some(next) = joining.pop_front() {
+            if let Some(rest) = prefill_next(engine, &mut batch, next) {
+                joining.push_front(rest);
+            }
         }
         if !batch.rows.is_empty() {
             step_or_fail(engine, &mut batch, stats);
@@ -202,39 +216,83 @@ fn step_or_fail<R: Requester>(engine: &Engine, batch: &mut Batch<R>, stats: &Dec
     }
 }
 
-/// Prefills `request` alone and, unless it is already over, adds it to the batch; errors go to its
-/// requester.
-fn admit<'e, R: Requester>(engine: &'e Engine, batch: &mut Batch<'e, R>, request: &Request, mut requester: R) {
+/// A request whose prompt is being prefilled, a part at a time, before it joins the batch.
+struct Joining<'e, R> {
+    requester: R,
+    decoding: Decoding<'e>,
+}
+
+/// Prefills `request` and, unless it is already over, adds it to the batch; errors go to its requester.
+fn admit<'e, R: Requester>(engine: &'e Engine, batch: &mut Batch<'e, R>, request: &Request, requester: R) {
+    let mut joining = begin_joining(engine, request, requester);
+    while let Some(j) = joining {
+        joining = prefill_next(engine, batch, j);
+    }
+}
+
+/// Starts the answer to `request`; `None` when it is over already (its requester has been told).
+fn begin_joining<'e, R: Requester>(engine: &'e Engine, request: &Request, mut requester: R) -> Option<Joining<'e, R>> {
     // Cancelled while it waited in the queue (its client left): no image decoding, vision or prefill.
     if requester.is_cancelled() {
-        return;
+        return None;
     }
-    let begun = engine.begin(request, Instant::now(), &mut |event| requester.emit(event));
-    let Decoding { answer, inputs, picker, max_new_tokens, mut cache, reuse_key } = match begun {
+    match engine.begin(request, Instant::now(), &mut |event| requester.emit(event)) {
         // Cancelled while its images were prepared: the prefill is not run either.
         Ok(Begun::Decode(decoding)) if requester.is_cancelled() => {
-            return finish(requester, decoding.answer, Some(DecodeEnd::Stopped));
+            finish(requester, decoding.answer, Some(DecodeEnd::Stopped));
+            None
         }
-        Ok(Begun::Decode(decoding)) => decoding,
-        Ok(Begun::Over(answer)) => return finish(requester, answer, None),
-        Err(e) => return requester.fail(e),
+        Ok(Begun::Decode(decoding)) => Some(Joining { requester, decoding }),
+        Ok(Begun::Over(answer)) => {
+            finish(requester, answer, None);
+            None
+        }
+        Err(e) => {
+            requester.fail(e);
+            None
+        }
+    }
+}
+
+/// Runs the next part of a joining request's prefill; after the last, takes its first token and adds
+/// it to the batch. Returns the request while parts remain.
+fn prefill_next<'e, R: Requester>(
+    engine: &'e Engine,
+    batch: &mut Batch<'e, R>,
+    mut joining: Joining<'e, R>,
+) -> Option<Joining<'e, R>> {
+    // Left mid-prefill: its partial cache goes with it, and nothing of it was kept for reuse.
+    if joining.requester.is_cancelled() {
+        finish(joining.requester, joining.decoding.answer, Some(DecodeEnd::Stopped));
+        return None;
+    }
+    let prefilled = match engine.prefill_next(&mut joining.decoding) {
+        Ok(Some(prefilled)) => prefilled,
+        Ok(None) => return Some(joining),
+        Err(e) => {
+            joining.requester.fail(e);
+            return None;
+        }
     };
-    let model = engine.model();
-    let logits = match engine.prefill(&inputs, &mut cache, reuse_key) {
-        Ok(prefilled) => prefilled,
-        Err(e) => return requester.fail(e),
-    };
+    let Joining { requester, decoding: Decoding { answer, picker, max_new_tokens, cache, .. } } = joining;
     let mut row = Row { requester, answer, picker, last_token: 0, remaining: max_new_tokens };
     // The first token belongs to the prefill, not to a decoding step.
     let mut prefill = StepTally::default();
-    match row.pick_and_take(&logits.logits, &model.generation_config().eos_token_ids, &mut prefill) {
+    match row.pick_and_take(&prefilled.logits, &engine.model().generation_config().eos_token_ids, &mut prefill) {
         Ok(None) => {}
-        Ok(Some(end)) => return row.finish(Some(end)),
-        Err(e) => return row.requester.fail(e),
+        Ok(Some(end)) => {
+            row.finish(Some(end));
+            return None;
+        }
+        Err(e) => {
+            row.requester.fail(e);
+            return None;
+        }
     }
-    if let Err(e) = join(batch, row, cache, logits.mask) {
+    if let Err(e) = join(batch, row, cache, prefilled.mask) {
         tracing::warn!(error = %e, "a request could not join the batch");
     }
+    None
 }
 
 /// Adds a prefilled row: every row right-aligned at the longest cached length, the padding masked.

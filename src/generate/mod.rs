@@ -106,45 +106,42 @@ pub fn prefill(
     Ok(Prefilled { logits, mask, visual })
 }
 
-/// The first step of one row from position `cache.len()` (0, or positions cached from an earlier prompt
-/// that starts the same way), `chunk` positions per forward, or all in one without a chunk size. Every
+/// The next part of one row's first step, from position `cache.len()` (0, or positions cached from an
+/// earlier prompt that starts the same way): up to the next multiple of `chunk`, or every position left
+/// without a chunk size. Returns the first step's result once the last position is computed. Every
 /// position gets the position id, padding mask and visual mask the whole prompt's [`prefill`] gives it.
 /// Chunks end at multiples of `chunk` counted from position 0, so a prompt continued from such a
 /// multiple runs exactly the forwards the whole prompt runs, and gets the same bits.
-pub fn prefill_rest(
+pub fn prefill_next(
     lm: &LlamaForCausalLM,
     inputs: &Spliced,
     policy: MaskPolicy,
     cache: &mut KvCache,
     chunk: Option<i64>,
-) -> Result<Prefilled> {
+) -> Result<Option<Prefilled>> {
     let s = inputs.inputs_embeds.size();
-    let (past, len) = (cache.len(), s[1]);
-    if s[0] != 1 || cache.batch() != 1 || past >= len || chunk.is_some_and(|c| c < 1) {
+    let (start, len) = (cache.len(), s[1]);
+    if s[0] != 1 || cache.batch() != 1 || start >= len || chunk.is_some_and(|c| c < 1) {
         return Err(Error::InvalidInput(format!(
             "a prefill in parts needs one row with positions left and chunks of at least 1: inputs {s:?}, \
-             {past} cached, chunk {chunk:?}"
+             {start} cached, chunk {chunk:?}"
         )));
     }
     let device = inputs.inputs_embeds.device();
     let visual = prefill_visual_mask(policy, &inputs.image_spans, len, device)?;
     let mask = inputs.attention_mask.f_to_kind(Kind::Int64)?.f_to_device(device)?;
     let positions = positions_from_mask(&mask)?;
-    let mut start = past;
-    loop {
-        let end = chunk.map_or(len, |c| ((start / c + 1) * c).min(len));
-        let span = |t: &Tensor| t.f_narrow(1, start, end - start);
-        let seen = mask.f_narrow(1, 0, end)?;
-        let step =
-            StepInputs { position_ids: &span(&positions)?, attention_mask: Some(&seen), visual: &span(&visual)? };
-        let embeds = span(&inputs.inputs_embeds)?;
-        if end == len {
-            let logits = lm.next_token_logits(&embeds, &step, Some(cache))?;
-            return Ok(Prefilled { logits, mask, visual });
-        }
-        lm.model.forward(&embeds, &step, Some(&mut *cache), false)?;
-        start = end;
+    let end = chunk.map_or(len, |c| ((start / c + 1) * c).min(len));
+    let span = |t: &Tensor| t.f_narrow(1, start, end - start);
+    let seen = mask.f_narrow(1, 0, end)?;
+    let step = StepInputs { position_ids: &span(&positions)?, attention_mask: Some(&seen), visual: &span(&visual)? };
+    let embeds = span(&inputs.inputs_embeds)?;
+    if end < len {
+        lm.model.forward(&embeds, &step, Some(cache), false)?;
+        return Ok(None);
     }
+    let logits = lm.next_token_logits(&embeds, &step, Some(cache))?;
+    Ok(Some(Prefilled { logits, mask, visual }))
 }
 
 /// A cached step of one new token per row (`tokens`); `mask` `[B, past + 1]` already holds the new

@@ -55,7 +55,7 @@ impl Attention {
         visual: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &KeyMask,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let s = x.size();
@@ -74,17 +74,50 @@ impl Attention {
         let n_rep = self.num_heads / self.num_key_value_heads;
         let k = repeat_kv(&k, n_rep)?;
         let v = repeat_kv(&v, n_rep)?;
+        let out = match &mask.row_starts {
+            // Each row over its own keys, as it would be alone: the softmax and the weighted sum then
+            // add the same terms in the same order, whatever padding the other rows bring.
+            Some(starts) => {
+                let kv_len = k.size()[2];
+                let rows = starts
+                    .iter()
+                    .enumerate()
+                    .map(|(row, &start)| {
+                        let (row, n) = (row as i64, kv_len - start);
+                        let own = |t: &Tensor| t.f_narrow(0, row, 1)?.f_narrow(2, start, n);
+                        let additive = match &mask.additive {
+                            Some(m) => Some(m.f_narrow(0, row, 1)?.f_narrow(3, start, n)?),
+                            None => None,
+                        };
+                        self.attend(&q.f_narrow(0, row, 1)?, &own(&k)?, &own(&v)?, additive.as_ref())
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::f_cat(&rows, 0)?
+            }
+            None => self.attend(&q, &k, &v, mask.additive.as_ref())?,
+        };
+        let out = out.f_transpose(1, 2)?.f_contiguous()?.f_reshape([b, l, self.num_heads * self.head_dim])?;
+        self.o_proj.forward(&out, visual)
+    }
+
+    /// `softmax(q k^T / sqrt(d) + mask) v` for `[B, heads, L, d]` queries.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let mut weights = q.f_matmul(&k.f_transpose(2, 3)?)?.f_div_scalar((self.head_dim as f64).sqrt())?;
         if let Some(mask) = mask {
             weights = weights.f_add(mask)?;
         }
         // Softmax upcast to fp32, then back to the query's dtype.
         let weights = weights.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
-        let out = weights.f_matmul(&v)?.f_transpose(1, 2)?.f_contiguous()?.f_reshape([
-            b,
-            l,
-            self.num_heads * self.head_dim,
-        ])?;
-        self.o_proj.forward(&out, visual)
+        Ok(weights.f_matmul(v)?)
     }
+}
+
+/// Which keys each query sees in one forward.
+#[derive(Debug, Default)]
+pub struct KeyMask {
+    /// Added to the attention scores, `[B, 1, L, kv]` (0 where allowed); none: every key.
+    pub additive: Option<Tensor>,
+    /// For a decoding step of several left-padded rows: each row's first real key. Each row then
+    /// attends over its own keys only, computing what it would alone.
+    pub row_starts: Option<Vec<i64>>,
 }

@@ -1,6 +1,6 @@
 //! `LlamaDecoderLayer`, `LlamaModel` and `LlamaForCausalLM` (transformers 4.37.2, eager), every
 //! projection an MM-LoRA linear.
-use super::attention::Attention;
+use super::attention::{Attention, KeyMask};
 use super::cache::KvCache;
 use super::mask::causal_4d_mask;
 use super::mlp::Mlp;
@@ -80,7 +80,7 @@ impl DecoderLayer {
         visual: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &KeyMask,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, visual, cos, sin, mask, cache)?;
@@ -123,7 +123,7 @@ pub struct LlamaModel {
 /// What every layer on one site reads besides the hidden states, made once per forward and site.
 struct SiteInputs {
     site: Site,
-    mask: Option<Tensor>,
+    mask: KeyMask,
     cos: Tensor,
     sin: Tensor,
     visual: Tensor,
@@ -184,7 +184,13 @@ impl LlamaModel {
     fn site_inputs(&self, site: Site, step: &StepInputs, b: i64, l: i64, past: i64) -> Result<SiteInputs> {
         let front = self.sites.front.device;
         let attention_mask = step.attention_mask.map(|m| m.f_to_device(site.device)).transpose()?;
-        let mask = causal_4d_mask(attention_mask.as_ref(), b, l, past, site.kind, site.device)?;
+        let additive = causal_4d_mask(attention_mask.as_ref(), b, l, past, site.kind, site.device)?;
+        let row_starts = match &attention_mask {
+            // Left padding ends where a row's mask first holds 1.
+            Some(m) if l == 1 && b > 1 => Some(Vec::<i64>::try_from(m.f_argmax(1, false)?.f_to_device(Device::Cpu)?)?),
+            _ => None,
+        };
+        let mask = KeyMask { additive, row_starts };
         // Every layer's rotary module returns the same tables for the same kv length; gathered once.
         let (cos, sin) = self.rotary_emb.cos_sin(past + l, site.kind, front)?;
         let (cos, sin) = (gather_positions(&cos, step.position_ids)?, gather_positions(&sin, step.position_ids)?);
@@ -250,14 +256,7 @@ impl LlamaModel {
             // A layer computes where its weights are, so the hidden states follow the layers from device
             // to device (as accelerate's hooks move a module's inputs for the release's device_map).
             h = to_site(h, site)?;
-            h = layer.forward(
-                &h,
-                &inputs.visual,
-                &inputs.cos,
-                &inputs.sin,
-                inputs.mask.as_ref(),
-                cache.as_deref_mut(),
-            )?;
+            h = layer.forward(&h, &inputs.visual, &inputs.cos, &inputs.sin, &inputs.mask, cache.as_deref_mut())?;
             if keep_layers {
                 layers.push(h.shallow_clone());
             }
