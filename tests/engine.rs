@@ -470,3 +470,39 @@ fn int8_answers_in_a_batch_equal_their_solo_answers_while_others_join_in_chunks(
     drop(handle);
     thread.join().unwrap();
 }
+
+#[test]
+fn a_request_cancelled_mid_prefill_leaves_the_batch_and_the_reuse_cache_consistent() {
+    let Some(dir) = cli_fixtures() else { return };
+    let model = dir.join("arcana-cli-tiny-v1");
+    // One position per chunk: the prefill takes one chunk per turn of the loop, long enough to cancel.
+    let options = EngineOptions { prefill_chunk: Some(1), reuse_budget_bytes: 1 << 30, ..EngineOptions::default() };
+    let long = || user_request(dir, QUESTION, Some("square.png"), greedy(12));
+    let short = || user_request(dir, "Hello there", None, greedy(10));
+    let (solo_long, solo_short) = {
+        let engine = Engine::load(&model, options.clone()).unwrap();
+        (answer(&engine, &long()).0.output_ids, answer(&engine, &short()).0.output_ids)
+    };
+    let (handle, thread) = Engine::load(&model, options).unwrap().spawn_batched(4).unwrap();
+    let running = handle.submit(short()).unwrap();
+    let mut cancelled = handle.submit(long()).unwrap();
+    let cancel = cancelled.cancel_token();
+    let (mut tokens, mut finish) = (0, None);
+    for event in cancelled.by_ref() {
+        match event.unwrap() {
+            Event::Started(_) => cancel.cancel(),
+            Event::Token(_) => tokens += 1,
+            Event::Finished(f) => finish = Some(f),
+            _ => {}
+        }
+    }
+    assert_eq!(finish.expect("a cancelled answer still finishes").reason, FinishReason::Cancelled);
+    assert_eq!(tokens, 0, "cancelled before its prefill ended");
+    assert_eq!(running.completion().unwrap().output_ids, solo_short);
+    // Kept: the running answer's prompt and the image's features; nothing of the cancelled prompt.
+    assert_eq!(handle.reuse_stats().entries, 2, "{:?}", handle.reuse_stats());
+    // The same request again, now to its end: its solo answer.
+    assert_eq!(handle.complete(long()).unwrap().output_ids, solo_long);
+    drop(handle);
+    thread.join().unwrap();
+}

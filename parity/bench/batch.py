@@ -16,6 +16,10 @@ per token. Figures:
 - gain: together / solo, the aggregate decode speed-up.
 - same text: answers equal to their solo answer (greedy; the batch's GEMMs sum in another order than
   one row's, so near-ties may go another way).
+- time to first token: the first solo request's, and the median of the later ones (the same image
+  with other questions: with `--reuse-cache-bytes`, these reuse its features and the prompt's start).
+- joining (`--stagger S`): the requests submitted S seconds apart; each stream's own decode rate (first
+  to last token), summed, over the solo rate: what users see while others join.
 - constraint share: the same requests again under a JSON schema (`response_format`), first one alone,
   then all N at once; the worker's `/metrics` counts the time its decoding steps spend in the
   constraints (masks and advances) and in the steps themselves: constraint seconds / step seconds, and
@@ -171,11 +175,40 @@ def constraint_share(url, image_url, questions, new_tokens):
             "step_ms": step_s / steps * 1e3, "tokens": int(tokens), "steps": int(steps)}
 
 
+def table_head(intro, columns):
+    """A paragraph, then a Markdown table's header."""
+    print(f"\n{intro}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
+def own_rates(results):
+    """Each stream's own decode rate, from its first to its last token."""
+    return [solo_rate(r) or 0.0 for r in results]
+
+
+def run_staggered(url, image_url, questions, new_tokens, stagger):
+    """The questions submitted one after another, `stagger` seconds apart, while the earlier ones decode."""
+    results = [{} for _ in questions]
+    clients = [threading.Thread(target=stream_answer, args=(url, image_url, q, new_tokens, r))
+               for q, r in zip(questions, results)]
+    for c in clients:
+        c.start()
+        time.sleep(stagger)
+    for c in clients:
+        c.join()
+    return results
+
+
 def run_mode(mode, args, checkpoint, image_url, threads, env):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [args.serve_binary, "worker", "--no-register", "--port", str(port), "--model-path", checkpoint,
            "--limit-model-concurrency", str(args.streams), "--threads", str(threads)] + MODES[mode]
+    if args.reuse_cache_bytes:
+        cmd += ["--reuse-cache-bytes", str(args.reuse_cache_bytes)]
+    if args.prefill_chunk:
+        cmd += ["--prefill-chunk", str(args.prefill_chunk)]
     log = open(os.path.join(args.log_dir, f"batch-worker-{mode}.log"), "w")
     worker = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     row = {"mode": mode, "command": " ".join(shlex.quote(c) for c in cmd)}
@@ -196,6 +229,11 @@ def run_mode(mode, args, checkpoint, image_url, threads, env):
             c.start()
         for c in clients:
             c.join()
+        if args.stagger:
+            print(f"batch: {mode}: {args.streams} streams joining {args.stagger} s apart", file=sys.stderr, flush=True)
+            staggered = run_staggered(url, image_url, questions, args.new_tokens, args.stagger)
+            row["staggered_own_rates"] = own_rates(staggered)
+            row["staggered_same_text"] = sum(a["text"] == b["text"] for a, b in zip(solo, staggered))
         if args.constrained:
             print(f"batch: {mode}: under a JSON schema, alone then {args.streams} at once", file=sys.stderr,
                   flush=True)
@@ -217,7 +255,13 @@ def run_mode(mode, args, checkpoint, image_url, threads, env):
             streams=args.streams,
             together_wall_s=max(r["arrivals"][-1] for r in together) - min(r["sent"] for r in together),
             solo_wall_s=sum(r["arrivals"][-1] - r["sent"] for r in solo),
+            # The first solo request encodes the image and prefills everything; with the reuse cache
+            # on, the later ones (same image, new question) reuse the features and the prompt's start.
+            solo_ttft_first_s=solo[0]["arrivals"][0] - solo[0]["sent"],
+            solo_ttft_later_s=statistics.median(r["arrivals"][0] - r["sent"] for r in solo[1:]),
         )
+        if "staggered_own_rates" in row and solo_mean:
+            row["staggered_gain"] = sum(row["staggered_own_rates"]) / solo_mean
         return row
     except RuntimeError as e:
         row["error"] = str(e)
@@ -245,6 +289,10 @@ def main(argv=None):
     p.add_argument("--modes", default="exact,int8", help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--no-constrained", dest="constrained", action="store_false",
                    help="skip the rounds under a JSON schema")
+    p.add_argument("--reuse-cache-bytes", type=int, default=0, help="the worker's reuse cache (0: off)")
+    p.add_argument("--prefill-chunk", type=int, default=0, help="the worker's prefill chunk (0: whole prompts)")
+    p.add_argument("--stagger", type=float, default=0.0,
+                   help="also submit the streams this many seconds apart and sum their own decode rates")
     p.add_argument("--serve-binary", default=os.path.join(bench.REPO, "target", "release", "arcana-serve"))
     p.add_argument("--timeout", type=int, default=1800, help="seconds for a worker to load")
     p.add_argument("--out", default=os.path.join(bench.REPO, "bench-results", "batch.json"))
@@ -279,19 +327,30 @@ def main(argv=None):
           f"{threads} threads; commit {facts['commit']}; load average {facts['loadavg_start']} -> "
           f"{facts['loadavg_end']}")
     print(f"- checkpoint: {checkpoint}; image {os.path.basename(image)}; greedy, {args.new_tokens} new tokens\n")
-    print("| mode | decode tokens/s, alone | decode tokens/s, together | gain | same text as alone |")
-    print("|---|---|---|---|---|")
+    print(f"- worker: --reuse-cache-bytes {args.reuse_cache_bytes}, --prefill-chunk {args.prefill_chunk or 'none'}\n")
+    print("| mode | decode tokens/s, alone | decode tokens/s, together | gain | same text as alone "
+          "| time to first token, first / later (same image) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['mode']} | failed: {r['error']} | | | |")
+            print(f"| {r['mode']} | failed: {r['error']} | | | | |")
         else:
             print(f"| {r['mode']} | {bench.fmt(r['solo_tokens_per_s'])} | {bench.fmt(r['together_tokens_per_s'])} "
-                  f"| {bench.fmt(r['gain'])}x | {r['same_text']}/{r['streams']} |")
+                  f"| {bench.fmt(r['gain'])}x | {r['same_text']}/{r['streams']} "
+                  f"| {bench.fmt(r['solo_ttft_first_s'])} s / {bench.fmt(r['solo_ttft_later_s'])} s "
+                  f"({bench.fmt(r['solo_ttft_later_s'] / r['solo_ttft_first_s'])}x) |")
+    if args.stagger:
+        table_head(f"Joining {args.stagger} s apart: the sum of each stream's own decode rate (first to last "
+                   f"token) over the solo rate.", ["mode", "own rates, tokens/s", "sum / solo", "same text as alone"])
+        for r in rows:
+            if "staggered_gain" in r:
+                rates = ", ".join(bench.fmt(x) for x in r["staggered_own_rates"])
+                print(f"| {r['mode']} | {rates} | {bench.fmt(r['staggered_gain'])}x "
+                      f"| {r['staggered_same_text']}/{r['streams']} |")
     if args.constrained:
-        print(f"\nUnder a JSON schema: the constraints' time (masks and advances) as a share of the decoding "
-              f"steps' time, from the worker's /metrics.\n")
-        print("| mode | rows | step ms | constraint us/token | constraint share of a step |")
-        print("|---|---|---|---|---|")
+        table_head("Under a JSON schema: the constraints' time (masks and advances) as a share of the decoding "
+                   "steps' time, from the worker's /metrics.",
+                   ["mode", "rows", "step ms", "constraint us/token", "constraint share of a step"])
         for r in rows:
             for key, n in (("constrained_alone", 1), ("constrained_together", args.streams)):
                 if key in r:
