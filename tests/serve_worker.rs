@@ -433,11 +433,20 @@ fn a_worker_reuses_a_repeated_image_and_prompt_beginning_and_answers_as_without(
             "temperature": 0, "max_tokens": 12, "logprobs": true, "top_logprobs": 3});
         let r = client().post(format!("{url}/v1/chat/completions")).json(&body).send().unwrap();
         assert!(r.status().is_success(), "{}", r.status());
-        r.json::<Value>().unwrap()["choices"][0].clone()
+        r.json::<Value>().unwrap()
     };
+    let cached = |reply: &Value| reply["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
     // The same image with two questions, then the first again: equal to the bit with the same chunks.
-    for question in ["What is in this image?", "Describe the colours.", "What is in this image?"] {
-        assert_eq!(ask(&reusing.url, question), ask(&fresh.url, question), "{question}");
+    for (i, question) in
+        ["What is in this image?", "Describe the colours.", "What is in this image?"].iter().enumerate()
+    {
+        let (got, want) = (ask(&reusing.url, question), ask(&fresh.url, question));
+        assert_eq!(got["choices"][0], want["choices"][0], "{question}");
+        // OpenAI's count of prompt tokens served from a cache: whole chunks of 8 after the first request.
+        assert_eq!(cached(&want), 0);
+        let reused = cached(&got);
+        assert!(if i == 0 { reused == 0 } else { reused > 0 && reused % 8 == 0 }, "request {i}: {reused} cached");
+        assert!(reused < got["usage"]["prompt_tokens"].as_u64().unwrap() as u64);
     }
     let metrics = client().get(format!("{}/metrics", reusing.url)).send().unwrap().text().unwrap();
     let value = |name: &str| -> u64 {

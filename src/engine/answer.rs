@@ -79,6 +79,7 @@ impl Engine {
             Some(cache) => cache,
             None => self.model.new_cache(1, capacity)?,
         };
+        answer.cached_tokens = cache.len() as usize;
         Ok(Begun::Decode(Decoding { answer, inputs, picker, max_new_tokens, cache, reuse_key }))
     }
 
@@ -191,6 +192,8 @@ pub(super) struct Answer<'t> {
     stream: StreamDecoder<'t>,
     text: StopText,
     prompt_tokens: usize,
+    /// Prompt positions the reuse cache gave.
+    cached_tokens: usize,
     generated: usize,
     cancelled: bool,
     stopped_by_text: bool,
@@ -206,6 +209,7 @@ impl<'t> Answer<'t> {
             stream: engine.tokenizer.stream(),
             text: StopText::new(stop),
             prompt_tokens,
+            cached_tokens: 0,
             generated: 0,
             cancelled: false,
             stopped_by_text: false,
@@ -283,7 +287,11 @@ impl<'t> Answer<'t> {
         let first = self.first_token_at.unwrap_or(end_at);
         let finish = Finish {
             reason,
-            usage: Usage { prompt_tokens: self.prompt_tokens, completion_tokens: self.generated },
+            usage: Usage {
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: self.generated,
+                cached_tokens: self.cached_tokens,
+            },
             timings: Timings {
                 prefill_seconds: (first - self.started).as_secs_f64(),
                 decode_seconds: (end_at - first).as_secs_f64(),

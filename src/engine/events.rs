@@ -68,6 +68,8 @@ pub struct Usage {
     /// Positions of the prompt, image features included.
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt positions taken from the reuse cache instead of computed.
+    pub cached_tokens: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

@@ -479,7 +479,8 @@ pub(super) fn logprobs_json(tokens: &[TokenLogprobs]) -> Value {
 /// OpenAI's `usage` object.
 fn usage_json(usage: crate::engine::Usage) -> Value {
     json!({"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-           "total_tokens": usage.prompt_tokens + usage.completion_tokens})
+           "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}})
 }
 
 /// `GET /v1/models` of one worker.
