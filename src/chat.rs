@@ -23,6 +23,8 @@ pub struct TurnResult {
     pub reply: String,
     /// Positions of the language model's prefill (image features included).
     pub prefill_positions: i64,
+    /// Of those, positions taken from the reuse cache (`--reuse-cache-bytes`) instead of computed.
+    pub reused_positions: i64,
     /// Whether the release's visual mask and the real image positions differ for this prompt.
     pub mask_policies_differ: bool,
     pub prefill_seconds: f64,
@@ -83,6 +85,7 @@ impl<'e> ChatSession<'e> {
             text: completion.text,
             reply,
             prefill_positions: finish.usage.prompt_tokens as i64,
+            reused_positions: finish.usage.cached_tokens as i64,
             mask_policies_differ: completion.prompt.mask_policies_differ,
             prefill_seconds: finish.timings.prefill_seconds,
             decode_seconds: finish.timings.decode_seconds,

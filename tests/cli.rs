@@ -166,6 +166,36 @@ fn a_decoder_split_over_two_cpu_placements_answers_like_the_unsplit_model() {
     }
 }
 
+#[test]
+fn a_second_turn_reuses_the_first_and_answers_as_without() {
+    let Some(dir) = fixtures() else { return };
+    let run = |extra: &[&str]| -> Value {
+        let mut args = vec!["--model-path", "arcana-cli-tiny-v1", "--image-file", "images/square.png"];
+        args.extend(["--prompt", "What is in this image?", "--prompt", "And then?", "--prompt", "Why?"]);
+        args.extend(["--temperature", "0", "--max-new-tokens", "12", "--json", "--prefill-chunk", "8"]);
+        args.extend_from_slice(extra);
+        let out = arcana(dir, &args);
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let fresh = run(&[]);
+    let reusing = run(&["--reuse-cache-bytes", "1073741824"]);
+    let turns = |v: &Value| v["turns"].as_array().unwrap().clone();
+    assert_eq!(turns(&fresh).len(), 3);
+    for (turn, (a, b)) in turns(&fresh).iter().zip(&turns(&reusing)).enumerate() {
+        assert_eq!(a["output_ids"], b["output_ids"], "turn {turn}");
+        assert_eq!(a["text"], b["text"], "turn {turn}");
+        // Each later turn's prompt starts with the one before: reused in whole chunks of 8.
+        let reused = b["reused_positions"].as_i64().unwrap();
+        assert_eq!(a["reused_positions"], 0);
+        assert!(if turn == 0 { reused == 0 } else { reused > 0 && reused % 8 == 0 }, "turn {turn}: {reused}");
+    }
+    // Past --prefill-chunk's range, or a reuse budget that is not a number: named, no panic.
+    assert!(failure(dir, &["--model-path", "arcana-cli-tiny-v1", "--prefill-chunk", "0"]).contains("prefill-chunk"));
+    assert!(failure(dir, &["--model-path", "arcana-cli-tiny-v1", "--reuse-cache-bytes", "lots"])
+        .contains("reuse-cache-bytes"));
+}
+
 /// The compact modes keep the vision side's linears in fp16 on the CPU unless `--vision-fp32`; the
 /// exact mode never does. The JSON output says which was used.
 #[test]

@@ -273,17 +273,8 @@ struct ModelArgs {
     /// the concurrency limit. 1 answers one request at a time, each exactly as the CLI would.
     #[arg(long)]
     max_batch: Option<usize>,
-    /// Bytes kept from recent requests so that a request repeating an image, or the beginning of an
-    /// earlier prompt, skips that work (image features and prompt KV caches; least recently used out
-    /// first). Off by default: without --prefill-chunk a reusing answer equals a fresh one only up to
-    /// near ties. 2147483648 (2 GiB) holds about two 700-position prompts of a 7B model in fp32.
-    #[arg(long, default_value_t = 0)]
-    reuse_cache_bytes: usize,
-    /// Prefill prompts in forwards of this many positions (default: a whole prompt in one forward, as
-    /// the release). Reused prompt positions then end at a multiple of it, so an answer that reuses
-    /// them equals a fresh one to the bit; without it, only up to near ties.
-    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
-    prefill_chunk: Option<i64>,
+    #[command(flatten)]
+    reuse: shared::ReuseFlags,
     #[command(flatten)]
     weights: shared::WeightFlags,
     /// Let the OpenAI API fetch http(s) image URLs (off: only data: URLs are accepted).
@@ -449,8 +440,8 @@ async fn start_worker(args: WorkerArgs) -> anyhow::Result<Serving> {
         with_model_base: model.model_base.is_some(),
         placement,
         max_image_pixels: args.pixels.max_image_pixels,
-        reuse_budget_bytes: model.reuse_cache_bytes,
-        prefill_chunk: model.prefill_chunk,
+        reuse_budget_bytes: model.reuse.reuse_cache_bytes,
+        prefill_chunk: model.reuse.prefill_chunk,
         ..EngineOptions::default()
     };
     let loading = worker.clone();

@@ -69,6 +69,8 @@ struct Args {
     /// Which positions take the visual LoRA branch: as the release (fixed span) or the real image positions.
     #[arg(long, value_enum, default_value_t = PolicyArg::Release)]
     mask_policy: PolicyArg,
+    #[command(flatten)]
+    reuse: shared::ReuseFlags,
     /// Print timings and each turn's prompt and reply.
     #[arg(long)]
     debug: bool,
@@ -161,6 +163,8 @@ fn main() -> Result<()> {
         with_model_base: args.model_base.is_some(),
         conv_mode: args.conv_mode.clone(),
         mask_policy,
+        reuse_budget_bytes: args.reuse.reuse_cache_bytes,
+        prefill_chunk: args.reuse.prefill_chunk,
         // Pillow's pixel limit, as the release's CLI has.
         ..EngineOptions::default()
     };
@@ -237,8 +241,8 @@ fn main() -> Result<()> {
             let new_tokens = result.output_ids.len().saturating_sub(1);
             let rate = if result.decode_seconds > 0.0 { new_tokens as f64 / result.decode_seconds } else { 0.0 };
             eprintln!(
-                "[debug] prefill {} positions in {:.3} s, {new_tokens} tokens in {:.3} s ({rate:.1} tokens/s)",
-                result.prefill_positions, result.prefill_seconds, result.decode_seconds
+                "[debug] prefill {} positions ({} reused) in {:.3} s, {new_tokens} tokens in {:.3} s ({rate:.1} tokens/s)",
+                result.prefill_positions, result.reused_positions, result.prefill_seconds, result.decode_seconds
             );
             eprintln!("\n {}\n", serde_json::json!({"prompt": result.prompt, "outputs": result.reply}));
         }

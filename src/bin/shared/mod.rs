@@ -271,3 +271,20 @@ fn assemble_with_base(model_path: &Path, base: &Path, dtype: &str) -> Result<Pat
     }
     Ok(out)
 }
+
+/// What the engine keeps from one request for the next, and how it prefills.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReuseFlags {
+    /// Bytes kept from recent requests so that a request repeating an image, or the beginning of an
+    /// earlier prompt (an earlier turn of the conversation, a shared system prompt), skips that work:
+    /// image features and prompt KV caches, least recently used out first. Off by default: without
+    /// --prefill-chunk a reusing answer equals a fresh one only up to near ties. 2147483648 (2 GiB)
+    /// holds about two 700-position prompts of a 7B model in fp32.
+    #[arg(long, default_value_t = 0)]
+    pub reuse_cache_bytes: usize,
+    /// Prefill prompts in forwards of this many positions (default: a whole prompt in one forward, as
+    /// the release). A server runs one chunk between two decoding steps of the running answers. Reused
+    /// positions then end at a multiple of it, so an answer that reuses them equals a fresh one to the bit.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    pub prefill_chunk: Option<i64>,
+}
