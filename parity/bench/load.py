@@ -249,6 +249,8 @@ def main(argv=None):
     p.add_argument("--concurrency", type=int, default=8,
                    help="the worker's --limit-model-concurrency (its batch, when batching)")
     p.add_argument("--threads", type=int, default=None, help="default the physical cores")
+    p.add_argument("--worker-flags", default="",
+                   help="more flags for both workers, e.g. '--reuse-cache-bytes 2147483648 --prefill-chunk 64'")
     p.add_argument("--serve-binary", default=os.path.join(bench.REPO, "target", "release", "arcana-serve"))
     p.add_argument("--timeout", type=int, default=1800, help="seconds for a worker to load")
     p.add_argument("--out", default=os.path.join(bench.REPO, "bench-results", "load.json"))
@@ -272,8 +274,9 @@ def main(argv=None):
 
     facts = bench.machine(threads)
     facts["loadavg_start"] = bench.loadavg()
-    configs = [(f"batch {args.concurrency}", ["--limit-model-concurrency", str(args.concurrency)]),
-               ("max-batch 1", ["--limit-model-concurrency", str(args.concurrency), "--max-batch", "1"])]
+    extra = shlex.split(args.worker_flags)
+    configs = [(f"batch {args.concurrency}", ["--limit-model-concurrency", str(args.concurrency)] + extra),
+               ("max-batch 1", ["--limit-model-concurrency", str(args.concurrency), "--max-batch", "1"] + extra)]
     rows = [run_config(name, flags, args, checkpoint, threads, env, bodies) for name, flags in configs]
     facts["loadavg_end"] = bench.loadavg()
     for row in rows:
