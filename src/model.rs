@@ -11,7 +11,8 @@ use crate::llm::{CausalLmOutput, KvCache, LlamaForCausalLM, StepInputs};
 use crate::mm::projector::Projector;
 use crate::mm::splice::{prepare_inputs, spliced_length, Spliced};
 use crate::mm::visual_span::{policies_differ, prefill_visual_mask, MaskPolicy};
-use crate::quant::{BaseWeight, LinearStorage, WeightForms};
+use crate::quant::prequantized::{QuantizedManifest, MANIFEST_FILE};
+use crate::quant::{BaseWeight, LinearStorage, Quantization, WeightForms};
 use crate::vision::preprocess::{ImagePreprocessor, PreprocessConfig};
 use crate::vision::{VisionOutputs, VisionTower};
 use crate::weights::{is_derived_buffer, Checkpoint, Mappings, WeightLoader};
@@ -39,6 +40,8 @@ pub struct ModelFiles {
     pub vision_source: VisionTowerSource,
     /// `generation_config.json` (or the config's ids where the folder has none).
     pub generation: GenerationConfig,
+    /// The manifest of a pre-quantized folder (`arcana-convert --quantize`), checked against its files.
+    pub prequantized: Option<QuantizedManifest>,
 }
 
 impl ModelFiles {
@@ -62,7 +65,8 @@ impl ModelFiles {
             VisionTowerSource::Embedded(_) => VisionConfig::clip_vit_large_patch14_336(),
         };
         let generation = GenerationConfig::from_model_dir(dir, &config)?;
-        Ok(Self { dir: dir.to_path_buf(), config_path, config, vision_config, vision_source, generation })
+        let prequantized = QuantizedManifest::open(dir)?;
+        Ok(Self { dir: dir.to_path_buf(), config_path, config, vision_config, vision_source, generation, prequantized })
     }
 
     /// The image processor the release pairs with this vision tower: the tower folder's
@@ -80,7 +84,22 @@ impl ModelFiles {
     /// A loader over the main checkpoint, falling back to the vision tower folder's weights
     /// (which the release loads first and then overrides with the main checkpoint's).
     pub fn weight_loader(&self, kind: Kind, device: Device) -> Result<WeightLoader> {
-        let loader = WeightLoader::new(Checkpoint::open_dir(&self.dir)?, kind, device);
+        let checkpoint = Checkpoint::open_dir(&self.dir)?;
+        if let Some(manifest) = &self.prequantized {
+            for file in checkpoint.files() {
+                let name = file.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                if !manifest.lists(&name) {
+                    return Err(Error::Safetensors {
+                        path: file.path().to_path_buf(),
+                        message: format!("not listed in {MANIFEST_FILE}: the folder's files do not match its manifest"),
+                    });
+                }
+            }
+        }
+        let mut loader = WeightLoader::new(checkpoint, kind, device);
+        if self.prequantized.is_some() {
+            loader = loader.exact_forms();
+        }
         Ok(match &self.vision_source {
             // A folder with configs only (as `arcana-convert` writes) leaves every tensor to the main checkpoint.
             VisionTowerSource::Folder(folder) if Checkpoint::exists_in(folder) => {
@@ -173,6 +192,8 @@ pub struct ArcanaModel {
     pub files: ModelFiles,
     pub vision: VisionSide,
     pub llm: LlamaForCausalLM,
+    /// How the weights were stored: as asked, or as a pre-quantized folder holds them.
+    pub forms: WeightForms,
     /// The checkpoint files that weights stored in the compute dtype are read from in place. Declared
     /// after every tensor so that it is dropped after them.
     _mappings: Mappings,
@@ -206,6 +227,17 @@ impl ArcanaModel {
         storage: WeightForms,
         progress: impl Fn(usize, usize) + 'static,
     ) -> Result<Self> {
+        let storage = match &files.prequantized {
+            Some(manifest) => {
+                let forms = manifest.forms(storage, &files.dir)?;
+                let int8_on_cpu = sites.front.device == Device::Cpu && sites.front.kind == Kind::Float;
+                if int8_on_cpu && manifest.mode.for_lm_head() == Quantization::Int8 {
+                    manifest.check_int8_codes(&files.dir)?;
+                }
+                forms
+            }
+            None => storage,
+        };
         // SAFETY: the mappings go into the model, which drops them after every tensor (field order);
         // no tensor leaves the model without its data being copied (features and logits are computed).
         let loader =
@@ -214,7 +246,7 @@ impl ArcanaModel {
         let llm = LlamaForCausalLM::load_on(&loader.root(), &files.config, sites, storage)?;
         let mappings = loader.finish()?;
         release_free_heap();
-        Ok(Self { files, vision, llm, _mappings: mappings })
+        Ok(Self { files, vision, llm, forms: storage, _mappings: mappings })
     }
 
     /// The dtype and device of the front: embeddings and vision side (for a split model, the decoder's

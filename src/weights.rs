@@ -19,6 +19,8 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
+/// The alignment of libtorch's CPU allocations (c10's `gAlignment`), which in-place views must have.
+pub const TENSOR_ALIGNMENT: usize = 64;
 pub const SHARD_INDEX: &str = "model.safetensors.index.json";
 pub const TORCH_SINGLE_FILE: &str = "pytorch_model.bin";
 pub const TORCH_SHARD_INDEX: &str = "pytorch_model.bin.index.json";
@@ -129,7 +131,10 @@ impl TensorFile {
         let entry = self.entries.get(name)?;
         let stored = stored_kind(entry.dtype)?;
         let bytes = &self.mmap[entry.start..entry.end];
-        if stored != kind || bytes.as_ptr().align_offset(kind.elt_size_in_bytes()) != 0 || bytes.is_empty() {
+        // libtorch's allocator aligns every tensor to 64 bytes, and MKL's kernels can sum in another
+        // order on data aligned otherwise (a one-row product gave other low bits on an 8-byte-aligned
+        // view): only views as aligned as a copy would be compute what a copy computes.
+        if stored != kind || bytes.as_ptr().align_offset(TENSOR_ALIGNMENT) != 0 || bytes.is_empty() {
             return None;
         }
         if prefetch {
@@ -428,6 +433,8 @@ pub struct WeightLoader {
     in_place: bool,
     /// The mappings that in-place tensors read.
     mapped: RefCell<Vec<Arc<MmapMut>>>,
+    /// Refuse to widen half-precision tensors (a pre-quantized folder stores each tensor as it is used).
+    exact_forms: bool,
 }
 
 /// The file mappings that tensors loaded in place read from: to be dropped after every such tensor.
@@ -451,7 +458,16 @@ impl WeightLoader {
             progress: None,
             in_place: false,
             mapped: RefCell::new(Vec::new()),
+            exact_forms: false,
         }
+    }
+
+    /// Refuses a half-precision tensor asked for in fp32: a pre-quantized folder writes every tensor in
+    /// the form the model reads, so such a tensor means a folder and a model that disagree, which must
+    /// not silently lose precision.
+    pub fn exact_forms(mut self) -> Self {
+        self.exact_forms = true;
+        self
     }
 
     /// Loads CPU tensors stored in the compute dtype as views of the file mappings (no copy), except
@@ -553,6 +569,19 @@ impl WeightLoader {
                     found: found.to_vec(),
                 });
             }
+        }
+        let stored = file.dtype(local).and_then(stored_kind);
+        let widened = matches!(stored, Some(Kind::Half | Kind::BFloat16)) && matches!(kind, Kind::Float | Kind::Double);
+        if self.exact_forms && widened {
+            return Err(Error::UnsupportedDtype {
+                path: file.path.clone(),
+                name: local.to_string(),
+                dtype: format!(
+                    "{:?}, where the model reads {kind:?}: this pre-quantized folder does not fit this version's \
+                     model; convert the source again",
+                    file.dtype(local).expect("found above")
+                ),
+            });
         }
         // SAFETY: the mapping is recorded here and handed to the caller by `finish`, who keeps it alive
         // longer than the tensors (the contract of `in_place`).
@@ -665,6 +694,17 @@ impl<'a> Weights<'a> {
     /// (quantized, merged) and then dropped, so that its pages do not stay mapped.
     pub fn get_transient(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
         self.loader.load(&self.full_name(name), Some(shape), self.kind(), self.device(), Residency::Transient)
+    }
+
+    /// `get` in `kind` instead of the compute dtype (a weight kept in another form: fp16 values, int8
+    /// codes); in place when the file stores it so.
+    pub fn get_as(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        self.loader.load(&self.full_name(name), Some(shape), kind, self.device(), Residency::Prefetched)
+    }
+
+    /// `get_transient` in `kind` (a part that is repacked, then dropped).
+    pub fn get_transient_as(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        self.loader.load(&self.full_name(name), Some(shape), kind, self.device(), Residency::Transient)
     }
 
     /// The parameter `name` with the shape the checkpoint gives (for sizes the model derives from it).

@@ -180,9 +180,17 @@ fn main() -> Result<()> {
     let (placed, warnings) = shared::describe_plan(engine.plan());
     placed.into_iter().for_each(|line| eprintln!("{line}"));
     warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+    let forms = engine.weight_forms();
     if let Some(q) = engine.quantized() {
+        let origin = if forms.prequantized { ", read as the pre-quantized folder stores them" } else { "" };
+        let merged = if engine.model().llm.language_merged() {
+            "language LoRA branch merged into them (--no-merge-lora keeps it apart)"
+        } else {
+            "language LoRA branch kept apart"
+        };
         eprintln!(
-            "Decoder projections and lm_head stored as {:?}: {:.1} MiB -> {:.1} MiB (MM-LoRA branches kept in {kind:?})",
+            "Decoder projections and lm_head stored as {:?}{origin}: {:.1} MiB -> {:.1} MiB; {merged}; MM-LoRA \
+             branches kept in {kind:?}",
             q.mode,
             q.before_bytes as f64 / 1048576.0,
             q.after_bytes as f64 / 1048576.0
@@ -253,9 +261,10 @@ fn main() -> Result<()> {
             "model_path": args.model_path,
             "image_file": args.image_file,
             "load_seconds": load_seconds,
-            "quantization": quantization.map(|q| format!("{q:?}")),
-            "merge_lora": choice.merge_lora,
-            "vision_fp16": choice.vision_linears == LinearStorage::Fp16,
+            "quantization": forms.storage.map(|q| format!("{q:?}")),
+            "prequantized": forms.prequantized,
+            "merge_lora": engine.model().llm.language_merged(),
+            "vision_fp16": forms.vision == LinearStorage::Fp16,
             "threads": engine.threads(),
             "image_preprocess_seconds": preprocess_seconds,
             "turns": turns,

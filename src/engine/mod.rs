@@ -179,9 +179,10 @@ impl Engine {
             storage: options.quantization,
             merge_lora: options.merge_lora,
             vision: options.vision_linears,
+            prequantized: false,
         };
         let model = ArcanaModel::load_on(files, &sites, storage, progress)?;
-        let quantized = options.quantization.map(|mode| {
+        let quantized = model.forms.storage.map(|mode| {
             let dense = options.kind.elt_size_in_bytes();
             let weights = || model.base_weights();
             QuantizedSize {
@@ -246,6 +247,11 @@ impl Engine {
 
     pub fn generation_config(&self) -> &GenerationConfig {
         self.model.generation_config()
+    }
+
+    /// How the weights are stored: as the options asked, or as a pre-quantized folder holds them.
+    pub fn weight_forms(&self) -> WeightForms {
+        self.model.forms
     }
 
     pub fn quantized(&self) -> Option<QuantizedSize> {

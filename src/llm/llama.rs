@@ -10,7 +10,7 @@ use super::rope::{gather_positions, RotaryEmbedding};
 use crate::config::ArcanaConfig;
 use crate::error::{Error, Result};
 use crate::layers::Linear;
-use crate::quant::{BaseWeight, Quantization, WeightForms};
+use crate::quant::{BaseWeight, WeightForms};
 use crate::weights::Weights;
 use tch::{Device, Kind, Tensor};
 
@@ -300,6 +300,12 @@ impl LlamaForCausalLM {
     pub fn load_on(w: &Weights, config: &ArcanaConfig, sites: &DecoderSites, storage: WeightForms) -> Result<Self> {
         let model = LlamaModel::load(&w.pp("model"), config, sites, storage)?;
         let head = w.pp("lm_head").placed(sites.head.kind, sites.head.device);
+        let exact = storage == WeightForms::default();
+        if let (true, Some(mode)) = (storage.prequantized, storage.storage) {
+            let lm_head =
+                BaseWeight::load_compact(&head, mode.for_lm_head(), config.hidden_size, config.vocab_size, false)?;
+            return Ok(Self { model, lm_head, exact });
+        }
         let lm_head = if config.tie_word_embeddings && !head.contains("weight") {
             // Tied to the embeddings: a copy where the head sits on another device.
             Linear { weight: to_site(model.embed_tokens.shallow_clone(), sites.head)?, bias: None }
@@ -313,12 +319,16 @@ impl LlamaForCausalLM {
             Linear { weight, bias: None }
         };
         let lm_head = match storage.storage {
-            Some(Quantization::Int4) => BaseWeight::quantized(lm_head, Quantization::Int8)?,
-            Some(mode) => BaseWeight::quantized(lm_head, mode)?,
+            Some(mode) => BaseWeight::quantized(lm_head, mode.for_lm_head())?,
             None => BaseWeight::Dense(lm_head),
         };
-        let exact = storage == WeightForms::default();
         Ok(Self { model, lm_head, exact })
+    }
+
+    /// Whether the projections' base weights hold the MM-LoRA language branch (merged at load or in the
+    /// checkpoint).
+    pub fn language_merged(&self) -> bool {
+        self.model.layers.first().is_some_and(|layer| layer.self_attn.q_proj.language_merged)
     }
 
     /// The decoder's projections' base weights and `lm_head`.

@@ -75,6 +75,24 @@ impl MmLoraLinear {
         mode: MmLoraMode,
         storage: WeightForms,
     ) -> Result<Self> {
+        if storage.prequantized {
+            let stored = storage
+                .storage
+                .ok_or_else(|| Error::InvalidInput("a pre-quantized checkpoint needs its quantization mode".into()))?;
+            let base = BaseWeight::load_compact(w, stored, in_dim, out_dim, bias)?;
+            let (va, vb) = load_pair(w, "V_Slora_A", "V_Slora_B", in_dim, out_dim)?;
+            let (la, lb) = load_pair(w, "L_Slora_A", "L_Slora_B", in_dim, out_dim)?;
+            let (scaling, language_merged) = (mode.scaling, mode.language_merged);
+            return Ok(Self {
+                base,
+                V_Slora_A: va,
+                V_Slora_B: vb,
+                L_Slora_A: la,
+                L_Slora_B: lb,
+                scaling,
+                language_merged,
+            });
+        }
         let merge = storage.merge_lora && !mode.language_merged;
         // A weight that is converted here is read as a transient copy: its file pages must not stay mapped.
         let mut base = if storage.storage.is_some() || merge {

@@ -28,34 +28,62 @@ pub struct Int4Matrix {
     kind: Kind,
 }
 
+/// Input columns per group for a width: [`INT4_GROUP`], or the largest smaller power of two dividing it.
+pub fn group_for(in_dim: i64) -> Result<i64> {
+    [INT4_GROUP, 32, 16, 8, 4, 2]
+        .into_iter()
+        .find(|g| in_dim % g == 0)
+        .ok_or_else(|| Error::InvalidInput(format!("--load-4bit needs even input widths; a projection has {in_dim}")))
+}
+
+/// The packed codes `[out, in / 2]` and fp32 `scale` and `low` `[out, in / group]` of fp32 `w`.
+pub fn quantize_parts(w: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let (out_dim, in_dim) = w.size2()?;
+    let group = group_for(in_dim)?;
+    let groups = w.f_view([out_dim, in_dim / group, group])?;
+    let low = groups.f_amin(&[2i64][..], true)?;
+    let scale = groups.f_amax(&[2i64][..], true)?.f_sub(&low)?.f_clamp_min(1e-12)?.f_div_scalar(15.0)?;
+    let codes = groups.f_sub(&low)?.f_div(&scale)?.f_round()?.f_clamp(0.0, 15.0)?.f_to_kind(Kind::Uint8)?;
+    let half = group / 2;
+    let codes = codes
+        .f_narrow(2, 0, half)?
+        .f_add(&codes.f_narrow(2, half, half)?.f_mul_scalar(16)?)?
+        .f_to_kind(Kind::Uint8)?
+        .f_reshape([out_dim, in_dim / 2])?
+        .f_contiguous()?;
+    let flat = |t: Tensor| -> Result<Tensor> { Ok(t.f_view([out_dim, in_dim / group])?.f_contiguous()?) };
+    Ok((codes, flat(scale)?, flat(low)?))
+}
+
 impl Int4Matrix {
     pub fn quantize(linear: Linear) -> Result<Self> {
         let kind = linear.weight.kind();
-        let w = linear.weight.f_to_kind(Kind::Float)?;
-        let (out_dim, in_dim) = w.size2()?;
-        let group = [INT4_GROUP, 32, 16, 8, 4, 2].into_iter().find(|g| in_dim % g == 0).ok_or_else(|| {
-            Error::InvalidInput(format!("--load-4bit needs even input widths; a projection has {in_dim}"))
-        })?;
-        let groups = w.f_view([out_dim, in_dim / group, group])?;
-        let low = groups.f_amin(&[2i64][..], true)?;
-        let scale = groups.f_amax(&[2i64][..], true)?.f_sub(&low)?.f_clamp_min(1e-12)?.f_div_scalar(15.0)?;
-        let codes = groups.f_sub(&low)?.f_div(&scale)?.f_round()?.f_clamp(0.0, 15.0)?.f_to_kind(Kind::Uint8)?;
-        let half = group / 2;
-        let codes = codes
-            .f_narrow(2, 0, half)?
-            .f_add(&codes.f_narrow(2, half, half)?.f_mul_scalar(16)?)?
-            .f_to_kind(Kind::Uint8)?
-            .f_reshape([out_dim, in_dim / 2])?
-            .f_contiguous()?;
-        let flat = |t: Tensor| -> Result<Tensor> { Ok(t.f_view([out_dim, in_dim / group])?.f_to_kind(kind)?) };
+        let (codes, scale, low) = quantize_parts(&linear.weight.f_to_kind(Kind::Float)?)?;
+        Self::from_parts(codes, scale, low, linear.bias, kind)
+    }
+
+    /// The matrix of [`quantize_parts`]' tensors, computing in `kind`.
+    pub fn from_parts(codes: Tensor, scale: Tensor, low: Tensor, bias: Option<Tensor>, kind: Kind) -> Result<Self> {
+        let (out_dim, half_in) = codes.size2()?;
+        let (scale_rows, groups) = scale.size2()?;
+        let in_dim = half_in * 2;
+        if scale_rows != out_dim || groups == 0 || in_dim % groups != 0 || low.size() != scale.size() {
+            return Err(Error::InvalidInput(format!(
+                "int4: codes {:?}, scale {:?} and low {:?} do not describe one matrix",
+                codes.size(),
+                scale.size(),
+                low.size()
+            )));
+        }
+        let to_kind = |t: Tensor| -> Result<Tensor> { Ok(if t.kind() == kind { t } else { t.f_to_kind(kind)? }) };
         Ok(Self {
             codes,
-            scale: flat(scale)?.f_contiguous()?,
-            low: flat(low)?.f_contiguous()?,
+            scale: to_kind(scale)?.f_contiguous()?,
+            low: to_kind(low)?.f_contiguous()?,
             out_dim,
             in_dim,
-            group,
-            bias: linear.bias,
+            group: in_dim / groups,
+            bias,
             kind,
         })
     }

@@ -24,8 +24,10 @@ use tch::{Device, Kind, Tensor};
 
 mod fbgemm;
 pub mod int4;
+pub mod prequantized;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Quantization {
     Int8,
     Int4,
@@ -43,10 +45,33 @@ pub struct WeightForms {
     pub merge_lora: bool,
     /// How the vision side's linear layers (CLIP and the Query Ladder) are stored.
     pub vision: LinearStorage,
+    /// The checkpoint already holds the projections and lm_head in `storage`'s form (a pre-quantized
+    /// folder, see [`prequantized`]): they are read as stored, nothing is converted.
+    pub prequantized: bool,
+}
+
+impl Quantization {
+    /// lm_head's form beside projections in this mode: int8 where the projections take int4, since
+    /// lm_head has no MM-LoRA branch and every logit goes through it.
+    pub fn for_lm_head(self) -> Self {
+        match self {
+            Self::Int4 => Self::Int8,
+            mode => mode,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Int8 => "int8",
+            Self::Int4 => "int4",
+            Self::Fp16 => "fp16",
+        }
+    }
 }
 
 /// How a block's linear layers are stored.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LinearStorage {
     /// In the compute dtype, as the checkpoint gives them.
     #[default]
@@ -184,13 +209,14 @@ impl BaseWeight {
     }
 
     /// `nn.Linear` `in_dim -> out_dim` (with its bias when `bias`) under `w`, stored as `storage` says.
-    /// A weight that is converted is read as a copy whose file pages are dropped at once.
+    /// An fp32 weight kept in fp16 is read in place when the file stores it in fp16 (a pre-quantized
+    /// folder), else converted from a copy whose file pages are dropped at once.
     pub fn load(w: &Weights, in_dim: i64, out_dim: i64, bias: bool, storage: LinearStorage) -> Result<Self> {
         let convert = storage == LinearStorage::Fp16 && w.kind() == Kind::Float && w.device() == Device::Cpu;
         if !convert {
             return Ok(Self::Dense(Linear::load(w, in_dim, out_dim, bias)?));
         }
-        let weight = w.get_transient("weight", &[out_dim, in_dim])?.f_to_kind(Kind::Half)?;
+        let weight = w.get_as("weight", &[out_dim, in_dim], Kind::Half)?;
         let bias = if bias { Some(w.get("bias", &[out_dim])?) } else { None };
         Ok(Self::Fp16Stored { weight, bias })
     }
@@ -205,35 +231,149 @@ impl BaseWeight {
 
     /// Stores a dense weight as `mode`; fbgemm's kernels where the weight is fp32 on the CPU.
     pub fn quantized(linear: Linear, mode: Quantization) -> Result<Self> {
-        let kind = linear.weight.kind();
-        let on_cpu_fp32 = linear.weight.device() == Device::Cpu && kind == Kind::Float;
-        let bias = linear.bias;
-        let w = linear.weight.f_to_kind(Kind::Float)?;
-        Ok(match mode {
-            Quantization::Int8 if on_cpu_fp32 => Self::Int8Packed(pack_int8(&w, bias)?),
-            Quantization::Int8 => {
-                let (q, scale) = int8_rows(&w, 127.0)?;
-                Self::Int8 { q, scale: scale.f_to_kind(kind)?, bias, kind }
+        let (kind, device) = (linear.weight.kind(), linear.weight.device());
+        let parts = CompactParts::of(&linear.weight, mode, int8_max_code_for(kind, device))?;
+        Self::from_parts(parts, linear.bias, kind, device)
+    }
+
+    /// The weight `in_dim -> out_dim` under `w` as a pre-quantized folder stores it in `mode` (the parts
+    /// named by [`CompactParts::names`] beside the bias), for compute in `w`'s dtype and device.
+    pub fn load_compact(w: &Weights, mode: Quantization, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
+        let parts = CompactParts::load(w, mode, in_dim, out_dim)?;
+        let bias = if bias { Some(w.get("bias", &[out_dim])?) } else { None };
+        Self::from_parts(parts, bias, w.kind(), w.device())
+    }
+
+    /// The weight that `parts` describe, computing in `kind` on `device`.
+    fn from_parts(parts: CompactParts, bias: Option<Tensor>, kind: Kind, device: Device) -> Result<Self> {
+        let on_cpu_fp32 = device == Device::Cpu && kind == Kind::Float;
+        let on_device =
+            |t: Tensor| -> Result<Tensor> { Ok(if t.device() == device { t } else { t.f_to_device(device)? }) };
+        Ok(match parts {
+            CompactParts::Int8 { codes, scale } if on_cpu_fp32 => Self::Int8Packed(pack_int8(&codes, &scale, bias)?),
+            CompactParts::Int8 { codes, scale } => {
+                Self::Int8 { q: on_device(codes)?, scale: on_device(scale.f_to_kind(kind)?)?, bias, kind }
             }
-            Quantization::Fp16 if on_cpu_fp32 => {
-                let out_dim = w.size()[0];
+            CompactParts::Fp16 { values } if on_cpu_fp32 => {
+                let (out_dim, in_dim) = values.size2()?;
                 let bias = match bias {
                     Some(b) => b,
                     None => Tensor::f_zeros([out_dim], (Kind::Float, Device::Cpu))?,
                 };
-                let packed = fbgemm::pack_fp16(&w)?;
-                let (bytes, shape) = (w.numel() * 2 + tensor_bytes(&bias), [out_dim, w.size()[1]]);
-                Self::Fp16Packed(Fp16Packed { packed, bias, shape, bytes })
+                let packed = fbgemm::pack_fp16(&values.f_to_kind(Kind::Float)?)?;
+                let bytes = values.numel() * 2 + tensor_bytes(&bias);
+                Self::Fp16Packed(Fp16Packed { packed, bias, shape: [out_dim, in_dim], bytes })
             }
-            Quantization::Fp16 => {
+            CompactParts::Fp16 { .. } => {
                 return Err(Error::InvalidInput(format!(
-                    "fp16 weights with fp32 compute are a CPU mode (fbgemm); this weight is {kind:?} on {:?}: \
-                     load it with the fp16 dtype instead",
-                    linear.weight.device()
+                    "fp16 weights with fp32 compute are a CPU mode (fbgemm); this weight is for {kind:?} on \
+                     {device:?}: load it with the fp16 dtype instead"
                 )))
             }
-            Quantization::Int4 => Self::Int4(Int4Matrix::quantize(Linear { weight: w.f_to_kind(kind)?, bias })?),
+            CompactParts::Int4 { codes, scale, low } => {
+                let (codes, scale, low) = (on_device(codes)?, on_device(scale)?, on_device(low)?);
+                Self::Int4(Int4Matrix::from_parts(codes, scale, low, bias, kind)?)
+            }
         })
+    }
+}
+
+/// What a compact weight is made of: exactly the tensors a pre-quantized folder stores, so that a
+/// folder's weight and one quantized at load are built by the same code from the same values.
+#[derive(Debug)]
+pub enum CompactParts {
+    /// `codes` int8 `[out, in]`, `scale` fp32 `[out, 1]`: `w = codes * scale`.
+    Int8 { codes: Tensor, scale: Tensor },
+    /// See [`Int4Matrix`]: `codes` u8 `[out, in / 2]`, `scale` and `low` fp32 `[out, in / group]`.
+    Int4 { codes: Tensor, scale: Tensor, low: Tensor },
+    /// `values` fp16 `[out, in]`.
+    Fp16 { values: Tensor },
+}
+
+impl CompactParts {
+    /// The parts of `weight` (`[out, in]`, any float dtype) in `mode`, computed in fp32; int8 codes reach
+    /// at most `int8_max_code`.
+    pub fn of(weight: &Tensor, mode: Quantization, int8_max_code: f64) -> Result<Self> {
+        let w = weight.f_to_kind(Kind::Float)?;
+        Ok(match mode {
+            Quantization::Int8 => {
+                let (codes, scale) = int8_rows(&w, int8_max_code)?;
+                Self::Int8 { codes, scale }
+            }
+            Quantization::Int4 => {
+                let (codes, scale, low) = int4::quantize_parts(&w)?;
+                Self::Int4 { codes, scale, low }
+            }
+            Quantization::Fp16 => Self::Fp16 { values: w.f_to_kind(Kind::Half)?.f_contiguous()? },
+        })
+    }
+
+    /// The parts' names (in place of `weight`), dtypes and shapes for an `[out, in]` weight in `mode`.
+    pub fn names(mode: Quantization, in_dim: i64, out_dim: i64) -> Result<Vec<(&'static str, Kind, Vec<i64>)>> {
+        Ok(match mode {
+            Quantization::Int8 => {
+                vec![(INT8_CODES, Kind::Int8, vec![out_dim, in_dim]), (INT8_SCALE, Kind::Float, vec![out_dim, 1])]
+            }
+            Quantization::Int4 => {
+                let groups = in_dim / int4::group_for(in_dim)?;
+                vec![
+                    (INT4_CODES, Kind::Uint8, vec![out_dim, in_dim / 2]),
+                    (INT4_LOW, Kind::Float, vec![out_dim, groups]),
+                    (INT4_SCALE, Kind::Float, vec![out_dim, groups]),
+                ]
+            }
+            Quantization::Fp16 => vec![(FP16_VALUES, Kind::Half, vec![out_dim, in_dim])],
+        })
+    }
+
+    /// The parts by name, in the order of [`CompactParts::names`].
+    pub fn into_named(self) -> Vec<(&'static str, Tensor)> {
+        match self {
+            Self::Int8 { codes, scale } => vec![(INT8_CODES, codes), (INT8_SCALE, scale)],
+            Self::Int4 { codes, scale, low } => vec![(INT4_CODES, codes), (INT4_LOW, low), (INT4_SCALE, scale)],
+            Self::Fp16 { values } => vec![(FP16_VALUES, values)],
+        }
+    }
+
+    /// Reads the parts under `w`. Parts that are repacked (int8 codes, fp16 values) are copies whose file
+    /// pages are dropped at once; int4's are kept as they are, views of the file.
+    fn load(w: &Weights, mode: Quantization, in_dim: i64, out_dim: i64) -> Result<Self> {
+        let names = Self::names(mode, in_dim, out_dim)?;
+        let repacked = w.device() == Device::Cpu && w.kind() == Kind::Float && mode != Quantization::Int4;
+        let mut parts = names.into_iter().map(|(name, kind, shape)| {
+            if repacked {
+                w.get_transient_as(name, &shape, kind)
+            } else {
+                w.get_as(name, &shape, kind)
+            }
+        });
+        let mut next = || parts.next().expect("one per name");
+        Ok(match mode {
+            Quantization::Int8 => Self::Int8 { codes: next()?, scale: next()? },
+            Quantization::Int4 => {
+                let (codes, low, scale) = (next()?, next()?, next()?);
+                Self::Int4 { codes, scale, low }
+            }
+            Quantization::Fp16 => Self::Fp16 { values: next()? },
+        })
+    }
+}
+
+/// Names of the parts that stand in for a projection's `weight` in a pre-quantized folder.
+pub const INT8_CODES: &str = "weight_int8";
+pub const INT8_SCALE: &str = "weight_int8_scale";
+pub const INT4_CODES: &str = "weight_int4";
+pub const INT4_LOW: &str = "weight_int4_low";
+pub const INT4_SCALE: &str = "weight_int4_scale";
+pub const FP16_VALUES: &str = "weight_fp16";
+
+/// The largest int8 code for weights computing in `kind` on `device`: fbgemm's limit on this CPU for
+/// fp32 on the CPU, the full range elsewhere.
+pub fn int8_max_code_for(kind: Kind, device: Device) -> f64 {
+    if device == Device::Cpu && kind == Kind::Float {
+        fbgemm_max_code()
+    } else {
+        127.0
     }
 }
 
@@ -262,7 +402,7 @@ fn int8_rows(w: &Tensor, max_code: f64) -> Result<(Tensor, Tensor)> {
 /// keep every pair under 32767, as PyTorch's `reduce_range` does on the activation side. Measured on an
 /// AVX2-only AMD EPYC with `cargo test --lib every_mode` (16x128 matrix, relative error of the output):
 /// 0.124 with codes to 127, 0.020 with codes to 63 (the test's bound is 0.03).
-fn fbgemm_max_code() -> f64 {
+pub fn fbgemm_max_code() -> f64 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512vnni") {
         return 127.0;
@@ -270,19 +410,19 @@ fn fbgemm_max_code() -> f64 {
     63.0
 }
 
-fn pack_int8(w: &Tensor, bias: Option<Tensor>) -> Result<Int8Packed> {
-    let (out_dim, in_dim) = w.size2()?;
-    let (q, scale) = int8_rows(w, fbgemm_max_code())?;
-    // With weight zero point 0 the kernel's column offsets are the plain row sums.
-    let col_offsets = q.f_sum_dim_intlist(&[1i64][..], false, Kind::Int)?;
-    let packed = fbgemm::pack_int8(&q)?;
-    let row_scale = scale.f_view([out_dim])?;
-    let shape = Tensor::f_zeros([1], (Kind::Float, Device::Cpu))?.f_expand([out_dim, in_dim], false)?;
-    let zero_bias = Tensor::f_zeros([out_dim], (Kind::Float, Device::Cpu))?;
-    let anchor = Tensor::f_zeros([1, in_dim], (Kind::Float, Device::Cpu))?;
+/// fbgemm's packing of int8 `codes` `[out, in]` with their row scales `[out, 1]`.
+fn pack_int8(codes: &Tensor, scale: &Tensor, bias: Option<Tensor>) -> Result<Int8Packed> {
+    let (out_dim, in_dim) = codes.size2()?;
     if in_dim < 2 {
         return Err(Error::InvalidInput(format!("int8 weights need at least 2 input columns, got {in_dim}")));
     }
+    // With weight zero point 0 the kernel's column offsets are the plain row sums.
+    let col_offsets = codes.f_sum_dim_intlist(&[1i64][..], false, Kind::Int)?;
+    let packed = fbgemm::pack_int8(codes)?;
+    let row_scale = scale.f_to_kind(Kind::Float)?.f_reshape([out_dim])?;
+    let shape = Tensor::f_zeros([1], (Kind::Float, Device::Cpu))?.f_expand([out_dim, in_dim], false)?;
+    let zero_bias = Tensor::f_zeros([out_dim], (Kind::Float, Device::Cpu))?;
+    let anchor = Tensor::f_zeros([1, in_dim], (Kind::Float, Device::Cpu))?;
     anchor.f_narrow(1, 0, 2)?.f_copy_(&Tensor::f_from_slice(&[-1.0f32, 1.0])?.f_view([1, 2])?)?;
     let bytes = (out_dim * in_dim) as usize
         + tensor_bytes(&col_offsets)

@@ -116,6 +116,16 @@ pub fn gather(input: &Path, model_base: Option<&Path>, merge_lora: bool) -> Resu
 }
 
 impl ConvertModel {
+    /// The output's base weights hold the language branch (`--merge-lora` now or in the source).
+    pub fn language_merged(&self) -> bool {
+        self.language_merged
+    }
+
+    /// The config ties lm_head to the token embeddings.
+    pub fn tied(&self) -> bool {
+        self.config["tie_word_embeddings"].as_bool().unwrap_or(false)
+    }
+
     /// config.json (pointing at the bundled vision tower config), the vision tower folder's configs,
     /// tokenizer and generation files, and tokenizer.json made from tokenizer.model when the source
     /// has none. None of these is in the manifest.

@@ -6,7 +6,7 @@ use safetensors::Dtype;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tch::Kind;
 
@@ -84,17 +84,62 @@ fn tensor_bytes(t: &tch::Tensor) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Assigns tensors to shards of at most `max_shard_bytes` (a tensor larger than that gets its own).
-fn plan_shards(
-    tensors: &BTreeMap<String, SourceTensor>,
+/// A tensor to be written: its dtype and shape, known before any data is read, and the file it comes
+/// from (for messages).
+pub struct Planned {
+    pub dtype: Dtype,
+    pub shape: Vec<i64>,
+    pub from: PathBuf,
+}
+
+impl Planned {
+    fn bytes(&self) -> u64 {
+        self.shape.iter().product::<i64>() as u64 * element_size(self.dtype) as u64
+    }
+}
+
+/// What a conversion writes: every output tensor by name, and how to compute each one.
+pub trait Outputs {
+    fn planned(&self) -> &BTreeMap<String, Planned>;
+    /// The tensor `name` as written: contiguous, on the CPU, of its planned dtype and shape.
+    fn produce(&self, name: &str) -> Result<tch::Tensor>;
+}
+
+/// Every source tensor in one output dtype (floating point ones; others keep theirs).
+pub struct Converted<'a> {
+    tensors: &'a BTreeMap<String, SourceTensor>,
     out: OutDtype,
-    max_shard_bytes: u64,
-) -> Vec<Vec<(&String, &SourceTensor)>> {
+    planned: BTreeMap<String, Planned>,
+}
+
+impl<'a> Converted<'a> {
+    pub fn new(tensors: &'a BTreeMap<String, SourceTensor>, out: OutDtype) -> Self {
+        let planned = tensors
+            .iter()
+            .map(|(name, t)| {
+                (name.clone(), Planned { dtype: output_dtype(t, out), shape: t.shape.clone(), from: t.file.clone() })
+            })
+            .collect();
+        Self { tensors, out, planned }
+    }
+}
+
+impl Outputs for Converted<'_> {
+    fn planned(&self) -> &BTreeMap<String, Planned> {
+        &self.planned
+    }
+
+    fn produce(&self, name: &str) -> Result<tch::Tensor> {
+        converted(&self.tensors[name], self.out)
+    }
+}
+
+/// Assigns tensors to shards of at most `max_shard_bytes` (a tensor larger than that gets its own).
+fn plan_shards(planned: &BTreeMap<String, Planned>, max_shard_bytes: u64) -> Vec<Vec<(&String, &Planned)>> {
     let mut shards: Vec<Vec<_>> = vec![Vec::new()];
     let mut size = 0u64;
-    for (name, tensor) in tensors {
-        let numel: i64 = tensor.shape.iter().product();
-        let bytes = numel as u64 * element_size(output_dtype(tensor, out)) as u64;
+    for (name, tensor) in planned {
+        let bytes = tensor.bytes();
         if size > 0 && size + bytes > max_shard_bytes {
             shards.push(Vec::new());
             size = 0;
@@ -105,25 +150,24 @@ fn plan_shards(
     shards
 }
 
-/// Writes every tensor into `dir`, returning the manifest. Checks `stop` between tensors.
+/// Writes every output tensor into `dir`, returning the manifest and the files written. Checks `stop`
+/// between tensors.
 pub fn write_shards(
     dir: &Path,
-    tensors: &BTreeMap<String, SourceTensor>,
-    out: OutDtype,
+    outputs: &dyn Outputs,
     max_shard_bytes: u64,
     stop: &AtomicBool,
-) -> Result<Vec<ManifestEntry>> {
-    let shards = plan_shards(tensors, out, max_shard_bytes);
-    let total: u64 = tensors
-        .values()
-        .map(|t| t.shape.iter().product::<i64>() as u64 * element_size(output_dtype(t, out)) as u64)
-        .sum();
+) -> Result<(Vec<ManifestEntry>, Vec<PathBuf>)> {
+    let planned = outputs.planned();
+    let shards = plan_shards(planned, max_shard_bytes);
+    let total: u64 = planned.values().map(Planned::bytes).sum();
     let progress = ProgressBar::new(total).with_style(
         ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}")
             .expect("valid template"),
     );
     let mut manifest = Vec::new();
     let mut weight_map = BTreeMap::new();
+    let mut files = Vec::new();
     let count = shards.len();
     for (i, shard) in shards.iter().enumerate() {
         let file_name = if count == 1 {
@@ -137,16 +181,18 @@ pub fn write_shards(
         header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
         let mut offset = 0usize;
         for (name, tensor) in shard {
-            let dtype = output_dtype(tensor, out);
-            let bytes = tensor.shape.iter().product::<i64>() as usize * element_size(dtype);
+            let bytes = tensor.bytes() as usize;
             header.insert(
                 (*name).clone(),
-                serde_json::json!({"dtype": format!("{dtype:?}"), "shape": tensor.shape, "data_offsets": [offset, offset + bytes]}),
+                serde_json::json!({"dtype": format!("{:?}", tensor.dtype), "shape": tensor.shape, "data_offsets": [offset, offset + bytes]}),
             );
             offset += bytes;
         }
+        // The data starts on a 64-byte boundary, so tensors whose sizes are multiples of 64 bytes (all of
+        // them at the released shapes) are as aligned in the mapping as libtorch's own allocations and
+        // load in place (`arcana::weights::TENSOR_ALIGNMENT`).
         let mut header_bytes = serde_json::to_vec(&header)?;
-        while header_bytes.len() % 8 != 0 {
+        while (8 + header_bytes.len()) % arcana::weights::TENSOR_ALIGNMENT != 0 {
             header_bytes.push(b' ');
         }
         let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -158,20 +204,20 @@ pub fn write_shards(
                 bail!("interrupted");
             }
             progress.set_message((*name).clone());
-            let data = tensor_bytes(&converted(tensor, out).with_context(|| format!("tensor `{name}`"))?)?;
-            let expected: i64 = tensor.shape.iter().product::<i64>() * element_size(output_dtype(tensor, out)) as i64;
-            if data.len() as i64 != expected {
+            let data = tensor_bytes(&outputs.produce(name).with_context(|| format!("tensor `{name}`"))?)?;
+            if data.len() as u64 != tensor.bytes() {
                 bail!(
-                    "tensor `{name}` from {}: {} bytes where its shape needs {expected}",
-                    tensor.file.display(),
-                    data.len()
+                    "tensor `{name}` from {}: {} bytes where its shape needs {}",
+                    tensor.from.display(),
+                    data.len(),
+                    tensor.bytes()
                 );
             }
             writer.write_all(&data).with_context(|| format!("writing {}", path.display()))?;
             manifest.push(ManifestEntry {
                 name: (*name).clone(),
                 shape: tensor.shape.clone(),
-                dtype: format!("{:?}", output_dtype(tensor, out)),
+                dtype: format!("{:?}", tensor.dtype),
                 file: file_name.clone(),
                 sha256: hex(&Sha256::digest(&data)),
             });
@@ -180,13 +226,14 @@ pub fn write_shards(
         }
         writer.flush().with_context(|| format!("writing {}", path.display()))?;
         writer.get_ref().sync_all().with_context(|| format!("syncing {}", path.display()))?;
+        files.push(path);
     }
     progress.finish_and_clear();
     if count > 1 {
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index)?)?;
     }
-    Ok(manifest)
+    Ok((manifest, files))
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -43,9 +43,13 @@ pub struct WeightFlags {
     #[arg(long)]
     pub load_4bit: bool,
     /// Fold the MM-LoRA language branch into the base weights at load: the same function up to
-    /// rounding, with no LoRA work at language positions (every decoded token).
-    #[arg(long)]
+    /// rounding, with no LoRA work at language positions (every decoded token). On by default with
+    /// --load-8bit, --load-4bit and --dtype fp16 on the CPU, which are not bit-identical anyway.
+    #[arg(long, conflicts_with = "no_merge_lora")]
     pub merge_lora: bool,
+    /// Keep the language branch apart in the compact CPU modes (slower: unmerged branches stay fp32).
+    #[arg(long)]
+    pub no_merge_lora: bool,
     /// Keep the vision side's linear weights in fp32 in the compact modes above, which otherwise keep
     /// them in fp16 on CPU (computing in fp32): half the vision side's memory, features close to fp32's.
     #[arg(long)]
@@ -94,7 +98,9 @@ impl WeightFlags {
             Some(_) if on_cpu_only && kind == Kind::Float && !self.vision_fp32 => LinearStorage::Fp16,
             _ => LinearStorage::Dense,
         };
-        Ok(WeightChoice { kind, quantization, merge_lora: self.merge_lora, vision_linears })
+        let compact_on_cpu = quantization.is_some() && on_cpu_only && kind == Kind::Float;
+        let merge_lora = self.merge_lora || (compact_on_cpu && !self.no_merge_lora);
+        Ok(WeightChoice { kind, quantization, merge_lora, vision_linears })
     }
 
     /// libtorch's intra-op threads for the engine: `--threads`, else none when OMP_NUM_THREADS is set
