@@ -17,4 +17,5 @@ if [ "${1:-}" = "--batch" ] || [ "${1:-}" = "--load" ]; then
   exec python "$script" "$@"
 fi
 cargo build --release --quiet --bin arcana
+cargo build --release --quiet -p arcana-convert
 ARCANA_BENCH_VIA_SCRIPT=1 exec python parity/bench/bench.py "$@"

@@ -66,7 +66,13 @@ MODES = {
     "int4": dict(label="arcana int4", side="rust", flags=["--load-4bit", "--merge-lora"], base="int4",
                  head="int8", lora=False),
 }
-MODE_ORDER = ["pytorch", "exact", "int8", "fp16", "int4"]
+# The same modes read from pre-quantized folders (`arcana-convert --quantize MODE --merge-lora`, made once
+# beside the checkpoint): no weight flags, the folder's manifest names its mode. Their ids must equal the
+# mode's quantized at load.
+for _mode in ("int8", "fp16", "int4"):
+    MODES[f"{_mode}-folder"] = dict(MODES[_mode], label=f"{MODES[_mode]['label']}, pre-quantized folder", flags=[],
+                                    folder=_mode)
+MODE_ORDER = ["pytorch", "exact", "int8", "int8-folder", "fp16", "fp16-folder", "int4", "int4-folder"]
 
 FILLER = [
     "The pier is made of old wooden planks that turn slippery after rain.",
@@ -195,6 +201,24 @@ def register_preset(sizes, dtype="fp32"):
         # two shards as the 7B uploads; lm_head scaled as in cli-tiny so greedy choices have margins
         dtype=dtype, vision_in_main=False, shards=2, tokenizer=True, fixture=False, lm_head_scale=4.0)
     return name
+
+
+def ensure_prequantized(checkpoint, mode, converter):
+    """The pre-quantized folder of `checkpoint` in `mode` (merged), made once by `converter` beside it and made
+    again when the converter's version differs from the folder's."""
+    folder = f"{checkpoint.rstrip('/')}.{mode}-merged"
+    manifest = os.path.join(folder, "arcana-quantized.json")
+    version = subprocess.run([converter, "--version"], capture_output=True, text=True).stdout.split()[-1:]
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            if [json.load(f).get("arcana_version")] == version:
+                return folder
+    print(f"bench: writing the pre-quantized {mode} folder {folder}...", file=sys.stderr, flush=True)
+    cmd = [converter, "--input", checkpoint, "--output", folder, "--quantize", mode, "--merge-lora", "--force"]
+    rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+    if rc != 0:
+        fail(f"{' '.join(cmd)} failed (exit {rc})")
+    return folder
 
 
 def make_checkpoint_main(spec_json, out):
@@ -433,7 +457,8 @@ def run_mode(mode, ctx, question, workload):
             cmd += ["--device", ctx["device"], "--dtype", ctx["dtype"]]
     else:
         out_file = None
-        cmd = [ctx["binary"], "--model-path", ctx["checkpoint"], "--image-file", ctx["image"], "--prompt", question,
+        model = ctx["folders"][spec["folder"]] if "folder" in spec else ctx["checkpoint"]
+        cmd = [ctx["binary"], "--model-path", model, "--image-file", ctx["image"], "--prompt", question,
                "--conv-mode", CONV_MODE, "--temperature", "0", "--max-new-tokens", str(ctx["new_tokens"]), "--json"]
         if ctx["rust_threads_flag"]:
             cmd += ["--threads", str(ctx["threads"])]
@@ -571,6 +596,9 @@ def summarize(runs, modes, workloads, repeat, bandwidth, shapes, config):
                 continue
             if m == "exact" and first.get("pytorch"):
                 entry["equals_pytorch"] = first[m] == first["pytorch"]
+            at_load = MODES[m].get("folder")
+            if at_load and first.get(at_load):
+                entry["equals_quantized_at_load"] = first[m] == first[at_load]
             if m not in ("pytorch", "exact") and first.get("exact"):
                 prefix, same, total = agreement(first[m], first["exact"])
                 entry["vs_exact"] = {"prefix": prefix, "same": same, "of": total}
@@ -630,6 +658,9 @@ def ids_cell(mode, ids, workloads):
             break
         if "equals_pytorch" in e:
             parts.append(f"{w}: {'= PyTorch' if e['equals_pytorch'] else 'DIFFER from PyTorch'}")
+        elif "equals_quantized_at_load" in e:
+            same = e["equals_quantized_at_load"]
+            parts.append(f"{w}: {'= quantized at load' if same else 'DIFFER from quantized at load'}")
         elif "vs_exact" in e:
             v = e["vs_exact"]
             parts.append(f"{w}: {v['prefix']}/{v['of']} prefix, {v['same']}/{v['of']} same as exact")
@@ -699,6 +730,8 @@ def parse_args(argv):
     p.add_argument("--long-extra-tokens", type=int, default=800,
                    help="text added to the question for the long prompt (positions)")
     p.add_argument("--repeat", type=int, default=1, help="alternate the sides K times; medians")
+    p.add_argument("--converter", default=None,
+                   help="arcana-convert for the pre-quantized folders (default: beside --binary)")
     p.add_argument("--modes", default=",".join(MODE_ORDER), help=f"comma list of {', '.join(MODE_ORDER)}")
     p.add_argument("--binary", default=os.path.join(REPO, "target", "release", "arcana"))
     p.add_argument("--bandwidth-mb", type=int, default=None, help="size of the bandwidth probe (default 2048, "
@@ -732,6 +765,11 @@ def main(argv=None):
     if rust_modes and not args.checkpoint_only and not os.access(args.binary, os.X_OK):
         fail(f"no arcana binary at {args.binary}; build it with `cargo build --release --bin arcana` "
              f"(scripts/bench.sh does)")
+    args.converter = args.converter or os.path.join(os.path.dirname(args.binary), "arcana-convert")
+    folder_modes = [m for m in modes if "folder" in MODES[m]]
+    if folder_modes and not args.checkpoint_only and not os.access(args.converter, os.X_OK):
+        fail(f"no arcana-convert at {args.converter} for {', '.join(folder_modes)}; build it with "
+             f"`cargo build --release -p arcana-convert` (scripts/bench.sh does)")
     if args.image and not os.path.isfile(args.image):
         fail(f"--image {args.image} does not exist")
     if args.checkpoint and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
@@ -769,7 +807,11 @@ def main(argv=None):
     bandwidth = measure_bandwidth(threads, args.bandwidth_mb or (256 if args.small else 2048))
     print(f"bench: read bandwidth {bandwidth['gb_per_s']:.1f} GB/s ({bandwidth['method']})", file=sys.stderr)
 
-    ctx = dict(checkpoint=checkpoint, image=image, new_tokens=args.new_tokens, threads=threads, env=env,
+    folders = {}
+    for mode in modes:
+        if "folder" in MODES[mode]:
+            folders[MODES[mode]["folder"]] = ensure_prequantized(checkpoint, MODES[mode]["folder"], args.converter)
+    ctx = dict(checkpoint=checkpoint, folders=folders, image=image, new_tokens=args.new_tokens, threads=threads, env=env,
                arcana_src=os.path.abspath(args.arcana_src) if args.arcana_src else None, binary=args.binary,
                rust_threads_flag=rust_threads_flag, timeout=args.timeout, launcher=launcher, device=args.device,
                dtype=args.dtype)
@@ -856,10 +898,16 @@ def main(argv=None):
                     if "median" not in summary.get(m, {})]
         problems += [f"exact ids differ from PyTorch's on the {w} prompt" for w in workloads
                      if not summary.get("exact", {}).get("ids", {}).get(w, {}).get("equals_pytorch")]
+        for m in (m for m in modes if "folder" in MODES[m]):
+            for w in workloads:
+                if not summary.get(m, {}).get("ids", {}).get(w, {}).get("equals_quantized_at_load"):
+                    problems.append(f"{m}: ids on the {w} prompt differ from {MODES[m]['folder']} quantized at load "
+                                    f"({summary.get(m, {}).get('error', 'or it did not run')})")
         if problems:
             print("bench check failed: " + "; ".join(problems), file=sys.stderr)
             return 1
-        print("bench check: PyTorch and arcana exact ran; same ids on both prompts")
+        print("bench check: PyTorch and arcana exact ran; same ids on both prompts; each pre-quantized folder "
+              "gave its mode's ids quantized at load")
     return 0
 
 
