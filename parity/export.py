@@ -8,7 +8,9 @@ Subcommands (see parity/README.md, section "Python exporter"):
 """
 import argparse
 import filecmp
+import functools
 import json
+import math
 import os
 import shlex
 import shutil
@@ -201,12 +203,16 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
-def _save_sharded(tensors: dict, out_dir: str, shards: int) -> None:
-    names = list(tensors)
+def _save_sharded(makers: dict, element_size: int, out_dir: str, shards: int) -> None:
+    """Writes the tensors `makers` draws (name -> (shape, function making it)) into `shards` files, each
+    shard's tensors made only when it is written, so that a full-size checkpoint never sits whole in
+    memory (the files are the same as writing every tensor at once)."""
+    names = list(makers)
+    make = lambda group: {n: makers[n][1]() for n in group}  # noqa: E731
     if shards <= 1:
-        save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        save_file(make(names), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
         return
-    sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
+    sizes = [math.prod(makers[n][0]) * element_size for n in names]
     total = sum(sizes)
     target = total / shards
     groups, acc = [[]], 0
@@ -220,7 +226,7 @@ def _save_sharded(tensors: dict, out_dir: str, shards: int) -> None:
     weight_map = {}
     for k, group in enumerate(groups, 1):
         fname = f"model-{k:05d}-of-{shards:05d}.safetensors"
-        save_file({n: tensors[n] for n in group}, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        save_file(make(group), os.path.join(out_dir, fname), metadata={"format": "pt"})
         for n in group:
             weight_map[n] = fname
     _write_json(os.path.join(out_dir, "model.safetensors.index.json"),
@@ -337,19 +343,20 @@ def make_checkpoint(preset_name: str, seed: int, out_dir: str, dtype=None, visio
     with torch.device("meta"):
         main_shapes = {k: v.shape for k, v in
                        ArcanaForCausalLM(LlamaConfig.from_dict(cfg), vcfg).state_dict().items()}
-    main = {}
-    for k, shape in main_shapes.items():
-        if k.startswith(VISION_PREFIX):
-            continue
+    def main_tensor(k, shape):
         t = _init_tensor(k, shape, seed, "main", hidden)
         if k == "lm_head.weight" and "lm_head_scale" in preset:
             t = t * preset["lm_head_scale"]
-        main[k] = t.to(tdtype).contiguous()
+        return t.to(tdtype).contiguous()
+
+    main = {k: (tuple(shape), functools.partial(main_tensor, k, shape))
+            for k, shape in main_shapes.items() if not k.startswith(VISION_PREFIX)}
     if vision_in_main:
         # an independent draw: the copy in the main checkpoint must win over the folder's
         for k, s in vision_shapes.items():
-            main[VISION_PREFIX + k] = _init_tensor(k, s, seed, "vision-main", hidden).to(tdtype).contiguous()
-    _save_sharded(main, out_dir, shards)
+            main[VISION_PREFIX + k] = (tuple(s), functools.partial(
+                lambda k, s: _init_tensor(k, s, seed, "vision-main", hidden).to(tdtype).contiguous(), k, s))
+    _save_sharded(main, torch.tensor([], dtype=tdtype).element_size(), out_dir, shards)
     if preset.get("tokenizer"):
         write_tokenizer_files(out_dir, tokenizer_model or default_tokenizer_model())
     elif tokenizer_model:

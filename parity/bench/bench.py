@@ -21,6 +21,7 @@ int4 (--load-4bit --merge-lora). A mode whose process fails is a row that says s
 import argparse
 import datetime
 import json
+import math
 import os
 import shlex
 import shutil
@@ -199,7 +200,8 @@ def register_preset(sizes, dtype="fp32"):
                  num_hidden_layers=sizes["llm_layers"], num_attention_heads=sizes["llm_heads"],
                  num_key_value_heads=sizes["llm_heads"], vocab_size=VOCAB),
         # two shards as the 7B uploads; lm_head scaled as in cli-tiny so greedy choices have margins
-        dtype=dtype, vision_in_main=False, shards=2, tokenizer=True, fixture=False, lm_head_scale=4.0)
+        dtype=dtype, vision_in_main=False, shards=max(2, sizes["llm_layers"] // 4), tokenizer=True, fixture=False,
+        lm_head_scale=4.0)
     return name
 
 
@@ -245,7 +247,7 @@ def ensure_checkpoint(sizes, seed, cache, dtype="fp32"):
     except FileNotFoundError as e:
         fail(f"the benchmark checkpoint needs a real SentencePiece tokenizer: {e}")
     os.makedirs(cache, exist_ok=True)
-    need = estimate_checkpoint_bytes(sizes)
+    need = estimate_checkpoint_bytes(sizes, dtype)
     free = shutil.disk_usage(cache).free
     if free < need * 1.1:
         fail(f"making the checkpoint needs about {need / 1e9:.1f} GB in {cache}; {free / 1e9:.1f} GB free")
@@ -263,7 +265,7 @@ def ensure_checkpoint(sizes, seed, cache, dtype="fp32"):
     return path
 
 
-def estimate_checkpoint_bytes(s):
+def estimate_checkpoint_bytes(s, dtype="fp32"):
     v, vm, vl = s["vision_hidden"], s["vision_mlp"], s["vision_layers"]
     clip_layer = 4 * v * v + 2 * v * vm
     ladder_layer = 4 * v * v + 2 * v * vm  # cross attention + MLP per ladder layer
@@ -272,7 +274,7 @@ def estimate_checkpoint_bytes(s):
     lora = (64 + 192) * (4 * 2 * h + 3 * (h + m))
     llm = n * (4 * h * h + 3 * h * m + lora) + 2 * VOCAB * h
     projector = v * h + h * h
-    return 4 * (vision + llm + projector)
+    return (4 if dtype == "fp32" else 2) * (vision + llm + projector)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -443,8 +445,39 @@ def failure_line(rc, stderr, timed_out, timeout):
     return pick or f"exit status {rc}"
 
 
+def checkpoint_numel(checkpoint):
+    """Elements of every tensor of a model folder and its vision tower folder, from the safetensors headers."""
+    total = 0
+    for d, _, files in os.walk(checkpoint):
+        for f in files:
+            if f.endswith(".safetensors"):
+                with open(os.path.join(d, f), "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    header = json.loads(fh.read(n))
+                total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def available_bytes():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+# Modes whose weights are all fp32 in memory: they cannot run where those do not fit.
+FP32_MODES = ("pytorch", "exact")
+
+
 def run_mode(mode, ctx, question, workload):
     spec = MODES[mode]
+    if mode in FP32_MODES and ctx["dtype"] == "fp32" and ctx["device"] == "cpu":
+        need, have = ctx["numel"] * 4, available_bytes()
+        if have is not None and need > 0.9 * have:
+            return {"mode": mode, "workload": workload,
+                    "error": f"cannot load here: its fp32 weights alone take {need / 1e9:.1f} GB, this machine has "
+                             f"{have / 1e9:.1f} GB available (not run, rather than swap)"}
     if spec["side"] == "pytorch":
         fd, out_file = tempfile.mkstemp(suffix=".json", prefix="bench-pytorch-")
         os.close(fd)
@@ -709,6 +742,10 @@ def choose_image(given, arcana_src, cache):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny widths (336-pixel image kept): a smoke test")
+    p.add_argument("--full", action="store_true",
+                   help="the released model's shape: 32 decoder layers at 7B width, fp16 on disk in 8 shards "
+                        "(about 14 GB, written one shard at a time); the fp32 sides that cannot fit in this "
+                        "machine's memory are rows that say how much they would need")
     for key, value in FULL.items():
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None,
                        help=f"default {value} ({SMALL[key]} with --small)")
@@ -777,6 +814,9 @@ def main(argv=None):
     threads = args.threads or physical_cores()
 
     base = SMALL if args.small else FULL
+    if args.full:
+        base = dict(FULL, llm_layers=32)
+        args.checkpoint_dtype = "fp16"
     sizes = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
     checkpoint = (os.path.abspath(args.checkpoint) if args.checkpoint
                   else ensure_checkpoint(sizes, args.seed, args.cache, args.checkpoint_dtype))
@@ -811,7 +851,7 @@ def main(argv=None):
     for mode in modes:
         if "folder" in MODES[mode]:
             folders[MODES[mode]["folder"]] = ensure_prequantized(checkpoint, MODES[mode]["folder"], args.converter)
-    ctx = dict(checkpoint=checkpoint, folders=folders, image=image, new_tokens=args.new_tokens, threads=threads, env=env,
+    ctx = dict(checkpoint=checkpoint, numel=checkpoint_numel(checkpoint), folders=folders, image=image, new_tokens=args.new_tokens, threads=threads, env=env,
                arcana_src=os.path.abspath(args.arcana_src) if args.arcana_src else None, binary=args.binary,
                rust_threads_flag=rust_threads_flag, timeout=args.timeout, launcher=launcher, device=args.device,
                dtype=args.dtype)
