@@ -335,13 +335,16 @@ impl CompactParts {
         }
     }
 
-    /// Reads the parts under `w`. Parts that are repacked (int8 codes, fp16 values) are copies whose file
-    /// pages are dropped at once; int4's are kept as they are, views of the file.
+    /// Reads the parts under `w`. On the CPU they are copies whose file pages are dropped at once: int8
+    /// codes and fp16 values are repacked by fbgemm; int4 codes, which each decoding step streams whole,
+    /// are kept in memory the kernel cannot lose to page-cache reclaim. Against views of the mapping, on
+    /// the benchmark's 4 layers with an image, two alternating runs each: 64.5 / 53.8 ms per token
+    /// against 67.3 / 59.9, load 1.59 / 1.45 s against 3.69 / 1.67 s, peak RSS +0.1 GB.
     fn load(w: &Weights, mode: Quantization, in_dim: i64, out_dim: i64) -> Result<Self> {
         let names = Self::names(mode, in_dim, out_dim)?;
-        let repacked = w.device() == Device::Cpu && w.kind() == Kind::Float && mode != Quantization::Int4;
+        let copied = w.device() == Device::Cpu && w.kind() == Kind::Float;
         let mut parts = names.into_iter().map(|(name, kind, shape)| {
-            if repacked {
+            if copied {
                 w.get_transient_as(name, &shape, kind)
             } else {
                 w.get_as(name, &shape, kind)
