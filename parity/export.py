@@ -351,11 +351,13 @@ def make_checkpoint(preset_name: str, seed: int, out_dir: str, dtype=None, visio
 
     main = {k: (tuple(shape), functools.partial(main_tensor, k, shape))
             for k, shape in main_shapes.items() if not k.startswith(VISION_PREFIX)}
+    def vision_main_tensor(k, shape):
+        return _init_tensor(k, shape, seed, "vision-main", hidden).to(tdtype).contiguous()
+
     if vision_in_main:
         # an independent draw: the copy in the main checkpoint must win over the folder's
         for k, s in vision_shapes.items():
-            main[VISION_PREFIX + k] = (tuple(s), functools.partial(
-                lambda k, s: _init_tensor(k, s, seed, "vision-main", hidden).to(tdtype).contiguous(), k, s))
+            main[VISION_PREFIX + k] = (tuple(s), functools.partial(vision_main_tensor, k, s))
     _save_sharded(main, torch.tensor([], dtype=tdtype).element_size(), out_dir, shards)
     if preset.get("tokenizer"):
         write_tokenizer_files(out_dir, tokenizer_model or default_tokenizer_model())

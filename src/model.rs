@@ -12,7 +12,7 @@ use crate::mm::projector::Projector;
 use crate::mm::splice::{prepare_inputs, spliced_length, Spliced};
 use crate::mm::visual_span::{policies_differ, prefill_visual_mask, MaskPolicy};
 use crate::quant::prequantized::{QuantizedManifest, MANIFEST_FILE};
-use crate::quant::{BaseWeight, LinearStorage, Quantization, WeightForms};
+use crate::quant::{BaseWeight, LinearStorage, WeightForms};
 use crate::vision::preprocess::{ImagePreprocessor, PreprocessConfig};
 use crate::vision::{VisionOutputs, VisionTower};
 use crate::weights::{is_derived_buffer, Checkpoint, Mappings, WeightLoader};
@@ -229,12 +229,8 @@ impl ArcanaModel {
     ) -> Result<Self> {
         let storage = match &files.prequantized {
             Some(manifest) => {
-                let forms = manifest.forms(storage, &files.dir)?;
-                let int8_on_cpu = sites.front.device == Device::Cpu && sites.front.kind == Kind::Float;
-                if int8_on_cpu && manifest.mode.for_lm_head() == Quantization::Int8 {
-                    manifest.check_int8_codes(&files.dir)?;
-                }
-                forms
+                manifest.check_int8_codes(sites.front.kind, sites.front.device, &files.dir)?;
+                manifest.forms(storage, &files.dir)?
             }
             None => storage,
         };

@@ -570,16 +570,15 @@ impl WeightLoader {
                 });
             }
         }
-        let stored = file.dtype(local).and_then(stored_kind);
-        let widened = matches!(stored, Some(Kind::Half | Kind::BFloat16)) && matches!(kind, Kind::Float | Kind::Double);
-        if self.exact_forms && widened {
+        let dtype = file.dtype(local).expect("found above");
+        let half = matches!(stored_kind(dtype), Some(Kind::Half | Kind::BFloat16));
+        if self.exact_forms && half && matches!(kind, Kind::Float | Kind::Double) {
             return Err(Error::UnsupportedDtype {
                 path: file.path.clone(),
                 name: local.to_string(),
                 dtype: format!(
-                    "{:?}, where the model reads {kind:?}: this pre-quantized folder does not fit this version's \
-                     model; convert the source again",
-                    file.dtype(local).expect("found above")
+                    "{dtype:?}, where the model reads {kind:?}: this pre-quantized folder does not fit this version's \
+                     model; convert the source again"
                 ),
             });
         }

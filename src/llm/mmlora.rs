@@ -75,42 +75,31 @@ impl MmLoraLinear {
         mode: MmLoraMode,
         storage: WeightForms,
     ) -> Result<Self> {
-        if storage.prequantized {
-            let stored = storage
-                .storage
-                .ok_or_else(|| Error::InvalidInput("a pre-quantized checkpoint needs its quantization mode".into()))?;
-            let base = BaseWeight::load_compact(w, stored, in_dim, out_dim, bias)?;
-            let (va, vb) = load_pair(w, "V_Slora_A", "V_Slora_B", in_dim, out_dim)?;
-            let (la, lb) = load_pair(w, "L_Slora_A", "L_Slora_B", in_dim, out_dim)?;
-            let (scaling, language_merged) = (mode.scaling, mode.language_merged);
-            return Ok(Self {
-                base,
-                V_Slora_A: va,
-                V_Slora_B: vb,
-                L_Slora_A: la,
-                L_Slora_B: lb,
-                scaling,
-                language_merged,
-            });
-        }
-        let merge = storage.merge_lora && !mode.language_merged;
-        // A weight that is converted here is read as a transient copy: its file pages must not stay mapped.
-        let mut base = if storage.storage.is_some() || merge {
-            let weight = w.get_transient("weight", &[out_dim, in_dim])?;
-            Linear { weight, bias: if bias { Some(w.get("bias", &[out_dim])?) } else { None } }
-        } else {
-            Linear::load(w, in_dim, out_dim, bias)?
-        };
         let (va, vb) = load_pair(w, "V_Slora_A", "V_Slora_B", in_dim, out_dim)?;
         let (la, lb) = load_pair(w, "L_Slora_A", "L_Slora_B", in_dim, out_dim)?;
         let mut language_merged = mode.language_merged;
-        if merge {
-            base.weight = merge_low_rank(&base.weight, &la.weight, &lb.weight, mode.scaling)?;
-            language_merged = true;
-        }
-        let base = match storage.storage {
-            Some(q) => BaseWeight::quantized(base, q)?,
-            None => BaseWeight::Dense(base),
+        let base = if storage.prequantized {
+            let stored = storage
+                .storage
+                .ok_or_else(|| Error::InvalidInput("a pre-quantized checkpoint needs its quantization mode".into()))?;
+            BaseWeight::load_compact(w, stored, in_dim, out_dim, bias)?
+        } else {
+            let merge = storage.merge_lora && !mode.language_merged;
+            // A weight that is converted here is read as a transient copy: its file pages must not stay mapped.
+            let mut base = if storage.storage.is_some() || merge {
+                let weight = w.get_transient("weight", &[out_dim, in_dim])?;
+                Linear { weight, bias: if bias { Some(w.get("bias", &[out_dim])?) } else { None } }
+            } else {
+                Linear::load(w, in_dim, out_dim, bias)?
+            };
+            if merge {
+                base.weight = merge_low_rank(&base.weight, &la.weight, &lb.weight, mode.scaling)?;
+                language_merged = true;
+            }
+            match storage.storage {
+                Some(q) => BaseWeight::quantized(base, q)?,
+                None => BaseWeight::Dense(base),
+            }
         };
         let scaling = mode.scaling;
         Ok(Self { base, V_Slora_A: va, V_Slora_B: vb, L_Slora_A: la, L_Slora_B: lb, scaling, language_merged })

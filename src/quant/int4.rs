@@ -23,7 +23,7 @@ const MAX_PACKED_ROWS: i64 = 16;
 
 /// Input rows multiplied in one pass over the codes: two rows' two sets of accumulators and the codes
 /// fit AVX2's 16 registers (with four rows a pass took longer than two passes of two).
-pub const ROWS_PER_PASS: usize = 2;
+const ROWS_PER_PASS: usize = 2;
 
 /// Byte `j` of a group holds column `j` in its low nibble and column `j + group / 2` in its high one, so
 /// both halves meet contiguous slices of the input.
@@ -184,7 +184,7 @@ struct Packed<'a> {
 /// One input row quantized per group: `x ~ codes * scale`, codes in -127..=127, with what the centring
 /// of the weight codes needs per group: the plain sum `sums` (against the low ends) and
 /// `8 * (sum(x) - scale * sum(codes))` (against the weight scales).
-pub struct QuantizedRow {
+struct QuantizedRow {
     codes: Vec<i8>,
     scale: Vec<f32>,
     sums: Vec<f32>,
@@ -192,7 +192,7 @@ pub struct QuantizedRow {
 }
 
 impl QuantizedRow {
-    pub fn new(x: &[f32], group: usize) -> Self {
+    fn new(x: &[f32], group: usize) -> Self {
         let groups = x.len() / group;
         let (mut codes, mut scale, mut sums) = (vec![0i8; x.len()], vec![0f32; groups], vec![0f32; groups]);
         let mut centring = vec![0f32; groups];
@@ -267,13 +267,7 @@ fn scaled_dots(codes: &[u8], scale: &[f32], half: usize, xs: &[QuantizedRow], do
 }
 
 /// The same sums with plain integer arithmetic, for any group size.
-pub fn scaled_dots_plain(
-    codes: &[u8],
-    scale: &[f32],
-    half: usize,
-    xs: &[QuantizedRow],
-    dots: &mut [f32; ROWS_PER_PASS],
-) {
+fn scaled_dots_plain(codes: &[u8], scale: &[f32], half: usize, xs: &[QuantizedRow], dots: &mut [f32; ROWS_PER_PASS]) {
     for (r, x) in xs.iter().enumerate() {
         let mut total = 0f32;
         for (g, group_codes) in codes.chunks_exact(half).enumerate() {

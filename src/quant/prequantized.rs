@@ -8,12 +8,13 @@
 //! files with their sha256, and each written safetensors file with its size and the sha256 of its
 //! header, which the loader checks before reading any tensor: a truncated, replaced or rewritten file
 //! is refused by name.
-use super::{fbgemm_max_code, LinearStorage, Quantization, WeightForms};
+use super::{int8_max_code_for, LinearStorage, Quantization, WeightForms};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
 
 pub const MANIFEST_FILE: &str = "arcana-quantized.json";
 pub const FORMAT: &str = "arcana-quantized/1";
@@ -211,10 +212,11 @@ impl QuantizedManifest {
         })
     }
 
-    /// Checks that this CPU's int8 kernel can take the folder's codes.
-    pub fn check_int8_codes(&self, dir: &Path) -> Result<()> {
-        let limit = fbgemm_max_code();
-        if f64::from(self.int8_max_code) > limit {
+    /// Checks that the int8 kernel for weights computing in `kind` on `device` can take the folder's
+    /// codes (int8 projections, or int4's int8 lm_head).
+    pub fn check_int8_codes(&self, kind: Kind, device: Device, dir: &Path) -> Result<()> {
+        let limit = int8_max_code_for(kind, device);
+        if self.mode.for_lm_head() == Quantization::Int8 && f64::from(self.int8_max_code) > limit {
             return Err(Error::InvalidInput(format!(
                 "{}: the folder's int8 codes reach {}, written on a CPU with AVX-512 VNNI; this CPU's int8 kernel \
                  takes codes up to {limit} (larger ones overflow it): convert the source again on this machine, or \

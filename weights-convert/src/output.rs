@@ -53,7 +53,7 @@ pub struct ManifestEntry {
     pub sha256: String,
 }
 
-fn is_float(dtype: Dtype) -> bool {
+pub fn is_float(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64)
 }
 

@@ -4,7 +4,7 @@
 //! load), so that the folder holds exactly what quantizing at load holds in memory. The vision side's
 //! governed linear weights are written in fp16 when the mode keeps them so, every other floating point
 //! tensor in fp32, the CPU's compute dtype, so that the engine reads each one in place.
-use crate::output::{Outputs, Planned};
+use crate::output::{is_float, Outputs, Planned};
 use crate::source::SourceTensor;
 use anyhow::{anyhow, bail, Result};
 use arcana::model::VISION_TOWER_PREFIX;
@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
 const LM_HEAD: &str = "lm_head";
+const LM_HEAD_WEIGHT: &str = "lm_head.weight";
 const EMBED_TOKENS: &str = "model.embed_tokens.weight";
 
 enum Recipe {
@@ -46,10 +47,6 @@ fn dtype_of(kind: Kind) -> Dtype {
     }
 }
 
-fn is_float(dtype: Dtype) -> bool {
-    matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64)
-}
-
 impl<'a> Quantized<'a> {
     /// The plan for `tensors` (already merged with `--merge-lora` where asked). `tied`: the config ties
     /// lm_head to the embeddings, so a checkpoint without `lm_head.weight` gets its parts from them.
@@ -73,7 +70,7 @@ impl<'a> Quantized<'a> {
                 .map(str::to_string)
         };
         for (name, tensor) in tensors {
-            if name == &format!("{LM_HEAD}.weight") {
+            if name == LM_HEAD_WEIGHT {
                 plan.add_parts(LM_HEAD, name, mode.for_lm_head())?;
             } else if let Some(module) = projection(name) {
                 plan.add_parts(&module, name, mode)?;
@@ -99,7 +96,7 @@ impl<'a> Quantized<'a> {
                 plan.recipes.insert(name.clone(), Recipe::As { source: name.clone(), kind });
             }
         }
-        if tied && !tensors.contains_key(&format!("{LM_HEAD}.weight")) {
+        if tied && !tensors.contains_key(LM_HEAD_WEIGHT) {
             if !tensors.contains_key(EMBED_TOKENS) {
                 bail!("the config ties lm_head to `{EMBED_TOKENS}`, which the checkpoint lacks");
             }
