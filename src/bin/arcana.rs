@@ -190,10 +190,11 @@ fn main() -> Result<()> {
         };
         eprintln!(
             "Decoder projections and lm_head stored as {:?}{origin}: {:.1} MiB -> {:.1} MiB; {merged}; MM-LoRA \
-             branches kept in {kind:?}",
+             branches: {}",
             q.mode,
             q.before_bytes as f64 / 1048576.0,
-            q.after_bytes as f64 / 1048576.0
+            q.after_bytes as f64 / 1048576.0,
+            engine.model().llm.describe_lora_branches()
         );
     }
     let load_seconds = load_start.elapsed().as_secs_f64();

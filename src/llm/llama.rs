@@ -4,6 +4,7 @@ use super::attention::{Attention, KeyMask};
 use super::cache::KvCache;
 use super::mask::causal_4d_mask;
 use super::mlp::Mlp;
+use super::mmlora::MmLoraLinear;
 use super::norm::RmsNorm;
 use super::placement::{Place, Plan};
 use super::rope::{gather_positions, RotaryEmbedding};
@@ -331,13 +332,30 @@ impl LlamaForCausalLM {
         self.model.layers.first().is_some_and(|layer| layer.self_attn.q_proj.language_merged)
     }
 
+    /// Every MM-LoRA projection of the decoder, layer by layer.
+    pub fn projections(&self) -> impl Iterator<Item = &MmLoraLinear> {
+        self.model.layers.iter().flat_map(|layer| {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+        })
+    }
+
+    /// The MM-LoRA branches' size and form, branch by branch (`visual 40.0 MiB in fp16, language ...`).
+    pub fn describe_lora_branches(&self) -> String {
+        let mut parts = Vec::new();
+        for (index, name) in ["visual", "language"].into_iter().enumerate() {
+            let weights: Vec<&BaseWeight> = self.projections().flat_map(|p| p.branches()[index].1).collect();
+            let bytes = weights.iter().map(|w| w.bytes()).sum::<usize>();
+            let mut forms: Vec<String> = weights.iter().map(|w| w.form()).collect();
+            forms.dedup();
+            parts.push(format!("{name} {:.1} MiB in {}", bytes as f64 / 1048576.0, forms.join("/")));
+        }
+        parts.join(", ")
+    }
+
     /// The decoder's projections' base weights and `lm_head`.
     pub fn base_weights(&self) -> impl Iterator<Item = &BaseWeight> {
-        let layers = self.model.layers.iter().flat_map(|layer| {
-            let (a, m) = (&layer.self_attn, &layer.mlp);
-            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].map(|p| &p.base)
-        });
-        layers.chain(std::iter::once(&self.lm_head))
+        self.projections().map(|p| &p.base).chain(std::iter::once(&self.lm_head))
     }
 
     pub fn forward(

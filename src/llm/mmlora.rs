@@ -14,7 +14,7 @@
 use crate::config::ArcanaConfig;
 use crate::error::{Error, Result};
 use crate::layers::Linear;
-use crate::quant::{BaseWeight, WeightForms};
+use crate::quant::{BaseWeight, LinearStorage, WeightForms};
 use crate::weights::Weights;
 use tch::{Kind, Tensor};
 
@@ -23,10 +23,10 @@ use tch::{Kind, Tensor};
 #[derive(Debug)]
 pub struct MmLoraLinear {
     pub base: BaseWeight,
-    pub V_Slora_A: Linear,
-    pub V_Slora_B: Linear,
-    pub L_Slora_A: Linear,
-    pub L_Slora_B: Linear,
+    pub V_Slora_A: BaseWeight,
+    pub V_Slora_B: BaseWeight,
+    pub L_Slora_A: BaseWeight,
+    pub L_Slora_B: BaseWeight,
     pub scaling: f64,
     /// `base` already holds the language branch.
     pub language_merged: bool,
@@ -45,12 +45,69 @@ impl MmLoraMode {
     }
 }
 
-/// A LoRA down/up pair whose rank the checkpoint decides.
-fn load_pair(w: &Weights, a: &str, b: &str, in_dim: i64, out_dim: i64) -> Result<(Linear, Linear)> {
-    let down = Linear::load_any_rank(&w.pp(a), Some(in_dim), None)?;
-    let rank = down.out_dim();
-    let up = Linear::load_any_rank(&w.pp(b), Some(rank), Some(out_dim))?;
+/// One of a projection's two LoRA branches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Branch {
+    /// `V_Slora_*`, for image positions.
+    Visual,
+    /// `L_Slora_*`, for text positions.
+    Language,
+}
+
+impl Branch {
+    /// The branch's checkpoint names under its projection, down then up.
+    fn names(self) -> [&'static str; 2] {
+        match self {
+            Self::Visual => ["V_Slora_A", "V_Slora_B"],
+            Self::Language => ["L_Slora_A", "L_Slora_B"],
+        }
+    }
+
+    /// How a compact mode (`compact`: the projections are quantized or fp16) keeps this branch: in fp16
+    /// where it runs at image positions only (the visual branch, and the language branch once merged,
+    /// which only the visual correction reads), so that no decoding step expands it; dense where it
+    /// runs at every text position. Exact modes keep every branch as the checkpoint gives it.
+    pub fn storage(self, compact: bool, language_merged: bool) -> LinearStorage {
+        let image_only = self == Self::Visual || language_merged;
+        if compact && image_only {
+            LinearStorage::Fp16
+        } else {
+            LinearStorage::Dense
+        }
+    }
+
+    /// The branch whose weight `name` is (`….V_Slora_A.weight` and the like).
+    pub fn of_weight(name: &str) -> Option<Self> {
+        let module = name.strip_suffix(".weight")?;
+        [Self::Visual, Self::Language]
+            .into_iter()
+            .find(|b| b.names().iter().any(|n| module.ends_with(&format!(".{n}"))))
+    }
+}
+
+/// The rank of `branch` under the projection `w`, from its down weight's shape.
+fn lora_rank(w: &Weights, branch: Branch) -> Result<i64> {
+    Ok(w.pp(branch.names()[0]).shape("weight")?.first().copied().unwrap_or(-1))
+}
+
+/// `branch`'s down/up pair (`[rank, in]`, `[out, rank]`), kept as `storage` says.
+fn load_pair(
+    w: &Weights,
+    branch: Branch,
+    in_dim: i64,
+    out_dim: i64,
+    storage: LinearStorage,
+) -> Result<(BaseWeight, BaseWeight)> {
+    let ([a, b], rank) = (branch.names(), lora_rank(w, branch)?);
+    let down = BaseWeight::load(&w.pp(a), in_dim, rank, false, storage)?;
+    let up = BaseWeight::load(&w.pp(b), rank, out_dim, false, storage)?;
     Ok((down, up))
+}
+
+/// `branch`'s down/up weights as copies whose file pages are dropped at once (a branch merged at load).
+fn read_pair_transient(w: &Weights, branch: Branch, in_dim: i64, out_dim: i64) -> Result<(Tensor, Tensor)> {
+    let ([a, b], rank) = (branch.names(), lora_rank(w, branch)?);
+    Ok((w.pp(a).get_transient("weight", &[rank, in_dim])?, w.pp(b).get_transient("weight", &[out_dim, rank])?))
 }
 
 /// `W + scale * B @ A` in fp32 (`A`: `[r, in]`, `B`: `[out, r]`): a LoRA update folded into a weight.
@@ -75,34 +132,48 @@ impl MmLoraLinear {
         mode: MmLoraMode,
         storage: WeightForms,
     ) -> Result<Self> {
-        let (va, vb) = load_pair(w, "V_Slora_A", "V_Slora_B", in_dim, out_dim)?;
-        let (la, lb) = load_pair(w, "L_Slora_A", "L_Slora_B", in_dim, out_dim)?;
-        let mut language_merged = mode.language_merged;
-        let base = if storage.prequantized {
+        let compact = storage.storage.is_some();
+        let merge = !storage.prequantized && storage.merge_lora && !mode.language_merged;
+        let language_merged = mode.language_merged || merge;
+        let language_storage = Branch::Language.storage(compact, language_merged);
+        let (va, vb) = load_pair(w, Branch::Visual, in_dim, out_dim, Branch::Visual.storage(compact, language_merged))?;
+        let (base, la, lb) = if storage.prequantized {
             let stored = storage
                 .storage
                 .ok_or_else(|| Error::InvalidInput("a pre-quantized checkpoint needs its quantization mode".into()))?;
-            BaseWeight::load_compact(w, stored, in_dim, out_dim, bias)?
+            let base = BaseWeight::load_compact(w, stored, in_dim, out_dim, bias)?;
+            let (la, lb) = load_pair(w, Branch::Language, in_dim, out_dim, language_storage)?;
+            (base, la, lb)
         } else {
-            let merge = storage.merge_lora && !mode.language_merged;
             // A weight that is converted here is read as a transient copy: its file pages must not stay mapped.
-            let mut base = if storage.storage.is_some() || merge {
+            let mut base = if compact || merge {
                 let weight = w.get_transient("weight", &[out_dim, in_dim])?;
                 Linear { weight, bias: if bias { Some(w.get("bias", &[out_dim])?) } else { None } }
             } else {
                 Linear::load(w, in_dim, out_dim, bias)?
             };
-            if merge {
-                base.weight = merge_low_rank(&base.weight, &la.weight, &lb.weight, mode.scaling)?;
-                language_merged = true;
-            }
-            match storage.storage {
+            let (la, lb) = if merge {
+                // Folded in from the checkpoint's values, then kept as the merged branch runs.
+                let (down, up) = read_pair_transient(w, Branch::Language, in_dim, out_dim)?;
+                base.weight = merge_low_rank(&base.weight, &down, &up, mode.scaling)?;
+                let keep = |weight| BaseWeight::stored(Linear { weight, bias: None }, language_storage);
+                (keep(down)?, keep(up)?)
+            } else {
+                load_pair(w, Branch::Language, in_dim, out_dim, language_storage)?
+            };
+            let base = match storage.storage {
                 Some(q) => BaseWeight::quantized(base, q)?,
                 None => BaseWeight::Dense(base),
-            }
+            };
+            (base, la, lb)
         };
         let scaling = mode.scaling;
         Ok(Self { base, V_Slora_A: va, V_Slora_B: vb, L_Slora_A: la, L_Slora_B: lb, scaling, language_merged })
+    }
+
+    /// Each branch's down and up weights.
+    pub fn branches(&self) -> [(Branch, [&BaseWeight; 2]); 2] {
+        [(Branch::Visual, [&self.V_Slora_A, &self.V_Slora_B]), (Branch::Language, [&self.L_Slora_A, &self.L_Slora_B])]
     }
 
     /// `x`: `[B, L, in]`; `visual`: bool `[B, L]`.
@@ -136,7 +207,7 @@ impl MmLoraLinear {
         Ok(())
     }
 
-    fn add_branch(&self, res: &mut Tensor, x: &Tensor, mask: &Tensor, a: &Linear, b: &Linear) -> Result<()> {
+    fn add_branch(&self, res: &mut Tensor, x: &Tensor, mask: &Tensor, a: &BaseWeight, b: &BaseWeight) -> Result<()> {
         if mask.f_any()?.f_int64_value(&[])? != 0 {
             // `res[mask] += b(a(x[mask])) * s`: gather, add, scatter back (index, add_, index_put_).
             let part = x.f_index(&[Some(mask)])?;
@@ -169,7 +240,8 @@ mod tests {
         let (w, va, vb, la, lb) = (linear(6, 8), linear(3, 8), linear(6, 3), linear(5, 8), linear(6, 5));
         let s = 2.0;
         let merged_w = &w.weight + lb.weight.matmul(&la.weight) * s;
-        let copy = |l: &Linear| Linear { weight: l.weight.copy(), bias: None };
+        let copy = |l: &Linear| BaseWeight::Dense(Linear { weight: l.weight.copy(), bias: None });
+        let dense = BaseWeight::Dense;
         let merged = MmLoraLinear {
             base: BaseWeight::Dense(Linear { weight: merged_w, bias: None }),
             V_Slora_A: copy(&va),
@@ -181,10 +253,10 @@ mod tests {
         };
         let plain = MmLoraLinear {
             base: BaseWeight::Dense(w),
-            V_Slora_A: va,
-            V_Slora_B: vb,
-            L_Slora_A: la,
-            L_Slora_B: lb,
+            V_Slora_A: dense(va),
+            V_Slora_B: dense(vb),
+            L_Slora_A: dense(la),
+            L_Slora_B: dense(lb),
             scaling: s,
             language_merged: false,
         };

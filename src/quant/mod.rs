@@ -83,6 +83,13 @@ pub enum LinearStorage {
     Fp16,
 }
 
+impl LinearStorage {
+    /// Whether a weight computing in `kind` on `device` takes this storage: `Fp16` is for fp32 on the CPU.
+    fn applies_to(self, kind: Kind, device: Device) -> bool {
+        self == Self::Fp16 && kind == Kind::Float && device == Device::Cpu
+    }
+}
+
 /// A linear layer's weight, dense or in a compact form.
 #[derive(Debug)]
 pub enum BaseWeight {
@@ -192,6 +199,16 @@ impl BaseWeight {
         }
     }
 
+    /// How the weight is kept, for messages: its dtype when dense, else its compact form.
+    pub fn form(&self) -> String {
+        match self {
+            Self::Dense(l) => format!("{:?}", l.weight.kind()),
+            Self::Int8Packed(_) | Self::Int8 { .. } => "int8".into(),
+            Self::Int4(_) => "int4".into(),
+            Self::Fp16Packed(_) | Self::Fp16Stored { .. } => "fp16".into(),
+        }
+    }
+
     /// `[out, in]`.
     pub fn shape(&self) -> [i64; 2] {
         let two = |t: &Tensor| {
@@ -212,13 +229,21 @@ impl BaseWeight {
     /// An fp32 weight kept in fp16 is read in place when the file stores it in fp16 (a pre-quantized
     /// folder), else converted from a copy whose file pages are dropped at once.
     pub fn load(w: &Weights, in_dim: i64, out_dim: i64, bias: bool, storage: LinearStorage) -> Result<Self> {
-        let convert = storage == LinearStorage::Fp16 && w.kind() == Kind::Float && w.device() == Device::Cpu;
-        if !convert {
+        if !storage.applies_to(w.kind(), w.device()) {
             return Ok(Self::Dense(Linear::load(w, in_dim, out_dim, bias)?));
         }
         let weight = w.get_as("weight", &[out_dim, in_dim], Kind::Half)?;
         let bias = if bias { Some(w.get("bias", &[out_dim])?) } else { None };
         Ok(Self::Fp16Stored { weight, bias })
+    }
+
+    /// A dense weight kept as `storage` says: rounded to fp16 once where [`BaseWeight::load`] would read
+    /// it in fp16, so that both give the same values from the same fp32 weight.
+    pub fn stored(linear: Linear, storage: LinearStorage) -> Result<Self> {
+        if !storage.applies_to(linear.weight.kind(), linear.weight.device()) {
+            return Ok(Self::Dense(linear));
+        }
+        Ok(Self::Fp16Stored { weight: linear.weight.f_to_kind(Kind::Half)?, bias: linear.bias })
     }
 
     /// The dense weight, when it is kept dense.

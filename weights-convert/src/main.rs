@@ -148,7 +148,14 @@ fn main() -> Result<()> {
         Some(q) => {
             let mode = q.mode();
             let max_code = f64::from(int8_max_code(&args));
-            quantized = quantize::Quantized::new(&model.tensors.tensors, mode, vision(&args), max_code, model.tied())?;
+            quantized = quantize::Quantized::new(
+                &model.tensors.tensors,
+                mode,
+                vision(&args),
+                max_code,
+                model.tied(),
+                model.language_merged(),
+            )?;
             &quantized
         }
         None => {

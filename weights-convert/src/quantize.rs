@@ -2,11 +2,13 @@
 //! decoder projection's weight and lm_head become their compact parts, computed by the library's own
 //! `CompactParts::of` from the weight in fp32 (merged first with `--merge-lora`, as the engine merges at
 //! load), so that the folder holds exactly what quantizing at load holds in memory. The vision side's
-//! governed linear weights are written in fp16 when the mode keeps them so, every other floating point
+//! governed linear weights are written in fp16 when the mode keeps them so, and so are the LoRA branches
+//! that run at image positions only (`arcana::llm::mmlora::Branch::storage`), every other floating point
 //! tensor in fp32, the CPU's compute dtype, so that the engine reads each one in place.
 use crate::output::{is_float, Outputs, Planned};
 use crate::source::SourceTensor;
 use anyhow::{anyhow, bail, Result};
+use arcana::llm::mmlora::Branch;
 use arcana::model::VISION_TOWER_PREFIX;
 use arcana::quant::{CompactParts, LinearStorage, Quantization};
 use safetensors::Dtype;
@@ -50,12 +52,14 @@ fn dtype_of(kind: Kind) -> Dtype {
 impl<'a> Quantized<'a> {
     /// The plan for `tensors` (already merged with `--merge-lora` where asked). `tied`: the config ties
     /// lm_head to the embeddings, so a checkpoint without `lm_head.weight` gets its parts from them.
+    /// `language_merged`: the projections hold their language branch.
     pub fn new(
         tensors: &'a BTreeMap<String, SourceTensor>,
         mode: Quantization,
         vision: LinearStorage,
         int8_max_code: f64,
         tied: bool,
+        language_merged: bool,
     ) -> Result<Self> {
         let mut plan = Self {
             tensors,
@@ -77,8 +81,12 @@ impl<'a> Quantized<'a> {
             } else {
                 let vision_linear =
                     name.strip_prefix(VISION_TOWER_PREFIX).is_some_and(arcana::vision::is_governed_linear_weight);
+                // The LoRA branches as the engine keeps them beside compact projections.
+                let lora_fp16 = Branch::of_weight(name)
+                    .is_some_and(|branch| branch.storage(true, language_merged) == LinearStorage::Fp16);
                 let kind = match tensor.dtype {
                     _ if vision_linear && vision == LinearStorage::Fp16 => Some(Kind::Half),
+                    _ if lora_fp16 => Some(Kind::Half),
                     dtype if is_float(dtype) => Some(Kind::Float),
                     _ => None,
                 };

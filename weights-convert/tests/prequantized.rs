@@ -2,6 +2,7 @@
 //! does, bit for bit (prompt logits and every decoding step's logits), and a folder that is truncated,
 //! rewritten, of another version or asked for in another mode is refused by name before any weight is
 //! used. On the committed lm-mha fixture (made by `python parity/export.py fixtures`).
+use arcana::llm::mmlora::Branch;
 use arcana::mm::visual_span::MaskPolicy;
 use arcana::model::ArcanaModel;
 use arcana::parity::Reference;
@@ -65,6 +66,15 @@ fn a_prequantized_folder_computes_what_quantizing_at_load_computes_bit_for_bit()
         let folder = dir.path().join(format!("{name}-{merge_lora}"));
         let flags: &[&str] = if merge_lora { &["--merge-lora", "--verify"] } else { &["--verify"] };
         quantize(&folder, name, flags);
+        // The folder stores those branches in fp16, so that they are read in place.
+        let file = arcana::weights::TensorFile::open(&folder.join("model.safetensors")).unwrap();
+        let lora: Vec<String> = file.names().filter(|n| Branch::of_weight(n).is_some()).map(String::from).collect();
+        assert!(!lora.is_empty());
+        for tensor in &lora {
+            let fp16 = Branch::of_weight(tensor).unwrap().storage(true, merge_lora) == LinearStorage::Fp16;
+            let want = if fp16 { safetensors::Dtype::F16 } else { safetensors::Dtype::F32 };
+            assert_eq!(file.dtype(tensor), Some(want), "{tensor} in the {name} folder, merge={merge_lora}");
+        }
         let at_load = WeightForms { storage: Some(mode), merge_lora, vision: LinearStorage::Fp16, prequantized: false };
         let expected = load(&source(), at_load).unwrap();
         // No weight flags: the folder's own mode; the same flags are accepted too.
@@ -75,6 +85,17 @@ fn a_prequantized_folder_computes_what_quantizing_at_load_computes_bit_for_bit()
             assert_eq!(folder_model.llm.language_merged(), merge_lora);
             let bytes = |m: &ArcanaModel| m.base_weights().map(|w| w.bytes()).sum::<usize>();
             assert_eq!(bytes(&folder_model), bytes(&expected), "{name} merge={merge_lora}");
+            // The branches that run at image positions only are kept in fp16 on both paths.
+            for model in [&folder_model, &expected] {
+                for (branch, weights) in model.llm.projections().flat_map(|p| p.branches()) {
+                    let fp16 = branch.storage(true, merge_lora) == LinearStorage::Fp16;
+                    assert!(fp16 == (branch == Branch::Visual || merge_lora));
+                    let want = if fp16 { "fp16" } else { "Float" };
+                    assert!(weights.iter().all(|w| w.form() == want), "{name} merge={merge_lora}: {branch:?}");
+                }
+            }
+            let lora = |m: &ArcanaModel| m.llm.describe_lora_branches();
+            assert_eq!(lora(&folder_model), lora(&expected));
             let (got, want) = (logits_of(&folder_model, 6), logits_of(&expected, 6));
             for (step, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(a.equal(b), "{name} merge={merge_lora}: logits of step {step} differ from quantizing at load");
