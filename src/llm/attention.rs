@@ -1,5 +1,6 @@
 //! `LlamaAttention` (transformers 4.37.2, eager) with MM-LoRA projections.
 use super::cache::KvCache;
+use super::fp16_attention;
 use super::mmlora::{MmLoraLinear, MmLoraMode};
 use super::rope::apply_rotary;
 use crate::config::ArcanaConfig;
@@ -71,6 +72,11 @@ impl Attention {
             Some(cache) => cache.update(self.layer_idx, &k, &v)?,
             None => (k, v),
         };
+        if k.kind() == Kind::Half && q.kind() == Kind::Float {
+            // A cache kept in fp16 beside fp32 compute: read in place, each row over its own keys.
+            let out = fp16_attention::attend(&q, &k, &v, mask.additive.as_ref(), mask.row_starts.as_deref())?;
+            return self.project_out(out, visual, b, l);
+        }
         let n_rep = self.num_heads / self.num_key_value_heads;
         let k = repeat_kv(&k, n_rep)?;
         let v = repeat_kv(&v, n_rep)?;
@@ -96,6 +102,11 @@ impl Attention {
             }
             None => self.attend(&q, &k, &v, mask.additive.as_ref())?,
         };
+        self.project_out(out, visual, b, l)
+    }
+
+    /// `o_proj` of the heads' outputs `[B, heads, L, d]`.
+    fn project_out(&self, out: Tensor, visual: &Tensor, b: i64, l: i64) -> Result<Tensor> {
         let out = out.f_transpose(1, 2)?.f_contiguous()?.f_reshape([b, l, self.num_heads * self.head_dim])?;
         self.o_proj.forward(&out, visual)
     }

@@ -119,6 +119,9 @@ pub struct LlamaModel {
     pub head_dim: i64,
     /// Where each part computes (one site for an unsplit model).
     pub sites: DecoderSites,
+    /// Layers computing in fp32 on the CPU keep their keys and values in fp16 (the compact modes, whose
+    /// projections are not exact anyway): half the cache's memory and of the bytes each step reads.
+    pub kv_fp16: bool,
 }
 
 /// What every layer on one site reads besides the hidden states, made once per forward and site.
@@ -156,6 +159,7 @@ impl LlamaModel {
             num_key_value_heads: config.num_kv_heads(),
             head_dim: config.head_dim(),
             sites: sites.clone(),
+            kv_fp16: storage.storage.is_some(),
         })
     }
 
@@ -176,7 +180,9 @@ impl LlamaModel {
 
     /// An empty cache fitting this decoder.
     pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
-        let sites: Vec<(Kind, Device)> = self.sites.layers.iter().map(|s| (s.kind, s.device)).collect();
+        let half_on_cpu = |s: &Site| self.kv_fp16 && s.kind == Kind::Float && s.device == Device::Cpu;
+        let sites: Vec<(Kind, Device)> =
+            self.sites.layers.iter().map(|s| (if half_on_cpu(s) { Kind::Half } else { s.kind }, s.device)).collect();
         KvCache::with_sites(&sites, batch, self.num_key_value_heads, self.head_dim, capacity)
     }
 

@@ -1,6 +1,7 @@
 //! Language side: LLaMA decoder (transformers 4.37.2, eager) with MM-LoRA projections and its KV cache.
 pub mod attention;
 pub mod cache;
+pub mod fp16_attention;
 pub mod llama;
 pub mod mask;
 pub mod mlp;
