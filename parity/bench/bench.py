@@ -55,17 +55,18 @@ VOCAB = 32000  # the tokenizer's
 # of lm_head, the embedding row and the norms; `kv`: bytes per KV-cache value. fp16 assumes the cache
 # and lm_head in fp16 too (`--dtype fp16` sets the model's dtype).
 # base: the decoder projections' form; head: lm_head's form (the fast modes store it compactly too, int4
-# mode as int8); lora: the MM-LoRA branches are read at language positions (unmerged); norms, embedding
-# rows and the KV cache stay fp32 in every CPU mode.
+# mode as int8); lora: the MM-LoRA branches are read at language positions (unmerged); kv: bytes per
+# KV-cache value (the fast modes keep the cache in fp16 on the CPU); norms and embedding rows stay fp32
+# in every CPU mode.
 MODES = {
     "pytorch": dict(label="PyTorch fp32", side="pytorch", base="fp32", head="fp32", lora=True),
     "exact": dict(label="arcana exact (fp32)", side="rust", flags=[], base="fp32", head="fp32", lora=True),
     "int8": dict(label="arcana int8", side="rust", flags=["--load-8bit", "--merge-lora"], base="int8",
-                 head="int8", lora=False),
+                 head="int8", lora=False, kv=2),
     "fp16": dict(label="arcana fp16 weights", side="rust", flags=["--dtype", "fp16", "--merge-lora"],
-                 base="fp16", head="fp16", lora=False),
+                 base="fp16", head="fp16", lora=False, kv=2),
     "int4": dict(label="arcana int4", side="rust", flags=["--load-4bit", "--merge-lora"], base="int4",
-                 head="int8", lora=False),
+                 head="int8", lora=False, kv=2),
 }
 # The same modes read from pre-quantized folders (`arcana-convert --quantize MODE --merge-lora`, made once
 # beside the checkpoint): no weight flags, the folder's manifest names its mode. Their ids must equal the
@@ -309,7 +310,7 @@ def stored_bytes(form, out_dim, in_dim):
 def decode_bytes(shapes, config, mode, position):
     """Bytes one decode step must read at `position` cached positions: every decoder projection and
     lm_head in the mode's form, the MM-LoRA branches when unmerged, norms, one embedding row, and the
-    KV cache (fp32)."""
+    KV cache (fp32, or the mode's `kv` bytes per value)."""
     spec = MODES[mode]
     parts = {"projections": 0.0, "lora": 0.0, "lm_head_embedding_norms": 0.0, "kv_cache": 0.0}
     for name, shape in shapes.items():
@@ -331,7 +332,7 @@ def decode_bytes(shapes, config, mode, position):
     parts["lm_head_embedding_norms"] += hidden * 4  # the new token's embedding row
     kv_dim = hidden // config["num_attention_heads"] * config.get("num_key_value_heads",
                                                                   config["num_attention_heads"])
-    parts["kv_cache"] = 2 * config["num_hidden_layers"] * position * kv_dim * 4
+    parts["kv_cache"] = 2 * config["num_hidden_layers"] * position * kv_dim * spec.get("kv", 4)
     return sum(parts.values()), parts
 
 

@@ -112,6 +112,9 @@ impl Int4Matrix {
 
     /// The weight in the compute dtype.
     pub fn expand(&self) -> Result<Tensor> {
+        if self.codes.device() == Device::Cpu && self.kind == Kind::Float {
+            return self.expand_on_cpu();
+        }
         let (groups, half) = (self.in_dim / self.group, self.group / 2);
         let codes = self.codes.f_view([self.out_dim, groups, half])?;
         let low_codes = codes.f_bitwise_and(15)?;
@@ -119,6 +122,41 @@ impl Int4Matrix {
         let values = Tensor::f_cat(&[low_codes, high_codes], 2)?.f_to_kind(self.kind)?;
         let values = values.f_mul(&self.scale.f_unsqueeze(2)?)?.f_add(&self.low.f_unsqueeze(2)?)?;
         Ok(values.f_view([self.out_dim, self.in_dim])?)
+    }
+
+    /// [`Int4Matrix::expand`] in one pass over the codes, written straight into the fp32 matrix by the
+    /// compute threads: `code * scale + low`, rounded after the product and after the sum as the tensor
+    /// operations round, so both give the same values; without their five full-size temporaries (a
+    /// prefill expands every matrix once per forward).
+    fn expand_on_cpu(&self) -> Result<Tensor> {
+        let (out_dim, in_dim, group) = (self.out_dim as usize, self.in_dim as usize, self.group as usize);
+        let codes = tensor_slice::<u8>(&self.codes, out_dim * in_dim / 2)?;
+        let scale = tensor_slice::<f32>(&self.scale, out_dim * in_dim / group)?;
+        let low = tensor_slice::<f32>(&self.low, out_dim * in_dim / group)?;
+        let values = Tensor::f_empty([self.out_dim, self.in_dim], (Kind::Float, Device::Cpu))?;
+        // SAFETY: a new contiguous fp32 tensor of `out_dim * in_dim` values, written only here.
+        let out = unsafe { std::slice::from_raw_parts_mut(values.data_ptr() as *mut f32, out_dim * in_dim) };
+        let threads = (tch::get_num_threads().max(1) as usize).min(out_dim).max(1);
+        let rows_per_thread = out_dim.div_ceil(threads);
+        let half = group / 2;
+        std::thread::scope(|scope| {
+            for (i, part) in out.chunks_mut(rows_per_thread * in_dim).enumerate() {
+                scope.spawn(move || {
+                    let first_group = i * rows_per_thread * in_dim / group;
+                    for (g, columns) in part.chunks_exact_mut(group).enumerate() {
+                        let at = first_group + g;
+                        let (s, l) = (scale[at], low[at]);
+                        let bytes = &codes[at * half..(at + 1) * half];
+                        let (low_half, high_half) = columns.split_at_mut(half);
+                        for ((byte, lo), hi) in bytes.iter().zip(low_half).zip(high_half) {
+                            *lo = f32::from(byte & 15) * s + l;
+                            *hi = f32::from(byte >> 4) * s + l;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(values)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -426,6 +464,20 @@ mod tests {
         let together = m.forward(&x).unwrap();
         for i in 0..7 {
             assert!(m.forward(&x.narrow(0, i, 1)).unwrap().equal(&together.narrow(0, i, 1)), "row {i}");
+        }
+    }
+
+    #[test]
+    fn the_cpu_expansion_equals_the_tensor_operations() {
+        for (out_dim, in_dim) in [(3, 64), (17, 96), (5, 200), (300, 128)] {
+            let m = Int4Matrix::quantize(linear(out_dim, in_dim)).unwrap();
+            let (groups, half) = (m.in_dim / m.group, m.group / 2);
+            let codes = m.codes.view([m.out_dim, groups, half]);
+            let values = Tensor::cat(&[codes.bitwise_and(15), codes.bitwise_right_shift_tensor_scalar(4)], 2)
+                .to_kind(Kind::Float)
+                * m.scale.unsqueeze(2)
+                + m.low.unsqueeze(2);
+            assert!(m.expand().unwrap().equal(&values.view([m.out_dim, m.in_dim])), "{out_dim}x{in_dim}");
         }
     }
 
