@@ -17,22 +17,6 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    /// A bias-free linear whose shape the checkpoint decides (LoRA ranks), checked against `in_dim`/`out_dim`
-    /// where given.
-    pub fn load_any_rank(w: &Weights, in_dim: Option<i64>, out_dim: Option<i64>) -> Result<Self> {
-        let shape = w.shape("weight")?;
-        let expected = [
-            out_dim.unwrap_or(shape.first().copied().unwrap_or(-1)),
-            in_dim.unwrap_or(shape.get(1).copied().unwrap_or(-1)),
-        ];
-        let weight = w.get("weight", &expected)?;
-        Ok(Self { weight, bias: None })
-    }
-
-    pub fn out_dim(&self) -> i64 {
-        self.weight.size()[0]
-    }
-
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
     }

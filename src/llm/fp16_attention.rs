@@ -145,13 +145,11 @@ impl Job {
         let mut first = 0;
         while first < lq {
             let rows = QUERY_BLOCK.min(lq - first);
-            // SAFETY: `q` is contiguous `[B, H, Lq, D]`.
-            let queries: Vec<&[f32]> = (first..first + rows)
-                .map(|i| unsafe { std::slice::from_raw_parts(self.q.0.add(((row * heads + head) * lq + i) * d), d) })
-                .collect();
             let weights = &mut scratch[..rows * keys];
             for (r, query_weights) in weights.chunks_mut(keys).enumerate() {
                 let i = first + r;
+                // SAFETY: `q` is contiguous `[B, H, Lq, D]`.
+                let query = unsafe { std::slice::from_raw_parts(self.q.0.add(((row * heads + head) * lq + i) * d), d) };
                 let mut max = f32::NEG_INFINITY;
                 for (j, w) in query_weights.iter_mut().enumerate() {
                     let hidden_by = match self.mask {
@@ -163,7 +161,7 @@ impl Job {
                     *w = if hidden_by <= HIDDEN {
                         f32::NEG_INFINITY
                     } else {
-                        let dot = unsafe { kernel.dot(queries[r], k.add(j * k_step), d) };
+                        let dot = unsafe { kernel.dot(query, k.add(j * k_step), d) };
                         dot * scale + hidden_by
                     };
                     max = max.max(*w);

@@ -4,7 +4,7 @@ use super::attention::{Attention, KeyMask};
 use super::cache::KvCache;
 use super::mask::causal_4d_mask;
 use super::mlp::Mlp;
-use super::mmlora::MmLoraLinear;
+use super::mmlora::{Branch, MmLoraLinear};
 use super::norm::RmsNorm;
 use super::placement::{Place, Plan};
 use super::rope::{gather_positions, RotaryEmbedding};
@@ -349,11 +349,16 @@ impl LlamaForCausalLM {
     /// The MM-LoRA branches' size and form, branch by branch (`visual 40.0 MiB in fp16, language ...`).
     pub fn describe_lora_branches(&self) -> String {
         let mut parts = Vec::new();
-        for (index, name) in ["visual", "language"].into_iter().enumerate() {
-            let weights: Vec<&BaseWeight> = self.projections().flat_map(|p| p.branches()[index].1).collect();
+        for branch in [Branch::Visual, Branch::Language] {
+            let weights: Vec<&BaseWeight> = (self.projections().flat_map(|p| p.branches()))
+                .filter_map(|(b, pair)| (b == branch).then_some(pair))
+                .flatten()
+                .collect();
             let bytes = weights.iter().map(|w| w.bytes()).sum::<usize>();
             let mut forms: Vec<String> = weights.iter().map(|w| w.form()).collect();
+            forms.sort();
             forms.dedup();
+            let name = format!("{branch:?}").to_lowercase();
             parts.push(format!("{name} {:.1} MiB in {}", bytes as f64 / 1048576.0, forms.join("/")));
         }
         parts.join(", ")
