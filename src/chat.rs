@@ -27,6 +27,9 @@ pub struct TurnResult {
     pub reused_positions: i64,
     /// Whether the release's visual mask and the real image positions differ for this prompt.
     pub mask_policies_differ: bool,
+    /// Of `prefill_seconds`, the time to the prompt's embeddings (the image through the vision tower
+    /// and projector, spliced in); the rest is the language model's prefill.
+    pub encode_seconds: f64,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
     /// Why the answer ended.
@@ -87,6 +90,7 @@ impl<'e> ChatSession<'e> {
             prefill_positions: finish.usage.prompt_tokens as i64,
             reused_positions: finish.usage.cached_tokens as i64,
             mask_policies_differ: completion.prompt.mask_policies_differ,
+            encode_seconds: finish.timings.encode_seconds,
             prefill_seconds: finish.timings.prefill_seconds,
             decode_seconds: finish.timings.decode_seconds,
             finish_reason: finish.reason,

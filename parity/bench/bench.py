@@ -36,6 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PARITY = os.path.dirname(HERE)
 REPO = os.path.dirname(PARITY)
 sys.path.insert(0, PARITY)
+sys.path.insert(0, HERE)
+import llamacpp_peer  # noqa: E402
 
 QUESTION = "What are the things I should be cautious about when I visit here?"  # the release's example
 CONV_MODE = "llava_v1"
@@ -75,6 +77,10 @@ for _mode in ("int8", "fp16", "int4"):
     MODES[f"{_mode}-folder"] = dict(MODES[_mode], label=f"{MODES[_mode]['label']}, pre-quantized folder", flags=[],
                                     folder=_mode)
 MODE_ORDER = ["pytorch", "exact", "int8", "int8-folder", "fp16", "fp16-folder", "int4", "int4-folder"]
+# `--peer llama.cpp`: the decoder as GGUF in the format of each arcana mode's bits per weight
+# (parity/bench/llamacpp_peer.py), timed on the same positions; not a mode of --modes.
+for _fmt in llamacpp_peer.FORMATS:
+    MODES[f"llama.cpp-{_fmt}"] = dict(label=f"llama.cpp {_fmt}", side="llama.cpp", format=_fmt)
 
 FILLER = [
     "The pier is made of old wooden planks that turn slippery after rain.",
@@ -471,8 +477,57 @@ def available_bytes():
 FP32_MODES = ("pytorch", "exact")
 
 
+def run_peer(mode, ctx, workload):
+    """One llama.cpp process (parity/bench/llamacpp_side.py) on the workload's positions; a crash with its
+    extra CPU buffers on (seen with AMX) is run again with them off, and the row says so."""
+    fmt = MODES[mode]["format"]
+    row = {"mode": mode, "workload": workload}
+    if fmt not in ctx["ggufs"]:
+        row["error"] = ctx["peer_skipped"].get(fmt, "not made")
+        return row
+    tokens = llamacpp_peer.prompt_tokens(ctx["positions"][workload], ctx["bos_id"], ctx["filler_ids"])
+    fd, token_file = tempfile.mkstemp(suffix=".json", prefix="bench-llamacpp-tokens-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(tokens, f)
+    fd, out_file = tempfile.mkstemp(suffix=".json", prefix="bench-llamacpp-")
+    os.close(fd)
+    cmd = [ctx["peer_python"], os.path.join(HERE, "llamacpp_side.py"), "--model", ctx["ggufs"][fmt], "--tokens",
+           token_file, "--new-tokens", str(ctx["new_tokens"]), "--threads", str(ctx["threads"]), "--out", out_file]
+    try:
+        res = ctx["launcher"].run(cmd, ctx["env"], ctx["timeout"])
+        if res["rc"] < 0 and not res["timed_out"]:
+            first = failure_line(res["rc"], res["stderr"], False, ctx["timeout"])
+            cmd.append("--no-extra-buffers")
+            res = ctx["launcher"].run(cmd, ctx["env"], ctx["timeout"])
+            row["note"] = f"run again with use_extra_bufts = false after: {first}"
+        row.update(wall_seconds=res["wall"], peak_rss_bytes=res["rss"], command=" ".join(map(shlex.quote, cmd)))
+        if res["rc"] != 0:
+            row["error"] = failure_line(res["rc"], res["stderr"], res["timed_out"], ctx["timeout"])
+            row["stderr_tail"] = res["stderr"][-2000:]
+            return row
+        with open(out_file) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        row["error"] = f"unreadable output: {e}"
+        return row
+    finally:
+        for path in (token_file, out_file):
+            if os.path.exists(path):
+                os.remove(path)
+    row.update(load_seconds=data["load_seconds"], image_preprocess_seconds=0.0, encode_seconds=0.0,
+               prefill_seconds=data["prefill_seconds"], decoder_prefill_seconds=data["prefill_seconds"],
+               decode_seconds=data["decode_seconds"], ttft_seconds=data["prefill_seconds"],
+               new_tokens=data["new_tokens"], decode_ms_per_token=data["decode_ms_per_token"],
+               prefill_positions=data["prefill_positions"], output_ids=data["output_ids"],
+               llama_cpp={k: data[k] for k in ("n_batch", "n_ubatch", "flash_attn_type", "use_extra_bufts",
+                                               "llama_cpp_counters", "system_info")})
+    return row
+
+
 def run_mode(mode, ctx, question, workload):
     spec = MODES[mode]
+    if spec["side"] == "llama.cpp":
+        return run_peer(mode, ctx, workload)
     if mode in FP32_MODES and ctx["dtype"] == "fp32" and ctx["device"] == "cpu":
         need, have = ctx["numel"] * 4, available_bytes()
         if have is not None and need > 0.9 * have:
@@ -531,6 +586,9 @@ def run_mode(mode, ctx, question, workload):
         prefill_seconds=turn["prefill_seconds"],
         decode_seconds=turn["decode_seconds"],
         ttft_seconds=data["image_preprocess_seconds"] + turn["prefill_seconds"],
+        encode_seconds=turn.get("encode_seconds"),
+        decoder_prefill_seconds=(turn["prefill_seconds"] - turn["encode_seconds"]) if "encode_seconds" in turn
+        else None,
         new_tokens=new,
         decode_ms_per_token=1000 * turn["decode_seconds"] / (new - 1) if new > 1 else None,
         prefill_positions=turn.get("prefill_positions"),
@@ -582,6 +640,8 @@ def summarize(runs, modes, workloads, repeat, bandwidth, shapes, config):
                 r = by.get((mode, w, k))
                 metric.setdefault(f"ttft_seconds@{w}", []).append(r["ttft_seconds"] if r else None)
                 metric.setdefault(f"decode_ms_per_token@{w}", []).append(r["decode_ms_per_token"] if r else None)
+                for part in ("encode_seconds", "decoder_prefill_seconds"):
+                    metric.setdefault(f"{part}@{w}", []).append(r.get(part) if r else None)
         s["median"] = {m: median(v) for m, v in metric.items()}
         s["samples"] = metric
         # ratios against PyTorch from the same repeat, then the median over repeats
@@ -607,7 +667,7 @@ def summarize(runs, modes, workloads, repeat, bandwidth, shapes, config):
             s["ratio_vs_pytorch"] = {m: median(v) for m, v in ratios.items()}
         # roofline: bytes per token over the bandwidth, against the measured time per token
         s["roofline"] = {}
-        for w in workloads:
+        for w in (workloads if MODES[mode]["side"] != "llama.cpp" else []):
             r0 = next((by[(mode, w, k)] for k in range(repeat) if (mode, w, k) in by), None)
             ms = s["median"].get(f"decode_ms_per_token@{w}")
             if not r0 or not ms or not r0.get("prefill_positions"):
@@ -626,7 +686,7 @@ def summarize(runs, modes, workloads, repeat, bandwidth, shapes, config):
                   for m in modes}
         for m in modes:
             entry = {"output_ids": first[m], "same_in_every_repeat": stable[m]}
-            if first[m] is None:
+            if first[m] is None or MODES[m]["side"] == "llama.cpp":
                 continue
             if m == "exact" and first.get("pytorch"):
                 entry["equals_pytorch"] = first[m] == first["pytorch"]
@@ -677,6 +737,46 @@ def table(summary, modes, workloads, positions):
         for w in workloads:
             roof = s.get("roofline", {}).get(w)
             cells.append(f"{100 * roof['share']:.0f}%" if roof else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def peer_table(summary, modes, workloads, positions):
+    """Each arcana mode beside llama.cpp's format of the same bits per weight: decode, the decoder's
+    prefill of the same positions (arcana's without its vision encode, which is its own column), load,
+    peak RSS; (Nx) is arcana's median over llama.cpp's."""
+    head = ["arcana mode", "llama.cpp"]
+    for w in workloads:
+        head.append(f"decode@{positions[w]} ms/tok")
+    for w in workloads:
+        head.append(f"decoder prefill@{positions[w]} s")
+    head += ["arcana vision encode s", "load s", "peak RSS GB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pair(a, b, digits=2):
+        if a is None or b is None:
+            return f"{fmt(a, digits)} / {fmt(b, digits)}"
+        return f"{a:.{digits}f} / {b:.{digits}f} ({a / b:.2f}x)"
+
+    for mode in modes:
+        peer = llamacpp_peer.PAIRS.get(mode)
+        if peer is None:
+            continue
+        ours, theirs = summary.get(mode, {}), summary.get(f"llama.cpp-{peer}", {})
+        if "median" not in theirs:
+            lines.append(f"| {MODES[mode]['label']} | {peer}: {theirs.get('error', 'no run')} |" + " |" * (len(head) - 2))
+            continue
+        if "median" not in ours:
+            lines.append(f"| {MODES[mode]['label']}: {ours.get('error', 'no run')} | {peer} |" + " |" * (len(head) - 2))
+            continue
+        a, b = ours["median"], theirs["median"]
+        cells = [MODES[mode]["label"], peer]
+        cells += [pair(a.get(f"decode_ms_per_token@{w}"), b.get(f"decode_ms_per_token@{w}"), 1) for w in workloads]
+        cells += [pair(a.get(f"decoder_prefill_seconds@{w}"), b.get(f"decoder_prefill_seconds@{w}")) for w in workloads]
+        cells.append(fmt(a.get(f"encode_seconds@{workloads[0]}")))
+        cells.append(pair(a.get("load_seconds"), b.get("load_seconds")))
+        ra, rb = a.get("peak_rss_bytes"), b.get("peak_rss_bytes")
+        cells.append(pair(ra / 1e9 if ra else None, rb / 1e9 if rb else None))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -779,7 +879,41 @@ def parse_args(argv):
     p.add_argument("--check", action="store_true",
                    help="exit 1 unless PyTorch and arcana exact both ran and gave the same ids (smoke test)")
     p.add_argument("--checkpoint-only", action="store_true", help="make (or find) the checkpoint, print its path, stop")
+    p.add_argument("--peer", choices=["llama.cpp"], default=None,
+                   help="also time llama.cpp on the same decoder as GGUF (f32, f16, q8_0, q4_0 beside exact, fp16, "
+                        "int8, int4; scripts/setup-llama-cpp.sh builds it once, about 15 minutes on 2 cores)")
     return p.parse_args(argv)
+
+
+def prepare_peer(modes, checkpoint, threads):
+    """The llama.cpp modes paired with `modes` and what running them needs: its environment, the GGUFs
+    (a format whose weights cannot fit in this machine's memory is not made; its row says why), the
+    prompt's token ids."""
+    formats = []
+    for m in modes:
+        fmt = llamacpp_peer.PAIRS.get(m)
+        if fmt and fmt not in formats:
+            formats.append(fmt)
+    if not formats:
+        fail(f"--peer llama.cpp pairs with {', '.join(sorted(set(llamacpp_peer.PAIRS)))}; none in --modes")
+    peer_python, llama_cpp_dir = llamacpp_peer.setup()
+    shapes = tensor_shapes(checkpoint)
+    decoder_numel = sum(math.prod(v) for k, v in shapes.items()
+                        if (k.startswith("model.layers.") and "_Slora_" not in k)
+                        or k in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"))
+    skipped = {}
+    have = available_bytes()
+    if "f32" in formats and have is not None and decoder_numel * 4 > 0.9 * have:
+        skipped["f32"] = (f"cannot load here: its f32 weights alone take {decoder_numel * 4 / 1e9:.1f} GB, this machine "
+                          f"has {have / 1e9:.1f} GB available (not made, not run)")
+    ggufs = llamacpp_peer.ensure_ggufs(checkpoint, peer_python, llama_cpp_dir, threads,
+                                       [f for f in formats if f not in skipped])
+    tok = _tokenizer(checkpoint)
+    version = subprocess.run([peer_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                             capture_output=True, text=True).stdout.strip()
+    ctx = dict(peer_python=peer_python, ggufs=ggufs, peer_skipped=skipped, peer_version=version,
+               bos_id=tok.bos_token_id, filler_ids=tok(QUESTION, add_special_tokens=False)["input_ids"])
+    return [f"llama.cpp-{f}" for f in formats], ctx
 
 
 def main(argv=None):
@@ -852,15 +986,20 @@ def main(argv=None):
     for mode in modes:
         if "folder" in MODES[mode]:
             folders[MODES[mode]["folder"]] = ensure_prequantized(checkpoint, MODES[mode]["folder"], args.converter)
+    peer_modes, peer_ctx = [], {}
+    if args.peer:
+        peer_modes, peer_ctx = prepare_peer(modes, checkpoint, threads)
     ctx = dict(checkpoint=checkpoint, numel=checkpoint_numel(checkpoint), folders=folders, image=image, new_tokens=args.new_tokens, threads=threads, env=env,
+               positions=positions, **peer_ctx,
                arcana_src=os.path.abspath(args.arcana_src) if args.arcana_src else None, binary=args.binary,
                rust_threads_flag=rust_threads_flag, timeout=args.timeout, launcher=launcher, device=args.device,
                dtype=args.dtype)
     floor = launcher.run(["/bin/true"] if os.path.exists("/bin/true") else [sys.executable, "-c", ""], env, 60)["rss"]
     runs = []
     t_start = time.perf_counter()
+    measured = modes + peer_modes
     for k in range(args.repeat):
-        order = modes if k % 2 == 0 else modes[::-1]  # alternate, so drift does not favour one side
+        order = measured if k % 2 == 0 else measured[::-1]  # alternate, so drift does not favour one side
         for w in workloads:
             for mode in order:
                 print(f"bench: repeat {k + 1}/{args.repeat}, {w} prompt ({positions[w]} positions), "
@@ -879,7 +1018,7 @@ def main(argv=None):
     facts["rss_floor_bytes"] = floor  # what a trivial child reports: the launcher's own size
 
     shapes = tensor_shapes(checkpoint)
-    summary = summarize(runs, modes, workloads, args.repeat, bandwidth, shapes, config)
+    summary = summarize(runs, measured, workloads, args.repeat, bandwidth, shapes, config)
     entry = "bash scripts/bench.sh" if os.environ.get("ARCANA_BENCH_VIA_SCRIPT") else "python parity/bench/bench.py"
     command = " ".join([entry] + [shlex.quote(a) for a in argv])
     size_gb = dir_bytes(checkpoint) / 1e9
@@ -907,8 +1046,23 @@ def main(argv=None):
     print("- TTFT: image preprocessing + vision + prefill to the first token; decode: ms per token after the first; "
           "(Nx): against PyTorch, median over repeats of same-repeat ratios; roofline: bytes a decode step must "
           "read / bandwidth, as a share of the measured time\n")
-    print(table(summary, modes, workloads, positions))
+    print(table(summary, measured, workloads, positions))
     print()
+    if args.peer:
+        sysinfo = next((r["llama_cpp"]["system_info"] for r in runs if "llama_cpp" in r), "no run")
+        extra = next((r["llama_cpp"] for r in runs if "llama_cpp" in r), {})
+        print(f"\n## arcana vs llama.cpp, same run\n")
+        print(f"- llama.cpp: llama-cpp-python {peer_ctx['peer_version']} built here from PyPI's source; {sysinfo}")
+        print(f"- the decoder as a plain LLaMA (language LoRA merged, visual branch left out), GGUF by llama.cpp's "
+              f"converter (examples/convert_legacy_llama.py) and quantizer (its defaults); {threads} threads; "
+              f"n_batch {extra.get('n_batch')}, n_ubatch {extra.get('n_ubatch')}; the prompt's positions are tokens "
+              f"there, embeddings here; decoder prefill = arcana's prefill less its vision encode")
+        notes = sorted({r["note"] for r in runs if r.get("note")})
+        for note in notes:
+            print(f"- {note}")
+        print()
+        print(peer_table(summary, modes, workloads, positions))
+        print()
 
     result = {
         "command": command,
@@ -922,7 +1076,9 @@ def main(argv=None):
         "workload": {"conv_mode": CONV_MODE, "new_tokens": args.new_tokens, "threads": threads,
                      "questions": questions, "prefill_positions": positions, "repeat": args.repeat,
                      "rust_threads_flag": rust_threads_flag},
-        "modes": {m: {k: v for k, v in MODES[m].items()} for m in modes},
+        "modes": {m: {k: v for k, v in MODES[m].items()} for m in measured},
+        "peer": ({"name": args.peer, "version": peer_ctx.get("peer_version"), "ggufs": peer_ctx.get("ggufs"),
+                  "skipped": peer_ctx.get("peer_skipped"), "pairs": llamacpp_peer.PAIRS} if args.peer else None),
         "bytes_model": decode_bytes.__doc__.strip() + " Per mode: see `modes` (base, lora, dense, kv).",
         "summary": summary,
         "runs": runs,

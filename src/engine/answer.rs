@@ -188,6 +188,8 @@ impl Engine {
 pub(super) struct Answer<'t> {
     tokenizer: &'t Tokenizer,
     started: Instant,
+    /// When the prompt's embeddings were ready (images encoded and spliced in).
+    encoded_at: Instant,
     first_token_at: Option<Instant>,
     stream: StreamDecoder<'t>,
     text: StopText,
@@ -205,6 +207,7 @@ impl<'t> Answer<'t> {
         Self {
             tokenizer: &engine.tokenizer,
             started,
+            encoded_at: Instant::now(),
             first_token_at: None,
             stream: engine.tokenizer.stream(),
             text: StopText::new(stop),
@@ -293,6 +296,7 @@ impl<'t> Answer<'t> {
                 cached_tokens: self.cached_tokens,
             },
             timings: Timings {
+                encode_seconds: self.encoded_at.saturating_duration_since(self.started).as_secs_f64(),
                 prefill_seconds: (first - self.started).as_secs_f64(),
                 decode_seconds: (end_at - first).as_secs_f64(),
             },

@@ -74,6 +74,9 @@ pub struct Usage {
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Timings {
+    /// From the start of the request to the prompt's embeddings: tokenizing, image preprocessing, the
+    /// vision tower and projector (or the reuse cache), the splice. Part of `prefill_seconds`.
+    pub encode_seconds: f64,
     /// From the start of the request (images, splice, prefill) to the first token.
     pub prefill_seconds: f64,
     /// From the first token to the end.
