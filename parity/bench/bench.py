@@ -879,6 +879,9 @@ def parse_args(argv):
     p.add_argument("--check", action="store_true",
                    help="exit 1 unless PyTorch and arcana exact both ran and gave the same ids (smoke test)")
     p.add_argument("--checkpoint-only", action="store_true", help="make (or find) the checkpoint, print its path, stop")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="make (or find) everything the modes read (checkpoint, pre-quantized folders, the peer's "
+                        "GGUFs), stop before timing")
     p.add_argument("--peer", choices=["llama.cpp"], default=None,
                    help="also time llama.cpp on the same decoder as GGUF (f32, f16, q8_0, q4_0 beside exact, fp16, "
                         "int8, int4; scripts/setup-llama-cpp.sh builds it once, about 15 minutes on 2 cores)")
@@ -977,11 +980,6 @@ def main(argv=None):
     positions = {w: prompt_positions(checkpoint, q, visual_tokens) for w, q in questions.items()}
     workloads = ["short", "long"]
 
-    facts = machine(threads)
-    facts["loadavg_start"] = loadavg()
-    bandwidth = measure_bandwidth(threads, args.bandwidth_mb or (256 if args.small else 2048))
-    print(f"bench: read bandwidth {bandwidth['gb_per_s']:.1f} GB/s ({bandwidth['method']})", file=sys.stderr)
-
     folders = {}
     for mode in modes:
         if "folder" in MODES[mode]:
@@ -989,6 +987,14 @@ def main(argv=None):
     peer_modes, peer_ctx = [], {}
     if args.peer:
         peer_modes, peer_ctx = prepare_peer(modes, checkpoint, threads)
+    if args.prepare_only:
+        print(checkpoint)
+        return 0
+
+    facts = machine(threads)
+    facts["loadavg_start"] = loadavg()
+    bandwidth = measure_bandwidth(threads, args.bandwidth_mb or (256 if args.small else 2048))
+    print(f"bench: read bandwidth {bandwidth['gb_per_s']:.1f} GB/s ({bandwidth['method']})", file=sys.stderr)
     ctx = dict(checkpoint=checkpoint, numel=checkpoint_numel(checkpoint), folders=folders, image=image, new_tokens=args.new_tokens, threads=threads, env=env,
                positions=positions, **peer_ctx,
                arcana_src=os.path.abspath(args.arcana_src) if args.arcana_src else None, binary=args.binary,
