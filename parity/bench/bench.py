@@ -524,6 +524,43 @@ def run_peer(mode, ctx, workload):
     return row
 
 
+def peer_same_function(ctx, new_tokens=8):
+    """Whether the GGUF decoder computes arcana's: greedy ids of a text-only prompt from arcana exact
+    with the language branch merged and no visual positions (`--mask-policy image`), against llama.cpp
+    f32 on the same ids; `checked` false, with why, when either cannot run here."""
+    if "f32" not in ctx["ggufs"]:
+        return {"checked": False, "why": ctx["peer_skipped"].get("f32", "no f32 GGUF")}
+    cmd = [ctx["binary"], "--model-path", ctx["checkpoint"], "--prompt", QUESTION, "--conv-mode", CONV_MODE,
+           "--temperature", "0", "--max-new-tokens", str(new_tokens), "--json", "--merge-lora", "--mask-policy", "image"]
+    if ctx["rust_threads_flag"]:
+        cmd += ["--threads", str(ctx["threads"])]
+    res = ctx["launcher"].run(cmd, ctx["env"], ctx["timeout"])
+    if res["rc"] != 0:
+        return {"checked": False, "why": "arcana exact: " + failure_line(res["rc"], res["stderr"], res["timed_out"],
+                                                                       ctx["timeout"])}
+    turn = json.loads(res["stdout"])["turns"][0]
+    ours = turn["output_ids"][1:]
+    fd, token_file = tempfile.mkstemp(suffix=".json", prefix="bench-llamacpp-tokens-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(turn["input_ids"], f)
+    fd, out_file = tempfile.mkstemp(suffix=".json", prefix="bench-llamacpp-")
+    os.close(fd)
+    try:
+        cmd = [ctx["peer_python"], os.path.join(HERE, "llamacpp_side.py"), "--model", ctx["ggufs"]["f32"], "--tokens",
+               token_file, "--new-tokens", str(new_tokens), "--threads", str(ctx["threads"]), "--out", out_file]
+        res = ctx["launcher"].run(cmd, ctx["env"], ctx["timeout"])
+        if res["rc"] != 0:
+            return {"checked": False, "why": "llama.cpp f32: " + failure_line(res["rc"], res["stderr"],
+                                                                            res["timed_out"], ctx["timeout"])}
+        with open(out_file) as f:
+            theirs = json.load(f)["output_ids"]
+    finally:
+        for path in (token_file, out_file):
+            os.remove(path)
+    return {"checked": True, "equal": ours == theirs, "arcana_exact": ours, "llama_cpp_f32": theirs,
+            "prompt_tokens": len(turn["input_ids"])}
+
+
 def run_mode(mode, ctx, question, workload):
     spec = MODES[mode]
     if spec["side"] == "llama.cpp":
@@ -1019,6 +1056,7 @@ def main(argv=None):
                     print(f"bench:   load {row['load_seconds']:.2f} s, TTFT {row['ttft_seconds']:.2f} s, "
                           f"decode {fmt(row['decode_ms_per_token'], 1)} ms/token, "
                           f"peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB", file=sys.stderr)
+    same_function = peer_same_function(ctx) if args.peer and "exact" in modes else None
     facts["loadavg_end"] = loadavg()
     launcher.close()
     facts["rss_floor_bytes"] = floor  # what a trivial child reports: the launcher's own size
@@ -1057,12 +1095,19 @@ def main(argv=None):
     if args.peer:
         sysinfo = next((r["llama_cpp"]["system_info"] for r in runs if "llama_cpp" in r), "no run")
         extra = next((r["llama_cpp"] for r in runs if "llama_cpp" in r), {})
-        print(f"\n## arcana vs llama.cpp, same run\n")
+        print("\n## arcana vs llama.cpp, same run\n")
         print(f"- llama.cpp: llama-cpp-python {peer_ctx['peer_version']} built here from PyPI's source; {sysinfo}")
         print(f"- the decoder as a plain LLaMA (language LoRA merged, visual branch left out), GGUF by llama.cpp's "
               f"converter (examples/convert_legacy_llama.py) and quantizer (its defaults); {threads} threads; "
               f"n_batch {extra.get('n_batch')}, n_ubatch {extra.get('n_ubatch')}; the prompt's positions are tokens "
               f"there, embeddings here; decoder prefill = arcana's prefill less its vision encode")
+        if same_function and same_function["checked"]:
+            verdict = "equal" if same_function["equal"] else "DIFFERENT"
+            print(f"- same decoder: greedy ids of a text-only prompt ({same_function['prompt_tokens']} tokens, "
+                  f"{len(same_function['arcana_exact'])} new) from arcana exact (language branch merged, no visual "
+                  f"positions) and llama.cpp f32: {verdict}")
+        elif same_function:
+            print(f"- same decoder: not checked ({same_function['why']})")
         notes = sorted({r["note"] for r in runs if r.get("note")})
         for note in notes:
             print(f"- {note}")
@@ -1084,7 +1129,8 @@ def main(argv=None):
                      "rust_threads_flag": rust_threads_flag},
         "modes": {m: {k: v for k, v in MODES[m].items()} for m in measured},
         "peer": ({"name": args.peer, "version": peer_ctx.get("peer_version"), "ggufs": peer_ctx.get("ggufs"),
-                  "skipped": peer_ctx.get("peer_skipped"), "pairs": llamacpp_peer.PAIRS} if args.peer else None),
+                  "skipped": peer_ctx.get("peer_skipped"), "pairs": llamacpp_peer.PAIRS,
+                  "same_function": same_function} if args.peer else None),
         "bytes_model": decode_bytes.__doc__.strip() + " Per mode: see `modes` (base, lora, dense, kv).",
         "summary": summary,
         "runs": runs,

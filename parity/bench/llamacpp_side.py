@@ -12,7 +12,6 @@ which is the prompt plus the new tokens, and the thread counts. The prompt goes 
 llama_decode of one token. Times are wall clock around those calls; llama.cpp's own counters come too.
 """
 import argparse
-import ctypes
 import json
 import os
 import sys
