@@ -22,15 +22,17 @@ mkdir -p "$root"
 if [ ! -f "$src/pyproject.toml" ]; then
   echo "setup: fetching the llama-cpp-python $version source from PyPI" >&2
   "$python" - "$version" "$root" <<'PY'
-import hashlib, json, os, sys, tarfile, urllib.request
+import hashlib, json, os, sys, tarfile, urllib.parse, urllib.request
 version, root = sys.argv[1], sys.argv[2]
-with urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-python/{version}/json", timeout=60) as r:
+index = "https://pypi.org/pypi/llama-cpp-python/json"  # the project's page: mirrors may lack per-version ones
+with urllib.request.urlopen(index, timeout=60) as r:
     meta = json.load(r)
-sdist = next((u for u in meta["urls"] if u["packagetype"] == "sdist"), None)
+sdist = next((u for u in meta["releases"].get(version, []) if u["packagetype"] == "sdist"), None)
 if sdist is None:
     sys.exit(f"setup: PyPI lists no source archive for llama-cpp-python {version}")
 path = os.path.join(root, sdist["filename"])
-with urllib.request.urlopen(sdist["url"], timeout=600) as r, open(path + ".part", "wb") as f:
+url = urllib.parse.urljoin(index, sdist["url"])  # a mirror's addresses may be relative
+with urllib.request.urlopen(url, timeout=600) as r, open(path + ".part", "wb") as f:
     while chunk := r.read(1 << 20):
         f.write(chunk)
 digest = hashlib.sha256(open(path + ".part", "rb").read()).hexdigest()
