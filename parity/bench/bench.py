@@ -17,6 +17,9 @@ positions: the image is 576 + 64 of them) and the same question followed by ~800
 Each (mode, prompt) is its own process; both sides get the same prompt and thread count. Modes:
 PyTorch fp32; arcana exact (fp32); int8 (--load-8bit --merge-lora); fp16 (--dtype fp16 --merge-lora);
 int4 (--load-4bit --merge-lora). A mode whose process fails is a row that says so.
+
+`--peer llama.cpp` adds llama.cpp on the same decoder as GGUF (parity/bench/llamacpp_peer.py), each
+format beside the arcana mode of the same bits, and a second table of the pairs.
 """
 import argparse
 import datetime
