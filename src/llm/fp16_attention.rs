@@ -7,6 +7,7 @@
 //! mask value is `finfo.min` (the causal and padding masks) take no part, as their zero weight would
 //! give; a row that sees no key at all (padding) gives zeros.
 use crate::error::{Error, Result};
+use crate::threads::split_units;
 use tch::{Device, Kind, Tensor};
 
 /// A mask value at or below this hides its key (the masks use `finfo(float32).min`).
@@ -93,18 +94,12 @@ fn attend_with(
     let mut out = vec![0f32; b * h * lq * d];
     let pairs = b * h;
     let threads = (tch::get_num_threads().max(1) as usize).min(pairs).max(1);
-    let per_thread = pairs.div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (i, part) in out.chunks_mut(per_thread * lq * d).enumerate() {
-            let (job, starts) = (&job, &starts);
-            scope.spawn(move || {
-                let mut scratch = Vec::new();
-                for (j, head_out) in part.chunks_mut(lq * d).enumerate() {
-                    let pair = i * per_thread + j;
-                    let (row, head) = (pair / h, pair % h);
-                    job.head(kernel, row, head, starts[row], head_out, &mut scratch);
-                }
-            });
+    split_units(&mut out, lq * d, threads, |first_pair, part| {
+        let mut scratch = Vec::new();
+        for (j, head_out) in part.chunks_mut(lq * d).enumerate() {
+            let pair = first_pair + j;
+            let (row, head) = (pair / h, pair % h);
+            job.head(kernel, row, head, starts[row], head_out, &mut scratch);
         }
     });
     Ok(Tensor::f_from_slice(&out)?.f_view([b as i64, h as i64, lq as i64, d as i64])?)

@@ -13,6 +13,8 @@
 //! other rows of the call. The codes are read once for up to [`ROWS_PER_PASS`] input rows.
 use crate::error::{Error, Result};
 use crate::layers::Linear;
+use crate::quant::tensor_slice;
+use crate::threads::split_units;
 use tch::{Device, Kind, Tensor};
 
 /// Input columns per group where the width allows it (as common 4-bit schemes use).
@@ -137,23 +139,18 @@ impl Int4Matrix {
         // SAFETY: a new contiguous fp32 tensor of `out_dim * in_dim` values, written only here.
         let out = unsafe { std::slice::from_raw_parts_mut(values.data_ptr() as *mut f32, out_dim * in_dim) };
         let threads = (tch::get_num_threads().max(1) as usize).min(out_dim).max(1);
-        let rows_per_thread = out_dim.div_ceil(threads);
         let half = group / 2;
-        std::thread::scope(|scope| {
-            for (i, part) in out.chunks_mut(rows_per_thread * in_dim).enumerate() {
-                scope.spawn(move || {
-                    let first_group = i * rows_per_thread * in_dim / group;
-                    for (g, columns) in part.chunks_exact_mut(group).enumerate() {
-                        let at = first_group + g;
-                        let (s, l) = (scale[at], low[at]);
-                        let bytes = &codes[at * half..(at + 1) * half];
-                        let (low_half, high_half) = columns.split_at_mut(half);
-                        for ((byte, lo), hi) in bytes.iter().zip(low_half).zip(high_half) {
-                            *lo = f32::from(byte & 15) * s + l;
-                            *hi = f32::from(byte >> 4) * s + l;
-                        }
-                    }
-                });
+        split_units(out, in_dim, threads, |first_row, part| {
+            let first_group = first_row * in_dim / group;
+            for (g, columns) in part.chunks_exact_mut(group).enumerate() {
+                let at = first_group + g;
+                let (s, l) = (scale[at], low[at]);
+                let bytes = &codes[at * half..(at + 1) * half];
+                let (low_half, high_half) = columns.split_at_mut(half);
+                for ((byte, lo), hi) in bytes.iter().zip(low_half).zip(high_half) {
+                    *lo = f32::from(byte & 15) * s + l;
+                    *hi = f32::from(byte >> 4) * s + l;
+                }
             }
         });
         Ok(values)
@@ -178,13 +175,7 @@ impl Int4Matrix {
         // Output-major: `out_t[o * rows + r]`, so that each thread owns whole weight rows.
         let mut out_t = vec![0f32; rows as usize * out_dim];
         let threads = (tch::get_num_threads().max(1) as usize).min(out_dim / 256).max(1);
-        let per_thread = out_dim.div_ceil(threads);
-        std::thread::scope(|scope| {
-            for (i, part) in out_t.chunks_mut(per_thread * rows as usize).enumerate() {
-                let (matrix, quantized) = (&matrix, &quantized);
-                scope.spawn(move || matrix.rows_times(quantized, i * per_thread, part));
-            }
-        });
+        split_units(&mut out_t, rows as usize, threads, |first, part| matrix.rows_times(&quantized, first, part));
         let y = Tensor::f_from_slice(&out_t)?.f_view([self.out_dim, rows])?.f_transpose(0, 1)?.f_contiguous()?;
         let mut out_size = size.clone();
         *out_size.last_mut().expect("checked above") = self.out_dim;
@@ -194,21 +185,6 @@ impl Int4Matrix {
             None => y,
         })
     }
-}
-
-/// The contiguous CPU data of `t`, checked for dtype and length.
-fn tensor_slice<T: tch::kind::Element>(t: &Tensor, len: usize) -> Result<&[T]> {
-    if t.kind() != T::KIND || t.device() != Device::Cpu || !t.is_contiguous() || t.numel() != len {
-        return Err(Error::InvalidInput(format!(
-            "int4: expected a contiguous CPU {:?} tensor of {len} values, got {:?} {:?} {:?}",
-            T::KIND,
-            t.kind(),
-            t.device(),
-            t.size()
-        )));
-    }
-    // SAFETY: a contiguous CPU tensor of `len` elements of `T`, alive as long as the borrow of `t`.
-    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, len) })
 }
 
 struct Packed<'a> {

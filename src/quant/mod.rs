@@ -22,6 +22,7 @@ use crate::weights::Weights;
 use int4::Int4Matrix;
 use tch::{Device, Kind, Tensor};
 
+mod dense_rows;
 mod fbgemm;
 pub mod int4;
 pub mod prequantized;
@@ -168,6 +169,21 @@ pub struct Fp16Packed {
     bytes: usize,
 }
 
+/// The contiguous CPU data of `t`, checked for dtype and length.
+pub(crate) fn tensor_slice<T: tch::kind::Element>(t: &Tensor, len: usize) -> Result<&[T]> {
+    if t.kind() != T::KIND || t.device() != Device::Cpu || !t.is_contiguous() || t.numel() != len {
+        return Err(Error::InvalidInput(format!(
+            "expected a contiguous CPU {:?} tensor of {len} values, got {:?} {:?} {:?}",
+            T::KIND,
+            t.kind(),
+            t.device(),
+            t.size()
+        )));
+    }
+    // SAFETY: a contiguous CPU tensor of `len` elements of `T`, alive as long as the borrow of `t`.
+    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, len) })
+}
+
 fn tensor_bytes(t: &Tensor) -> usize {
     t.numel() * t.kind().elt_size_in_bytes()
 }
@@ -175,6 +191,9 @@ fn tensor_bytes(t: &Tensor) -> usize {
 impl BaseWeight {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Self::Dense(linear) if dense_rows::applies(x, &linear.weight) => {
+                dense_rows::linear(x, &linear.weight, linear.bias.as_ref())
+            }
             Self::Dense(linear) => linear.forward(x),
             Self::Int8Packed(w) => w.forward(x),
             Self::Fp16Packed(w) => Ok(fbgemm::linear_fp16(x, &w.packed, &w.bias)?),
