@@ -172,9 +172,12 @@ impl Job {
             }
             let block_out = &mut out[first * d..(first + rows) * d];
             block_out.fill(0.0);
-            for j in 0..keys {
-                // SAFETY: value `j` of this head lies `j * v_step` elements past `v`.
-                unsafe { kernel.add_scaled(block_out, weights, keys, j, v.add(j * v_step), d) };
+            // SAFETY: value `j` of this head lies `j * v_step` elements past `v`, for every `j < keys`.
+            if !unsafe { kernel.add_all_scaled_one_query(block_out, weights, v, v_step, d) } {
+                for j in 0..keys {
+                    // SAFETY: as above.
+                    unsafe { kernel.add_scaled(block_out, weights, keys, j, v.add(j * v_step), d) };
+                }
             }
             first += rows;
         }
@@ -212,6 +215,32 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => avx2::dot(q, key, d),
             Self::Plain => (0..d).map(|c| q[c] * f16_to_f32(*key.add(c))).fold(0.0, |a, x| a + x),
+        }
+    }
+
+    /// For a block of one query (a decoding step): `out += weights[j] * value_j` for every key `j` in
+    /// order, with the sums kept in registers across keys (the same products and additions in the same
+    /// order as [`Kernel::add_scaled`] key by key, so the same bits); false where this path does not
+    /// apply and nothing was done.
+    ///
+    /// # Safety
+    /// Value `j` lies `j * v_step` fp16 values past `value` and holds `d` readable values, for each
+    /// `j < weights.len()`.
+    unsafe fn add_all_scaled_one_query(
+        self,
+        out: &mut [f32],
+        weights: &[f32],
+        value: *const u16,
+        v_step: usize,
+        d: usize,
+    ) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 if out.len() == d && d.is_multiple_of(64) => {
+                avx2::add_all_scaled_one_query(out, weights, value, v_step, d);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -263,6 +292,34 @@ mod avx2 {
             even = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), k0, even);
         }
         lanes_sum(_mm256_add_ps(even, odd))
+    }
+
+    /// See `Kernel::add_all_scaled_one_query`: 64 columns at a time in eight accumulators, over every key.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn add_all_scaled_one_query(
+        out: &mut [f32],
+        weights: &[f32],
+        value: *const u16,
+        v_step: usize,
+        d: usize,
+    ) {
+        let mut c = 0;
+        while c < d {
+            let o = out.as_mut_ptr().add(c);
+            let mut acc: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(o.add(8 * i)));
+            for (j, &weight) in weights.iter().enumerate() {
+                let w = _mm256_set1_ps(weight);
+                let v = value.add(j * v_step + c);
+                for (i, sum) in acc.iter_mut().enumerate() {
+                    let values = _mm256_cvtph_ps(_mm_loadu_si128(v.add(8 * i) as *const __m128i));
+                    *sum = _mm256_fmadd_ps(w, values, *sum);
+                }
+            }
+            for (i, sum) in acc.iter().enumerate() {
+                _mm256_storeu_ps(o.add(8 * i), *sum);
+            }
+            c += 64;
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
