@@ -14,6 +14,8 @@ per token. Figures:
   token to the first stream's last token), per second of that window; solo: each answer's tokens after
   its first, per second, averaged over the requests.
 - gain: together / solo, the aggregate decode speed-up.
+- step tokens/s: the same rounds counted by the worker's `/metrics` (tokens its decoding steps made over
+  those steps' seconds): the engine's decode rate over the whole round, not only the window above.
 - same text: answers equal to their solo answer (greedy; the batch's GEMMs sum in another order than
   one row's, so near-ties may go another way).
 - time to first token: the first solo request's, and the median of the later ones (the same image
@@ -132,7 +134,7 @@ def decode_counters(url):
     """The worker's decoding-step counters from /metrics."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
         lines = r.read().decode().splitlines()
-    names = ("arcana_decode_steps_total", "arcana_decode_step_seconds_total", "arcana_constrained_tokens_total",
+    names = ("arcana_decode_steps_total", "arcana_decode_tokens_total", "arcana_decode_step_seconds_total", "arcana_constrained_tokens_total",
              "arcana_constraint_seconds_total")
     values = {}
     for line in lines:
@@ -143,6 +145,14 @@ def decode_counters(url):
     if missing:
         raise RuntimeError(f"/metrics lacks {', '.join(missing)}")
     return values
+
+
+def step_rate(before, after):
+    """Tokens per second of the worker's decoding steps between two readings of its counters: the
+    engine's own decode rate, prefill and the HTTP path left out."""
+    tokens = after["arcana_decode_tokens_total"] - before["arcana_decode_tokens_total"]
+    seconds = after["arcana_decode_step_seconds_total"] - before["arcana_decode_step_seconds_total"]
+    return tokens / seconds if seconds > 0 else None
 
 
 def constraint_share(url, image_url, questions, new_tokens):
@@ -216,11 +226,13 @@ def run_mode(mode, args, checkpoint, image_url, threads, env):
         wait_ready(url, worker, args.timeout)
         questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.streams)]
         solo = []
+        counters = [decode_counters(url)]
         for q in questions:
             print(f"batch: {mode}: alone: {q!r}", file=sys.stderr, flush=True)
             result = {}
             stream_answer(url, image_url, q, args.new_tokens, result)
             solo.append(result)
+        counters.append(decode_counters(url))
         print(f"batch: {mode}: {args.streams} streams at once", file=sys.stderr, flush=True)
         together = [{} for _ in questions]
         clients = [threading.Thread(target=stream_answer, args=(url, image_url, q, args.new_tokens, r))
@@ -229,6 +241,7 @@ def run_mode(mode, args, checkpoint, image_url, threads, env):
             c.start()
         for c in clients:
             c.join()
+        counters.append(decode_counters(url))
         if args.stagger:
             print(f"batch: {mode}: {args.streams} streams joining {args.stagger} s apart", file=sys.stderr, flush=True)
             staggered = run_staggered(url, image_url, questions, args.new_tokens, args.stagger)
@@ -246,7 +259,11 @@ def run_mode(mode, args, checkpoint, image_url, threads, env):
         solo_rates = [solo_rate(r) for r in solo]
         rate, window = together_rate(together)
         solo_mean = statistics.mean(x for x in solo_rates if x) if any(solo_rates) else None
+        solo_steps, together_steps = step_rate(counters[0], counters[1]), step_rate(counters[1], counters[2])
         row.update(
+            solo_step_tokens_per_s=solo_steps,
+            together_step_tokens_per_s=together_steps,
+            step_gain=together_steps / solo_steps if solo_steps and together_steps else None,
             solo_tokens_per_s=solo_mean,
             together_tokens_per_s=rate,
             together_window_s=window,
@@ -339,6 +356,13 @@ def main(argv=None):
                   f"| {bench.fmt(r['gain'])}x | {r['same_text']}/{r['streams']} "
                   f"| {bench.fmt(r['solo_ttft_first_s'])} s / {bench.fmt(r['solo_ttft_later_s'])} s "
                   f"({bench.fmt(r['solo_ttft_later_s'] / r['solo_ttft_first_s'])}x) |")
+    table_head("The worker's decoding steps alone (its /metrics counters: tokens over the steps' seconds, "
+               "prefill and the HTTP path left out), solo round and together round.",
+               ["mode", "step tokens/s, alone", "step tokens/s, together", "gain"])
+    for r in rows:
+        if "error" not in r:
+            print(f"| {r['mode']} | {bench.fmt(r['solo_step_tokens_per_s'])} "
+                  f"| {bench.fmt(r['together_step_tokens_per_s'])} | {bench.fmt(r['step_gain'])}x |")
     if args.stagger:
         table_head(f"Joining {args.stagger} s apart: the sum of each stream's own decode rate (first to last "
                    f"token) over the solo rate.", ["mode", "own rates, tokens/s", "sum / solo", "same text as alone"])
