@@ -13,6 +13,7 @@ pub mod parity;
 pub mod prompt;
 pub mod quant;
 pub mod serve;
+mod simd;
 mod threads;
 pub mod tokenizer;
 pub mod vision;

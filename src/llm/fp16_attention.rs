@@ -266,15 +266,8 @@ impl Kernel {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use crate::simd::lanes_sum;
     use std::arch::x86_64::*;
-
-    /// Sums the 8 lanes in a fixed order.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn lanes_sum(x: __m256) -> f32 {
-        let halves = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-        let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
-        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)))
-    }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(q: &[f32], key: *const u16, d: usize) -> f32 {

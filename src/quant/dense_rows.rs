@@ -117,19 +117,12 @@ fn plain_dot(x: &[f32], w: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use crate::simd::lanes_sum;
     use std::arch::x86_64::*;
 
     /// Input rows per pass over a pair of weight rows: 4 x 2 accumulators, two weight vectors and the
     /// input vectors fit AVX2's 16 registers.
     const ROWS_PER_PASS: usize = 4;
-
-    /// The 8 lanes added pairwise in a fixed order (as `plain_dot` does).
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn lanes_sum(x: __m256) -> f32 {
-        let quads = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-        let pairs = _mm_add_ps(quads, _mm_movehl_ps(quads, quads));
-        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)))
-    }
 
     /// See `Kernel::tile`.
     ///
