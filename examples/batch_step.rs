@@ -3,65 +3,22 @@
 //! KV cache holding `positions` positions: what a batch's step costs against one row's, per mode, and
 //! the gain it allows (rows x one row's time / the batch's time).
 //! `cargo run --release --example batch_step [-- layers positions threads]`; `MODES=int8,exact` and
-//! `ROWS=8` (one row's time then unmeasured) choose what runs, `STEPS` how many steps are timed.
+//! `ROWS=8` choose what runs (ratios to one row's time only when 1 is listed first), `STEPS` how many
+//! steps are timed.
 use arcana::config::ArcanaConfig;
 use arcana::llm::{KvCache, LlamaForCausalLM, StepInputs};
 use arcana::quant::{Quantization, WeightForms};
 use arcana::weights::{Checkpoint, WeightLoader};
-use std::time::Instant;
+use common::RandomLlama;
 use tch::{Device, Kind, Tensor};
 
+mod common;
+
 const HIDDEN: i64 = 4096;
-const MLP: i64 = 11008;
-const HEADS: i64 = 32;
-const VOCAB: i64 = 32000;
+
 /// Steps timed per row count (`STEPS` in the environment: more, for a profile).
 fn steps() -> usize {
     std::env::var("STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(8)
-}
-
-fn write_checkpoint(dir: &std::path::Path, layers: i64) -> anyhow::Result<()> {
-    let config = serde_json::json!({
-        "hidden_size": HIDDEN, "intermediate_size": MLP, "num_attention_heads": HEADS,
-        "num_key_value_heads": HEADS, "num_hidden_layers": layers, "vocab_size": VOCAB,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "mm_hidden_size": 1024,
-        "mm_projector_type": "linear"
-    });
-    std::fs::write(dir.join("config.json"), serde_json::to_string(&config)?)?;
-    tch::manual_seed(0);
-    let randn = |shape: &[i64]| {
-        (Tensor::randn(shape, (Kind::Float, Device::Cpu)) / (shape[1] as f64).sqrt()).to_kind(Kind::Half)
-    };
-    let ones = || Tensor::ones([HIDDEN], (Kind::Half, Device::Cpu));
-    let mut tensors = vec![
-        ("model.embed_tokens.weight".to_string(), randn(&[VOCAB, HIDDEN])),
-        ("model.norm.weight".to_string(), ones()),
-        ("lm_head.weight".to_string(), randn(&[VOCAB, HIDDEN])),
-    ];
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        for n in ["input_layernorm", "post_attention_layernorm"] {
-            tensors.push((format!("{p}.{n}.weight"), ones()));
-        }
-        let projections = [
-            ("self_attn.q_proj", HIDDEN, HIDDEN),
-            ("self_attn.k_proj", HIDDEN, HIDDEN),
-            ("self_attn.v_proj", HIDDEN, HIDDEN),
-            ("self_attn.o_proj", HIDDEN, HIDDEN),
-            ("mlp.gate_proj", HIDDEN, MLP),
-            ("mlp.up_proj", HIDDEN, MLP),
-            ("mlp.down_proj", MLP, HIDDEN),
-        ];
-        for (name, i_dim, o_dim) in projections {
-            tensors.push((format!("{p}.{name}.weight"), randn(&[o_dim, i_dim])));
-            for (branch, rank) in [("V", 64), ("L", 192)] {
-                tensors.push((format!("{p}.{name}.{branch}_Slora_A.weight"), randn(&[rank, i_dim])));
-                tensors.push((format!("{p}.{name}.{branch}_Slora_B.weight"), randn(&[o_dim, rank]) * 0.1));
-            }
-        }
-    }
-    Tensor::write_safetensors(&tensors, dir.join("model.safetensors"))?;
-    Ok(())
 }
 
 /// A cache of `rows` rows holding the same `positions` positions each (one prefill, stacked), in the
@@ -80,24 +37,8 @@ fn filled_cache(lm: &LlamaForCausalLM, rows: i64, positions: i64) -> anyhow::Res
 /// Median seconds of one decoding step of `rows` rows after `positions` cached positions each.
 fn step_time(lm: &LlamaForCausalLM, rows: i64, positions: i64) -> anyhow::Result<f64> {
     let mut cache = filled_cache(lm, rows, positions)?;
-    let language = Tensor::zeros([rows, 1], (Kind::Bool, Device::Cpu));
-    let mut mask = Tensor::ones([rows, positions], (Kind::Int64, Device::Cpu));
-    let mut times = Vec::new();
-    for s in 0..steps() as i64 + 2 {
-        let ids = Tensor::from_slice(&vec![(s * 7) % VOCAB; rows as usize]).view([rows, 1]);
-        let token = lm.model.embed(&ids)?;
-        let pos = Tensor::full([rows, 1], positions + s, (Kind::Int64, Device::Cpu));
-        mask = Tensor::cat(&[&mask, &Tensor::ones([rows, 1], (Kind::Int64, Device::Cpu))], 1);
-        let step = StepInputs { position_ids: &pos, attention_mask: Some(&mask), visual: &language };
-        let start = Instant::now();
-        let logits = lm.forward(&token, &step, Some(&mut cache), false)?.logits;
-        let _ = logits.argmax(-1, false).int64_value(&[0, 0]);
-        if s >= 2 {
-            times.push(start.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    let mask = Tensor::ones([rows, positions], (Kind::Int64, Device::Cpu));
+    common::median_step_seconds(lm, &mut cache, rows, positions, Some(mask), 2, steps())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -112,7 +53,17 @@ fn main() -> anyhow::Result<()> {
     let _guard = tch::no_grad_guard();
     let dir = std::env::temp_dir().join(format!("arcana-batch-step-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    write_checkpoint(&dir, layers)?;
+    let shape = RandomLlama {
+        hidden: HIDDEN,
+        mlp: 11008,
+        heads: 32,
+        layers,
+        vocab: 32000,
+        mm_hidden: 1024,
+        dtype: Kind::Half,
+        language_merged: false,
+    };
+    shape.write(&dir)?;
     let config = ArcanaConfig::from_file(&dir.join("config.json"))?;
     let modes: [(&str, WeightForms); 4] = [
         ("exact", WeightForms::default()),
@@ -129,13 +80,16 @@ fn main() -> anyhow::Result<()> {
         let loader = WeightLoader::new(Checkpoint::open_dir(&dir)?, Kind::Float, Device::Cpu);
         let lm = LlamaForCausalLM::load_with(&loader.root(), &config, forms)?;
         loader.finish()?;
-        let one = if std::env::var("ROWS").is_ok() { f64::NAN } else { step_time(&lm, 1, positions)? };
         let counts: Vec<i64> = match std::env::var("ROWS") {
             Ok(list) => list.split(',').map(str::parse).collect::<Result<_, _>>()?,
             Err(_) => vec![1, 2, 4, 8],
         };
+        let mut one = f64::NAN;
         for rows in counts {
-            let t = if rows == 1 && one.is_finite() { one } else { step_time(&lm, rows, positions)? };
+            let t = step_time(&lm, rows, positions)?;
+            if rows == 1 {
+                one = t;
+            }
             println!(
                 "{name:5} {rows} rows: {:8.2} ms per step, {:.2}x one row's, gain {:.2}x",
                 t * 1e3,
