@@ -15,7 +15,7 @@ use crate::quant::prequantized::{QuantizedManifest, MANIFEST_FILE};
 use crate::quant::{BaseWeight, LinearStorage, WeightForms};
 use crate::vision::preprocess::{ImagePreprocessor, PreprocessConfig};
 use crate::vision::{VisionOutputs, VisionTower};
-use crate::weights::{is_derived_buffer, Checkpoint, Mappings, WeightLoader};
+use crate::weights::{is_derived_buffer, Checkpoint, MappedPages, Mappings, WeightLoader};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -194,6 +194,9 @@ pub struct ArcanaModel {
     pub llm: LlamaForCausalLM,
     /// How the weights were stored: as asked, or as a pre-quantized folder holds them.
     pub forms: WeightForms,
+    /// The file pages of the vision side's weights read in place: read in for each image and dropped
+    /// after it, so that between images (while the decoder prefills and decodes) they hold no memory.
+    vision_pages: MappedPages,
     /// The checkpoint files that weights stored in the compute dtype are read from in place. Declared
     /// after every tensor so that it is dropped after them.
     _mappings: Mappings,
@@ -239,10 +242,13 @@ impl ArcanaModel {
         let loader =
             unsafe { files.weight_loader(sites.front.kind, sites.front.device)?.in_place() }.with_progress(progress);
         let vision = VisionSide::load(&files, &loader, storage.vision)?;
+        // Out of memory while the decoder loads, as between images.
+        let vision_pages = loader.pages_under(&[VISION_TOWER_PREFIX, PROJECTOR_PREFIX]);
+        vision_pages.release();
         let llm = LlamaForCausalLM::load_on(&loader.root(), &files.config, sites, storage)?;
         let mappings = loader.finish()?;
-        release_free_heap();
-        Ok(Self { files, vision, llm, forms: storage, _mappings: mappings })
+        crate::weights::release_free_heap();
+        Ok(Self { files, vision, llm, forms: storage, vision_pages, _mappings: mappings })
     }
 
     /// The dtype and device of the front: embeddings and vision side (for a split model, the decoder's
@@ -289,7 +295,17 @@ impl ArcanaModel {
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let p = if pixel_values.dim() == 3 { pixel_values.f_unsqueeze(0)? } else { pixel_values.shallow_clone() };
         let (kind, device) = self.kind_and_device();
-        self.vision.project(&p.f_to_kind(kind)?.f_to_device(device)?)
+        let p = p.f_to_kind(kind)?.f_to_device(device)?;
+        self.vision_pages.populate();
+        let features = self.vision.project(&p);
+        self.vision_pages.release();
+        features
+    }
+
+    /// Bytes of the vision side's weights that are read from the checkpoint's file for each image and
+    /// leave the process's memory after it (those read in place; copies stay).
+    pub fn vision_bytes_read_per_image(&self) -> usize {
+        self.vision_pages.bytes()
     }
 
     /// [`Self::prepare_inputs`] with the images' features already computed.
@@ -382,15 +398,5 @@ impl ArcanaModel {
                 Flow::Continue
             })?;
         decoded.ids_tensor()
-    }
-}
-
-/// Converting weights at load (quantizing, merging LoRA) frees many temporaries; glibc keeps freed heap
-/// memory for reuse unless asked, which would count against the process for as long as it runs.
-fn release_free_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns unused heap pages to the system.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

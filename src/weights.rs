@@ -148,6 +148,12 @@ impl TensorFile {
         Arc::clone(&self.mmap)
     }
 
+    /// The bytes of `name` in the mapping, as a range of it.
+    fn mapped_range(&self, name: &str) -> Option<MappedRange> {
+        let entry = self.entries.get(name)?;
+        Some(MappedRange { mmap: self.mapping(), start: entry.start, len: entry.end - entry.start })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -433,6 +439,8 @@ pub struct WeightLoader {
     in_place: bool,
     /// The mappings that in-place tensors read.
     mapped: RefCell<Vec<Arc<MmapMut>>>,
+    /// Each in-place tensor's model-side name and bytes.
+    in_place_ranges: RefCell<Vec<(String, MappedRange)>>,
     /// Refuse to widen half-precision tensors (a pre-quantized folder stores each tensor as it is used).
     exact_forms: bool,
 }
@@ -447,6 +455,51 @@ impl std::fmt::Debug for Mappings {
     }
 }
 
+/// Bytes of a private, read-only file mapping that in-place tensors read.
+#[derive(Clone)]
+struct MappedRange {
+    mmap: Arc<MmapMut>,
+    start: usize,
+    len: usize,
+}
+
+/// The file pages of some in-place tensors, which can leave the process between uses: weights read
+/// only now and then (the vision side, once per image) then hold no memory of their own between
+/// reads; the kernel's page cache keeps the file, so reading them again costs no disk read unless
+/// the system needed that memory meanwhile.
+#[derive(Default)]
+pub struct MappedPages(Vec<MappedRange>);
+
+impl std::fmt::Debug for MappedPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedPages({} bytes)", self.bytes())
+    }
+}
+
+impl MappedPages {
+    pub fn bytes(&self) -> usize {
+        self.0.iter().map(|r| r.len).sum()
+    }
+
+    /// Reads the pages in now, one request per tensor (instead of a fault per few pages at first use).
+    pub fn populate(&self) {
+        for r in &self.0 {
+            let _ = r.mmap.advise_range(Advice::PopulateRead, r.start, r.len);
+        }
+    }
+
+    /// Drops the pages from the process; the next read faults them in again from the file.
+    pub fn release(&self) {
+        for r in &self.0 {
+            // SAFETY: the mapping is private and these tensors are weights, never written: dropped
+            // pages read back the file's bytes, which are the tensors' values.
+            unsafe {
+                let _ = r.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, r.start, r.len);
+            }
+        }
+    }
+}
+
 impl WeightLoader {
     pub fn new(checkpoint: Checkpoint, kind: Kind, device: Device) -> Self {
         Self {
@@ -458,6 +511,7 @@ impl WeightLoader {
             progress: None,
             in_place: false,
             mapped: RefCell::new(Vec::new()),
+            in_place_ranges: RefCell::new(Vec::new()),
             exact_forms: false,
         }
     }
@@ -479,6 +533,20 @@ impl WeightLoader {
     pub unsafe fn in_place(mut self) -> Self {
         self.in_place = true;
         self
+    }
+
+    /// The pages of the tensors handed out in place so far whose names start with one of `prefixes`
+    /// (they read mappings that [`Self::finish`] hands on, so the pages stay valid as long as the
+    /// tensors).
+    pub fn pages_under(&self, prefixes: &[&str]) -> MappedPages {
+        let ranges = self
+            .in_place_ranges
+            .borrow()
+            .iter()
+            .filter(|(name, _)| prefixes.iter().any(|p| name.starts_with(p)))
+            .map(|(_, range)| range.clone())
+            .collect();
+        MappedPages(ranges)
     }
 
     /// Adds a fallback checkpoint consulted after the earlier ones, its names prefixed by `prefix`.
@@ -592,6 +660,9 @@ impl WeightLoader {
                 let mut mapped = self.mapped.borrow_mut();
                 if !mapped.iter().any(|m| Arc::ptr_eq(m, &file.mmap)) {
                     mapped.push(file.mapping());
+                }
+                if let Some(range) = file.mapped_range(local) {
+                    self.in_place_ranges.borrow_mut().push((name.to_string(), range));
                 }
                 tensor
             }
@@ -725,5 +796,17 @@ impl<'a> Weights<'a> {
 
     pub fn device(&self) -> Device {
         self.site.map_or(self.loader.device, |(_, device)| device)
+    }
+}
+
+/// Converting weights at load (quantizing, merging LoRA, packing) frees many temporaries; glibc keeps
+/// freed heap memory for reuse unless asked, which counts against the process until it is returned.
+/// Called after each decoder layer as well as at the end: otherwise a whole decoder's temporaries
+/// (about 2 GB of int8 codes at 7B) pile up before the last layer's are packed.
+pub(crate) fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns unused heap pages to the system.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

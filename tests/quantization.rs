@@ -66,10 +66,12 @@ fn compact_weight_modes_stay_close_to_fp32_and_save_memory() {
         let int8 = drift(mode(Quantization::Int8), &exact, &reference);
         let int4 = drift(mode(Quantization::Int4), &exact, &reference);
         // Measured (see the module docs), unmerged / merged: fp16 cosine 1.0 / 1.0 (exact unmerged: the
-        // fixture's weights are fp16 values), top-1 1.0 / 0.9985; int8 cosine 0.99969 / 0.99941, top-1
-        // 0.957 / 0.960 (each row's activations on its own grid; 0.99915 / 0.99830 and 0.948 / 0.938
-        // with one range per call); int4 cosine 0.9745 / 0.9556, top-1 0.726 / 0.632 (676 positions,
-        // vocab 128).
+        // fixture's weights are fp16 values), top-1 1.0 / 0.9985; int8 cosine 0.99951 / 0.99896, top-1
+        // 0.945 / 0.945 (each row's activations on its own grid, the image-position LoRA branches in
+        // int8; 0.99969 / 0.99941 and 0.954 / 0.960 with those branches in fp16, 0.99915 / 0.99830 and
+        // 0.948 / 0.938 with one activation range per call); int4 cosine 0.9744 / 0.9555, top-1 0.728 /
+        // 0.621 (676 positions, vocab 128). The fixture's LoRA factors are as large as its base
+        // weights, so the branches' int8 rounding weighs more here than beside trained ones.
         // Merging first widens the rows' ranges (random LoRA factors), so the steps grow.
         let (int8_cos, int8_top1, int4_cos, int4_top1) =
             if merge_lora { (0.996, 0.90, 0.92, 0.5) } else { (0.998, 0.92, 0.95, 0.6) };

@@ -147,7 +147,11 @@ impl LlamaModel {
         let embed_tokens =
             on(w.pp("embed_tokens"), sites.front).get_sparse("weight", &[config.vocab_size, config.hidden_size])?;
         let layers = (0..n)
-            .map(|i| DecoderLayer::load(&on(w.pp("layers").pp(i), sites.layers[i]), config, i, storage))
+            .map(|i| {
+                let layer = DecoderLayer::load(&on(w.pp("layers").pp(i), sites.layers[i]), config, i, storage);
+                crate::weights::release_free_heap();
+                layer
+            })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&on(w.pp("norm"), sites.head), config.hidden_size, config.rms_norm_eps)?;
         let rotary_emb = RotaryEmbedding::new(config, sites.front.device)?;

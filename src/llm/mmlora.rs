@@ -14,7 +14,7 @@
 use crate::config::ArcanaConfig;
 use crate::error::{Error, Result};
 use crate::layers::Linear;
-use crate::quant::{BaseWeight, LinearStorage, WeightForms};
+use crate::quant::{BaseWeight, LinearStorage, Quantization, WeightForms};
 use crate::weights::Weights;
 use tch::{Kind, Tensor};
 
@@ -63,16 +63,20 @@ impl Branch {
         }
     }
 
-    /// How a compact mode (`compact`: the projections are quantized or fp16) keeps this branch: in fp16
-    /// where it runs at image positions only (the visual branch, and the language branch once merged,
-    /// which only the visual correction reads), so that no decoding step expands it; dense where it
-    /// runs at every text position. Exact modes keep every branch as the checkpoint gives it.
-    pub fn storage(self, compact: bool, language_merged: bool) -> LinearStorage {
+    /// How the projections' form `compact` (none in the exact modes) keeps this branch: compact where
+    /// it runs at image positions only (the visual branch, and the language branch once merged, which
+    /// only the visual correction reads), so that no decoding step expands it; dense where it runs at
+    /// every text position. Beside fp16 projections it is fp16; beside int8 and int4 ones, int8 codes
+    /// made from its fp16 values (a small correction, so its rounding weighs little beside the
+    /// projections'). A pre-quantized folder stores the compact branches in fp16 either way. Exact
+    /// modes keep every branch as the checkpoint gives it.
+    pub fn storage(self, compact: Option<Quantization>, language_merged: bool) -> LinearStorage {
         let image_only = self == Self::Visual || language_merged;
-        if compact && image_only {
-            LinearStorage::Fp16
-        } else {
-            LinearStorage::Dense
+        match compact {
+            Some(_) if !image_only => LinearStorage::Dense,
+            Some(Quantization::Fp16) => LinearStorage::Fp16,
+            Some(Quantization::Int8 | Quantization::Int4) => LinearStorage::Int8,
+            None => LinearStorage::Dense,
         }
     }
 
@@ -132,7 +136,7 @@ impl MmLoraLinear {
         mode: MmLoraMode,
         storage: WeightForms,
     ) -> Result<Self> {
-        let compact = storage.storage.is_some();
+        let compact = storage.storage;
         let merge = !storage.prequantized && storage.merge_lora && !mode.language_merged;
         let language_merged = mode.language_merged || merge;
         let language_storage = Branch::Language.storage(compact, language_merged);
@@ -146,7 +150,7 @@ impl MmLoraLinear {
             (base, la, lb)
         } else {
             // A weight that is converted here is read as a transient copy: its file pages must not stay mapped.
-            let mut base = if compact || merge {
+            let mut base = if compact.is_some() || merge {
                 let weight = w.get_transient("weight", &[out_dim, in_dim])?;
                 Linear { weight, bias: if bias { Some(w.get("bias", &[out_dim])?) } else { None } }
             } else {

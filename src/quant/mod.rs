@@ -82,12 +82,31 @@ pub enum LinearStorage {
     /// patches, once per image), where the expansion costs little beside the GEMM; packing for fbgemm's
     /// fp16 GEMM would cost more at load than it saves. Weights of another dtype or device stay dense.
     Fp16,
+    /// fp32 weights on the CPU kept as int8 codes with one scale per output row, made from the weight's
+    /// fp16 values (what a pre-quantized folder stores, so that a folder and a checkpoint give the same
+    /// codes), and expanded to fp32 for each forward: a quarter of fp32's memory. For weights that only
+    /// run on many rows at once and add a small correction (the MM-LoRA branches of image positions).
+    Int8,
 }
 
 impl LinearStorage {
-    /// Whether a weight computing in `kind` on `device` takes this storage: `Fp16` is for fp32 on the CPU.
+    /// Whether a weight computing in `kind` on `device` takes this storage: the compact ones are for
+    /// fp32 on the CPU.
     fn applies_to(self, kind: Kind, device: Device) -> bool {
-        self == Self::Fp16 && kind == Kind::Float && device == Device::Cpu
+        self != Self::Dense && kind == Kind::Float && device == Device::Cpu
+    }
+
+    /// `weight` (any float dtype, `[out, in]`) in this storage, `Dense` meaning as it is.
+    fn keep(self, weight: Tensor, bias: Option<Tensor>) -> Result<BaseWeight> {
+        Ok(match self {
+            Self::Dense => BaseWeight::Dense(Linear { weight, bias }),
+            Self::Fp16 => BaseWeight::Fp16Stored { weight: weight.f_to_kind(Kind::Half)?, bias },
+            Self::Int8 => {
+                let values = weight.f_to_kind(Kind::Half)?.f_to_kind(Kind::Float)?;
+                let (q, scale) = int8_rows(&values, 127.0)?;
+                BaseWeight::Int8 { q, scale, bias, kind: Kind::Float }
+            }
+        })
     }
 }
 
@@ -251,9 +270,13 @@ impl BaseWeight {
         if !storage.applies_to(w.kind(), w.device()) {
             return Ok(Self::Dense(Linear::load(w, in_dim, out_dim, bias)?));
         }
-        let weight = w.get_as("weight", &[out_dim, in_dim], Kind::Half)?;
         let bias = if bias { Some(w.get("bias", &[out_dim])?) } else { None };
-        Ok(Self::Fp16Stored { weight, bias })
+        let weight = match storage {
+            // Its codes are made now from a copy; the fp16 values are not kept.
+            LinearStorage::Int8 => w.get_transient_as("weight", &[out_dim, in_dim], Kind::Half)?,
+            _ => w.get_as("weight", &[out_dim, in_dim], Kind::Half)?,
+        };
+        storage.keep(weight, bias)
     }
 
     /// A dense weight kept as `storage` says: rounded to fp16 once where [`BaseWeight::load`] would read
@@ -262,7 +285,7 @@ impl BaseWeight {
         if !storage.applies_to(linear.weight.kind(), linear.weight.device()) {
             return Ok(Self::Dense(linear));
         }
-        Ok(Self::Fp16Stored { weight: linear.weight.f_to_kind(Kind::Half)?, bias: linear.bias })
+        storage.keep(linear.weight, linear.bias)
     }
 
     /// The dense weight, when it is kept dense.

@@ -81,9 +81,10 @@ impl<'a> Quantized<'a> {
             } else {
                 let vision_linear =
                     name.strip_prefix(VISION_TOWER_PREFIX).is_some_and(arcana::vision::is_governed_linear_weight);
-                // The LoRA branches as the engine keeps them beside compact projections.
+                // The LoRA branches that the engine keeps compact beside compact projections: in fp16
+                // (the engine makes int8 codes from these values where it keeps them so).
                 let lora_fp16 = Branch::of_weight(name)
-                    .is_some_and(|branch| branch.storage(true, language_merged) == LinearStorage::Fp16);
+                    .is_some_and(|branch| branch.storage(Some(mode), language_merged) != LinearStorage::Dense);
                 let kind = match tensor.dtype {
                     _ if vision_linear && vision == LinearStorage::Fp16 => Some(Kind::Half),
                     _ if lora_fp16 => Some(Kind::Half),

@@ -66,13 +66,13 @@ fn a_prequantized_folder_computes_what_quantizing_at_load_computes_bit_for_bit()
         let folder = dir.path().join(format!("{name}-{merge_lora}"));
         let flags: &[&str] = if merge_lora { &["--merge-lora", "--verify"] } else { &["--verify"] };
         quantize(&folder, name, flags);
-        // The folder stores those branches in fp16, so that they are read in place.
+        // The folder stores the compact branches in fp16 (read in place, or made into int8 codes).
         let file = arcana::weights::TensorFile::open(&folder.join("model.safetensors")).unwrap();
         let lora: Vec<String> = file.names().filter(|n| Branch::of_weight(n).is_some()).map(String::from).collect();
         assert!(!lora.is_empty());
         for tensor in &lora {
-            let fp16 = Branch::of_weight(tensor).unwrap().storage(true, merge_lora) == LinearStorage::Fp16;
-            let want = if fp16 { safetensors::Dtype::F16 } else { safetensors::Dtype::F32 };
+            let compact = Branch::of_weight(tensor).unwrap().storage(Some(mode), merge_lora) != LinearStorage::Dense;
+            let want = if compact { safetensors::Dtype::F16 } else { safetensors::Dtype::F32 };
             assert_eq!(file.dtype(tensor), Some(want), "{tensor} in the {name} folder, merge={merge_lora}");
         }
         let at_load = WeightForms { storage: Some(mode), merge_lora, vision: LinearStorage::Fp16, prequantized: false };
@@ -85,12 +85,21 @@ fn a_prequantized_folder_computes_what_quantizing_at_load_computes_bit_for_bit()
             assert_eq!(folder_model.llm.language_merged(), merge_lora);
             let bytes = |m: &ArcanaModel| m.base_weights().map(|w| w.bytes()).sum::<usize>();
             assert_eq!(bytes(&folder_model), bytes(&expected), "{name} merge={merge_lora}");
-            // The branches that run at image positions only are kept in fp16 on both paths.
+            // The branches that run at image positions only are kept compact on both paths: fp16
+            // beside fp16 projections, int8 beside int8 and int4 ones.
             for model in [&folder_model, &expected] {
                 for (branch, weights) in model.llm.projections().flat_map(|p| p.branches()) {
-                    let fp16 = branch.storage(true, merge_lora) == LinearStorage::Fp16;
-                    assert!(fp16 == (branch == Branch::Visual || merge_lora));
-                    let want = if fp16 { "fp16" } else { "Float" };
+                    let storage = branch.storage(Some(mode), merge_lora);
+                    assert!((storage != LinearStorage::Dense) == (branch == Branch::Visual || merge_lora));
+                    let want = match storage {
+                        LinearStorage::Dense => "Float",
+                        LinearStorage::Fp16 => "fp16",
+                        LinearStorage::Int8 => "int8",
+                    };
+                    assert_eq!(
+                        storage == LinearStorage::Fp16,
+                        mode == Quantization::Fp16 && storage != LinearStorage::Dense
+                    );
                     assert!(weights.iter().all(|w| w.form() == want), "{name} merge={merge_lora}: {branch:?}");
                 }
             }
@@ -99,6 +108,15 @@ fn a_prequantized_folder_computes_what_quantizing_at_load_computes_bit_for_bit()
             let (got, want) = (logits_of(&folder_model, 6), logits_of(&expected, 6));
             for (step, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(a.equal(b), "{name} merge={merge_lora}: logits of step {step} differ from quantizing at load");
+            }
+            // The folder's vision weights are read in place: they leave memory after each image and
+            // are read again from the file for the next, giving the features of copies each time.
+            assert!(folder_model.vision_bytes_read_per_image() > 0, "{name}: no vision weight read in place");
+            let pixels =
+                Reference::open(&source().join("reference.safetensors")).unwrap().tensor("input.pixel_values").unwrap();
+            let features = expected.image_features(&pixels).unwrap();
+            for _ in 0..3 {
+                assert!(folder_model.image_features(&pixels).unwrap().equal(&features), "{name}: image features");
             }
         }
     }
