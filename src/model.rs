@@ -181,8 +181,32 @@ impl VisionSide {
 
     /// The projected features alone (`encode(..).projected`, without the layers nothing reads).
     pub fn project(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.project_in_stages(pixel_values, || {})
+    }
+
+    /// `project`, calling `after_clip` between CLIP's layers and the ladder's.
+    pub fn project_in_stages(&self, pixel_values: &Tensor, after_clip: impl FnOnce()) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        self.projector.forward(&self.tower.features(pixel_values)?)
+        self.projector.forward(&self.tower.features_in_stages(pixel_values, after_clip)?)
+    }
+}
+
+/// The vision side's in-place pages in the order an image reads them: CLIP's layers, then the ladder's
+/// and the projector, so that only one of the two halves is in memory at a time.
+#[derive(Debug, Default)]
+struct VisionPages {
+    clip: MappedPages,
+    rest: MappedPages,
+}
+
+impl VisionPages {
+    fn of(loader: &WeightLoader) -> Self {
+        let clip_prefix = format!("{VISION_TOWER_PREFIX}vision_model.");
+        let vision = |name: &str| name.starts_with(VISION_TOWER_PREFIX) || name.starts_with(PROJECTOR_PREFIX);
+        Self {
+            clip: loader.pages_of(|name| name.starts_with(&clip_prefix)),
+            rest: loader.pages_of(|name| vision(name) && !name.starts_with(&clip_prefix)),
+        }
     }
 }
 
@@ -196,7 +220,7 @@ pub struct ArcanaModel {
     pub forms: WeightForms,
     /// The file pages of the vision side's weights read in place: read in for each image and dropped
     /// after it, so that between images (while the decoder prefills and decodes) they hold no memory.
-    vision_pages: MappedPages,
+    vision_pages: VisionPages,
     /// The checkpoint files that weights stored in the compute dtype are read from in place. Declared
     /// after every tensor so that it is dropped after them.
     _mappings: Mappings,
@@ -242,9 +266,10 @@ impl ArcanaModel {
         let loader =
             unsafe { files.weight_loader(sites.front.kind, sites.front.device)?.in_place() }.with_progress(progress);
         let vision = VisionSide::load(&files, &loader, storage.vision)?;
+        let vision_pages = VisionPages::of(&loader);
         // Out of memory while the decoder loads, as between images.
-        let vision_pages = loader.pages_under(&[VISION_TOWER_PREFIX, PROJECTOR_PREFIX]);
-        vision_pages.release();
+        vision_pages.clip.release();
+        vision_pages.rest.release();
         let llm = LlamaForCausalLM::load_on(&loader.root(), &files.config, sites, storage)?;
         let mappings = loader.finish()?;
         crate::weights::release_free_heap();
@@ -296,16 +321,21 @@ impl ArcanaModel {
         let p = if pixel_values.dim() == 3 { pixel_values.f_unsqueeze(0)? } else { pixel_values.shallow_clone() };
         let (kind, device) = self.kind_and_device();
         let p = p.f_to_kind(kind)?.f_to_device(device)?;
-        self.vision_pages.populate();
-        let features = self.vision.project(&p);
-        self.vision_pages.release();
+        let pages = &self.vision_pages;
+        pages.clip.populate();
+        let features = self.vision.project_in_stages(&p, || {
+            pages.clip.release();
+            pages.rest.populate();
+        });
+        pages.clip.release();
+        pages.rest.release();
         features
     }
 
     /// Bytes of the vision side's weights that are read from the checkpoint's file for each image and
     /// leave the process's memory after it (those read in place; copies stay).
     pub fn vision_bytes_read_per_image(&self) -> usize {
-        self.vision_pages.bytes()
+        self.vision_pages.clip.bytes() + self.vision_pages.rest.bytes()
     }
 
     /// [`Self::prepare_inputs`] with the images' features already computed.

@@ -535,15 +535,14 @@ impl WeightLoader {
         self
     }
 
-    /// The pages of the tensors handed out in place so far whose names start with one of `prefixes`
-    /// (they read mappings that [`Self::finish`] hands on, so the pages stay valid as long as the
-    /// tensors).
-    pub fn pages_under(&self, prefixes: &[&str]) -> MappedPages {
+    /// The pages of the tensors handed out in place so far whose names `select` picks (they read
+    /// mappings that [`Self::finish`] hands on, so the pages stay valid as long as the tensors).
+    pub fn pages_of(&self, select: impl Fn(&str) -> bool) -> MappedPages {
         let ranges = self
             .in_place_ranges
             .borrow()
             .iter()
-            .filter(|(name, _)| prefixes.iter().any(|p| name.starts_with(p)))
+            .filter(|(name, _)| select(name))
             .map(|(_, range)| range.clone())
             .collect();
         MappedPages(ranges)

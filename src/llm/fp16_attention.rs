@@ -7,6 +7,7 @@
 //! mask value is `finfo.min` (the causal and padding masks) take no part, as their zero weight would
 //! give; a row that sees no key at all (padding) gives zeros.
 use crate::error::{Error, Result};
+use crate::simd::f16_to_f32;
 use crate::threads::split_units;
 use tch::{Device, Kind, Tensor};
 
@@ -329,22 +330,6 @@ mod avx2 {
             c += 8;
         }
     }
-}
-
-/// IEEE half to single precision, exactly (every half value is a float value).
-fn f16_to_f32(bits: u16) -> f32 {
-    let sign = u32::from(bits >> 15) << 31;
-    let exponent = u32::from((bits >> 10) & 0x1f);
-    let mantissa = u32::from(bits & 0x3ff);
-    let magnitude = match exponent {
-        0 => {
-            let subnormal = mantissa as f32 * 2f32.powi(-24);
-            return if sign != 0 { -subnormal } else { subnormal };
-        }
-        0x1f => 0xff << 23 | mantissa << 13,
-        _ => (exponent + 112) << 23 | mantissa << 13,
-    };
-    f32::from_bits(sign | magnitude)
 }
 
 #[cfg(test)]

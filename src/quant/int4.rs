@@ -1,5 +1,5 @@
 //! 4-bit weights (`--load-4bit`): codes 0..=15 in groups of input columns, each group with a scale and a
-//! low end, `w = code * scale + low`. Decoding steps (a few input rows) read the packed codes directly on
+//! low end in fp16 (4.5 bits per weight in all), `w = code * scale + low`. Decoding steps (a few input rows) read the packed codes directly on
 //! the CPU, so each token reads half a byte per weight; longer inputs (prefill) and other devices expand
 //! the matrix to the compute dtype and run the ordinary GEMM, where the expansion is a small share.
 //!
@@ -13,7 +13,8 @@
 //! other rows of the call. The codes are read once for up to [`ROWS_PER_PASS`] input rows.
 use crate::error::{Error, Result};
 use crate::layers::Linear;
-use crate::quant::tensor_slice;
+use crate::quant::{half_bits, tensor_slice};
+use crate::simd::f16_to_f32;
 use crate::threads::split_units;
 use tch::{Device, Kind, Tensor};
 
@@ -22,6 +23,9 @@ pub const INT4_GROUP: i64 = 64;
 
 /// Inputs with at most this many rows take the packed-code path on the CPU (decoding steps of a batch).
 const MAX_PACKED_ROWS: i64 = 16;
+
+/// The fp32 weights a prefill expands at once (a block of output rows).
+const EXPANDED_BLOCK_BYTES: i64 = 32 << 20;
 
 /// Input rows multiplied in one pass over the codes: two rows' two sets of accumulators and the codes
 /// fit AVX2's 16 registers (with four rows a pass took longer than two passes of two).
@@ -33,7 +37,7 @@ const ROWS_PER_PASS: usize = 2;
 pub struct Int4Matrix {
     /// u8 `[out, in / 2]`.
     codes: Tensor,
-    /// `[out, in / group]`, in the compute dtype.
+    /// fp16 `[out, in / group]`.
     scale: Tensor,
     low: Tensor,
     out_dim: i64,
@@ -51,14 +55,23 @@ pub fn group_for(in_dim: i64) -> Result<i64> {
         .ok_or_else(|| Error::InvalidInput(format!("--load-4bit needs even input widths; a projection has {in_dim}")))
 }
 
-/// The packed codes `[out, in / 2]` and fp32 `scale` and `low` `[out, in / group]` of fp32 `w`.
+/// The packed codes `[out, in / 2]` and fp16 `scale` and `low` `[out, in / group]` of fp32 `w`. The codes
+/// are chosen against the scale and low end as fp16 holds them, so that they fit the stored values.
 pub fn quantize_parts(w: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let (out_dim, in_dim) = w.size2()?;
     let group = group_for(in_dim)?;
     let groups = w.f_view([out_dim, in_dim / group, group])?;
-    let low = groups.f_amin(&[2i64][..], true)?;
-    let scale = groups.f_amax(&[2i64][..], true)?.f_sub(&low)?.f_clamp_min(1e-12)?.f_div_scalar(15.0)?;
-    let codes = groups.f_sub(&low)?.f_div(&scale)?.f_round()?.f_clamp(0.0, 15.0)?.f_to_kind(Kind::Uint8)?;
+    let half = |t: Tensor| -> Result<Tensor> { Ok(t.f_clamp(-65504.0, 65504.0)?.f_to_kind(Kind::Half)?) };
+    let low = half(groups.f_amin(&[2i64][..], true)?)?;
+    let scale = half(groups.f_amax(&[2i64][..], true)?.f_sub(&low.f_to_kind(Kind::Float)?)?.f_div_scalar(15.0)?)?;
+    // A scale that fp16 rounds to zero leaves every code at the low end (a group narrower than 1e-6).
+    let step = scale.f_to_kind(Kind::Float)?.f_clamp_min(1e-12)?;
+    let codes = groups
+        .f_sub(&low.f_to_kind(Kind::Float)?)?
+        .f_div(&step)?
+        .f_round()?
+        .f_clamp(0.0, 15.0)?
+        .f_to_kind(Kind::Uint8)?;
     let half = group / 2;
     let codes = codes
         .f_narrow(2, 0, half)?
@@ -90,17 +103,8 @@ impl Int4Matrix {
                 low.size()
             )));
         }
-        let to_kind = |t: Tensor| -> Result<Tensor> { Ok(if t.kind() == kind { t } else { t.f_to_kind(kind)? }) };
-        Ok(Self {
-            codes,
-            scale: to_kind(scale)?.f_contiguous()?,
-            low: to_kind(low)?.f_contiguous()?,
-            out_dim,
-            in_dim,
-            group: in_dim / groups,
-            bias,
-            kind,
-        })
+        let half = |t: Tensor| -> Result<Tensor> { Ok(t.f_to_kind(Kind::Half)?.f_contiguous()?) };
+        Ok(Self { codes, scale: half(scale)?, low: half(low)?, out_dim, in_dim, group: in_dim / groups, bias, kind })
     }
 
     pub fn shape(&self) -> [i64; 2] {
@@ -122,7 +126,8 @@ impl Int4Matrix {
         let low_codes = codes.f_bitwise_and(15)?;
         let high_codes = codes.f_bitwise_right_shift_tensor_scalar(4)?;
         let values = Tensor::f_cat(&[low_codes, high_codes], 2)?.f_to_kind(self.kind)?;
-        let values = values.f_mul(&self.scale.f_unsqueeze(2)?)?.f_add(&self.low.f_unsqueeze(2)?)?;
+        let (scale, low) = (self.scale.f_to_kind(self.kind)?, self.low.f_to_kind(self.kind)?);
+        let values = values.f_mul(&scale.f_unsqueeze(2)?)?.f_add(&low.f_unsqueeze(2)?)?;
         Ok(values.f_view([self.out_dim, self.in_dim])?)
     }
 
@@ -131,20 +136,28 @@ impl Int4Matrix {
     /// operations round, so both give the same values; without their five full-size temporaries (a
     /// prefill expands every matrix once per forward).
     fn expand_on_cpu(&self) -> Result<Tensor> {
+        self.expand_rows_on_cpu(0, self.out_dim)
+    }
+
+    /// Rows `first..first + count` of [`Self::expand_on_cpu`]'s matrix.
+    fn expand_rows_on_cpu(&self, first: i64, count: i64) -> Result<Tensor> {
         let (out_dim, in_dim, group) = (self.out_dim as usize, self.in_dim as usize, self.group as usize);
+        let (first, count) = (first as usize, count as usize);
+        if first + count > out_dim {
+            return Err(Error::InvalidInput(format!("int4: rows {first}..{} of {out_dim}", first + count)));
+        }
         let codes = tensor_slice::<u8>(&self.codes, out_dim * in_dim / 2)?;
-        let scale = tensor_slice::<f32>(&self.scale, out_dim * in_dim / group)?;
-        let low = tensor_slice::<f32>(&self.low, out_dim * in_dim / group)?;
-        let values = Tensor::f_empty([self.out_dim, self.in_dim], (Kind::Float, Device::Cpu))?;
-        // SAFETY: a new contiguous fp32 tensor of `out_dim * in_dim` values, written only here.
-        let out = unsafe { std::slice::from_raw_parts_mut(values.data_ptr() as *mut f32, out_dim * in_dim) };
-        let threads = (tch::get_num_threads().max(1) as usize).min(out_dim).max(1);
+        let (scale, low) = self.scale_and_low(out_dim * in_dim / group)?;
+        let values = Tensor::f_empty([count as i64, self.in_dim], (Kind::Float, Device::Cpu))?;
+        // SAFETY: a new contiguous fp32 tensor of `count * in_dim` values, written only here.
+        let out = unsafe { std::slice::from_raw_parts_mut(values.data_ptr() as *mut f32, count * in_dim) };
+        let threads = (tch::get_num_threads().max(1) as usize).min(count).max(1);
         let half = group / 2;
-        split_units(out, in_dim, threads, |first_row, part| {
-            let first_group = first_row * in_dim / group;
+        split_units(out, in_dim, threads, |part_row, part| {
+            let first_group = (first + part_row) * in_dim / group;
             for (g, columns) in part.chunks_exact_mut(group).enumerate() {
                 let at = first_group + g;
-                let (s, l) = (scale[at], low[at]);
+                let (s, l) = (f16_to_f32(scale[at]), f16_to_f32(low[at]));
                 let bytes = &codes[at * half..(at + 1) * half];
                 let (low_half, high_half) = columns.split_at_mut(half);
                 for ((byte, lo), hi) in bytes.iter().zip(low_half).zip(high_half) {
@@ -156,10 +169,39 @@ impl Int4Matrix {
         Ok(values)
     }
 
+    /// `x W^T` for many rows on the CPU: the fp32 matrix is expanded a block of output rows at a time,
+    /// each block multiplied at once into its columns of the output, so that a prefill holds a block
+    /// (about [`EXPANDED_BLOCK_BYTES`]) instead of the whole fp32 matrix (180 MB for 11008 x 4096).
+    fn forward_expanding_blocks(&self, x: &Tensor, block_bytes: i64) -> Result<Tensor> {
+        let size = x.size();
+        let rows = x.f_reshape([-1, self.in_dim])?;
+        let out = Tensor::f_empty([rows.size()[0], self.out_dim], (Kind::Float, Device::Cpu))?;
+        let block = (block_bytes / (self.in_dim * 4)).max(1);
+        let mut first = 0;
+        while first < self.out_dim {
+            let count = block.min(self.out_dim - first);
+            let weight = self.expand_rows_on_cpu(first, count)?;
+            let bias = self.bias.as_ref().map(|b| b.f_narrow(0, first, count)).transpose()?;
+            out.f_narrow(1, first, count)?.f_copy_(&rows.f_linear(&weight, bias.as_ref())?)?;
+            first += count;
+        }
+        let mut out_size = size;
+        *out_size.last_mut().expect("checked by the caller") = self.out_dim;
+        Ok(out.f_view(out_size.as_slice())?)
+    }
+
+    /// The fp16 scales and low ends as their bits.
+    fn scale_and_low(&self, len: usize) -> Result<(&[u16], &[u16])> {
+        Ok((half_bits(&self.scale, len)?, half_bits(&self.low, len)?))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let size = x.size();
         let rows = size.iter().rev().skip(1).product::<i64>();
         let packed_path = x.device() == Device::Cpu && self.kind == Kind::Float && x.kind() == Kind::Float;
+        if packed_path && rows > MAX_PACKED_ROWS && size.last() == Some(&self.in_dim) {
+            return self.forward_expanding_blocks(x, EXPANDED_BLOCK_BYTES);
+        }
         if !packed_path || rows > MAX_PACKED_ROWS || size.last() != Some(&self.in_dim) {
             return Ok(x.f_linear(&self.expand()?, self.bias.as_ref())?);
         }
@@ -167,8 +209,7 @@ impl Int4Matrix {
         let input = tensor_slice::<f32>(&x, (rows * self.in_dim) as usize)?;
         let (out_dim, in_dim, group) = (self.out_dim as usize, self.in_dim as usize, self.group as usize);
         let codes = tensor_slice::<u8>(&self.codes, out_dim * in_dim / 2)?;
-        let scale = tensor_slice::<f32>(&self.scale, out_dim * in_dim / group)?;
-        let low = tensor_slice::<f32>(&self.low, out_dim * in_dim / group)?;
+        let (scale, low) = self.scale_and_low(out_dim * in_dim / group)?;
         let matrix = Packed { codes, scale, low, in_dim, group };
         let quantized: Vec<QuantizedRow> =
             input.chunks_exact(in_dim).map(|row| QuantizedRow::new(row, group)).collect();
@@ -189,8 +230,9 @@ impl Int4Matrix {
 
 struct Packed<'a> {
     codes: &'a [u8],
-    scale: &'a [f32],
-    low: &'a [f32],
+    /// fp16 bits.
+    scale: &'a [u16],
+    low: &'a [u16],
     in_dim: usize,
     group: usize,
 }
@@ -252,10 +294,14 @@ impl Packed<'_> {
     fn rows_times(&self, xs: &[QuantizedRow], first: usize, out: &mut [f32]) {
         let (groups, half) = (self.in_dim / self.group, self.group / 2);
         let rows = xs.len();
+        let (mut scale, mut low) = (vec![0f32; groups], vec![0f32; groups]);
         for (o, y) in out.chunks_exact_mut(rows).enumerate() {
             let row = first + o;
             let codes = &self.codes[row * self.in_dim / 2..][..self.in_dim / 2];
-            let (scale, low) = (&self.scale[row * groups..][..groups], &self.low[row * groups..][..groups]);
+            let widen = |to: &mut [f32], bits: &[u16]| to.iter_mut().zip(bits).for_each(|(v, &b)| *v = f16_to_f32(b));
+            widen(&mut scale, &self.scale[row * groups..][..groups]);
+            widen(&mut low, &self.low[row * groups..][..groups]);
+            let (scale, low) = (&scale[..], &low[..]);
             for (pass, y) in xs.chunks(ROWS_PER_PASS).zip(y.chunks_mut(ROWS_PER_PASS)) {
                 let mut dots = [0f32; ROWS_PER_PASS];
                 scaled_dots(codes, scale, half, pass, &mut dots);
@@ -352,10 +398,7 @@ unsafe fn scaled_dots_rows<const R: usize>(
         group(g, &mut even);
     }
     for r in 0..R {
-        let v = _mm256_add_ps(even[r], odd[r]);
-        let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
-        dots[r] = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+        dots[r] = crate::simd::lanes_sum(_mm256_add_ps(even[r], odd[r]));
     }
 }
 
@@ -373,8 +416,8 @@ mod tests {
         let (out_dim, in_dim, group) = (m.out_dim as usize, m.in_dim as usize, m.group as usize);
         let (groups, half) = (in_dim / group, group / 2);
         let codes = Vec::<u8>::try_from(m.codes.flatten(0, -1)).unwrap();
-        let scale = Vec::<f32>::try_from(m.scale.flatten(0, -1)).unwrap();
-        let low = Vec::<f32>::try_from(m.low.flatten(0, -1)).unwrap();
+        let scale = Vec::<f32>::try_from(m.scale.flatten(0, -1).to_kind(Kind::Float)).unwrap();
+        let low = Vec::<f32>::try_from(m.low.flatten(0, -1).to_kind(Kind::Float)).unwrap();
         let input = Vec::<f32>::try_from(x.flatten(0, -1)).unwrap();
         let mut out = Vec::new();
         for row in input.chunks_exact(in_dim) {
@@ -451,9 +494,23 @@ mod tests {
             let codes = m.codes.view([m.out_dim, groups, half]);
             let values = Tensor::cat(&[codes.bitwise_and(15), codes.bitwise_right_shift_tensor_scalar(4)], 2)
                 .to_kind(Kind::Float)
-                * m.scale.unsqueeze(2)
-                + m.low.unsqueeze(2);
+                * m.scale.to_kind(Kind::Float).unsqueeze(2)
+                + m.low.to_kind(Kind::Float).unsqueeze(2);
             assert!(m.expand().unwrap().equal(&values.view([m.out_dim, m.in_dim])), "{out_dim}x{in_dim}");
+        }
+    }
+
+    #[test]
+    fn a_prefill_expanding_blocks_of_rows_computes_the_whole_matrix_product() {
+        for (out_dim, in_dim) in [(300, 128), (17, 96), (1000, 64)] {
+            let m = Int4Matrix::quantize(linear(out_dim, in_dim)).unwrap();
+            let x = Tensor::randn([2, 20, in_dim], (Kind::Float, Device::Cpu));
+            let whole = x.linear(&m.expand().unwrap(), None::<Tensor>);
+            assert!(m.forward(&x).unwrap().equal(&whole), "{out_dim}x{in_dim}: one block");
+            // Blocks of 7 rows, the last one shorter.
+            let blocks = m.forward_expanding_blocks(&x, 7 * in_dim * 4).unwrap();
+            let rel = (&blocks - &whole).norm().double_value(&[]) / whole.norm().double_value(&[]);
+            assert!(rel < 1e-6, "{out_dim}x{in_dim}: blocks of 7 rows, relative {rel}");
         }
     }
 

@@ -190,17 +190,28 @@ pub struct Fp16Packed {
 
 /// The contiguous CPU data of `t`, checked for dtype and length.
 pub(crate) fn tensor_slice<T: tch::kind::Element>(t: &Tensor, len: usize) -> Result<&[T]> {
-    if t.kind() != T::KIND || t.device() != Device::Cpu || !t.is_contiguous() || t.numel() != len {
+    check_cpu_data(t, T::KIND, len)?;
+    // SAFETY: a contiguous CPU tensor of `len` elements of `T`, alive as long as the borrow of `t`.
+    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, len) })
+}
+
+/// The contiguous CPU data of fp16 `t` as the values' bit patterns, checked for length.
+pub(crate) fn half_bits(t: &Tensor, len: usize) -> Result<&[u16]> {
+    check_cpu_data(t, Kind::Half, len)?;
+    // SAFETY: a contiguous CPU tensor of `len` two-byte values, alive as long as the borrow of `t`.
+    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u16, len) })
+}
+
+fn check_cpu_data(t: &Tensor, kind: Kind, len: usize) -> Result<()> {
+    if t.kind() != kind || t.device() != Device::Cpu || !t.is_contiguous() || t.numel() != len {
         return Err(Error::InvalidInput(format!(
-            "expected a contiguous CPU {:?} tensor of {len} values, got {:?} {:?} {:?}",
-            T::KIND,
+            "expected a contiguous CPU {kind:?} tensor of {len} values, got {:?} {:?} {:?}",
             t.kind(),
             t.device(),
             t.size()
         )));
     }
-    // SAFETY: a contiguous CPU tensor of `len` elements of `T`, alive as long as the borrow of `t`.
-    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, len) })
+    Ok(())
 }
 
 fn tensor_bytes(t: &Tensor) -> usize {
@@ -385,8 +396,8 @@ impl CompactParts {
                 let groups = in_dim / int4::group_for(in_dim)?;
                 vec![
                     (INT4_CODES, Kind::Uint8, vec![out_dim, in_dim / 2]),
-                    (INT4_LOW, Kind::Float, vec![out_dim, groups]),
-                    (INT4_SCALE, Kind::Float, vec![out_dim, groups]),
+                    (INT4_LOW, Kind::Half, vec![out_dim, groups]),
+                    (INT4_SCALE, Kind::Half, vec![out_dim, groups]),
                 ]
             }
             Quantization::Fp16 => vec![(FP16_VALUES, Kind::Half, vec![out_dim, in_dim])],

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
 pub const MANIFEST_FILE: &str = "arcana-quantized.json";
-pub const FORMAT: &str = "arcana-quantized/1";
+pub const FORMAT: &str = "arcana-quantized/2";
 /// The version of the arcana that writes and reads folders.
 pub const ARCANA_VERSION: &str = env!("CARGO_PKG_VERSION");
 

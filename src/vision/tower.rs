@@ -101,10 +101,16 @@ impl VisionTower {
     /// The features alone: CLIP and ladder layers after the selected one are not run, as nothing reads
     /// them (the same values as `forward(..).features`, bit for bit).
     pub fn features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.features_in_stages(pixel_values, || {})
+    }
+
+    /// `features`, calling `after_clip` once CLIP's layers have run and before the ladder's.
+    pub fn features_in_stages(&self, pixel_values: &Tensor, after_clip: impl FnOnce()) -> Result<Tensor> {
         self.check_pixels(pixel_values)?;
         let (clip_index, ladder_index) = self.selected;
         // Ladder layer i reads CLIP's hidden_states[i], so the ladder never needs more CLIP layers.
         let hidden_states = self.vision_model.hidden_states_upto(pixel_values, clip_index.max(ladder_index))?;
+        after_clip();
         let ladder_hidden_states = self.ladder.forward_upto(&hidden_states, ladder_index + 1)?;
         self.features_from(&hidden_states, &ladder_hidden_states, pixel_values.kind())
     }
