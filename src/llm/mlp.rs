@@ -25,8 +25,13 @@ impl Mlp {
 
     /// silu is checked by `ArcanaConfig::validate`.
     pub fn forward(&self, x: &Tensor, visual: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, visual)?.f_silu()?;
+        // In place (the same kernels, so the same bits): a long prefill then holds two of these
+        // [positions, intermediate] tensors at a time instead of four.
+        let mut gate = self.gate_proj.forward(x, visual)?;
+        let _ = gate.f_silu_()?;
         let up = self.up_proj.forward(x, visual)?;
-        self.down_proj.forward(&gate.f_mul(&up)?, visual)
+        let _ = gate.f_mul_(&up)?;
+        drop(up);
+        self.down_proj.forward(&gate, visual)
     }
 }

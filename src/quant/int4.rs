@@ -14,7 +14,7 @@
 use crate::error::{Error, Result};
 use crate::layers::Linear;
 use crate::quant::{half_bits, tensor_slice};
-use crate::simd::f16_to_f32;
+use crate::simd::{f16_to_f32, widen_f16};
 use crate::threads::split_units;
 use tch::{Device, Kind, Tensor};
 
@@ -298,9 +298,8 @@ impl Packed<'_> {
         for (o, y) in out.chunks_exact_mut(rows).enumerate() {
             let row = first + o;
             let codes = &self.codes[row * self.in_dim / 2..][..self.in_dim / 2];
-            let widen = |to: &mut [f32], bits: &[u16]| to.iter_mut().zip(bits).for_each(|(v, &b)| *v = f16_to_f32(b));
-            widen(&mut scale, &self.scale[row * groups..][..groups]);
-            widen(&mut low, &self.low[row * groups..][..groups]);
+            widen_f16(&self.scale[row * groups..][..groups], &mut scale);
+            widen_f16(&self.low[row * groups..][..groups], &mut low);
             let (scale, low) = (&scale[..], &low[..]);
             for (pass, y) in xs.chunks(ROWS_PER_PASS).zip(y.chunks_mut(ROWS_PER_PASS)) {
                 let mut dots = [0f32; ROWS_PER_PASS];

@@ -162,14 +162,25 @@ impl Int8Packed {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let in_dim = self.anchor.size()[1];
         let rows = x.f_reshape([-1, in_dim])?;
-        let magnitude = rows.f_abs()?.f_amax(&[1i64][..], true)?.f_clamp_min(f64::from(f32::MIN_POSITIVE))?;
-        let unit_rows = Tensor::f_cat(&[&rows.f_div(&magnitude)?, &self.anchor], 0)?;
+        let n = rows.size()[0];
+        // The largest magnitude from the two extremes (no |x| temporary); the unit rows written into
+        // their place beside the anchor, and the output scaled in place: the same values as the
+        // out-of-place operations, with one [rows, in] and one [rows, out] tensor instead of three each.
+        let dim = &[1i64][..];
+        let magnitude = rows.f_amax(dim, true)?.f_maximum(&rows.f_amin(dim, true)?.f_neg()?)?;
+        let magnitude = magnitude.f_clamp_min(f64::from(f32::MIN_POSITIVE))?;
+        let unit_rows = Tensor::f_empty([n + 1, in_dim], (Kind::Float, Device::Cpu))?;
+        unit_rows.f_narrow(0, 0, n)?.f_copy_(&rows)?;
+        let _ = unit_rows.f_narrow(0, 0, n)?.f_div_(&magnitude)?;
+        unit_rows.f_narrow(0, n, 1)?.f_copy_(&self.anchor)?;
         let y = fbgemm::linear_int8(&unit_rows, &self.shape, &self.packed, &self.col_offsets, 1.0, 0, &self.zero_bias)?;
-        let y = y.f_narrow(0, 0, rows.size()[0])?.f_mul(&magnitude)?.f_mul(&self.row_scale)?;
-        let y = match &self.bias {
-            Some(bias) => y.f_add(bias)?,
-            None => y,
-        };
+        drop(unit_rows);
+        let mut y = y.f_narrow(0, 0, n)?;
+        let _ = y.f_mul_(&magnitude)?;
+        let _ = y.f_mul_(&self.row_scale)?;
+        if let Some(bias) = &self.bias {
+            let _ = y.f_add_(bias)?;
+        }
         let mut shape = x.size();
         if let Some(last) = shape.last_mut() {
             *last = self.row_scale.size()[0];

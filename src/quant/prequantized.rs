@@ -126,6 +126,15 @@ impl QuantizedManifest {
         // on a field it spells otherwise.
         match value.get("format").and_then(|f| f.as_str()) {
             Some(FORMAT) => {}
+            Some(other) if other.starts_with("arcana-quantized/") => {
+                return Err(field(
+                    "format",
+                    format!(
+                        "{other:?}, expected {FORMAT:?}: the folder's parts are laid out as another arcana \
+                         version wrote them; convert its source again with `arcana-convert --quantize`"
+                    ),
+                ))
+            }
             other => {
                 return Err(field("format", format!("{other:?}, expected {FORMAT:?}: not a folder this arcana writes")))
             }

@@ -170,7 +170,10 @@ fn a_damaged_or_foreign_folder_is_refused_by_name() {
     assert!(err.contains(MANIFEST_FILE) && err.contains("arcana 0.0.1"), "{err}");
     edit_manifest(&foreign, |m| m["format"] = "arcana-quantized/0".into());
     let err = load_error(&foreign, WeightForms::default());
-    assert!(err.contains(MANIFEST_FILE) && err.contains("format"), "{err}");
+    assert!(err.contains(MANIFEST_FILE) && err.contains("format") && err.contains("convert its source again"), "{err}");
+    edit_manifest(&foreign, |m| m["format"] = "gguf".into());
+    let err = load_error(&foreign, WeightForms::default());
+    assert!(err.contains(MANIFEST_FILE) && err.contains("not a folder this arcana writes"), "{err}");
 
     // A listed file that is gone, and a manifest that does not parse.
     let missing = fresh("missing");
