@@ -109,6 +109,10 @@ pub struct StepInputs<'a> {
     pub visual: &'a Tensor,
 }
 
+/// Forwards of at least this many rows (prefills) return the freed heap to the system after each layer;
+/// decoding steps, whose temporaries are small, do not pay for it.
+const TRIM_AFTER_LAYERS_FROM_ROWS: i64 = 256;
+
 #[derive(Debug)]
 pub struct LlamaModel {
     pub embed_tokens: Tensor,
@@ -268,6 +272,10 @@ impl LlamaModel {
             // to device (as accelerate's hooks move a module's inputs for the release's device_map).
             h = to_site(h, site)?;
             h = layer.forward(&h, &inputs.visual, &inputs.cos, &inputs.sin, &inputs.mask, cache.as_deref_mut())?;
+            if b * l >= TRIM_AFTER_LAYERS_FROM_ROWS {
+                // A long prefill's layer frees tens of MB of temporaries that glibc would keep.
+                crate::weights::release_free_heap();
+            }
             if keep_layers {
                 layers.push(h.shallow_clone());
             }
