@@ -800,8 +800,9 @@ impl<'a> Weights<'a> {
 
 /// Converting weights at load (quantizing, merging LoRA, packing) frees many temporaries; glibc keeps
 /// freed heap memory for reuse unless asked, which counts against the process until it is returned.
-/// Called after each decoder layer as well as at the end: otherwise a whole decoder's temporaries
-/// (about 2 GB of int8 codes at 7B) pile up before the last layer's are packed.
+/// Called after each decoder layer loads as well as at the end (otherwise a whole decoder's temporaries,
+/// about 2 GB of int8 codes at 7B, pile up before the last layer's are packed), and after each layer of
+/// a long prefill.
 pub(crate) fn release_free_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns unused heap pages to the system.
