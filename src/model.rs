@@ -327,6 +327,7 @@ impl ArcanaModel {
             pages.clip.release();
             pages.rest.populate();
         });
+        // Both again: when CLIP fails, the closure has not run and its pages are still in.
         pages.clip.release();
         pages.rest.release();
         features

@@ -1,7 +1,8 @@
 //! 4-bit weights (`--load-4bit`): codes 0..=15 in groups of input columns, each group with a scale and a
-//! low end in fp16 (4.5 bits per weight in all), `w = code * scale + low`. Decoding steps (a few input rows) read the packed codes directly on
-//! the CPU, so each token reads half a byte per weight; longer inputs (prefill) and other devices expand
-//! the matrix to the compute dtype and run the ordinary GEMM, where the expansion is a small share.
+//! low end in fp16 (4.5 bits per weight in all), `w = code * scale + low`. Decoding steps (a few input
+//! rows) read the packed codes directly on the CPU, so each token reads half a byte per weight; longer
+//! inputs (prefill) and other devices expand the matrix to the compute dtype and run the ordinary GEMM,
+//! where the expansion is a small share.
 //!
 //! The packed path multiplies integers: each input row is quantized per group of columns to int8 with
 //! its own scale (as llama.cpp's q4 x q8 dot products do), so a group's dot product is one sum of
@@ -63,15 +64,11 @@ pub fn quantize_parts(w: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let groups = w.f_view([out_dim, in_dim / group, group])?;
     let half = |t: Tensor| -> Result<Tensor> { Ok(t.f_clamp(-65504.0, 65504.0)?.f_to_kind(Kind::Half)?) };
     let low = half(groups.f_amin(&[2i64][..], true)?)?;
-    let scale = half(groups.f_amax(&[2i64][..], true)?.f_sub(&low.f_to_kind(Kind::Float)?)?.f_div_scalar(15.0)?)?;
+    let stored_low = low.f_to_kind(Kind::Float)?;
+    let scale = half(groups.f_amax(&[2i64][..], true)?.f_sub(&stored_low)?.f_div_scalar(15.0)?)?;
     // A scale that fp16 rounds to zero leaves every code at the low end (a group narrower than 1e-6).
     let step = scale.f_to_kind(Kind::Float)?.f_clamp_min(1e-12)?;
-    let codes = groups
-        .f_sub(&low.f_to_kind(Kind::Float)?)?
-        .f_div(&step)?
-        .f_round()?
-        .f_clamp(0.0, 15.0)?
-        .f_to_kind(Kind::Uint8)?;
+    let codes = groups.f_sub(&stored_low)?.f_div(&step)?.f_round()?.f_clamp(0.0, 15.0)?.f_to_kind(Kind::Uint8)?;
     let half = group / 2;
     let codes = codes
         .f_narrow(2, 0, half)?
@@ -119,7 +116,7 @@ impl Int4Matrix {
     /// The weight in the compute dtype.
     pub fn expand(&self) -> Result<Tensor> {
         if self.codes.device() == Device::Cpu && self.kind == Kind::Float {
-            return self.expand_on_cpu();
+            return self.expand_rows_on_cpu(0, self.out_dim);
         }
         let (groups, half) = (self.in_dim / self.group, self.group / 2);
         let codes = self.codes.f_view([self.out_dim, groups, half])?;
@@ -131,15 +128,10 @@ impl Int4Matrix {
         Ok(values.f_view([self.out_dim, self.in_dim])?)
     }
 
-    /// [`Int4Matrix::expand`] in one pass over the codes, written straight into the fp32 matrix by the
-    /// compute threads: `code * scale + low`, rounded after the product and after the sum as the tensor
-    /// operations round, so both give the same values; without their five full-size temporaries (a
-    /// prefill expands every matrix once per forward).
-    fn expand_on_cpu(&self) -> Result<Tensor> {
-        self.expand_rows_on_cpu(0, self.out_dim)
-    }
-
-    /// Rows `first..first + count` of [`Self::expand_on_cpu`]'s matrix.
+    /// Rows `first..first + count` of [`Int4Matrix::expand`]'s matrix in one pass over their codes,
+    /// written straight into the fp32 rows by the compute threads: `code * scale + low`, rounded after
+    /// the product and after the sum as the tensor operations round, so both give the same values;
+    /// without their five full-size temporaries (a prefill expands every matrix once per forward).
     fn expand_rows_on_cpu(&self, first: i64, count: i64) -> Result<Tensor> {
         let (out_dim, in_dim, group) = (self.out_dim as usize, self.in_dim as usize, self.group as usize);
         let (first, count) = (first as usize, count as usize);
@@ -198,12 +190,12 @@ impl Int4Matrix {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let size = x.size();
         let rows = size.iter().rev().skip(1).product::<i64>();
-        let packed_path = x.device() == Device::Cpu && self.kind == Kind::Float && x.kind() == Kind::Float;
-        if packed_path && rows > MAX_PACKED_ROWS && size.last() == Some(&self.in_dim) {
-            return self.forward_expanding_blocks(x, EXPANDED_BLOCK_BYTES);
-        }
-        if !packed_path || rows > MAX_PACKED_ROWS || size.last() != Some(&self.in_dim) {
+        let cpu_fp32 = x.device() == Device::Cpu && self.kind == Kind::Float && x.kind() == Kind::Float;
+        if !cpu_fp32 || size.last() != Some(&self.in_dim) {
             return Ok(x.f_linear(&self.expand()?, self.bias.as_ref())?);
+        }
+        if rows > MAX_PACKED_ROWS {
+            return self.forward_expanding_blocks(x, EXPANDED_BLOCK_BYTES);
         }
         let x = x.f_contiguous()?;
         let input = tensor_slice::<f32>(&x, (rows * self.in_dim) as usize)?;
